@@ -1,0 +1,138 @@
+#include "core/engine.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "core/selector.h"
+
+namespace reasonalloc {
+namespace {
+
+double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+int Decision::max_kept() const {
+  int m = 0;
+  for (int32_t k : kept_lengths) m = std::max(m, k);
+  return m;
+}
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const SessionConfig& config) {
+  if (auto s = ValidateSessionConfig(config); !s.ok()) return s;
+  auto scorer = MakeScorer(config.scorer);
+  if (!scorer.ok()) return scorer.status();
+  auto allocator = MakeAllocator(config.allocator);
+  if (!allocator.ok()) return allocator.status();
+  return std::unique_ptr<Engine>(
+      new Engine(config, std::move(scorer).value(), std::move(allocator).value()));
+}
+
+Engine::Engine(SessionConfig config, std::unique_ptr<Scorer> scorer,
+               std::unique_ptr<Allocator> allocator)
+    : config_(std::move(config)), scorer_(std::move(scorer)), allocator_(std::move(allocator)) {}
+
+absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
+  const ModelGeometry& m = config_.model;
+  const int64_t heads = m.num_heads_total();
+  const int window = config_.budget.window;
+  const int group = m.group_size();
+  const int d = m.head_dim;
+  if (static_cast<int64_t>(in.lengths.size()) != heads) {
+    return absl::InvalidArgumentError(absl::StrCat("lengths has ", in.lengths.size(),
+                                                   " entries; expected num_layers * num_kv_heads = ",
+                                                   heads));
+  }
+  for (int64_t i = 0; i < heads; ++i) {
+    if (in.lengths[static_cast<size_t>(i)] < 0 || in.lengths[static_cast<size_t>(i)] > in.n_max) {
+      return absl::InvalidArgumentError(absl::StrCat("lengths[", i, "] = ", in.lengths[static_cast<size_t>(i)],
+                                                     " is out of range [0, ", in.n_max, "]"));
+    }
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  Decision out;
+  out.num_layers = m.num_layers;
+  out.num_kv_heads = m.num_kv_heads;
+
+  std::vector<std::vector<float>> scores(static_cast<size_t>(heads));
+  auto t = std::chrono::steady_clock::now();
+  for (int l = 0; l < m.num_layers; ++l) {
+    for (int h = 0; h < m.num_kv_heads; ++h) {
+      const int64_t head = int64_t{l} * m.num_kv_heads + h;
+      const int n = in.lengths[static_cast<size_t>(head)];
+      auto& s = scores[static_cast<size_t>(head)];
+      s.assign(static_cast<size_t>(std::max(0, n - window)), 0.0f);
+      if (s.empty()) continue;
+      HeadInputs hi;
+      hi.queries = in.query_window +
+                   ((int64_t{l} * m.num_q_heads + int64_t{h} * group) * window) * d;
+      hi.keys = in.keys + head * in.n_max * d;
+      hi.n = n;
+      hi.group = group;
+      hi.window = window;
+      hi.head_dim = d;
+      hi.sinks = config_.budget.sinks;
+      scorer_->ScoreHead(hi, s);
+    }
+  }
+  out.seconds.score = SecondsSince(t);
+
+  t = std::chrono::steady_clock::now();
+  out.budgets.assign(static_cast<size_t>(heads), 0);
+  AllocationInputs ai{&config_, in.lengths, scores};
+  if (auto s = allocator_->Allocate(ai, out.budgets); !s.ok()) return s;
+  out.seconds.allocate = SecondsSince(t);
+
+  t = std::chrono::steady_clock::now();
+  out.kept_lengths.assign(static_cast<size_t>(heads), 0);
+  out.head_offsets.assign(static_cast<size_t>(heads) + 1, 0);
+  for (int64_t head = 0; head < heads; ++head) {
+    const int n = in.lengths[static_cast<size_t>(head)];
+    const int kept = SelectHead(scores[static_cast<size_t>(head)], n,
+                                out.budgets[static_cast<size_t>(head)], window, &out.kept_indices);
+    out.kept_lengths[static_cast<size_t>(head)] = kept;
+    out.head_offsets[static_cast<size_t>(head) + 1] =
+        out.head_offsets[static_cast<size_t>(head)] + kept;
+    out.evicted_tokens += n - kept;
+  }
+  out.seconds.select = SecondsSince(t);
+  out.seconds.total = SecondsSince(t0);
+  return out;
+}
+
+int WordsPerHead(int64_t n_max) { return static_cast<int>((n_max + 63) / 64); }
+
+std::vector<uint64_t> BuildKeepMask(const Decision& decision, int64_t n_max) {
+  const int words = WordsPerHead(n_max);
+  const int64_t heads = static_cast<int64_t>(decision.kept_lengths.size());
+  std::vector<uint64_t> mask(static_cast<size_t>(heads * words), 0);
+  for (int64_t head = 0; head < heads; ++head) {
+    uint64_t* w = mask.data() + head * words;
+    for (int32_t j : decision.Kept(head)) w[j / 64] |= uint64_t{1} << (j % 64);
+  }
+  return mask;
+}
+
+void GatherKeptRows(const Decision& decision, const void* src, int64_t n_max, size_t row_bytes,
+                    int64_t max_kept, void* dst) {
+  const auto* s = static_cast<const unsigned char*>(src);
+  auto* o = static_cast<unsigned char*>(dst);
+  const int64_t heads = static_cast<int64_t>(decision.kept_lengths.size());
+  for (int64_t head = 0; head < heads; ++head) {
+    const unsigned char* hs = s + static_cast<size_t>(head * n_max) * row_bytes;
+    unsigned char* hd = o + static_cast<size_t>(head * max_kept) * row_bytes;
+    int64_t r = 0;
+    for (int32_t j : decision.Kept(head)) {
+      std::memcpy(hd + static_cast<size_t>(r++) * row_bytes, hs + static_cast<size_t>(j) * row_bytes,
+                  row_bytes);
+    }
+    std::memset(hd + static_cast<size_t>(r) * row_bytes, 0,
+                static_cast<size_t>(max_kept - r) * row_bytes);
+  }
+}
+
+}  // namespace reasonalloc

@@ -1,0 +1,76 @@
+// The compression engine: Scorer -> Allocator -> Selector (-> Compactor in managed mode), device-agnostic
+// and free of gRPC. One Engine serves one session configuration; Compress is const and thread-safe.
+//
+// Tensors are fp32 here; inline_inputs.h validates and converts what arrives on the wire.
+#ifndef REASONALLOC_CORE_ENGINE_H_
+#define REASONALLOC_CORE_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/allocator.h"
+#include "core/scorer.h"
+#include "core/session_config.h"
+
+namespace reasonalloc {
+
+struct CompressInputs {
+  const float* query_window = nullptr;  // [L, Hq, window, d]
+  const float* keys = nullptr;          // [L, Hkv, n_max, d]
+  int64_t n_max = 0;
+  std::span<const int32_t> lengths;     // [L * Hkv], each in [0, n_max]
+};
+
+struct StageSeconds {
+  double score = 0, allocate = 0, select = 0, compact = 0, total = 0;
+};
+
+struct Decision {
+  int num_layers = 0;
+  int num_kv_heads = 0;
+  std::vector<int32_t> budgets;       // [L * Hkv]
+  std::vector<int32_t> kept_lengths;  // [L * Hkv]
+  std::vector<int32_t> kept_indices;  // concatenated, ascending per head
+  std::vector<int64_t> head_offsets;  // [L * Hkv + 1] into kept_indices
+  int64_t evicted_tokens = 0;
+  StageSeconds seconds;
+
+  int max_kept() const;
+  std::span<const int32_t> Kept(int64_t head) const {
+    return std::span<const int32_t>(kept_indices)
+        .subspan(static_cast<size_t>(head_offsets[static_cast<size_t>(head)]),
+                 static_cast<size_t>(kept_lengths[static_cast<size_t>(head)]));
+  }
+};
+
+class Engine {
+ public:
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const SessionConfig& config);
+
+  const SessionConfig& config() const { return config_; }
+  absl::StatusOr<Decision> Compress(const CompressInputs& in) const;
+
+ private:
+  Engine(SessionConfig config, std::unique_ptr<Scorer> scorer,
+         std::unique_ptr<Allocator> allocator);
+
+  SessionConfig config_;
+  std::unique_ptr<Scorer> scorer_;
+  std::unique_ptr<Allocator> allocator_;
+};
+
+// Keep bitmask of the pre-event positions: [L * Hkv, words_per_head] uint64 words, bit j set when j is kept.
+int WordsPerHead(int64_t n_max);
+std::vector<uint64_t> BuildKeepMask(const Decision& decision, int64_t n_max);
+
+// Compactor: gathers each head's kept rows of `src` ([L, Hkv, n_max, row_bytes]) to the start of the head
+// in `dst` ([L, Hkv, max_kept, row_bytes]); rows past a head's kept length are zeroed.
+void GatherKeptRows(const Decision& decision, const void* src, int64_t n_max, size_t row_bytes,
+                    int64_t max_kept, void* dst);
+
+}  // namespace reasonalloc
+
+#endif  // REASONALLOC_CORE_ENGINE_H_

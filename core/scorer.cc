@@ -1,0 +1,105 @@
+#include "core/scorer.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace reasonalloc {
+namespace {
+
+// SnapKV importance in its decode-time form (ALGORITHMS.md §2.1): group-reduced logits of the window
+// queries, softmax over the candidates only, mean over the window, then 1-D pooling.
+class SnapKvScorer final : public Scorer {
+ public:
+  explicit SnapKvScorer(const ScorerConfig& config) : config_(config) {}
+
+  void ScoreHead(const HeadInputs& in, std::span<float> out) const override {
+    const int cand = in.n - in.window;
+    if (cand <= 0) return;
+    const int d = in.head_dim;
+    const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    std::vector<float> logits(static_cast<size_t>(cand));
+    std::vector<float> importance(static_cast<size_t>(cand), 0.0f);
+    for (int a = 0; a < in.window; ++a) {
+      for (int j = 0; j < cand; ++j) {
+        const float* k = in.keys + static_cast<int64_t>(j) * d;
+        float reduced = config_.gqa_reduce == GqaReduce::kMax
+                            ? -std::numeric_limits<float>::infinity()
+                            : 0.0f;
+        for (int g = 0; g < in.group; ++g) {
+          const float* q = in.queries + (static_cast<int64_t>(g) * in.window + a) * d;
+          float dot = 0.0f;
+          for (int i = 0; i < d; ++i) dot += q[i] * k[i];
+          dot *= scale;
+          if (config_.gqa_reduce == GqaReduce::kMax) {
+            reduced = std::max(reduced, dot);
+          } else {
+            reduced += dot;
+          }
+        }
+        if (config_.gqa_reduce == GqaReduce::kMean) reduced /= static_cast<float>(in.group);
+        logits[static_cast<size_t>(j)] = reduced;
+      }
+      const float max_logit = *std::max_element(logits.begin(), logits.end());
+      float sum = 0.0f;
+      for (float& l : logits) {
+        l = std::exp(l - max_logit);
+        sum += l;
+      }
+      const float inv = 1.0f / (sum * static_cast<float>(in.window));
+      for (int j = 0; j < cand; ++j) importance[static_cast<size_t>(j)] += logits[static_cast<size_t>(j)] * inv;
+    }
+    Pool(importance, out);
+  }
+
+ private:
+  // Stride-1 pooling with kernel k and padding k/2: max pooling ignores the padding, average pooling
+  // counts it as zeros and divides by k (PyTorch's avg_pool1d default).
+  void Pool(const std::vector<float>& in, std::span<float> out) const {
+    const int n = static_cast<int>(in.size());
+    const int r = config_.pool_kernel / 2;
+    for (int j = 0; j < n; ++j) {
+      const int lo = std::max(0, j - r);
+      const int hi = std::min(n - 1, j + r);
+      if (config_.pool_kind == PoolKind::kMax) {
+        float m = in[static_cast<size_t>(lo)];
+        for (int i = lo + 1; i <= hi; ++i) m = std::max(m, in[static_cast<size_t>(i)]);
+        out[static_cast<size_t>(j)] = m;
+      } else {
+        float s = 0.0f;
+        for (int i = lo; i <= hi; ++i) s += in[static_cast<size_t>(i)];
+        out[static_cast<size_t>(j)] = s / static_cast<float>(config_.pool_kernel);
+      }
+    }
+  }
+
+  ScorerConfig config_;
+};
+
+// StreamingLLM (ALGORITHMS.md §2.3): sinks rank first, then newer tokens before older ones. Positions are
+// below 2^24, so they are exact in fp32.
+class StreamingScorer final : public Scorer {
+ public:
+  void ScoreHead(const HeadInputs& in, std::span<float> out) const override {
+    const int cand = in.n - in.window;
+    const float sink_score = static_cast<float>(kMaxContext) + 1.0f;
+    for (int j = 0; j < cand; ++j) {
+      out[static_cast<size_t>(j)] = j < in.sinks ? sink_score : static_cast<float>(j);
+    }
+  }
+  bool NeedsQueries() const override { return false; }
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Scorer>> MakeScorer(const ScorerConfig& config) {
+  if (config.name == "snapkv") return std::make_unique<SnapKvScorer>(config);
+  if (config.name == "streaming") return std::make_unique<StreamingScorer>();
+  return absl::UnimplementedError(
+      absl::StrCat("scorer.name \"", config.name, "\" is not implemented in this build yet"));
+}
+
+}  // namespace reasonalloc

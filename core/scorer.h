@@ -1,0 +1,41 @@
+// Scorers rank the candidate tokens of one KV head (ALGORITHMS.md §2): a higher score means more worth
+// keeping. Candidates are positions [0, n - window); the last `window` tokens are always kept and never
+// scored.
+//
+// Scorers are stateless and thread-safe: the engine calls ScoreHead for many heads concurrently.
+#ifndef REASONALLOC_CORE_SCORER_H_
+#define REASONALLOC_CORE_SCORER_H_
+
+#include <memory>
+#include <span>
+
+#include "absl/status/statusor.h"
+#include "core/session_config.h"
+
+namespace reasonalloc {
+
+// The inputs of one (layer, KV head), in fp32.
+struct HeadInputs {
+  const float* queries = nullptr;  // [group, window, head_dim]: the window queries of the head's group
+  const float* keys = nullptr;     // [n, head_dim], post-RoPE
+  int n = 0;                       // live tokens of the head
+  int group = 1;
+  int window = 8;
+  int head_dim = 0;
+  int sinks = 4;
+};
+
+class Scorer {
+ public:
+  virtual ~Scorer() = default;
+  // Writes one score per candidate into `out` (size max(0, n - window)).
+  virtual void ScoreHead(const HeadInputs& in, std::span<float> out) const = 0;
+  // Whether scores depend on queries (streaming does not).
+  virtual bool NeedsQueries() const { return true; }
+};
+
+absl::StatusOr<std::unique_ptr<Scorer>> MakeScorer(const ScorerConfig& config);
+
+}  // namespace reasonalloc
+
+#endif  // REASONALLOC_CORE_SCORER_H_

@@ -1,0 +1,162 @@
+#include "core/session_config.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace reasonalloc {
+namespace {
+
+constexpr std::array<absl::string_view, 4> kScorers = {"snapkv", "streaming", "h2o", "rkv"};
+constexpr std::array<absl::string_view, 4> kAllocators = {"uniform", "pyramid", "adakv", "reasonalloc"};
+constexpr std::array<absl::string_view, 2> kImplementedScorers = {"snapkv", "streaming"};
+constexpr std::array<absl::string_view, 1> kImplementedAllocators = {"uniform"};
+
+absl::Status CheckRange(absl::string_view field, int64_t value, int64_t lo, int64_t hi) {
+  if (value < lo || value > hi) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " = ", value, " is out of range [", lo, ", ", hi, "]"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CheckReal(absl::string_view field, double value, double lo, double hi) {
+  if (!std::isfinite(value) || value < lo || value > hi) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " = ", value, " is out of range [", lo, ", ", hi, "]"));
+  }
+  return absl::OkStatus();
+}
+
+template <size_t N>
+bool Contains(const std::array<absl::string_view, N>& names, absl::string_view name) {
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+
+absl::Status CheckName(absl::string_view field, absl::string_view name,
+                       std::span<const absl::string_view> known, bool implemented) {
+  if (std::find(known.begin(), known.end(), name) == known.end()) {
+    std::string list;
+    for (absl::string_view k : known) absl::StrAppend(&list, list.empty() ? "" : ", ", k);
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " \"", name, "\" is unknown; expected one of: ", list));
+  }
+  if (!implemented) {
+    return absl::UnimplementedError(
+        absl::StrCat(field, " \"", name, "\" is not implemented in this build yet"));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+std::span<const absl::string_view> KnownScorers() { return kScorers; }
+std::span<const absl::string_view> KnownAllocators() { return kAllocators; }
+bool ScorerImplemented(absl::string_view name) { return Contains(kImplementedScorers, name); }
+bool AllocatorImplemented(absl::string_view name) { return Contains(kImplementedAllocators, name); }
+
+absl::Status ValidateGeometry(const ModelGeometry& m) {
+  if (m.name.size() > 256) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("model.name is ", m.name.size(), " bytes long; at most 256 allowed"));
+  }
+  if (auto s = CheckRange("model.num_layers", m.num_layers, 1, kMaxLayers); !s.ok()) return s;
+  if (auto s = CheckRange("model.num_q_heads", m.num_q_heads, 1, kMaxHeads); !s.ok()) return s;
+  if (auto s = CheckRange("model.num_kv_heads", m.num_kv_heads, 1, kMaxHeads); !s.ok()) return s;
+  if (auto s = CheckRange("model.head_dim", m.head_dim, 1, kMaxHeadDim); !s.ok()) return s;
+  if (auto s = CheckRange("model.max_context", m.max_context, 1, kMaxContext); !s.ok()) return s;
+  if (m.num_q_heads % m.num_kv_heads != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("model.num_q_heads = ", m.num_q_heads,
+                                                   " is not a multiple of model.num_kv_heads = ",
+                                                   m.num_kv_heads));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateBudget(const BudgetConfig& b, const ModelGeometry& m) {
+  if (auto s = CheckRange("budget.window", b.window, 1, kMaxWindow); !s.ok()) return s;
+  if (b.budget < b.window + 1) {
+    return absl::InvalidArgumentError(absl::StrCat("budget.budget = ", b.budget,
+                                                   " is smaller than budget.window ", b.window,
+                                                   " + 1"));
+  }
+  if (b.budget > m.max_context) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "budget.budget = ", b.budget, " is larger than model.max_context = ", m.max_context));
+  }
+  if (auto s = CheckRange("budget.buffer", b.buffer, 1, m.max_context); !s.ok()) return s;
+  if (auto s = CheckRange("budget.sinks", b.sinks, 0, kMaxWindow); !s.ok()) return s;
+  return absl::OkStatus();
+}
+
+absl::Status ValidateSessionConfig(const SessionConfig& c) {
+  if (auto s = ValidateGeometry(c.model); !s.ok()) return s;
+  if (auto s = ValidateBudget(c.budget, c.model); !s.ok()) return s;
+
+  const ScorerConfig& sc = c.scorer;
+  if (auto s = CheckName("scorer.name", sc.name, KnownScorers(), ScorerImplemented(sc.name));
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckRange("scorer.pool_kernel", sc.pool_kernel, 1, kMaxPoolKernel); !s.ok()) return s;
+  if (sc.pool_kernel % 2 == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("scorer.pool_kernel = ", sc.pool_kernel, " must be odd"));
+  }
+  if (auto s = CheckReal("scorer.lambda", sc.lambda, 0.0, 1.0); !s.ok()) return s;
+  if (auto s = CheckReal("scorer.threshold", sc.threshold, -1.0, 1.0); !s.ok()) return s;
+
+  const AllocatorConfig& a = c.allocator;
+  if (auto s = CheckName("allocator.name", a.name, KnownAllocators(), AllocatorImplemented(a.name));
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = CheckReal("allocator.pyramid_beta", a.pyramid_beta, 1.0, 1e6); !s.ok()) return s;
+  if (auto s = CheckReal("allocator.adakv_floor", a.adakv_floor, 0.0, 1.0); !s.ok()) return s;
+  if (auto s = CheckReal("allocator.layer_exponent", a.layer_exponent, 0.0, 16.0); !s.ok()) return s;
+  if (auto s = CheckReal("allocator.head_exponent", a.head_exponent, 0.0, 16.0); !s.ok()) return s;
+  // robustify needs n·lo ≤ total ≤ n·hi (ALGORITHMS.md §3.4).
+  if (auto s = CheckReal("allocator.head_floor", a.head_floor, 0.0, 1.0); !s.ok()) return s;
+  if (auto s = CheckReal("allocator.clip_low", a.clip_low, 0.0, 1.0); !s.ok()) return s;
+  if (auto s = CheckReal("allocator.clip_high", a.clip_high, 1.0, 1e6); !s.ok()) return s;
+  return absl::OkStatus();
+}
+
+int64_t MaxHeadCapacity(const SessionConfig& c) {
+  const int64_t b = c.budget.budget;
+  const int64_t delta = c.budget.buffer;
+  int64_t cap = b + delta;
+  if (c.allocator.name != "uniform") {
+    // Layer allocators can give a layer up to clip_high (or 2 for pyramid) times its share, and head
+    // routing can give one head most of its layer; bound by the layer's whole budget.
+    const double layer_factor = std::max(2.0, c.allocator.clip_high);
+    cap = static_cast<int64_t>(std::ceil(layer_factor * static_cast<double>(b))) *
+              c.model.num_kv_heads +
+          delta;
+  }
+  return std::min<int64_t>(cap, c.model.max_context);
+}
+
+ArenaBytes ComputeArenaBytes(const SessionConfig& c) {
+  const ModelGeometry& m = c.model;
+  const uint64_t item = DTypeSize(m.dtype);
+  const uint64_t heads = static_cast<uint64_t>(m.num_heads_total());
+  const uint64_t b = static_cast<uint64_t>(c.budget.budget);
+  const uint64_t delta = static_cast<uint64_t>(c.budget.buffer);
+  // Σ_h (b[l][h] + Δ) is fixed per layer and Σ_l b_l = L·B, so the KV arena holds exactly L·Hkv·(B+Δ)
+  // rows of K and of V, whichever allocator moves budgets around.
+  const uint64_t rows = std::min<uint64_t>(b + delta, static_cast<uint64_t>(m.max_context)) * heads;
+  ArenaBytes out;
+  if (c.managed) out.kv = 2 * rows * static_cast<uint64_t>(m.head_dim) * item;
+  out.query_ring = static_cast<uint64_t>(m.num_layers) * static_cast<uint64_t>(m.num_q_heads) *
+                   static_cast<uint64_t>(c.budget.window) * static_cast<uint64_t>(m.head_dim) * item;
+  const uint64_t cap = static_cast<uint64_t>(MaxHeadCapacity(c));
+  if (c.scorer.name == "h2o") out.accumulator = heads * cap * sizeof(float);
+  const uint64_t words = (cap + 63) / 64;
+  out.result = heads * (2 * sizeof(int32_t) + words * sizeof(uint64_t)) + sizeof(uint64_t);
+  return out;
+}
+
+}  // namespace reasonalloc

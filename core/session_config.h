@@ -1,0 +1,108 @@
+// The configuration of one eviction session: model geometry, budgets, scorer and allocator knobs.
+//
+// Defaults are those of ALGORITHMS.md §5. Validate() is the single place where a configuration is judged;
+// every error message names the field as the v1 API spells it (e.g. "model.num_kv_heads") and the bad value.
+// A name the engine knows but this build does not implement yet is Unimplemented, an unknown one is
+// InvalidArgument.
+#ifndef REASONALLOC_CORE_SESSION_CONFIG_H_
+#define REASONALLOC_CORE_SESSION_CONFIG_H_
+
+#include <cstdint>
+#include <span>
+#include <string>
+#include "absl/strings/string_view.h"
+
+#include "absl/status/status.h"
+#include "core/dtype.h"
+
+namespace reasonalloc {
+
+struct ModelGeometry {
+  std::string name;
+  int num_layers = 0;    // L
+  int num_q_heads = 0;   // Hq
+  int num_kv_heads = 0;  // Hkv
+  int head_dim = 0;      // d
+  DType dtype = DType::kFloat16;
+  int max_context = 0;
+
+  int group_size() const { return num_kv_heads > 0 ? num_q_heads / num_kv_heads : 0; }
+  int64_t num_heads_total() const { return int64_t{num_layers} * num_kv_heads; }
+};
+
+struct BudgetConfig {
+  int budget = 512;  // B, window included
+  int buffer = 128;  // Δ
+  int window = 8;    // α
+  int sinks = 4;
+};
+
+enum class PoolKind { kMax, kAvg };
+enum class GqaReduce { kMax, kMean };
+
+struct ScorerConfig {
+  std::string name = "snapkv";
+  int pool_kernel = 7;
+  PoolKind pool_kind = PoolKind::kMax;
+  GqaReduce gqa_reduce = GqaReduce::kMax;
+  double lambda = 0.1;
+  double threshold = 0.5;
+};
+
+enum class ReasonAllocMode { kFull, kLayer, kHead, kOff };
+
+struct AllocatorConfig {
+  std::string name = "uniform";
+  double pyramid_beta = 20.0;
+  double adakv_floor = 0.2;
+  ReasonAllocMode reasonalloc_mode = ReasonAllocMode::kFull;
+  double layer_exponent = 0.5;
+  double head_exponent = 0.5;
+  double head_floor = 0.25;
+  double clip_low = 0.25;
+  double clip_high = 2.0;
+  std::string profile;
+};
+
+struct SessionConfig {
+  ModelGeometry model;
+  BudgetConfig budget;
+  ScorerConfig scorer;
+  AllocatorConfig allocator;
+  bool managed = true;  // managed: the sidecar holds K and V; advisory: decisions only
+};
+
+// Hard limits that keep sizes far from integer overflow; real models sit well inside them.
+inline constexpr int kMaxLayers = 1024;
+inline constexpr int kMaxHeads = 1024;
+inline constexpr int kMaxHeadDim = 1024;
+inline constexpr int kMaxContext = 1 << 24;  // token positions stay exact in fp32
+inline constexpr int kMaxWindow = 1024;
+inline constexpr int kMaxPoolKernel = 63;
+
+// Names accepted by CreateSession, and those this build implements.
+std::span<const absl::string_view> KnownScorers();
+std::span<const absl::string_view> KnownAllocators();
+bool ScorerImplemented(absl::string_view name);
+bool AllocatorImplemented(absl::string_view name);
+
+absl::Status ValidateGeometry(const ModelGeometry& model);
+absl::Status ValidateBudget(const BudgetConfig& budget, const ModelGeometry& model);
+absl::Status ValidateSessionConfig(const SessionConfig& config);
+
+// Bytes a session reserves against the server's arena pool: the KV arena (managed mode), the query-window
+// ring, the H2O accumulator (h2o scorer) and the result block, following DESIGN.md §2.
+struct ArenaBytes {
+  uint64_t kv = 0;
+  uint64_t query_ring = 0;
+  uint64_t accumulator = 0;
+  uint64_t result = 0;
+  uint64_t total() const { return kv + query_ring + accumulator + result; }
+};
+// Largest number of rows one head may hold between events.
+int64_t MaxHeadCapacity(const SessionConfig& config);
+ArenaBytes ComputeArenaBytes(const SessionConfig& config);
+
+}  // namespace reasonalloc
+
+#endif  // REASONALLOC_CORE_SESSION_CONFIG_H_

@@ -1,0 +1,153 @@
+// reasonalloc-server: the KV-cache sidecar process.
+//
+// Every flag can also come from the environment as REASONALLOC_<FLAG IN UPPER CASE> (e.g.
+// REASONALLOC_LISTEN); a flag on the command line wins over the environment.
+#include <signal.h>
+
+#include <cstdlib>
+#include <iostream>
+#include <thread>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/reflection.h"
+#include "absl/flags/usage.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "core/build_info.h"
+#include "server/server.h"
+#include "spdlog/cfg/env.h"
+#include "spdlog/sinks/stdout_color_sinks.h"
+#include "spdlog/spdlog.h"
+
+ABSL_FLAG(std::string, listen, reasonalloc::kDefaultTarget, "Unix socket to serve on: unix:///path");
+ABSL_FLAG(std::string, socket_mode, "0600", "Permission bits of the socket file (octal)");
+ABSL_FLAG(std::string, tcp_listen, "", "Optional TCP address host:port (port 0 = any free port)");
+ABSL_FLAG(std::string, metrics_address, "127.0.0.1:9464",
+          "Prometheus endpoint host:port (port 0 = any free port; empty = off)");
+ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu | cuda:N");
+ABSL_FLAG(uint64_t, max_arena_bytes, uint64_t{8} << 30,
+          "Arena pool: total bytes all sessions may reserve");
+ABSL_FLAG(int32_t, max_sessions, 4096, "Most live sessions");
+ABSL_FLAG(std::string, profile_dir, "", "Directory of layer profiles (JSON)");
+ABSL_FLAG(uint64_t, max_message_bytes, uint64_t{64} << 20,
+          "Largest gRPC message received or sent, bytes");
+ABSL_FLAG(double, default_lease_seconds, 60, "Lease of a session that asks for none");
+ABSL_FLAG(double, max_lease_seconds, 86400, "Longest lease a session may ask for");
+ABSL_FLAG(double, drain_timeout_seconds, 10,
+          "On SIGTERM/SIGINT: how long in-flight calls may finish before they are cancelled");
+ABSL_FLAG(std::string, log_level, "",
+          "trace|debug|info|warn|error|critical|off (default: SPDLOG_LEVEL, else info)");
+ABSL_FLAG(double, testing_compress_delay_ms, 0,
+          "For tests only: sleep this long inside every Compress");
+
+namespace {
+
+// Applies REASONALLOC_<NAME> environment variables to flags before the command line is parsed.
+bool ApplyEnvironment(const std::vector<std::string>& names) {
+  bool ok = true;
+  for (const std::string& name : names) {
+    const std::string env = absl::StrCat("REASONALLOC_", absl::AsciiStrToUpper(name));
+    const char* value = std::getenv(env.c_str());
+    if (value == nullptr) continue;
+    absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+    std::string error;
+    if (flag == nullptr || !flag->ParseFrom(value, &error)) {
+      std::cerr << "reasonalloc-server: environment " << env << "=\"" << value
+                << "\" is invalid: " << error << "\n";
+      ok = false;
+    }
+  }
+  return ok;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(
+      "ReasonAlloc KV-cache sidecar.\n  reasonalloc-server [--listen unix:///path] [--device cpu] "
+      "[--metrics-address 127.0.0.1:9464] ...\nEvery flag may also be set as "
+      "REASONALLOC_<FLAG> in the environment.");
+  // Block the drain signals in every thread; one thread waits for them.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  if (!ApplyEnvironment({"listen", "socket_mode", "tcp_listen", "metrics_address", "device",
+                         "max_arena_bytes", "max_sessions", "profile_dir", "max_message_bytes",
+                         "default_lease_seconds", "max_lease_seconds", "drain_timeout_seconds",
+                         "log_level"})) {
+    return 2;
+  }
+  absl::ParseCommandLine(argc, argv);
+
+  auto logger = spdlog::stderr_color_mt("reasonalloc");
+  spdlog::set_default_logger(logger);
+  spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%L%$ %v");
+  spdlog::cfg::load_env_levels();
+  if (const std::string level = absl::GetFlag(FLAGS_log_level); !level.empty()) {
+    const auto parsed = spdlog::level::from_str(level);
+    if (parsed == spdlog::level::off && level != "off") {
+      std::cerr << "reasonalloc-server: --log_level \"" << level << "\" is not a level\n";
+      return 2;
+    }
+    spdlog::set_level(parsed);
+  }
+
+  reasonalloc::ServerOptions options;
+  options.listen = absl::GetFlag(FLAGS_listen);
+  unsigned mode = 0;
+  const std::string mode_text = absl::GetFlag(FLAGS_socket_mode);
+  if (!absl::numbers_internal::safe_strtou32_base(mode_text, &mode, 8) || mode > 0777) {
+    std::cerr << "reasonalloc-server: --socket_mode \"" << mode_text << "\" is not octal 0-0777\n";
+    return 2;
+  }
+  options.socket_mode = mode;
+  options.tcp_listen = absl::GetFlag(FLAGS_tcp_listen);
+  options.metrics_address = absl::GetFlag(FLAGS_metrics_address);
+  options.device = absl::GetFlag(FLAGS_device);
+  options.max_arena_bytes = absl::GetFlag(FLAGS_max_arena_bytes);
+  options.max_sessions = absl::GetFlag(FLAGS_max_sessions);
+  options.profile_dir = absl::GetFlag(FLAGS_profile_dir);
+  options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  for (auto [flag, value, out] :
+       {std::tuple{"default_lease_seconds", absl::GetFlag(FLAGS_default_lease_seconds),
+                   &options.default_lease},
+        std::tuple{"max_lease_seconds", absl::GetFlag(FLAGS_max_lease_seconds), &options.max_lease},
+        std::tuple{"drain_timeout_seconds", absl::GetFlag(FLAGS_drain_timeout_seconds),
+                   &options.drain_timeout}}) {
+    if (!(value > 0) || value > 1e7) {
+      std::cerr << "reasonalloc-server: --" << flag << " = " << value << " must be in (0, 1e7]\n";
+      return 2;
+    }
+    *out = absl::Seconds(value);
+  }
+  options.testing_compress_delay =
+      absl::Milliseconds(absl::GetFlag(FLAGS_testing_compress_delay_ms));
+
+  spdlog::info("reasonalloc-server {} ({} {})", reasonalloc::kVersion, reasonalloc::kGitRevision,
+               reasonalloc::kBuildType);
+  auto server = reasonalloc::Server::Create(options);
+  if (!server.ok()) {
+    spdlog::critical("cannot start: {}", server.status().ToString());
+    return 1;
+  }
+  std::thread signal_thread([&signals, s = server->get()] {
+    int sig = 0;
+    sigwait(&signals, &sig);
+    spdlog::info("received {}", sig == SIGTERM ? "SIGTERM" : "SIGINT");
+    s->Drain();
+  });
+  (*server)->Start();
+  (*server)->Wait();
+  // Wake the signal thread if the server stopped for another reason.
+  pthread_kill(signal_thread.native_handle(), SIGTERM);
+  signal_thread.join();
+  server->reset();
+  spdlog::info("exit");
+  return 0;
+}

@@ -1,0 +1,125 @@
+#include "server/metrics.h"
+
+#include <exception>
+
+#include "absl/strings/str_cat.h"
+#include "core/build_info.h"
+
+namespace reasonalloc {
+namespace {
+
+// 1 µs to 10 s: one event of a tiny model takes microseconds, a batched event of a large one seconds.
+prometheus::Histogram::BucketBoundaries LatencyBuckets() {
+  return {1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3,
+          5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,   0.25,   0.5,  1.0,  2.5,    5.0,  10.0};
+}
+
+const char* CodeName(int code) {
+  static constexpr const char* kNames[] = {
+      "OK",        "CANCELLED",          "UNKNOWN",          "INVALID_ARGUMENT",
+      "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",   "PERMISSION_DENIED",
+      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
+      "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",      "DATA_LOSS",
+      "UNAUTHENTICATED"};
+  if (code < 0 || code > 16) return "UNKNOWN";
+  return kNames[code];
+}
+
+}  // namespace
+
+Metrics::Metrics(absl::string_view backend)
+    : registry_(std::make_shared<prometheus::Registry>()),
+      requests_(prometheus::BuildCounter()
+                    .Name("reasonalloc_requests_total")
+                    .Help("gRPC requests handled, by method and status code")
+                    .Register(*registry_)),
+      compress_seconds_(prometheus::BuildHistogram()
+                            .Name("reasonalloc_compress_duration_seconds")
+                            .Help("Time spent in each stage of a compression event")
+                            .Register(*registry_)),
+      evicted_(prometheus::BuildCounter()
+                   .Name("reasonalloc_tokens_evicted_total")
+                   .Help("KV tokens evicted, by scorer and allocator")
+                   .Register(*registry_)),
+      session_ends_(prometheus::BuildCounter()
+                        .Name("reasonalloc_sessions_ended_total")
+                        .Help("Sessions that left the server, by reason (closed, expired)")
+                        .Register(*registry_)),
+      sessions_(prometheus::BuildGauge()
+                    .Name("reasonalloc_sessions")
+                    .Help("Live sessions")
+                    .Register(*registry_)
+                    .Add({})),
+      arena_(prometheus::BuildGauge()
+                 .Name("reasonalloc_arena_bytes")
+                 .Help("Arena pool bytes by state (capacity, reserved, free)")
+                 .Register(*registry_)),
+      arena_capacity_(arena_.Add({{"state", "capacity"}})),
+      arena_reserved_(arena_.Add({{"state", "reserved"}})),
+      arena_free_(arena_.Add({{"state", "free"}})),
+      kv_tokens_kept_(prometheus::BuildGauge()
+                          .Name("reasonalloc_kv_tokens")
+                          .Help("KV tokens held after the latest event of every live session")
+                          .Register(*registry_)
+                          .Add({{"state", "kept"}})) {
+  static constexpr const char* kStages[] = {"score", "allocate", "select", "compact", "total"};
+  for (int i = 0; i < 5; ++i) {
+    stage_[i] = &compress_seconds_.Add({{"stage", kStages[i]}}, LatencyBuckets());
+  }
+  prometheus::BuildGauge()
+      .Name("reasonalloc_build_info")
+      .Help("Build facts as labels; the value is always 1")
+      .Register(*registry_)
+      .Add({{"version", kVersion}, {"revision", kGitRevision}, {"backend", std::string(backend)}})
+      .Set(1);
+}
+
+absl::StatusOr<std::string> Metrics::Serve(const std::string& address) {
+  try {
+    exposer_ = std::make_unique<prometheus::Exposer>(address, /*num_threads=*/1);
+  } catch (const std::exception& e) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("metrics_address \"", address, "\" cannot be served: ", e.what()));
+  }
+  exposer_->RegisterCollectable(registry_);
+  const auto ports = exposer_->GetListeningPorts();
+  if (ports.empty()) {
+    return absl::InternalError(absl::StrCat("metrics_address \"", address, "\": no port bound"));
+  }
+  const std::string host = address.substr(0, address.rfind(':'));
+  return absl::StrCat(host, ":", ports.front());
+}
+
+void Metrics::StopServing() { exposer_.reset(); }
+
+void Metrics::CountRequest(absl::string_view method, int grpc_code) {
+  requests_.Add({{"method", std::string(method)}, {"code", CodeName(grpc_code)}}).Increment();
+}
+
+void Metrics::ObserveCompress(const StageSeconds& s) {
+  stage_[0]->Observe(s.score);
+  stage_[1]->Observe(s.allocate);
+  stage_[2]->Observe(s.select);
+  stage_[3]->Observe(s.compact);
+  stage_[4]->Observe(s.total);
+}
+
+void Metrics::CountEvicted(absl::string_view scorer, absl::string_view allocator, int64_t tokens) {
+  evicted_.Add({{"scorer", std::string(scorer)}, {"allocator", std::string(allocator)}})
+      .Increment(static_cast<double>(tokens));
+}
+
+void Metrics::AddKeptTokens(int64_t delta) { kv_tokens_kept_.Increment(static_cast<double>(delta)); }
+
+void Metrics::SetPool(int sessions, uint64_t capacity, uint64_t reserved) {
+  sessions_.Set(sessions);
+  arena_capacity_.Set(static_cast<double>(capacity));
+  arena_reserved_.Set(static_cast<double>(reserved));
+  arena_free_.Set(static_cast<double>(capacity - reserved));
+}
+
+void Metrics::CountSessionEnd(absl::string_view why) {
+  session_ends_.Add({{"reason", std::string(why)}}).Increment();
+}
+
+}  // namespace reasonalloc

@@ -1,0 +1,216 @@
+#include "server/proto_convert.h"
+
+#include <bit>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+
+namespace reasonalloc {
+
+absl::StatusOr<DType> DTypeFromProto(v1::DType dtype, absl::string_view field) {
+  switch (dtype) {
+    case v1::DTYPE_FLOAT32:
+      return DType::kFloat32;
+    case v1::DTYPE_FLOAT16:
+      return DType::kFloat16;
+    case v1::DTYPE_BFLOAT16:
+      return DType::kBFloat16;
+    case v1::DTYPE_UNSPECIFIED:
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, " is unspecified; expected DTYPE_FLOAT32, DTYPE_FLOAT16 or DTYPE_BFLOAT16"));
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(field, " = ", static_cast<int>(dtype),
+                                                     " is not a known DType"));
+  }
+}
+
+v1::DType DTypeToProto(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return v1::DTYPE_FLOAT32;
+    case DType::kFloat16:
+      return v1::DTYPE_FLOAT16;
+    case DType::kBFloat16:
+      return v1::DTYPE_BFLOAT16;
+  }
+  return v1::DTYPE_UNSPECIFIED;
+}
+
+absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::CreateSessionRequest& r) {
+  SessionConfig c;
+  const v1::ModelGeometry& m = r.model();
+  c.model.name = m.name();
+  c.model.num_layers = m.num_layers();
+  c.model.num_q_heads = m.num_q_heads();
+  c.model.num_kv_heads = m.num_kv_heads();
+  c.model.head_dim = m.head_dim();
+  c.model.max_context = m.max_context();
+  auto dtype = DTypeFromProto(m.dtype(), "model.dtype");
+  if (!dtype.ok()) return dtype.status();
+  c.model.dtype = *dtype;
+
+  const v1::BudgetConfig& b = r.budget();
+  if (b.budget() != 0) c.budget.budget = b.budget();
+  if (b.buffer() != 0) c.budget.buffer = b.buffer();
+  if (b.window() != 0) c.budget.window = b.window();
+  if (b.has_sinks()) c.budget.sinks = b.sinks();
+
+  const v1::ScorerConfig& s = r.scorer();
+  if (!s.name().empty()) c.scorer.name = s.name();
+  if (s.pool_kernel() != 0) c.scorer.pool_kernel = s.pool_kernel();
+  switch (s.pool_kind()) {
+    case v1::POOL_KIND_UNSPECIFIED:
+    case v1::POOL_KIND_MAX:
+      c.scorer.pool_kind = PoolKind::kMax;
+      break;
+    case v1::POOL_KIND_AVG:
+      c.scorer.pool_kind = PoolKind::kAvg;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "scorer.pool_kind = ", static_cast<int>(s.pool_kind()), " is not a known PoolKind"));
+  }
+  switch (s.gqa_reduce()) {
+    case v1::GQA_REDUCE_UNSPECIFIED:
+    case v1::GQA_REDUCE_MAX:
+      c.scorer.gqa_reduce = GqaReduce::kMax;
+      break;
+    case v1::GQA_REDUCE_MEAN:
+      c.scorer.gqa_reduce = GqaReduce::kMean;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "scorer.gqa_reduce = ", static_cast<int>(s.gqa_reduce()), " is not a known GqaReduce"));
+  }
+  if (s.has_lambda()) c.scorer.lambda = s.lambda();
+  if (s.has_threshold()) c.scorer.threshold = s.threshold();
+
+  const v1::AllocatorConfig& a = r.allocator();
+  if (!a.name().empty()) c.allocator.name = a.name();
+  if (a.has_pyramid_beta()) c.allocator.pyramid_beta = a.pyramid_beta();
+  if (a.has_adakv_floor()) c.allocator.adakv_floor = a.adakv_floor();
+  switch (a.reasonalloc_mode()) {
+    case v1::AllocatorConfig::REASONALLOC_MODE_UNSPECIFIED:
+    case v1::AllocatorConfig::REASONALLOC_MODE_FULL:
+      c.allocator.reasonalloc_mode = ReasonAllocMode::kFull;
+      break;
+    case v1::AllocatorConfig::REASONALLOC_MODE_LAYER:
+      c.allocator.reasonalloc_mode = ReasonAllocMode::kLayer;
+      break;
+    case v1::AllocatorConfig::REASONALLOC_MODE_HEAD:
+      c.allocator.reasonalloc_mode = ReasonAllocMode::kHead;
+      break;
+    case v1::AllocatorConfig::REASONALLOC_MODE_OFF:
+      c.allocator.reasonalloc_mode = ReasonAllocMode::kOff;
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("allocator.reasonalloc_mode = ", static_cast<int>(a.reasonalloc_mode()),
+                       " is not a known ReasonAllocMode"));
+  }
+  if (a.has_layer_exponent()) c.allocator.layer_exponent = a.layer_exponent();
+  if (a.has_head_exponent()) c.allocator.head_exponent = a.head_exponent();
+  if (a.has_head_floor()) c.allocator.head_floor = a.head_floor();
+  if (a.has_clip_low()) c.allocator.clip_low = a.clip_low();
+  if (a.has_clip_high()) c.allocator.clip_high = a.clip_high();
+  c.allocator.profile = a.profile();
+
+  switch (r.mode()) {
+    case v1::SESSION_MODE_UNSPECIFIED:
+    case v1::SESSION_MODE_MANAGED:
+      c.managed = true;
+      break;
+    case v1::SESSION_MODE_ADVISORY:
+      c.managed = false;
+      break;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat("mode = ", static_cast<int>(r.mode()), " is not a known SessionMode"));
+  }
+  return c;
+}
+
+void SessionConfigToProto(const SessionConfig& c, v1::ModelGeometry* m, v1::BudgetConfig* b,
+                          v1::ScorerConfig* s, v1::AllocatorConfig* a) {
+  m->set_name(c.model.name);
+  m->set_num_layers(c.model.num_layers);
+  m->set_num_q_heads(c.model.num_q_heads);
+  m->set_num_kv_heads(c.model.num_kv_heads);
+  m->set_head_dim(c.model.head_dim);
+  m->set_dtype(DTypeToProto(c.model.dtype));
+  m->set_max_context(c.model.max_context);
+  b->set_budget(c.budget.budget);
+  b->set_buffer(c.budget.buffer);
+  b->set_window(c.budget.window);
+  b->set_sinks(c.budget.sinks);
+  s->set_name(c.scorer.name);
+  s->set_pool_kernel(c.scorer.pool_kernel);
+  s->set_pool_kind(c.scorer.pool_kind == PoolKind::kMax ? v1::POOL_KIND_MAX : v1::POOL_KIND_AVG);
+  s->set_gqa_reduce(c.scorer.gqa_reduce == GqaReduce::kMax ? v1::GQA_REDUCE_MAX
+                                                           : v1::GQA_REDUCE_MEAN);
+  s->set_lambda(c.scorer.lambda);
+  s->set_threshold(c.scorer.threshold);
+  a->set_name(c.allocator.name);
+  a->set_pyramid_beta(c.allocator.pyramid_beta);
+  a->set_adakv_floor(c.allocator.adakv_floor);
+  switch (c.allocator.reasonalloc_mode) {
+    case ReasonAllocMode::kFull:
+      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_FULL);
+      break;
+    case ReasonAllocMode::kLayer:
+      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_LAYER);
+      break;
+    case ReasonAllocMode::kHead:
+      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_HEAD);
+      break;
+    case ReasonAllocMode::kOff:
+      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_OFF);
+      break;
+  }
+  a->set_layer_exponent(c.allocator.layer_exponent);
+  a->set_head_exponent(c.allocator.head_exponent);
+  a->set_head_floor(c.allocator.head_floor);
+  a->set_clip_low(c.allocator.clip_low);
+  a->set_clip_high(c.allocator.clip_high);
+  a->set_profile(c.allocator.profile);
+}
+
+absl::StatusOr<RawTensor> RawTensorFromProto(const v1::Tensor& t, bool present,
+                                             absl::string_view field) {
+  RawTensor out;
+  out.present = present;
+  if (!present) return out;
+  auto dtype = DTypeFromProto(t.dtype(), absl::StrCat(field, ".dtype"));
+  if (!dtype.ok()) return dtype.status();
+  out.dtype = *dtype;
+  out.shape.assign(t.shape().begin(), t.shape().end());
+  out.data = t.data();
+  return out;
+}
+
+void DecisionToProto(const Decision& d, int64_t n_max, bool with_mask, v1::Decision* out) {
+  out->set_num_layers(d.num_layers);
+  out->set_num_kv_heads(d.num_kv_heads);
+  out->mutable_budgets()->Assign(d.budgets.begin(), d.budgets.end());
+  out->mutable_kept_lengths()->Assign(d.kept_lengths.begin(), d.kept_lengths.end());
+  out->mutable_kept_indices()->Assign(d.kept_indices.begin(), d.kept_indices.end());
+  out->set_evicted_tokens(d.evicted_tokens);
+  out->set_words_per_head(WordsPerHead(n_max));
+  if (with_mask) {
+    const std::vector<uint64_t> mask = BuildKeepMask(d, n_max);
+    // Words go out little-endian; this code base only targets little-endian hosts.
+    static_assert(std::endian::native == std::endian::little);
+    out->mutable_keep_mask()->assign(reinterpret_cast<const char*>(mask.data()),
+                                     mask.size() * sizeof(uint64_t));
+  }
+}
+
+void TimingsToProto(const StageSeconds& s, v1::StageTimings* out) {
+  out->set_score_seconds(s.score);
+  out->set_allocate_seconds(s.allocate);
+  out->set_select_seconds(s.select);
+  out->set_compact_seconds(s.compact);
+  out->set_total_seconds(s.total);
+}
+
+}  // namespace reasonalloc

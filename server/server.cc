@@ -1,0 +1,203 @@
+#include "server/server.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/server_builder.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "gpu/device_probe.h"
+#include "spdlog/spdlog.h"
+
+namespace reasonalloc {
+namespace {
+
+// True when something accepts connections on the socket at `path`.
+bool SocketInUse(const std::string& path) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return false;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  const bool in_use = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  ::close(fd);
+  return in_use;
+}
+
+}  // namespace
+
+absl::StatusOr<std::string> UnixSocketPath(const std::string& target, absl::string_view field) {
+  std::string path;
+  if (absl::StartsWith(target, "unix://")) {
+    path = target.substr(7);
+  } else if (absl::StartsWith(target, "unix:")) {
+    path = target.substr(5);
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " \"", target, "\" is not a unix: address (unix:///path/to/socket)"));
+  }
+  if (path.empty()) return absl::InvalidArgumentError(absl::StrCat(field, " has an empty path"));
+  if (path.size() >= sizeof(sockaddr_un::sun_path)) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " path \"", path, "\" is longer than ",
+                                                   sizeof(sockaddr_un::sun_path) - 1, " bytes"));
+  }
+  return path;
+}
+
+Server::Server(const ServerOptions& options) : options_(options) {}
+
+absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& options) {
+  std::unique_ptr<Server> server(new Server(options));
+  Server& s = *server;
+
+  SidecarService::Options so;
+  so.max_message_bytes = options.max_message_bytes;
+  so.testing_compress_delay = options.testing_compress_delay;
+  if (options.device == "cpu") {
+    so.backend = "cpu";
+    so.device_name = "host CPU";
+  } else if (absl::StartsWith(options.device, "cuda:")) {
+    int index = -1;
+    if (!absl::SimpleAtoi(options.device.substr(5), &index) || index < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("device \"", options.device, "\" is not cpu or cuda:N"));
+    }
+    const gpu::ProbeResult probe = gpu::ProbeDevices();
+    if (index >= static_cast<int>(probe.devices.size())) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "device \"", options.device, "\": ", probe.devices.size(), " CUDA device(s) visible",
+          probe.reason.empty() ? "" : absl::StrCat(" (", probe.reason, ")")));
+    }
+    return absl::UnimplementedError(absl::StrCat(
+        "device \"", options.device, "\" (", probe.devices[static_cast<size_t>(index)].name,
+        ") was found, but the CUDA compute backend is not implemented in this build yet; use "
+        "--device cpu"));
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat("device \"", options.device, "\" is not cpu or cuda:N"));
+  }
+  if (!options.profile_dir.empty() && !std::filesystem::is_directory(options.profile_dir)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("profile_dir \"", options.profile_dir, "\" is not a directory"));
+  }
+  if (options.max_message_bytes < 1024 || options.max_message_bytes > 0x7fffffffu) {
+    return absl::InvalidArgumentError(absl::StrCat("max_message_bytes = ", options.max_message_bytes,
+                                                   " is out of range [1024, 2147483647]"));
+  }
+  if (options.socket_mode > 0777) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("socket_mode = 0", absl::StrFormat("%o", options.socket_mode),
+                     " has bits outside 0777"));
+  }
+
+  s.metrics_ = std::make_unique<Metrics>(so.backend);
+  SessionRegistry::Options ro;
+  ro.capacity_bytes = options.max_arena_bytes;
+  ro.max_sessions = options.max_sessions;
+  ro.default_lease = options.default_lease;
+  ro.max_lease = options.max_lease;
+  SidecarService* service_ptr = nullptr;
+  s.registry_ = std::make_unique<SessionRegistry>(
+      ro, [&service_ptr, &s](const Session& session, const char* why) {
+        // The service outlives the registry's users; it is set before any session can exist.
+        if (s.service_) s.service_->OnSessionReleased(session, why);
+      });
+  (void)service_ptr;
+  s.service_ = std::make_unique<SidecarService>(so, s.registry_.get(), s.metrics_.get());
+  s.health_ = std::make_unique<HealthService>(
+      std::initializer_list<std::string>{"", "reasonalloc.v1.KvSidecar"});
+
+  if (!options.metrics_address.empty()) {
+    auto bound = s.metrics_->Serve(options.metrics_address);
+    if (!bound.ok()) return bound.status();
+    s.metrics_address_ = *bound;
+    spdlog::info("metrics on http://{}/metrics", s.metrics_address_);
+  }
+
+  auto path = UnixSocketPath(options.listen, "listen");
+  if (!path.ok()) return path.status();
+  s.socket_path_ = *path;
+  if (SocketInUse(s.socket_path_)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "listen \"", options.listen, "\": another server is accepting connections on it"));
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(s.socket_path_).parent_path(), ec);
+  ::unlink(s.socket_path_.c_str());  // a stale socket file of a dead server
+
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
+  builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  builder.AddListeningPort(absl::StrCat("unix:", s.socket_path_), grpc::InsecureServerCredentials());
+  int tcp_port = 0;
+  if (!options.tcp_listen.empty()) {
+    builder.AddListeningPort(options.tcp_listen, grpc::InsecureServerCredentials(), &tcp_port);
+  }
+  builder.RegisterService(s.service_.get());
+  builder.RegisterService(s.health_.get());
+  // The socket is created by BuildAndStart; a restrictive umask means it never exists with looser bits.
+  const mode_t old_umask = ::umask(static_cast<mode_t>(~options.socket_mode & 0777));
+  s.server_ = builder.BuildAndStart();
+  ::umask(old_umask);
+  if (s.server_ == nullptr) {
+    return absl::UnavailableError(absl::StrCat("could not listen on \"", options.listen, "\"",
+                                               options.tcp_listen.empty() ? "" : " or \"",
+                                               options.tcp_listen, options.tcp_listen.empty() ? "" : "\""));
+  }
+  if (::chmod(s.socket_path_.c_str(), static_cast<mode_t>(options.socket_mode)) != 0) {
+    return absl::InternalError(absl::StrCat("chmod ", s.socket_path_, ": ", std::strerror(errno)));
+  }
+  s.listen_addresses_.push_back(absl::StrCat("unix://", s.socket_path_));
+  if (!options.tcp_listen.empty()) {
+    if (tcp_port == 0) {
+      return absl::UnavailableError(absl::StrCat("tcp_listen \"", options.tcp_listen,
+                                                 "\" could not be bound"));
+    }
+    const std::string host = options.tcp_listen.substr(0, options.tcp_listen.rfind(':'));
+    s.listen_addresses_.push_back(absl::StrCat(host, ":", tcp_port));
+  }
+  s.service_->SetAddresses(s.listen_addresses_, s.metrics_address_);
+  for (const auto& a : s.listen_addresses_) spdlog::info("listening on {}", a);
+  return server;
+}
+
+Server::~Server() {
+  Drain();
+  Wait();
+}
+
+void Server::Start() {
+  health_->SetAll(grpc::health::v1::HealthCheckResponse::SERVING);
+  spdlog::info("serving (backend {}, arena pool {} bytes)", options_.device,
+               options_.max_arena_bytes);
+}
+
+void Server::Drain() {
+  {
+    absl::MutexLock lock(&drain_mu_);
+    if (drained_) return;
+    drained_ = true;
+  }
+  spdlog::info("draining: refusing new calls, waiting up to {} for in-flight calls",
+               absl::FormatDuration(options_.drain_timeout));
+  service_->SetDraining();
+  health_->Shutdown();
+  server_->Shutdown(absl::ToChronoTime(absl::Now() + options_.drain_timeout));
+  metrics_->StopServing();
+  ::unlink(socket_path_.c_str());
+  spdlog::info("drained");
+}
+
+void Server::Wait() { server_->Wait(); }
+
+}  // namespace reasonalloc

@@ -1,0 +1,246 @@
+#include "server/session_registry.h"
+
+#include <cmath>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+
+namespace reasonalloc {
+
+std::string NewSessionId() {
+  static absl::Mutex mu(absl::kConstInit);
+  static std::random_device* device = new std::random_device();
+  absl::MutexLock lock(&mu);
+  std::string id;
+  for (int i = 0; i < 4; ++i) absl::StrAppend(&id, absl::StrFormat("%08x", (*device)()));
+  return id;
+}
+
+Session::Session(std::string id, std::shared_ptr<const Engine> engine, uint64_t reserved,
+                 std::string client_tag, absl::Duration lease)
+    : id_(std::move(id)),
+      model_(engine->config().model),
+      client_tag_(std::move(client_tag)),
+      created_(absl::Now()),
+      engine_(std::move(engine)),
+      reserved_(reserved) {
+  const int64_t heads = model_.num_heads_total();
+  state_.budgets.assign(static_cast<size_t>(heads), engine_->config().budget.budget);
+  state_.kept_lengths.assign(static_cast<size_t>(heads), 0);
+  state_.lease = lease;
+  state_.lease_deadline = created_ + lease;
+}
+
+std::shared_ptr<const Engine> Session::engine() const {
+  absl::MutexLock lock(&mu_);
+  return engine_;
+}
+
+uint64_t Session::reserved_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return reserved_;
+}
+
+Session::State Session::Snapshot() const {
+  absl::MutexLock lock(&mu_);
+  return state_;
+}
+
+absl::Time Session::Renew(absl::Duration lease) {
+  absl::MutexLock lock(&mu_);
+  if (lease > absl::ZeroDuration()) state_.lease = lease;
+  state_.lease_deadline = absl::Now() + state_.lease;
+  return state_.lease_deadline;
+}
+
+absl::Status Session::CheckStep(int64_t step) const {
+  if (step < 0) return absl::InvalidArgumentError(absl::StrCat("step = ", step, " is negative"));
+  absl::MutexLock lock(&mu_);
+  if (step <= state_.last_step) {
+    return absl::FailedPreconditionError(absl::StrCat("step = ", step,
+                                                      " does not follow the session's last step ",
+                                                      state_.last_step));
+  }
+  return absl::OkStatus();
+}
+
+uint64_t Session::Commit(int64_t step, const Decision& d) {
+  absl::MutexLock lock(&mu_);
+  state_.last_step = step;
+  state_.budgets = d.budgets;
+  state_.kept_lengths = d.kept_lengths;
+  state_.evicted_total += static_cast<uint64_t>(d.evicted_tokens);
+  return ++state_.epoch;
+}
+
+absl::StatusOr<Session::CompressGuard> Session::BeginCompress() {
+  if (busy_.exchange(true, std::memory_order_acq_rel)) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "session_id \"", id_, "\" already has a Compress in progress; calls on one session are not "
+        "queued"));
+  }
+  return CompressGuard(this);
+}
+
+bool Session::Expired(absl::Time now) const {
+  absl::MutexLock lock(&mu_);
+  return state_.lease_deadline < now;
+}
+
+SessionRegistry::SessionRegistry(Options options, ReleaseCallback on_release)
+    : options_(options), on_release_(std::move(on_release)) {
+  reaper_ = std::thread([this] { ReaperLoop(); });
+}
+
+SessionRegistry::~SessionRegistry() {
+  {
+    absl::MutexLock lock(&mu_);
+    stop_ = true;
+  }
+  reaper_.join();
+}
+
+absl::StatusOr<absl::Duration> SessionRegistry::LeaseFor(double seconds,
+                                                         absl::string_view field) const {
+  if (seconds == 0) return options_.default_lease;
+  const double max = absl::ToDoubleSeconds(options_.max_lease);
+  if (!std::isfinite(seconds) || seconds < 0 || seconds > max) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " = ", seconds, " is out of range (0, ", max, "]"));
+  }
+  return absl::Seconds(seconds);
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(const SessionConfig& config,
+                                                                 std::string client_tag,
+                                                                 absl::Duration lease) {
+  auto engine = Engine::Create(config);
+  if (!engine.ok()) return engine.status();
+  const uint64_t bytes = ComputeArenaBytes(config).total();
+  auto session = std::make_shared<Session>(NewSessionId(), std::move(engine).value(), bytes,
+                                           std::move(client_tag), lease);
+  absl::MutexLock lock(&mu_);
+  if (static_cast<int>(sessions_.size()) >= options_.max_sessions) {
+    return absl::ResourceExhaustedError(absl::StrCat("the server holds its maximum of ",
+                                                     options_.max_sessions, " sessions"));
+  }
+  if (bytes > options_.capacity_bytes - reserved_) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the session needs ", bytes, " arena bytes but only ", options_.capacity_bytes - reserved_,
+        " of ", options_.capacity_bytes, " are free (budget.budget, budget.buffer and the model "
+        "geometry decide the size)"));
+  }
+  reserved_ += bytes;
+  sessions_.emplace(session->id(), session);
+  return session;
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(const std::string& id) {
+  std::shared_ptr<Session> s;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(id);
+    if (it != sessions_.end()) s = it->second;
+  }
+  if (s == nullptr) {
+    return absl::NotFoundError(
+        absl::StrCat("session_id \"", id, "\" is unknown, closed or expired"));
+  }
+  s->Renew();
+  return s;
+}
+
+absl::StatusOr<uint64_t> SessionRegistry::Close(const std::string& id) {
+  std::shared_ptr<Session> s;
+  uint64_t released = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    auto it = sessions_.find(id);
+    if (it == sessions_.end()) return uint64_t{0};
+    s = std::move(it->second);
+    sessions_.erase(it);
+    released = s->reserved_bytes();
+    reserved_ -= released;
+  }
+  if (on_release_) on_release_(*s, "closed");
+  return released;
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::UpdateBudget(const std::string& id,
+                                                                       int budget) {
+  auto s = Get(id);
+  if (!s.ok()) return s.status();
+  Session& session = **s;
+  SessionConfig config = session.engine()->config();
+  config.budget.budget = budget;
+  auto engine = Engine::Create(config);
+  if (!engine.ok()) return engine.status();
+  const uint64_t bytes = ComputeArenaBytes(config).total();
+  absl::MutexLock lock(&mu_);
+  if (sessions_.find(id) == sessions_.end()) {
+    return absl::NotFoundError(absl::StrCat("session_id \"", id, "\" is unknown, closed or expired"));
+  }
+  absl::MutexLock session_lock(&session.mu_);
+  const uint64_t free_after_release = options_.capacity_bytes - reserved_ + session.reserved_;
+  if (bytes > free_after_release) {
+    return absl::ResourceExhaustedError(absl::StrCat("budget = ", budget, " needs ", bytes,
+                                                     " arena bytes but only ", free_after_release,
+                                                     " are available to this session"));
+  }
+  reserved_ = reserved_ - session.reserved_ + bytes;
+  session.reserved_ = bytes;
+  session.engine_ = std::move(engine).value();
+  return s;
+}
+
+std::vector<std::shared_ptr<Session>> SessionRegistry::List() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<std::shared_ptr<Session>> out;
+  out.reserve(sessions_.size());
+  for (const auto& [id, s] : sessions_) out.push_back(s);
+  return out;
+}
+
+int SessionRegistry::ReapExpired(absl::Time now) {
+  std::vector<std::shared_ptr<Session>> expired;
+  {
+    absl::MutexLock lock(&mu_);
+    for (auto it = sessions_.begin(); it != sessions_.end();) {
+      if (it->second->Expired(now)) {
+        reserved_ -= it->second->reserved_bytes();
+        expired.push_back(std::move(it->second));
+        it = sessions_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  if (on_release_) {
+    for (const auto& s : expired) on_release_(*s, "expired");
+  }
+  return static_cast<int>(expired.size());
+}
+
+uint64_t SessionRegistry::reserved_bytes() const {
+  absl::MutexLock lock(&mu_);
+  return reserved_;
+}
+
+int SessionRegistry::size() const {
+  absl::MutexLock lock(&mu_);
+  return static_cast<int>(sessions_.size());
+}
+
+void SessionRegistry::ReaperLoop() {
+  absl::MutexLock lock(&mu_);
+  while (!stop_) {
+    mu_.AwaitWithTimeout(absl::Condition(&stop_), options_.reap_interval);
+    if (stop_) break;
+    mu_.Unlock();
+    ReapExpired(absl::Now());
+    mu_.Lock();
+  }
+}
+
+}  // namespace reasonalloc

@@ -1,0 +1,151 @@
+// Sessions, their leases and the global arena-capacity accounting.
+//
+// Invariants:
+// - reserved_bytes() == Σ over live sessions of their reservation, and never exceeds the capacity: a
+//   session that does not fit is refused (RESOURCE_EXHAUSTED) before anything is reserved, so admitted
+//   sessions are never disturbed.
+// - A session leaves the registry exactly once (close or lease expiry); its bytes are released then. Calls
+//   already holding the session's shared_ptr finish on it; new lookups get NOT_FOUND.
+// - At most one Compress runs per session at a time; a second is refused with FAILED_PRECONDITION rather
+//   than queued, because two events racing on one sequence mean the worker lost track of its own steps.
+#ifndef REASONALLOC_SERVER_SESSION_REGISTRY_H_
+#define REASONALLOC_SERVER_SESSION_REGISTRY_H_
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "core/engine.h"
+#include "core/session_config.h"
+
+namespace reasonalloc {
+
+class Session {
+ public:
+  Session(std::string id, std::shared_ptr<const Engine> engine, uint64_t reserved,
+          std::string client_tag, absl::Duration lease);
+
+  const std::string& id() const { return id_; }
+  // Geometry, mode, scorer and allocator never change; the budget may (UpdateBudget): read it from
+  // engine()->config().
+  const ModelGeometry& model() const { return model_; }
+  const std::string& client_tag() const { return client_tag_; }
+  absl::Time created() const { return created_; }
+  std::shared_ptr<const Engine> engine() const ABSL_LOCKS_EXCLUDED(mu_);
+  uint64_t reserved_bytes() const ABSL_LOCKS_EXCLUDED(mu_);
+
+  struct State {
+    int64_t last_step = -1;
+    uint64_t epoch = 0;
+    uint64_t evicted_total = 0;
+    std::vector<int32_t> budgets;
+    std::vector<int32_t> kept_lengths;
+    absl::Duration lease;
+    absl::Time lease_deadline;
+  };
+  State Snapshot() const ABSL_LOCKS_EXCLUDED(mu_);
+  // Extends the lease to now + lease (the session's own lease length when `lease` is zero).
+  absl::Time Renew(absl::Duration lease = absl::ZeroDuration()) ABSL_LOCKS_EXCLUDED(mu_);
+  // FAILED_PRECONDITION unless `step` comes after the previous event's step.
+  absl::Status CheckStep(int64_t step) const ABSL_LOCKS_EXCLUDED(mu_);
+  // Records a finished event; returns the new epoch.
+  uint64_t Commit(int64_t step, const Decision& decision) ABSL_LOCKS_EXCLUDED(mu_);
+
+  // Exclusive right to run Compress; released when the guard goes out of scope.
+  class CompressGuard {
+   public:
+    explicit CompressGuard(Session* s) : s_(s) {}
+    CompressGuard(CompressGuard&& o) noexcept : s_(o.s_) { o.s_ = nullptr; }
+    CompressGuard(const CompressGuard&) = delete;
+    CompressGuard& operator=(const CompressGuard&) = delete;
+    CompressGuard& operator=(CompressGuard&&) = delete;
+    ~CompressGuard() {
+      if (s_ != nullptr) s_->busy_.store(false, std::memory_order_release);
+    }
+
+   private:
+    Session* s_;
+  };
+  absl::StatusOr<CompressGuard> BeginCompress();
+
+ private:
+  friend class SessionRegistry;
+  bool Expired(absl::Time now) const ABSL_LOCKS_EXCLUDED(mu_);
+
+  const std::string id_;
+  const ModelGeometry model_;
+  const std::string client_tag_;
+  const absl::Time created_;
+  std::atomic<bool> busy_{false};
+  mutable absl::Mutex mu_;
+  std::shared_ptr<const Engine> engine_ ABSL_GUARDED_BY(mu_);
+  uint64_t reserved_ ABSL_GUARDED_BY(mu_);
+  State state_ ABSL_GUARDED_BY(mu_);
+};
+
+class SessionRegistry {
+ public:
+  struct Options {
+    uint64_t capacity_bytes = uint64_t{8} << 30;  // arena pool size
+    int max_sessions = 4096;
+    absl::Duration default_lease = absl::Seconds(60);
+    absl::Duration max_lease = absl::Hours(24);
+    absl::Duration reap_interval = absl::Milliseconds(100);
+  };
+  // Called (outside the registry's lock) for each session that leaves: "closed" or "expired".
+  using ReleaseCallback = std::function<void(const Session&, const char* why)>;
+
+  explicit SessionRegistry(Options options, ReleaseCallback on_release = nullptr);
+  ~SessionRegistry();
+  SessionRegistry(const SessionRegistry&) = delete;
+  SessionRegistry& operator=(const SessionRegistry&) = delete;
+
+  // Validates the configuration, reserves its bytes and admits the session.
+  absl::StatusOr<std::shared_ptr<Session>> Create(const SessionConfig& config,
+                                                  std::string client_tag, absl::Duration lease);
+  // NOT_FOUND for unknown, closed and expired sessions. Renews the lease of the session it returns.
+  absl::StatusOr<std::shared_ptr<Session>> Get(const std::string& id);
+  // OK whether or not the session existed; returns the bytes released (0 if it did not exist).
+  absl::StatusOr<uint64_t> Close(const std::string& id);
+  absl::StatusOr<std::shared_ptr<Session>> UpdateBudget(const std::string& id, int budget);
+  std::vector<std::shared_ptr<Session>> List() const;
+  // Removes sessions whose lease lapsed before `now`; returns how many. The reaper thread calls this.
+  int ReapExpired(absl::Time now);
+
+  // Lease length for a request: zero means the default; negative, non-finite or above the maximum is
+  // InvalidArgument naming `field`.
+  absl::StatusOr<absl::Duration> LeaseFor(double seconds, absl::string_view field) const;
+
+  uint64_t capacity_bytes() const { return options_.capacity_bytes; }
+  uint64_t reserved_bytes() const ABSL_LOCKS_EXCLUDED(mu_);
+  int size() const ABSL_LOCKS_EXCLUDED(mu_);
+
+ private:
+  void ReaperLoop();
+
+  const Options options_;
+  const ReleaseCallback on_release_;
+  mutable absl::Mutex mu_;
+  std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
+  uint64_t reserved_ ABSL_GUARDED_BY(mu_) = 0;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  std::thread reaper_;
+};
+
+// 128 random bits as 32 hex digits: session ids must not be guessable by other local users.
+std::string NewSessionId();
+
+}  // namespace reasonalloc
+
+#endif  // REASONALLOC_SERVER_SESSION_REGISTRY_H_

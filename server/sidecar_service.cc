@@ -1,0 +1,356 @@
+#include "server/sidecar_service.h"
+
+#include <chrono>
+#include <numeric>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "core/build_info.h"
+#include "server/grpc_status.h"
+#include "server/proto_convert.h"
+#include "spdlog/spdlog.h"
+
+namespace reasonalloc {
+namespace {
+
+int64_t UnixMillis(absl::Time t) { return absl::ToUnixMillis(t); }
+
+absl::Status Unimplemented(absl::string_view what) {
+  return absl::UnimplementedError(absl::StrCat(what, " is not implemented in this build yet"));
+}
+
+int64_t Sum(const std::vector<int32_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
+
+}  // namespace
+
+SidecarService::SidecarService(Options options, SessionRegistry* registry, Metrics* metrics)
+    : options_(std::move(options)), registry_(registry), metrics_(metrics), started_(absl::Now()) {
+  UpdatePoolGauges();
+}
+
+void SidecarService::SetAddresses(std::vector<std::string> listen, std::string metrics) {
+  absl::MutexLock lock(&mu_);
+  listen_addresses_ = std::move(listen);
+  metrics_address_ = std::move(metrics);
+}
+
+grpc::Status SidecarService::Finish(absl::string_view method, const absl::Status& status) {
+  metrics_->CountRequest(method, static_cast<int>(status.code()));
+  if (!status.ok()) {
+    const bool client_fault = status.code() != absl::StatusCode::kInternal &&
+                              status.code() != absl::StatusCode::kUnknown &&
+                              status.code() != absl::StatusCode::kDataLoss;
+    if (client_fault) {
+      spdlog::debug("{}: {}", std::string(method), status.ToString());
+    } else {
+      spdlog::error("{}: {}", std::string(method), status.ToString());
+    }
+  }
+  return ToGrpcStatus(status);
+}
+
+void SidecarService::UpdatePoolGauges() {
+  metrics_->SetPool(registry_->size(), registry_->capacity_bytes(), registry_->reserved_bytes());
+}
+
+void SidecarService::OnSessionReleased(const Session& session, const char* why) {
+  metrics_->CountSessionEnd(why);
+  metrics_->AddKeptTokens(-Sum(session.Snapshot().kept_lengths));
+  UpdatePoolGauges();
+  spdlog::info("session {} {} (released {} arena bytes)", session.id(), why,
+               session.reserved_bytes());
+}
+
+void SidecarService::FillSessionInfo(const Session& session, v1::SessionInfo* out) const {
+  const auto engine = session.engine();
+  const SessionConfig& c = engine->config();
+  const Session::State st = session.Snapshot();
+  out->set_session_id(session.id());
+  SessionConfigToProto(c, out->mutable_model(), out->mutable_budget(), out->mutable_scorer(),
+                       out->mutable_allocator());
+  out->set_mode(c.managed ? v1::SESSION_MODE_MANAGED : v1::SESSION_MODE_ADVISORY);
+  out->set_memory(v1::MEMORY_KIND_INLINE);
+  out->set_client_tag(session.client_tag());
+  out->set_lease_seconds(absl::ToDoubleSeconds(st.lease));
+  out->set_lease_expires_unix_ms(UnixMillis(st.lease_deadline));
+  out->set_created_unix_ms(UnixMillis(session.created()));
+  out->set_last_step(st.last_step);
+  out->set_epoch(st.epoch);
+  out->set_evicted_tokens_total(st.evicted_total);
+  out->set_reserved_bytes(session.reserved_bytes());
+  // Uniform layers until layer profiles exist: every layer's budget is B.
+  for (int l = 0; l < c.model.num_layers; ++l) out->add_layer_budgets(c.budget.budget);
+  out->mutable_budgets()->Assign(st.budgets.begin(), st.budgets.end());
+  out->mutable_kept_lengths()->Assign(st.kept_lengths.begin(), st.kept_lengths.end());
+}
+
+grpc::Status SidecarService::GetServerInfo(grpc::ServerContext*, const v1::GetServerInfoRequest*,
+                                           v1::ServerInfo* out) {
+  out->set_version(kVersion);
+  out->set_build(absl::StrCat(kGitRevision, " ", kBuildType, kCudaBuilt ? " +cuda" : ""));
+  out->set_backend(options_.backend);
+  out->set_device_name(options_.device_name);
+  out->set_device_uuid(options_.device_uuid);
+  out->set_driver_version(options_.driver_version);
+  const uint64_t capacity = registry_->capacity_bytes();
+  out->set_arena_capacity_bytes(capacity);
+  out->set_arena_free_bytes(capacity - registry_->reserved_bytes());
+  for (absl::string_view s : KnownScorers()) {
+    if (ScorerImplemented(s)) out->add_scorers(std::string(s));
+  }
+  for (absl::string_view a : KnownAllocators()) {
+    if (AllocatorImplemented(a)) out->add_allocators(std::string(a));
+  }
+  out->add_dtypes(v1::DTYPE_FLOAT32);
+  out->add_dtypes(v1::DTYPE_FLOAT16);
+  out->add_dtypes(v1::DTYPE_BFLOAT16);
+  out->add_memory_kinds(v1::MEMORY_KIND_INLINE);
+  out->set_layout_version(1);
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& a : listen_addresses_) out->add_listen_addresses(a);
+    out->set_metrics_address(metrics_address_);
+  }
+  out->set_max_message_bytes(options_.max_message_bytes);
+  out->set_sessions(registry_->size());
+  out->set_uptime_seconds(absl::ToDoubleSeconds(absl::Now() - started_));
+  return Finish("GetServerInfo", absl::OkStatus());
+}
+
+grpc::Status SidecarService::CreateSession(grpc::ServerContext*,
+                                           const v1::CreateSessionRequest* request,
+                                           v1::CreateSessionResponse* response) {
+  auto run = [&]() -> absl::Status {
+    if (draining_.load()) return absl::UnavailableError("the server is draining");
+    switch (request->memory()) {
+      case v1::MEMORY_KIND_UNSPECIFIED:
+      case v1::MEMORY_KIND_INLINE:
+        break;
+      case v1::MEMORY_KIND_HOST_SHM:
+      case v1::MEMORY_KIND_CUDA_IPC:
+        return absl::UnimplementedError(absl::StrCat(
+            "memory = ", v1::MemoryKind_Name(request->memory()),
+            ": shared arenas are not implemented in this build yet; use MEMORY_KIND_INLINE"));
+      default:
+        return absl::InvalidArgumentError(absl::StrCat(
+            "memory = ", static_cast<int>(request->memory()), " is not a known MemoryKind"));
+    }
+    if (request->client_tag().size() > 256) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "client_tag is ", request->client_tag().size(), " bytes long; at most 256 allowed"));
+    }
+    auto config = SessionConfigFromProto(*request);
+    if (!config.ok()) return config.status();
+    auto lease = registry_->LeaseFor(request->lease_seconds(), "lease_seconds");
+    if (!lease.ok()) return lease.status();
+    auto session = registry_->Create(*config, request->client_tag(), *lease);
+    if (!session.ok()) return session.status();
+    FillSessionInfo(**session, response->mutable_session());
+    UpdatePoolGauges();
+    spdlog::info("session {} created: model {} L={} Hq={} Hkv={} d={} B={} scorer={} allocator={} "
+                 "({} arena bytes)",
+                 (*session)->id(), config->model.name, config->model.num_layers,
+                 config->model.num_q_heads, config->model.num_kv_heads, config->model.head_dim,
+                 config->budget.budget, config->scorer.name, config->allocator.name,
+                 (*session)->reserved_bytes());
+    return absl::OkStatus();
+  };
+  return Finish("CreateSession", run());
+}
+
+grpc::Status SidecarService::GetSession(grpc::ServerContext*, const v1::GetSessionRequest* request,
+                                        v1::SessionInfo* response) {
+  auto session = registry_->Get(request->session_id());
+  if (session.ok()) FillSessionInfo(**session, response);
+  return Finish("GetSession", session.status());
+}
+
+grpc::Status SidecarService::ListSessions(grpc::ServerContext*,
+                                          const v1::ListSessionsRequest* request,
+                                          v1::ListSessionsResponse* response) {
+  for (const auto& s : registry_->List()) {
+    if (!request->model_name().empty() && s->model().name != request->model_name()) continue;
+    FillSessionInfo(*s, response->add_sessions());
+  }
+  return Finish("ListSessions", absl::OkStatus());
+}
+
+grpc::Status SidecarService::CloseSession(grpc::ServerContext*,
+                                          const v1::CloseSessionRequest* request,
+                                          v1::CloseSessionResponse* response) {
+  auto released = registry_->Close(request->session_id());
+  if (released.ok()) {
+    response->set_existed(*released > 0);
+    response->set_released_bytes(*released);
+  }
+  return Finish("CloseSession", released.status());
+}
+
+grpc::Status SidecarService::KeepAlive(grpc::ServerContext*, const v1::KeepAliveRequest* request,
+                                       v1::KeepAliveResponse* response) {
+  auto run = [&]() -> absl::Status {
+    absl::Duration lease = absl::ZeroDuration();
+    if (request->lease_seconds() != 0) {
+      auto l = registry_->LeaseFor(request->lease_seconds(), "lease_seconds");
+      if (!l.ok()) return l.status();
+      lease = *l;
+    }
+    auto session = registry_->Get(request->session_id());
+    if (!session.ok()) return session.status();
+    response->set_lease_expires_unix_ms(UnixMillis((*session)->Renew(lease)));
+    return absl::OkStatus();
+  };
+  return Finish("KeepAlive", run());
+}
+
+grpc::Status SidecarService::UpdateBudget(grpc::ServerContext*,
+                                          const v1::UpdateBudgetRequest* request,
+                                          v1::SessionInfo* response) {
+  auto session = registry_->UpdateBudget(request->session_id(), request->budget());
+  if (session.ok()) {
+    FillSessionInfo(**session, response);
+    UpdatePoolGauges();
+  }
+  return Finish("UpdateBudget", session.status());
+}
+
+grpc::Status SidecarService::RegisterBuffers(grpc::ServerContext*,
+                                             const v1::RegisterBuffersRequest*,
+                                             v1::RegisterBuffersResponse*) {
+  return Finish("RegisterBuffers", Unimplemented("RegisterBuffers (advisory shared buffers)"));
+}
+
+absl::Status SidecarService::DoCompress(const v1::CompressRequest& request,
+                                        v1::CompressResponse* response) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto session_or = registry_->Get(request.session_id());
+  if (!session_or.ok()) return session_or.status();
+  Session& session = **session_or;
+  auto guard = session.BeginCompress();
+  if (!guard.ok()) return guard.status();
+  if (auto s = session.CheckStep(request.step()); !s.ok()) return s;
+  if (!request.has_inline_tensors()) {
+    return absl::InvalidArgumentError(
+        "inline_tensors is required: the session's memory is MEMORY_KIND_INLINE");
+  }
+  if (!request.cuda_event_handle().empty()) {
+    return absl::InvalidArgumentError(
+        "cuda_event_handle must be empty for a MEMORY_KIND_INLINE session");
+  }
+  const auto engine = session.engine();
+  const SessionConfig& config = engine->config();
+  const v1::InlineTensors& in = request.inline_tensors();
+  auto q = RawTensorFromProto(in.query_window(), in.has_query_window(),
+                              "inline_tensors.query_window");
+  if (!q.ok()) return q.status();
+  auto k = RawTensorFromProto(in.keys(), in.has_keys(), "inline_tensors.keys");
+  if (!k.ok()) return k.status();
+  auto v = RawTensorFromProto(in.values(), in.has_values(), "inline_tensors.values");
+  if (!v.ok()) return v.status();
+  auto prepared = PrepareInlineInputs(config, *q, *k, *v,
+                                      std::span<const int32_t>(in.lengths().data(),
+                                                               static_cast<size_t>(in.lengths().size())));
+  if (!prepared.ok()) return prepared.status();
+  if (options_.testing_compress_delay > absl::ZeroDuration()) {
+    absl::SleepFor(options_.testing_compress_delay);
+  }
+
+  auto decision = engine->Compress(prepared->view());
+  if (!decision.ok()) return decision.status();
+
+  if (config.managed) {
+    // The sidecar holds K and V: hand back each head's kept rows, compacted, in their own dtype.
+    const auto tc = std::chrono::steady_clock::now();
+    const int64_t max_kept = decision->max_kept();
+    const int64_t n_max = prepared->n_max;
+    const int d = config.model.head_dim;
+    for (auto [src, dst] : {std::pair{&*k, response->mutable_compacted_keys()},
+                            std::pair{&*v, response->mutable_compacted_values()}}) {
+      const size_t row_bytes = DTypeSize(src->dtype) * static_cast<size_t>(d);
+      dst->set_dtype(DTypeToProto(src->dtype));
+      for (int64_t dim : {int64_t{config.model.num_layers}, int64_t{config.model.num_kv_heads},
+                          max_kept, int64_t{d}}) {
+        dst->add_shape(dim);
+      }
+      std::string* bytes = dst->mutable_data();
+      bytes->resize(static_cast<size_t>(config.model.num_heads_total() * max_kept) * row_bytes);
+      GatherKeptRows(*decision, src->data.data(), n_max, row_bytes, max_kept, bytes->data());
+    }
+    decision->seconds.compact =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+  }
+  decision->seconds.total =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+
+  const int64_t kept_before = Sum(session.Snapshot().kept_lengths);
+  const uint64_t epoch = session.Commit(request.step(), *decision);
+  response->set_session_id(session.id());
+  response->set_step(request.step());
+  response->set_epoch(epoch);
+  DecisionToProto(*decision, prepared->n_max, !request.omit_keep_mask(),
+                  response->mutable_decision());
+  TimingsToProto(decision->seconds, response->mutable_timings());
+  metrics_->ObserveCompress(decision->seconds);
+  metrics_->CountEvicted(config.scorer.name, config.allocator.name, decision->evicted_tokens);
+  metrics_->AddKeptTokens(Sum(decision->kept_lengths) - kept_before);
+  return absl::OkStatus();
+}
+
+grpc::Status SidecarService::Compress(grpc::ServerContext*, const v1::CompressRequest* request,
+                                      v1::CompressResponse* response) {
+  return Finish("Compress", DoCompress(*request, response));
+}
+
+grpc::Status SidecarService::CompressStream(
+    grpc::ServerContext* context,
+    grpc::ServerReaderWriter<v1::CompressBatchResult, v1::CompressBatch>* stream) {
+  v1::CompressBatch batch;
+  while (!context->IsCancelled() && stream->Read(&batch)) {
+    v1::CompressBatchResult out;
+    for (const v1::CompressRequest& request : batch.requests()) {
+      v1::CompressResult* result = out.add_results();
+      absl::Status s = DoCompress(request, result->mutable_response());
+      metrics_->CountRequest("CompressStream.item", static_cast<int>(s.code()));
+      if (!s.ok()) {
+        result->mutable_error()->set_code(static_cast<int>(s.code()));
+        result->mutable_error()->set_message(std::string(s.message()));
+      }
+    }
+    if (!stream->Write(out)) break;
+  }
+  return Finish("CompressStream", absl::OkStatus());
+}
+
+grpc::Status SidecarService::StartCalibration(grpc::ServerContext*,
+                                              const v1::StartCalibrationRequest*,
+                                              v1::CalibrationStatus*) {
+  return Finish("StartCalibration", Unimplemented("StartCalibration (layer profiles)"));
+}
+
+grpc::Status SidecarService::FinishCalibration(grpc::ServerContext*,
+                                               const v1::FinishCalibrationRequest*,
+                                               v1::LayerProfile*) {
+  return Finish("FinishCalibration", Unimplemented("FinishCalibration (layer profiles)"));
+}
+
+grpc::Status SidecarService::GetProfile(grpc::ServerContext*, const v1::GetProfileRequest*,
+                                        v1::LayerProfile*) {
+  return Finish("GetProfile", Unimplemented("GetProfile (layer profiles)"));
+}
+
+grpc::Status SidecarService::PutProfile(grpc::ServerContext*, const v1::PutProfileRequest*,
+                                        v1::PutProfileResponse*) {
+  return Finish("PutProfile", Unimplemented("PutProfile (layer profiles)"));
+}
+
+grpc::Status SidecarService::ListProfiles(grpc::ServerContext*, const v1::ListProfilesRequest*,
+                                          v1::ListProfilesResponse*) {
+  return Finish("ListProfiles", Unimplemented("ListProfiles (layer profiles)"));
+}
+
+grpc::Status SidecarService::WatchMetrics(grpc::ServerContext*, const v1::WatchMetricsRequest*,
+                                          grpc::ServerWriter<v1::MetricsEvent>*) {
+  return Finish("WatchMetrics", Unimplemented("WatchMetrics"));
+}
+
+}  // namespace reasonalloc
