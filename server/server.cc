@@ -172,6 +172,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
 }
 
 Server::~Server() {
+  // A server whose Create failed half-way never started listening: nothing to drain, and the socket
+  // path may belong to another server.
+  if (server_ == nullptr) return;
   Drain();
   Wait();
 }

@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/build_info.h"
-#include "server/grpc_status.h"
+#include "proto/grpc_status.h"
 #include "server/proto_convert.h"
 #include "spdlog/spdlog.h"
 

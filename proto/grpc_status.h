@@ -1,6 +1,6 @@
 // The one place where absl::Status becomes grpc::Status: absl codes equal gRPC codes by design.
-#ifndef REASONALLOC_SERVER_GRPC_STATUS_H_
-#define REASONALLOC_SERVER_GRPC_STATUS_H_
+#ifndef REASONALLOC_PROTO_GRPC_STATUS_H_
+#define REASONALLOC_PROTO_GRPC_STATUS_H_
 
 #include <grpcpp/support/status.h>
 
@@ -22,4 +22,4 @@ inline absl::Status FromGrpcStatus(const grpc::Status& s) {
 
 }  // namespace reasonalloc
 
-#endif  // REASONALLOC_SERVER_GRPC_STATUS_H_
+#endif  // REASONALLOC_PROTO_GRPC_STATUS_H_

@@ -1,0 +1,64 @@
+// C++ client of the ReasonAlloc sidecar: a thin, typed wrapper over the v1 stub whose calls return
+// absl::StatusOr (the server's gRPC status, code and message unchanged).
+//
+// Thread-safe: one Client may be shared by many threads; every call has its own deadline.
+#ifndef REASONALLOC_CLIENT_CLIENT_H_
+#define REASONALLOC_CLIENT_CLIENT_H_
+
+#include <grpcpp/channel.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "core/build_info.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "reasonalloc/v1/sidecar.grpc.pb.h"
+
+namespace reasonalloc {
+
+class Client {
+ public:
+  struct Options {
+    std::string target = kDefaultTarget;           // unix:///path or host:port
+    uint64_t max_message_bytes = uint64_t{64} << 20;  // keep in step with the server's limit
+    absl::Duration timeout = absl::Seconds(30);    // per call
+  };
+
+  // Never blocks: a server that is not there shows up as UNAVAILABLE on the first call.
+  static absl::StatusOr<std::unique_ptr<Client>> Connect(const Options& options);
+
+  absl::StatusOr<v1::ServerInfo> GetServerInfo();
+  absl::StatusOr<v1::CreateSessionResponse> CreateSession(const v1::CreateSessionRequest& request);
+  absl::StatusOr<v1::SessionInfo> GetSession(const std::string& session_id);
+  absl::StatusOr<std::vector<v1::SessionInfo>> ListSessions(const std::string& model_name = "");
+  absl::StatusOr<v1::CloseSessionResponse> CloseSession(const std::string& session_id);
+  absl::StatusOr<v1::KeepAliveResponse> KeepAlive(const std::string& session_id,
+                                                  double lease_seconds = 0);
+  absl::StatusOr<v1::SessionInfo> UpdateBudget(const std::string& session_id, int budget);
+  absl::StatusOr<v1::CompressResponse> Compress(const v1::CompressRequest& request);
+  // grpc.health.v1 Check of `service` ("" = the whole server).
+  absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> CheckHealth(
+      const std::string& service = "");
+
+  // For streaming calls (CompressStream, WatchMetrics, health Watch).
+  v1::KvSidecar::Stub& stub() { return *stub_; }
+  grpc::health::v1::Health::Stub& health_stub() { return *health_; }
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
+  const Options& options() const { return options_; }
+
+ private:
+  explicit Client(const Options& options);
+  void SetDeadline(grpc::ClientContext* context) const;
+
+  Options options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::KvSidecar::Stub> stub_;
+  std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+};
+
+}  // namespace reasonalloc
+
+#endif  // REASONALLOC_CLIENT_CLIENT_H_

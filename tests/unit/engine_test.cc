@@ -1,0 +1,140 @@
+#include "core/engine.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <numeric>
+#include <random>
+#include <set>
+
+namespace reasonalloc {
+namespace {
+
+using ::testing::ElementsAre;
+
+SessionConfig Config(int L, int hq, int hkv, int d, int budget, const std::string& scorer) {
+  SessionConfig c;
+  c.model = {"m", L, hq, hkv, d, DType::kFloat32, 1 << 16};
+  c.budget.budget = budget;
+  c.scorer.name = scorer;
+  return c;
+}
+
+struct RandomInputs {
+  std::vector<float> q, k;
+  std::vector<int32_t> lengths;
+  int64_t n_max;
+  CompressInputs view() const { return {q.data(), k.data(), n_max, lengths}; }
+};
+
+RandomInputs MakeInputs(const SessionConfig& c, int64_t n_max, std::mt19937& rng) {
+  RandomInputs r;
+  r.n_max = n_max;
+  const auto& m = c.model;
+  std::normal_distribution<float> normal;
+  r.q.resize(static_cast<size_t>(m.num_layers * m.num_q_heads * c.budget.window * m.head_dim));
+  for (float& x : r.q) x = normal(rng);
+  r.k.resize(static_cast<size_t>(m.num_heads_total() * n_max * m.head_dim));
+  for (float& x : r.k) x = normal(rng);
+  std::uniform_int_distribution<int32_t> len(0, static_cast<int32_t>(n_max));
+  for (int64_t h = 0; h < m.num_heads_total(); ++h) r.lengths.push_back(len(rng));
+  return r;
+}
+
+TEST(Engine, InvariantsOnRandomInputs) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 60; ++trial) {
+    const int hkv = 1 + trial % 4;
+    const int group = 1 + trial % 3;
+    const std::string scorer = trial % 2 == 0 ? "snapkv" : "streaming";
+    SessionConfig c = Config(1 + trial % 3, hkv * group, hkv, 4 + trial % 5, 9 + trial % 30, scorer);
+    c.budget.window = 1 + trial % 8;
+    c.budget.budget = std::max(c.budget.budget, c.budget.window + 1);
+    auto engine = Engine::Create(c);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    const RandomInputs in = MakeInputs(c, 1 + trial * 3, rng);
+    auto d = (*engine)->Compress(in.view());
+    ASSERT_TRUE(d.ok()) << d.status();
+    const int64_t heads = c.model.num_heads_total();
+    // Σ budgets is exactly L·Hkv·B under the uniform allocator.
+    EXPECT_EQ(std::accumulate(d->budgets.begin(), d->budgets.end(), int64_t{0}),
+              heads * c.budget.budget);
+    int64_t evicted = 0;
+    const std::vector<uint64_t> mask = BuildKeepMask(*d, in.n_max);
+    const int words = WordsPerHead(in.n_max);
+    for (int64_t h = 0; h < heads; ++h) {
+      const int n = in.lengths[static_cast<size_t>(h)];
+      const auto kept = d->Kept(h);
+      // Each head keeps exactly its budget or everything.
+      ASSERT_EQ(static_cast<int>(kept.size()), std::min(n, c.budget.budget));
+      ASSERT_TRUE(std::is_sorted(kept.begin(), kept.end()));
+      ASSERT_EQ(std::set<int32_t>(kept.begin(), kept.end()).size(), kept.size());
+      // The window is always kept.
+      for (int j = std::max(0, n - c.budget.window); j < n; ++j) {
+        ASSERT_TRUE(std::binary_search(kept.begin(), kept.end(), j)) << "window token " << j;
+      }
+      // Streaming keeps the sinks whenever the budget leaves room for them.
+      if (scorer == "streaming" && n > c.budget.budget) {
+        const int sinks = std::min(c.budget.sinks, c.budget.budget - c.budget.window);
+        for (int j = 0; j < sinks; ++j) ASSERT_EQ(kept[static_cast<size_t>(j)], j);
+      }
+      // The mask says the same as the indices.
+      int bits = 0;
+      for (int w = 0; w < words; ++w) bits += __builtin_popcountll(mask[static_cast<size_t>(h * words + w)]);
+      ASSERT_EQ(bits, static_cast<int>(kept.size()));
+      for (int32_t j : kept) ASSERT_TRUE(mask[static_cast<size_t>(h * words + j / 64)] >> (j % 64) & 1);
+      evicted += n - static_cast<int64_t>(kept.size());
+    }
+    EXPECT_EQ(d->evicted_tokens, evicted);
+  }
+}
+
+TEST(Engine, SnapKvKeepsTheKeysTheWindowAttendsTo) {
+  // One head, d = 2, window 2. The window queries point along +x; candidate keys along +x get large
+  // logits, the rest point along +y. Budget 4 keeps the two +x keys (indices 3 and 7) and the window.
+  SessionConfig c = Config(1, 1, 1, 2, 4, "snapkv");
+  c.budget.window = 2;
+  c.scorer.pool_kernel = 1;
+  auto engine = Engine::Create(c);
+  ASSERT_TRUE(engine.ok());
+  std::vector<float> q = {5, 0, 5, 0};
+  std::vector<float> k;
+  for (int j = 0; j < 12; ++j) {
+    const bool hot = j == 3 || j == 7;
+    k.push_back(hot ? 3.0f : 0.0f);
+    k.push_back(hot ? 0.0f : 1.0f);
+  }
+  std::vector<int32_t> lengths = {12};
+  auto d = (*engine)->Compress({q.data(), k.data(), 12, lengths});
+  ASSERT_TRUE(d.ok());
+  EXPECT_THAT(d->Kept(0), ElementsAre(3, 7, 10, 11));
+  EXPECT_EQ(d->evicted_tokens, 8);
+}
+
+TEST(Engine, RejectsLengthsOutOfRange) {
+  auto engine = Engine::Create(Config(1, 1, 1, 2, 16, "snapkv"));
+  ASSERT_TRUE(engine.ok());
+  std::vector<float> q(16), k(8);
+  std::vector<int32_t> lengths = {5};
+  EXPECT_EQ((*engine)->Compress({q.data(), k.data(), 4, lengths}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(Engine, GatherKeptRowsCompactsAndZeroPads) {
+  Decision d;
+  d.num_layers = 1;
+  d.num_kv_heads = 2;
+  d.kept_lengths = {2, 1};
+  d.kept_indices = {1, 3, 0};
+  d.head_offsets = {0, 2, 3};
+  // Rows are one byte wide: head 0 rows 10..13, head 1 rows 20..23.
+  const unsigned char src[] = {10, 11, 12, 13, 20, 21, 22, 23};
+  unsigned char dst[4];
+  std::fill(std::begin(dst), std::end(dst), 0xff);
+  GatherKeptRows(d, src, 4, 1, 2, dst);
+  EXPECT_THAT(dst, ElementsAre(11, 13, 20, 0));
+}
+
+}  // namespace
+}  // namespace reasonalloc

@@ -1,0 +1,99 @@
+#include "server/proto_convert.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+namespace reasonalloc {
+namespace {
+
+using ::testing::HasSubstr;
+
+v1::CreateSessionRequest Minimal() {
+  v1::CreateSessionRequest r;
+  r.mutable_model()->set_num_layers(2);
+  r.mutable_model()->set_dtype(v1::DTYPE_BFLOAT16);
+  return r;
+}
+
+TEST(ProtoConvert, UnsetFieldsTakeTheSpecDefaults) {
+  auto c = SessionConfigFromProto(Minimal());
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->model.dtype, DType::kBFloat16);
+  EXPECT_EQ(c->budget.budget, 512);
+  EXPECT_EQ(c->budget.buffer, 128);
+  EXPECT_EQ(c->budget.window, 8);
+  EXPECT_EQ(c->budget.sinks, 4);
+  EXPECT_EQ(c->scorer.name, "snapkv");
+  EXPECT_EQ(c->allocator.name, "uniform");
+  EXPECT_TRUE(c->managed);
+  EXPECT_EQ(c->allocator.reasonalloc_mode, ReasonAllocMode::kFull);
+}
+
+TEST(ProtoConvert, ExplicitZeroSinksAndKnobsAreKept) {
+  auto r = Minimal();
+  r.mutable_budget()->set_sinks(0);
+  r.mutable_scorer()->set_lambda(0.0);
+  r.mutable_scorer()->set_pool_kind(v1::POOL_KIND_AVG);
+  r.mutable_scorer()->set_gqa_reduce(v1::GQA_REDUCE_MEAN);
+  r.set_mode(v1::SESSION_MODE_ADVISORY);
+  auto c = SessionConfigFromProto(r);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(c->budget.sinks, 0);
+  EXPECT_EQ(c->scorer.lambda, 0.0);
+  EXPECT_EQ(c->scorer.pool_kind, PoolKind::kAvg);
+  EXPECT_EQ(c->scorer.gqa_reduce, GqaReduce::kMean);
+  EXPECT_FALSE(c->managed);
+}
+
+TEST(ProtoConvert, OpenEnumValuesAreRejectedByName) {
+  auto r = Minimal();
+  r.mutable_scorer()->set_pool_kind(static_cast<v1::PoolKind>(17));
+  EXPECT_THAT(std::string(SessionConfigFromProto(r).status().message()),
+              HasSubstr("scorer.pool_kind = 17"));
+  r = Minimal();
+  r.mutable_model()->set_dtype(v1::DTYPE_UNSPECIFIED);
+  EXPECT_THAT(std::string(SessionConfigFromProto(r).status().message()),
+              HasSubstr("model.dtype is unspecified"));
+}
+
+TEST(ProtoConvert, RoundTripsTheConfiguration) {
+  auto c = SessionConfigFromProto(Minimal());
+  ASSERT_TRUE(c.ok());
+  v1::CreateSessionRequest back;
+  SessionConfigToProto(*c, back.mutable_model(), back.mutable_budget(), back.mutable_scorer(),
+                       back.mutable_allocator());
+  auto again = SessionConfigFromProto(back);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->budget.sinks, c->budget.sinks);
+  EXPECT_EQ(again->scorer.pool_kernel, c->scorer.pool_kernel);
+  EXPECT_EQ(again->allocator.clip_high, c->allocator.clip_high);
+}
+
+TEST(ProtoConvert, DecisionMaskWords) {
+  Decision d;
+  d.num_layers = 1;
+  d.num_kv_heads = 2;
+  d.budgets = {3, 3};
+  d.kept_lengths = {2, 1};
+  d.kept_indices = {0, 65, 64};
+  d.head_offsets = {0, 2, 3};
+  v1::Decision out;
+  DecisionToProto(d, 70, true, &out);
+  ASSERT_EQ(out.words_per_head(), 2);
+  ASSERT_EQ(out.keep_mask().size(), 4u * 8);
+  uint64_t w[4];
+  std::memcpy(w, out.keep_mask().data(), sizeof(w));
+  EXPECT_EQ(w[0], 1u);
+  EXPECT_EQ(w[1], 2u);
+  EXPECT_EQ(w[2], 0u);
+  EXPECT_EQ(w[3], 1u);
+  v1::Decision no_mask;
+  DecisionToProto(d, 70, false, &no_mask);
+  EXPECT_TRUE(no_mask.keep_mask().empty());
+  EXPECT_EQ(no_mask.kept_indices_size(), 3);
+}
+
+}  // namespace
+}  // namespace reasonalloc

@@ -1,0 +1,122 @@
+// Scorers against cases worked out by hand (the expected numbers come from the formulas of
+// ALGORITHMS.md §2, computed in the comments, not from running the implementation).
+#include "core/scorer.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <vector>
+
+namespace reasonalloc {
+namespace {
+
+std::vector<float> Score(const ScorerConfig& config, const std::vector<float>& queries,
+                         const std::vector<float>& keys, int n, int group, int window, int d,
+                         int sinks = 4) {
+  auto scorer = MakeScorer(config);
+  EXPECT_TRUE(scorer.ok());
+  HeadInputs in;
+  in.queries = queries.data();
+  in.keys = keys.data();
+  in.n = n;
+  in.group = group;
+  in.window = window;
+  in.head_dim = d;
+  in.sinks = sinks;
+  std::vector<float> out(static_cast<size_t>(std::max(0, n - window)), -1.0f);
+  (*scorer)->ScoreHead(in, out);
+  return out;
+}
+
+ScorerConfig SnapKv(int kernel, PoolKind pool = PoolKind::kMax,
+                    GqaReduce gqa = GqaReduce::kMax) {
+  ScorerConfig c;
+  c.name = "snapkv";
+  c.pool_kernel = kernel;
+  c.pool_kind = pool;
+  c.gqa_reduce = gqa;
+  return c;
+}
+
+TEST(SnapKv, SoftmaxOverCandidatesOnly) {
+  // d = 1, q = 1, keys 0, ln 2, ln 3 and a window token: logits 0, ln2, ln3 -> exp 1, 2, 3 -> /6.
+  // The window token's logit (100) must not enter the softmax.
+  const std::vector<float> q = {1.0f};
+  const std::vector<float> k = {0.0f, std::log(2.0f), std::log(3.0f), 100.0f};
+  const auto s = Score(SnapKv(1), q, k, 4, 1, 1, 1);
+  ASSERT_EQ(s.size(), 3u);
+  EXPECT_NEAR(s[0], 1.0 / 6, 1e-6);
+  EXPECT_NEAR(s[1], 2.0 / 6, 1e-6);
+  EXPECT_NEAR(s[2], 3.0 / 6, 1e-6);
+}
+
+TEST(SnapKv, MaxPoolIgnoresPadding) {
+  // Same softmax [1/6, 1/3, 1/2], max over a window of 3: [max(1/6,1/3), max(all), max(1/3,1/2)].
+  const std::vector<float> q = {1.0f};
+  const std::vector<float> k = {0.0f, std::log(2.0f), std::log(3.0f), 0.0f};
+  const auto s = Score(SnapKv(3), q, k, 4, 1, 1, 1);
+  EXPECT_NEAR(s[0], 1.0 / 3, 1e-6);
+  EXPECT_NEAR(s[1], 1.0 / 2, 1e-6);
+  EXPECT_NEAR(s[2], 1.0 / 2, 1e-6);
+}
+
+TEST(SnapKv, AvgPoolCountsPaddingAsZero) {
+  // [1/6, 1/3, 1/2] averaged over 3 with zero padding: [(0+1/6+1/3)/3, (1/6+1/3+1/2)/3, (1/3+1/2+0)/3].
+  const std::vector<float> q = {1.0f};
+  const std::vector<float> k = {0.0f, std::log(2.0f), std::log(3.0f), 0.0f};
+  const auto s = Score(SnapKv(3, PoolKind::kAvg), q, k, 4, 1, 1, 1);
+  EXPECT_NEAR(s[0], 1.0 / 6, 1e-6);
+  EXPECT_NEAR(s[1], 1.0 / 3, 1e-6);
+  EXPECT_NEAR(s[2], 5.0 / 18, 1e-6);
+}
+
+TEST(SnapKv, GqaReductionActsOnLogitsBeforeSoftmax) {
+  // Group of 2 query heads q0 = 1, q1 = -1; keys 1, -2 (+ window). Logits: g0 [1, -2], g1 [-1, 2].
+  // max -> [1, 2] -> softmax [1/(1+e), e/(1+e)];  mean -> [0, 0] -> [1/2, 1/2].
+  const std::vector<float> q = {1.0f, -1.0f};
+  const std::vector<float> k = {1.0f, -2.0f, 0.0f};
+  const double e = std::exp(1.0);
+  const auto mx = Score(SnapKv(1), q, k, 3, 2, 1, 1);
+  EXPECT_NEAR(mx[0], 1 / (1 + e), 1e-6);
+  EXPECT_NEAR(mx[1], e / (1 + e), 1e-6);
+  const auto mean = Score(SnapKv(1, PoolKind::kMax, GqaReduce::kMean), q, k, 3, 2, 1, 1);
+  EXPECT_NEAR(mean[0], 0.5, 1e-6);
+  EXPECT_NEAR(mean[1], 0.5, 1e-6);
+}
+
+TEST(SnapKv, MeanOverTheWindowAndScaleBySqrtD) {
+  // d = 4 so logits are q·k / 2. Window of 2 queries: q_a0 = (2,0,0,0), q_a1 = 0.
+  // Keys (x,0,0,0) with x = 0 and ln 3: a0 logits [0, ln3] -> [1/4, 3/4]; a1 uniform [1/2, 1/2].
+  // Mean: [3/8, 5/8].
+  const std::vector<float> q = {2, 0, 0, 0, 0, 0, 0, 0};
+  const std::vector<float> k = {0, 0, 0, 0, std::log(3.0f), 0, 0, 0, 9, 9, 9, 9, 9, 9, 9, 9};
+  const auto s = Score(SnapKv(1), q, k, 4, 1, 2, 4);
+  ASSERT_EQ(s.size(), 2u);
+  EXPECT_NEAR(s[0], 3.0 / 8, 1e-6);
+  EXPECT_NEAR(s[1], 5.0 / 8, 1e-6);
+}
+
+TEST(SnapKv, NothingToScoreWhenAllTokensAreInTheWindow) {
+  const std::vector<float> q = {1.0f};
+  const std::vector<float> k = {1.0f, 2.0f};
+  EXPECT_TRUE(Score(SnapKv(7), q, k, 2, 1, 2, 1).empty());
+}
+
+TEST(Streaming, SinksFirstThenNewest) {
+  ScorerConfig c;
+  c.name = "streaming";
+  const auto s = Score(c, {}, std::vector<float>(10, 0.0f), 10, 1, 2, 1, /*sinks=*/2);
+  ASSERT_EQ(s.size(), 8u);
+  EXPECT_EQ(s[0], s[1]);      // sinks tie (selection takes the lower ones first)
+  EXPECT_GT(s[1], s[7]);      // every sink beats every other token
+  for (int j = 2; j < 7; ++j) EXPECT_LT(s[j], s[j + 1]);  // newer beats older
+}
+
+TEST(Scorer, UnimplementedNames) {
+  ScorerConfig c;
+  c.name = "rkv";
+  EXPECT_EQ(MakeScorer(c).status().code(), absl::StatusCode::kUnimplemented);
+}
+
+}  // namespace
+}  // namespace reasonalloc

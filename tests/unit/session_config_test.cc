@@ -1,0 +1,120 @@
+#include "core/session_config.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <functional>
+
+namespace reasonalloc {
+namespace {
+
+using ::testing::HasSubstr;
+
+SessionConfig Valid() {
+  SessionConfig c;
+  c.model = {"m", 4, 8, 2, 16, DType::kFloat16, 4096};
+  c.budget.budget = 64;
+  return c;
+}
+
+struct BadCase {
+  const char* name;
+  std::function<void(SessionConfig&)> mutate;
+  absl::StatusCode code;
+  const char* field;
+};
+
+TEST(SessionConfig, DefaultsMatchTheSpec) {
+  SessionConfig c;
+  EXPECT_EQ(c.budget.budget, 512);
+  EXPECT_EQ(c.budget.buffer, 128);
+  EXPECT_EQ(c.budget.window, 8);
+  EXPECT_EQ(c.budget.sinks, 4);
+  EXPECT_EQ(c.scorer.pool_kernel, 7);
+  EXPECT_DOUBLE_EQ(c.scorer.lambda, 0.1);
+  EXPECT_DOUBLE_EQ(c.scorer.threshold, 0.5);
+  EXPECT_DOUBLE_EQ(c.allocator.pyramid_beta, 20);
+  EXPECT_DOUBLE_EQ(c.allocator.adakv_floor, 0.2);
+  EXPECT_TRUE(ValidateSessionConfig(Valid()).ok());
+}
+
+TEST(SessionConfig, RejectsBadFieldsNamingThem) {
+  const BadCase cases[] = {
+      {"zero layers", [](auto& c) { c.model.num_layers = 0; }, absl::StatusCode::kInvalidArgument,
+       "model.num_layers"},
+      {"negative layers", [](auto& c) { c.model.num_layers = -3; },
+       absl::StatusCode::kInvalidArgument, "model.num_layers"},
+      {"zero q heads", [](auto& c) { c.model.num_q_heads = 0; },
+       absl::StatusCode::kInvalidArgument, "model.num_q_heads"},
+      {"zero kv heads", [](auto& c) { c.model.num_kv_heads = 0; },
+       absl::StatusCode::kInvalidArgument, "model.num_kv_heads"},
+      {"negative dim", [](auto& c) { c.model.head_dim = -1; }, absl::StatusCode::kInvalidArgument,
+       "model.head_dim"},
+      {"zero context", [](auto& c) { c.model.max_context = 0; },
+       absl::StatusCode::kInvalidArgument, "model.max_context"},
+      {"hq not multiple", [](auto& c) { c.model.num_q_heads = 7; },
+       absl::StatusCode::kInvalidArgument, "not a multiple of model.num_kv_heads"},
+      {"budget below window+1", [](auto& c) { c.budget.budget = 8; },
+       absl::StatusCode::kInvalidArgument, "budget.budget"},
+      {"budget above context", [](auto& c) { c.budget.budget = 5000; },
+       absl::StatusCode::kInvalidArgument, "model.max_context"},
+      {"zero window", [](auto& c) { c.budget.window = 0; }, absl::StatusCode::kInvalidArgument,
+       "budget.window"},
+      {"zero buffer", [](auto& c) { c.budget.buffer = 0; }, absl::StatusCode::kInvalidArgument,
+       "budget.buffer"},
+      {"negative sinks", [](auto& c) { c.budget.sinks = -1; }, absl::StatusCode::kInvalidArgument,
+       "budget.sinks"},
+      {"unknown scorer", [](auto& c) { c.scorer.name = "magic"; },
+       absl::StatusCode::kInvalidArgument, "scorer.name"},
+      {"unknown allocator", [](auto& c) { c.allocator.name = "fair"; },
+       absl::StatusCode::kInvalidArgument, "allocator.name"},
+      {"even kernel", [](auto& c) { c.scorer.pool_kernel = 4; }, absl::StatusCode::kInvalidArgument,
+       "scorer.pool_kernel"},
+      {"lambda > 1", [](auto& c) { c.scorer.lambda = 1.5; }, absl::StatusCode::kInvalidArgument,
+       "scorer.lambda"},
+      {"nan threshold", [](auto& c) { c.scorer.threshold = std::nan(""); },
+       absl::StatusCode::kInvalidArgument, "scorer.threshold"},
+      {"clip high < 1", [](auto& c) { c.allocator.clip_high = 0.5; },
+       absl::StatusCode::kInvalidArgument, "allocator.clip_high"},
+      {"mu > 1", [](auto& c) { c.allocator.head_floor = 1.5; }, absl::StatusCode::kInvalidArgument,
+       "allocator.head_floor"},
+  };
+  for (const BadCase& bad : cases) {
+    SessionConfig c = Valid();
+    bad.mutate(c);
+    const absl::Status s = ValidateSessionConfig(c);
+    EXPECT_EQ(s.code(), bad.code) << bad.name << ": " << s;
+    EXPECT_THAT(std::string(s.message()), HasSubstr(bad.field)) << bad.name;
+  }
+}
+
+TEST(SessionConfig, KnownButUnimplementedNamesAreUnimplemented) {
+  for (absl::string_view name : KnownScorers()) {
+    SessionConfig c = Valid();
+    c.scorer.name = std::string(name);
+    const absl::Status s = ValidateSessionConfig(c);
+    if (ScorerImplemented(name)) {
+      EXPECT_TRUE(s.ok()) << s;
+    } else {
+      EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << name;
+    }
+  }
+  EXPECT_TRUE(ScorerImplemented("snapkv"));
+  EXPECT_TRUE(ScorerImplemented("streaming"));
+  EXPECT_TRUE(AllocatorImplemented("uniform"));
+}
+
+TEST(SessionConfig, ArenaBytesFollowTheLayout) {
+  SessionConfig c = Valid();  // L=4 Hq=8 Hkv=2 d=16 fp16, B=64, Δ=128, α=8
+  const ArenaBytes b = ComputeArenaBytes(c);
+  EXPECT_EQ(b.kv, 2u * 4 * 2 * (64 + 128) * 16 * 2);
+  EXPECT_EQ(b.query_ring, 4u * 8 * 8 * 16 * 2);
+  EXPECT_EQ(b.accumulator, 0u);
+  // len + budget (int32 each) + ceil(192/64) = 3 mask words per head, plus the epoch.
+  EXPECT_EQ(b.result, 8u * (8 + 3 * 8) + 8);
+  c.managed = false;
+  EXPECT_EQ(ComputeArenaBytes(c).kv, 0u);
+}
+
+}  // namespace
+}  // namespace reasonalloc
