@@ -19,8 +19,8 @@ Client::Client(const Options& options) : options_(options) {
 absl::StatusOr<std::unique_ptr<Client>> Client::Connect(const Options& options) {
   if (options.target.empty()) return absl::InvalidArgumentError("target is empty");
   if (options.max_message_bytes < 1024 || options.max_message_bytes > 0x7fffffffu) {
-    return absl::InvalidArgumentError(absl::StrCat("max_message_bytes = ", options.max_message_bytes,
-                                                   " is out of range [1024, 2147483647]"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_message_bytes = ", options.max_message_bytes, " is out of range [1024, 2147483647]"));
   }
   return std::unique_ptr<Client>(new Client(options));
 }
@@ -30,12 +30,12 @@ void Client::SetDeadline(grpc::ClientContext* context) const {
 }
 
 // Every unary call has the same shape: a context with a deadline, the call, the status mapped once.
-#define REASONALLOC_UNARY(method, request, Response)  \
-  grpc::ClientContext context;                        \
-  SetDeadline(&context);                              \
-  Response response;                                  \
+#define REASONALLOC_UNARY(method, request, Response)            \
+  grpc::ClientContext context;                                  \
+  SetDeadline(&context);                                        \
+  Response response;                                            \
   grpc::Status s = stub_->method(&context, request, &response); \
-  if (!s.ok()) return FromGrpcStatus(s);              \
+  if (!s.ok()) return FromGrpcStatus(s);                        \
   return response
 
 absl::StatusOr<v1::ServerInfo> Client::GetServerInfo() {

@@ -22,9 +22,9 @@ namespace reasonalloc {
 class Client {
  public:
   struct Options {
-    std::string target = kDefaultTarget;           // unix:///path or host:port
+    std::string target = kDefaultTarget;              // unix:///path or host:port
     uint64_t max_message_bytes = uint64_t{64} << 20;  // keep in step with the server's limit
-    absl::Duration timeout = absl::Seconds(30);    // per call
+    absl::Duration timeout = absl::Seconds(30);       // per call
   };
 
   // Never blocks: a server that is not there shows up as UNAVAILABLE on the first call.

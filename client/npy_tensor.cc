@@ -17,9 +17,9 @@ absl::StatusOr<v1::Tensor> TensorFromNpy(const NpyArray& array, absl::string_vie
       t.set_dtype(v1::DTYPE_BFLOAT16);
       break;
     default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, " has dtype ", std::string(NpyDescr(array.dtype)),
-          "; expected float32 (<f4), float16 (<f2) or bfloat16 bits as uint16 (<u2)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(what, " has dtype ", std::string(NpyDescr(array.dtype)),
+                       "; expected float32 (<f4), float16 (<f2) or bfloat16 bits as uint16 (<u2)"));
   }
   for (int64_t d : array.shape) t.add_shape(d);
   t.set_data(array.data);

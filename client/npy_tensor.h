@@ -1,4 +1,5 @@
-// Conversions between .npy arrays and v1 tensors. NumPy has no bfloat16: bf16 data travels as '<u2'.
+// Conversions between .npy arrays and v1 tensors. NumPy has no bfloat16: bf16 data travels as
+// '<u2'.
 #ifndef REASONALLOC_CLIENT_NPY_TENSOR_H_
 #define REASONALLOC_CLIENT_NPY_TENSOR_H_
 

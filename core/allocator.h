@@ -1,7 +1,8 @@
-// Allocators decide how many tokens each (layer, KV head) keeps at a compression event (ALGORITHMS.md §3).
+// Allocators decide how many tokens each (layer, KV head) keeps at a compression event
+// (ALGORITHMS.md §3).
 //
-// Invariant: every budget is at least window + 1, and Σ budgets = L·Hkv·B exactly (heads that hold fewer
-// tokens than their budget simply keep everything).
+// Invariant: every budget is at least window + 1, and Σ budgets = L·Hkv·B exactly (heads that hold
+// fewer tokens than their budget simply keep everything).
 #ifndef REASONALLOC_CORE_ALLOCATOR_H_
 #define REASONALLOC_CORE_ALLOCATOR_H_
 
@@ -17,8 +18,8 @@ namespace reasonalloc {
 
 struct AllocationInputs {
   const SessionConfig* config = nullptr;
-  std::span<const int32_t> lengths;              // [L * Hkv] live tokens per head
-  std::span<const std::vector<float>> scores;    // [L * Hkv] candidate scores per head
+  std::span<const int32_t> lengths;            // [L * Hkv] live tokens per head
+  std::span<const std::vector<float>> scores;  // [L * Hkv] candidate scores per head
 };
 
 class Allocator {

@@ -63,10 +63,11 @@ uint16_t FloatToHalf(float value) {
   const uint32_t f = std::bit_cast<uint32_t>(value);
   const uint32_t sign = (f >> 16) & 0x8000u;
   const uint32_t abs = f & 0x7fffffffu;
-  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);  // NaN
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
   if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow to Inf
   if (abs < 0x38800000u) {
-    // Result is subnormal or zero: scale into the subnormal range with the FPU's rounding (nearest even).
+    // Result is subnormal or zero: scale into the subnormal range with the FPU's rounding (nearest
+    // even).
     const float scaled = std::bit_cast<float>(abs) * 16777216.0f;  // 2^24 = 1 / smallest subnormal
     return static_cast<uint16_t>(sign | static_cast<uint32_t>(std::nearbyint(scaled)));
   }
@@ -75,11 +76,14 @@ uint16_t FloatToHalf(float value) {
   return static_cast<uint16_t>(sign | (rounded >> 13));
 }
 
-float BFloat16ToFloat(uint16_t bits) { return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16); }
+float BFloat16ToFloat(uint16_t bits) {
+  return std::bit_cast<float>(static_cast<uint32_t>(bits) << 16);
+}
 
 uint16_t FloatToBFloat16(float value) {
   const uint32_t f = std::bit_cast<uint32_t>(value);
-  if ((f & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((f >> 16) | 0x40u);  // quiet NaN
+  if ((f & 0x7fffffffu) > 0x7f800000u)
+    return static_cast<uint16_t>((f >> 16) | 0x40u);  // quiet NaN
   const uint32_t rounded = f + 0x7fffu + ((f >> 16) & 1u);
   return static_cast<uint16_t>(rounded >> 16);
 }

@@ -43,13 +43,14 @@ absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
   const int group = m.group_size();
   const int d = m.head_dim;
   if (static_cast<int64_t>(in.lengths.size()) != heads) {
-    return absl::InvalidArgumentError(absl::StrCat("lengths has ", in.lengths.size(),
-                                                   " entries; expected num_layers * num_kv_heads = ",
-                                                   heads));
+    return absl::InvalidArgumentError(
+        absl::StrCat("lengths has ", in.lengths.size(),
+                     " entries; expected num_layers * num_kv_heads = ", heads));
   }
   for (int64_t i = 0; i < heads; ++i) {
     if (in.lengths[static_cast<size_t>(i)] < 0 || in.lengths[static_cast<size_t>(i)] > in.n_max) {
-      return absl::InvalidArgumentError(absl::StrCat("lengths[", i, "] = ", in.lengths[static_cast<size_t>(i)],
+      return absl::InvalidArgumentError(absl::StrCat("lengths[", i,
+                                                     "] = ", in.lengths[static_cast<size_t>(i)],
                                                      " is out of range [0, ", in.n_max, "]"));
     }
   }
@@ -68,8 +69,8 @@ absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
       s.assign(static_cast<size_t>(std::max(0, n - window)), 0.0f);
       if (s.empty()) continue;
       HeadInputs hi;
-      hi.queries = in.query_window +
-                   ((int64_t{l} * m.num_q_heads + int64_t{h} * group) * window) * d;
+      hi.queries =
+          in.query_window + ((int64_t{l} * m.num_q_heads + int64_t{h} * group) * window) * d;
       hi.keys = in.keys + head * in.n_max * d;
       hi.n = n;
       hi.group = group;
@@ -127,8 +128,8 @@ void GatherKeptRows(const Decision& decision, const void* src, int64_t n_max, si
     unsigned char* hd = o + static_cast<size_t>(head * max_kept) * row_bytes;
     int64_t r = 0;
     for (int32_t j : decision.Kept(head)) {
-      std::memcpy(hd + static_cast<size_t>(r++) * row_bytes, hs + static_cast<size_t>(j) * row_bytes,
-                  row_bytes);
+      std::memcpy(hd + static_cast<size_t>(r++) * row_bytes,
+                  hs + static_cast<size_t>(j) * row_bytes, row_bytes);
     }
     std::memset(hd + static_cast<size_t>(r) * row_bytes, 0,
                 static_cast<size_t>(max_kept - r) * row_bytes);

@@ -1,5 +1,6 @@
-// The compression engine: Scorer -> Allocator -> Selector (-> Compactor in managed mode), device-agnostic
-// and free of gRPC. One Engine serves one session configuration; Compress is const and thread-safe.
+// The compression engine: Scorer -> Allocator -> Selector (-> Compactor in managed mode),
+// device-agnostic and free of gRPC. One Engine serves one session configuration; Compress is const
+// and thread-safe.
 //
 // Tensors are fp32 here; inline_inputs.h validates and converts what arrives on the wire.
 #ifndef REASONALLOC_CORE_ENGINE_H_
@@ -21,7 +22,7 @@ struct CompressInputs {
   const float* query_window = nullptr;  // [L, Hq, window, d]
   const float* keys = nullptr;          // [L, Hkv, n_max, d]
   int64_t n_max = 0;
-  std::span<const int32_t> lengths;     // [L * Hkv], each in [0, n_max]
+  std::span<const int32_t> lengths;  // [L * Hkv], each in [0, n_max]
 };
 
 struct StageSeconds {
@@ -62,12 +63,13 @@ class Engine {
   std::unique_ptr<Allocator> allocator_;
 };
 
-// Keep bitmask of the pre-event positions: [L * Hkv, words_per_head] uint64 words, bit j set when j is kept.
+// Keep bitmask of the pre-event positions: [L * Hkv, words_per_head] uint64 words, bit j set when j
+// is kept.
 int WordsPerHead(int64_t n_max);
 std::vector<uint64_t> BuildKeepMask(const Decision& decision, int64_t n_max);
 
-// Compactor: gathers each head's kept rows of `src` ([L, Hkv, n_max, row_bytes]) to the start of the head
-// in `dst` ([L, Hkv, max_kept, row_bytes]); rows past a head's kept length are zeroed.
+// Compactor: gathers each head's kept rows of `src` ([L, Hkv, n_max, row_bytes]) to the start of
+// the head in `dst` ([L, Hkv, max_kept, row_bytes]); rows past a head's kept length are zeroed.
 void GatherKeptRows(const Decision& decision, const void* src, int64_t n_max, size_t row_bytes,
                     int64_t max_kept, void* dst);
 

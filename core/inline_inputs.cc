@@ -44,9 +44,9 @@ absl::Status CheckTensorBytes(absl::string_view field, const RawTensor& t) {
   }
   const uint64_t want = count * DTypeSize(t.dtype);
   if (want != t.data.size()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        field, " holds ", t.data.size(), " bytes; shape ", ShapeString(t.shape), " of ",
-        DTypeName(t.dtype), " needs ", want));
+    return absl::InvalidArgumentError(absl::StrCat(field, " holds ", t.data.size(),
+                                                   " bytes; shape ", ShapeString(t.shape), " of ",
+                                                   DTypeName(t.dtype), " needs ", want));
   }
   return absl::OkStatus();
 }
@@ -81,19 +81,18 @@ absl::StatusOr<PreparedInputs> PrepareInlineInputs(const SessionConfig& config,
   if (auto s = CheckShape("inline_tensors.keys", keys, k_shape, kKDims); !s.ok()) return s;
   const int64_t n_max = keys.shape[2];
   if (n_max < 1 || n_max > m.max_context) {
-    return absl::InvalidArgumentError(absl::StrCat("inline_tensors.keys has ", n_max,
-                                                   " tokens per head; expected 1 to model.max_context = ",
-                                                   m.max_context));
+    return absl::InvalidArgumentError(
+        absl::StrCat("inline_tensors.keys has ", n_max,
+                     " tokens per head; expected 1 to model.max_context = ", m.max_context));
   }
   if (auto s = CheckTensorBytes("inline_tensors.keys", keys); !s.ok()) return s;
   if (values.present) {
     const int64_t v_shape[] = {m.num_layers, m.num_kv_heads, n_max, m.head_dim};
     if (auto s = CheckShape("inline_tensors.values", values, v_shape, kKDims); !s.ok()) return s;
     if (values.dtype != m.dtype) {
-      return absl::InvalidArgumentError(absl::StrCat("inline_tensors.values has dtype ",
-                                                     DTypeName(values.dtype),
-                                                     "; the session's model.dtype is ",
-                                                     DTypeName(m.dtype)));
+      return absl::InvalidArgumentError(
+          absl::StrCat("inline_tensors.values has dtype ", DTypeName(values.dtype),
+                       "; the session's model.dtype is ", DTypeName(m.dtype)));
     }
     if (auto s = CheckTensorBytes("inline_tensors.values", values); !s.ok()) return s;
   }
@@ -111,9 +110,8 @@ absl::StatusOr<PreparedInputs> PrepareInlineInputs(const SessionConfig& config,
     }
     for (size_t i = 0; i < lengths.size(); ++i) {
       if (lengths[i] < 0 || lengths[i] > n_max) {
-        return absl::InvalidArgumentError(absl::StrCat("inline_tensors.lengths[", i, "] = ",
-                                                       lengths[i], " is out of range [0, ", n_max,
-                                                       "]"));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "inline_tensors.lengths[", i, "] = ", lengths[i], " is out of range [0, ", n_max, "]"));
       }
     }
     out.lengths.assign(lengths.begin(), lengths.end());
@@ -121,15 +119,16 @@ absl::StatusOr<PreparedInputs> PrepareInlineInputs(const SessionConfig& config,
 
   out.query_window.resize(static_cast<size_t>(heads / m.num_kv_heads * m.num_q_heads) *
                           static_cast<size_t>(window * m.head_dim));
-  const int64_t bad_q = ConvertToFloat32(query_window.dtype, query_window.data.data(),
-                                         static_cast<int64_t>(out.query_window.size()),
-                                         out.query_window.data());
+  const int64_t bad_q =
+      ConvertToFloat32(query_window.dtype, query_window.data.data(),
+                       static_cast<int64_t>(out.query_window.size()), out.query_window.data());
   if (bad_q >= 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "inline_tensors.query_window holds a NaN or Inf at flat index ", bad_q));
+    return absl::InvalidArgumentError(
+        absl::StrCat("inline_tensors.query_window holds a NaN or Inf at flat index ", bad_q));
   }
 
-  // Keys and values are checked over live rows only: padding past a head's length may hold anything.
+  // Keys and values are checked over live rows only: padding past a head's length may hold
+  // anything.
   const size_t row = static_cast<size_t>(m.head_dim);
   out.keys.assign(static_cast<size_t>(heads * n_max) * row, 0.0f);
   const size_t k_item = DTypeSize(keys.dtype);
@@ -141,20 +140,20 @@ absl::StatusOr<PreparedInputs> PrepareInlineInputs(const SessionConfig& config,
     const int64_t bad = ConvertToFloat32(keys.dtype, keys.data.data() + first * k_item,
                                          n * m.head_dim, out.keys.data() + first);
     if (bad >= 0) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "inline_tensors.keys holds a NaN or Inf at flat index ", static_cast<int64_t>(first) + bad,
-          " (layer ", head / m.num_kv_heads, ", kv head ", head % m.num_kv_heads, ", token ",
-          bad / m.head_dim, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("inline_tensors.keys holds a NaN or Inf at flat index ",
+                       static_cast<int64_t>(first) + bad, " (layer ", head / m.num_kv_heads,
+                       ", kv head ", head % m.num_kv_heads, ", token ", bad / m.head_dim, ")"));
     }
     if (values.present) {
       scratch.resize(static_cast<size_t>(n) * row);
       const int64_t bad_v = ConvertToFloat32(values.dtype, values.data.data() + first * v_item,
                                              n * m.head_dim, scratch.data());
       if (bad_v >= 0) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "inline_tensors.values holds a NaN or Inf at flat index ",
-            static_cast<int64_t>(first) + bad_v, " (layer ", head / m.num_kv_heads, ", kv head ",
-            head % m.num_kv_heads, ", token ", bad_v / m.head_dim, ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("inline_tensors.values holds a NaN or Inf at flat index ",
+                         static_cast<int64_t>(first) + bad_v, " (layer ", head / m.num_kv_heads,
+                         ", kv head ", head % m.num_kv_heads, ", token ", bad_v / m.head_dim, ")"));
       }
     }
   }

@@ -1,15 +1,15 @@
-// Validation and fp32 conversion of the tensors a Compress request carries inline (and that offline tools
-// read from .npy files). Every error names the tensor ("inline_tensors.keys") and what is wrong: dtype,
-// rank, which dimension, byte length, or the flat index of the first NaN/Inf.
+// Validation and fp32 conversion of the tensors a Compress request carries inline (and that offline
+// tools read from .npy files). Every error names the tensor ("inline_tensors.keys") and what is
+// wrong: dtype, rank, which dimension, byte length, or the flat index of the first NaN/Inf.
 #ifndef REASONALLOC_CORE_INLINE_INPUTS_H_
 #define REASONALLOC_CORE_INLINE_INPUTS_H_
 
 #include <cstdint>
 #include <span>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "core/dtype.h"
 #include "core/engine.h"
 #include "core/session_config.h"
@@ -33,10 +33,10 @@ struct PreparedInputs {
   CompressInputs view() const { return {query_window.data(), keys.data(), n_max, lengths}; }
 };
 
-// Checks shapes against the session (query_window [L, Hq, window, d]; keys and values [L, Hkv, N, d],
-// 1 <= N <= max_context; values required in managed mode and refused in advisory mode), byte lengths, the
-// values' dtype (the session's), lengths (empty or L * Hkv entries in [0, N]) and finiteness of the
-// live rows, then converts queries and keys to fp32.
+// Checks shapes against the session (query_window [L, Hq, window, d]; keys and values [L, Hkv, N,
+// d], 1 <= N <= max_context; values required in managed mode and refused in advisory mode), byte
+// lengths, the values' dtype (the session's), lengths (empty or L * Hkv entries in [0, N]) and
+// finiteness of the live rows, then converts queries and keys to fp32.
 absl::StatusOr<PreparedInputs> PrepareInlineInputs(const SessionConfig& config,
                                                    const RawTensor& query_window,
                                                    const RawTensor& keys, const RawTensor& values,

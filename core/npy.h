@@ -1,9 +1,10 @@
-// Reading and writing NumPy .npy files (format versions 1.0-3.0, C order, little-endian), so that the CLI
-// and offline tools exchange tensors with Python without a converter.
+// Reading and writing NumPy .npy files (format versions 1.0-3.0, C order, little-endian), so that
+// the CLI and offline tools exchange tensors with Python without a converter.
 //
-// Invariants: an NpyArray's data holds exactly prod(shape) * ItemSize(dtype) bytes in C order. Loading never
-// trusts the header: a truncated file, a Fortran-order array, a big-endian or unsupported dtype, or a shape
-// whose byte size overflows is an InvalidArgument naming the file and the problem.
+// Invariants: an NpyArray's data holds exactly prod(shape) * ItemSize(dtype) bytes in C order.
+// Loading never trusts the header: a truncated file, a Fortran-order array, a big-endian or
+// unsupported dtype, or a shape whose byte size overflows is an InvalidArgument naming the file and
+// the problem.
 #ifndef REASONALLOC_CORE_NPY_H_
 #define REASONALLOC_CORE_NPY_H_
 
@@ -19,15 +20,15 @@
 namespace reasonalloc {
 
 enum class NpyDType {
-  kFloat32,   // '<f4'
-  kFloat16,   // '<f2'
-  kFloat64,   // '<f8'
-  kInt32,     // '<i4'
-  kInt64,     // '<i8'
-  kUInt8,     // '|u1'
-  kUInt16,    // '<u2' (how bfloat16 data travels through NumPy)
-  kUInt64,    // '<u8'
-  kBool,      // '|b1'
+  kFloat32,  // '<f4'
+  kFloat16,  // '<f2'
+  kFloat64,  // '<f8'
+  kInt32,    // '<i4'
+  kInt64,    // '<i8'
+  kUInt8,    // '|u1'
+  kUInt16,   // '<u2' (how bfloat16 data travels through NumPy)
+  kUInt64,   // '<u8'
+  kBool,     // '|b1'
 };
 
 size_t NpyItemSize(NpyDType dtype);

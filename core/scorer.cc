@@ -10,8 +10,8 @@
 namespace reasonalloc {
 namespace {
 
-// SnapKV importance in its decode-time form (ALGORITHMS.md §2.1): group-reduced logits of the window
-// queries, softmax over the candidates only, mean over the window, then 1-D pooling.
+// SnapKV importance in its decode-time form (ALGORITHMS.md §2.1): group-reduced logits of the
+// window queries, softmax over the candidates only, mean over the window, then 1-D pooling.
 class SnapKvScorer final : public Scorer {
  public:
   explicit SnapKvScorer(const ScorerConfig& config) : config_(config) {}
@@ -26,9 +26,8 @@ class SnapKvScorer final : public Scorer {
     for (int a = 0; a < in.window; ++a) {
       for (int j = 0; j < cand; ++j) {
         const float* k = in.keys + static_cast<int64_t>(j) * d;
-        float reduced = config_.gqa_reduce == GqaReduce::kMax
-                            ? -std::numeric_limits<float>::infinity()
-                            : 0.0f;
+        float reduced =
+            config_.gqa_reduce == GqaReduce::kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
         for (int g = 0; g < in.group; ++g) {
           const float* q = in.queries + (static_cast<int64_t>(g) * in.window + a) * d;
           float dot = 0.0f;
@@ -50,14 +49,15 @@ class SnapKvScorer final : public Scorer {
         sum += l;
       }
       const float inv = 1.0f / (sum * static_cast<float>(in.window));
-      for (int j = 0; j < cand; ++j) importance[static_cast<size_t>(j)] += logits[static_cast<size_t>(j)] * inv;
+      for (int j = 0; j < cand; ++j)
+        importance[static_cast<size_t>(j)] += logits[static_cast<size_t>(j)] * inv;
     }
     Pool(importance, out);
   }
 
  private:
-  // Stride-1 pooling with kernel k and padding k/2: max pooling ignores the padding, average pooling
-  // counts it as zeros and divides by k (PyTorch's avg_pool1d default).
+  // Stride-1 pooling with kernel k and padding k/2: max pooling ignores the padding, average
+  // pooling counts it as zeros and divides by k (PyTorch's avg_pool1d default).
   void Pool(const std::vector<float>& in, std::span<float> out) const {
     const int n = static_cast<int>(in.size());
     const int r = config_.pool_kernel / 2;
@@ -79,8 +79,8 @@ class SnapKvScorer final : public Scorer {
   ScorerConfig config_;
 };
 
-// StreamingLLM (ALGORITHMS.md §2.3): sinks rank first, then newer tokens before older ones. Positions are
-// below 2^24, so they are exact in fp32.
+// StreamingLLM (ALGORITHMS.md §2.3): sinks rank first, then newer tokens before older ones.
+// Positions are below 2^24, so they are exact in fp32.
 class StreamingScorer final : public Scorer {
  public:
   void ScoreHead(const HeadInputs& in, std::span<float> out) const override {

@@ -1,6 +1,6 @@
-// Scorers rank the candidate tokens of one KV head (ALGORITHMS.md §2): a higher score means more worth
-// keeping. Candidates are positions [0, n - window); the last `window` tokens are always kept and never
-// scored.
+// Scorers rank the candidate tokens of one KV head (ALGORITHMS.md §2): a higher score means more
+// worth keeping. Candidates are positions [0, n - window); the last `window` tokens are always kept
+// and never scored.
 //
 // Scorers are stateless and thread-safe: the engine calls ScoreHead for many heads concurrently.
 #ifndef REASONALLOC_CORE_SCORER_H_
@@ -16,9 +16,10 @@ namespace reasonalloc {
 
 // The inputs of one (layer, KV head), in fp32.
 struct HeadInputs {
-  const float* queries = nullptr;  // [group, window, head_dim]: the window queries of the head's group
-  const float* keys = nullptr;     // [n, head_dim], post-RoPE
-  int n = 0;                       // live tokens of the head
+  const float* queries =
+      nullptr;                  // [group, window, head_dim]: the window queries of the head's group
+  const float* keys = nullptr;  // [n, head_dim], post-RoPE
+  int n = 0;                    // live tokens of the head
   int group = 1;
   int window = 8;
   int head_dim = 0;

@@ -1,5 +1,5 @@
-// Per-head selection (ALGORITHMS.md §1, §4): keep the top (b - window) candidates by score, ties to the
-// lower (older) index, plus the last `window` tokens; a head with n <= b keeps everything.
+// Per-head selection (ALGORITHMS.md §1, §4): keep the top (b - window) candidates by score, ties to
+// the lower (older) index, plus the last `window` tokens; a head with n <= b keeps everything.
 #ifndef REASONALLOC_CORE_SELECTOR_H_
 #define REASONALLOC_CORE_SELECTOR_H_
 
@@ -9,9 +9,10 @@
 
 namespace reasonalloc {
 
-// Appends the kept positions of one head, ascending, to `kept`. `scores` holds n - window candidate scores
-// (NaN ranks below every number). Returns how many were appended.
-int SelectHead(std::span<const float> scores, int n, int budget, int window, std::vector<int32_t>* kept);
+// Appends the kept positions of one head, ascending, to `kept`. `scores` holds n - window candidate
+// scores (NaN ranks below every number). Returns how many were appended.
+int SelectHead(std::span<const float> scores, int n, int budget, int window,
+               std::vector<int32_t>* kept);
 
 }  // namespace reasonalloc
 

@@ -10,7 +10,8 @@ namespace reasonalloc {
 namespace {
 
 constexpr std::array<absl::string_view, 4> kScorers = {"snapkv", "streaming", "h2o", "rkv"};
-constexpr std::array<absl::string_view, 4> kAllocators = {"uniform", "pyramid", "adakv", "reasonalloc"};
+constexpr std::array<absl::string_view, 4> kAllocators = {"uniform", "pyramid", "adakv",
+                                                          "reasonalloc"};
 constexpr std::array<absl::string_view, 2> kImplementedScorers = {"snapkv", "streaming"};
 constexpr std::array<absl::string_view, 1> kImplementedAllocators = {"uniform"};
 
@@ -68,9 +69,9 @@ absl::Status ValidateGeometry(const ModelGeometry& m) {
   if (auto s = CheckRange("model.head_dim", m.head_dim, 1, kMaxHeadDim); !s.ok()) return s;
   if (auto s = CheckRange("model.max_context", m.max_context, 1, kMaxContext); !s.ok()) return s;
   if (m.num_q_heads % m.num_kv_heads != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("model.num_q_heads = ", m.num_q_heads,
-                                                   " is not a multiple of model.num_kv_heads = ",
-                                                   m.num_kv_heads));
+    return absl::InvalidArgumentError(
+        absl::StrCat("model.num_q_heads = ", m.num_q_heads,
+                     " is not a multiple of model.num_kv_heads = ", m.num_kv_heads));
   }
   return absl::OkStatus();
 }
@@ -78,9 +79,8 @@ absl::Status ValidateGeometry(const ModelGeometry& m) {
 absl::Status ValidateBudget(const BudgetConfig& b, const ModelGeometry& m) {
   if (auto s = CheckRange("budget.window", b.window, 1, kMaxWindow); !s.ok()) return s;
   if (b.budget < b.window + 1) {
-    return absl::InvalidArgumentError(absl::StrCat("budget.budget = ", b.budget,
-                                                   " is smaller than budget.window ", b.window,
-                                                   " + 1"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "budget.budget = ", b.budget, " is smaller than budget.window ", b.window, " + 1"));
   }
   if (b.budget > m.max_context) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -100,7 +100,8 @@ absl::Status ValidateSessionConfig(const SessionConfig& c) {
       !s.ok()) {
     return s;
   }
-  if (auto s = CheckRange("scorer.pool_kernel", sc.pool_kernel, 1, kMaxPoolKernel); !s.ok()) return s;
+  if (auto s = CheckRange("scorer.pool_kernel", sc.pool_kernel, 1, kMaxPoolKernel); !s.ok())
+    return s;
   if (sc.pool_kernel % 2 == 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("scorer.pool_kernel = ", sc.pool_kernel, " must be odd"));
@@ -115,7 +116,8 @@ absl::Status ValidateSessionConfig(const SessionConfig& c) {
   }
   if (auto s = CheckReal("allocator.pyramid_beta", a.pyramid_beta, 1.0, 1e6); !s.ok()) return s;
   if (auto s = CheckReal("allocator.adakv_floor", a.adakv_floor, 0.0, 1.0); !s.ok()) return s;
-  if (auto s = CheckReal("allocator.layer_exponent", a.layer_exponent, 0.0, 16.0); !s.ok()) return s;
+  if (auto s = CheckReal("allocator.layer_exponent", a.layer_exponent, 0.0, 16.0); !s.ok())
+    return s;
   if (auto s = CheckReal("allocator.head_exponent", a.head_exponent, 0.0, 16.0); !s.ok()) return s;
   // robustify needs n·lo ≤ total ≤ n·hi (ALGORITHMS.md §3.4).
   if (auto s = CheckReal("allocator.head_floor", a.head_floor, 0.0, 1.0); !s.ok()) return s;
@@ -129,8 +131,8 @@ int64_t MaxHeadCapacity(const SessionConfig& c) {
   const int64_t delta = c.budget.buffer;
   int64_t cap = b + delta;
   if (c.allocator.name != "uniform") {
-    // Layer allocators can give a layer up to clip_high (or 2 for pyramid) times its share, and head
-    // routing can give one head most of its layer; bound by the layer's whole budget.
+    // Layer allocators can give a layer up to clip_high (or 2 for pyramid) times its share, and
+    // head routing can give one head most of its layer; bound by the layer's whole budget.
     const double layer_factor = std::max(2.0, c.allocator.clip_high);
     cap = static_cast<int64_t>(std::ceil(layer_factor * static_cast<double>(b))) *
               c.model.num_kv_heads +
@@ -145,13 +147,14 @@ ArenaBytes ComputeArenaBytes(const SessionConfig& c) {
   const uint64_t heads = static_cast<uint64_t>(m.num_heads_total());
   const uint64_t b = static_cast<uint64_t>(c.budget.budget);
   const uint64_t delta = static_cast<uint64_t>(c.budget.buffer);
-  // Σ_h (b[l][h] + Δ) is fixed per layer and Σ_l b_l = L·B, so the KV arena holds exactly L·Hkv·(B+Δ)
-  // rows of K and of V, whichever allocator moves budgets around.
+  // Σ_h (b[l][h] + Δ) is fixed per layer and Σ_l b_l = L·B, so the KV arena holds exactly
+  // L·Hkv·(B+Δ) rows of K and of V, whichever allocator moves budgets around.
   const uint64_t rows = std::min<uint64_t>(b + delta, static_cast<uint64_t>(m.max_context)) * heads;
   ArenaBytes out;
   if (c.managed) out.kv = 2 * rows * static_cast<uint64_t>(m.head_dim) * item;
   out.query_ring = static_cast<uint64_t>(m.num_layers) * static_cast<uint64_t>(m.num_q_heads) *
-                   static_cast<uint64_t>(c.budget.window) * static_cast<uint64_t>(m.head_dim) * item;
+                   static_cast<uint64_t>(c.budget.window) * static_cast<uint64_t>(m.head_dim) *
+                   item;
   const uint64_t cap = static_cast<uint64_t>(MaxHeadCapacity(c));
   if (c.scorer.name == "h2o") out.accumulator = heads * cap * sizeof(float);
   const uint64_t words = (cap + 63) / 64;

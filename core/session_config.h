@@ -1,18 +1,18 @@
 // The configuration of one eviction session: model geometry, budgets, scorer and allocator knobs.
 //
-// Defaults are those of ALGORITHMS.md §5. Validate() is the single place where a configuration is judged;
-// every error message names the field as the v1 API spells it (e.g. "model.num_kv_heads") and the bad value.
-// A name the engine knows but this build does not implement yet is Unimplemented, an unknown one is
-// InvalidArgument.
+// Defaults are those of ALGORITHMS.md §5. Validate() is the single place where a configuration is
+// judged; every error message names the field as the v1 API spells it (e.g. "model.num_kv_heads")
+// and the bad value. A name the engine knows but this build does not implement yet is
+// Unimplemented, an unknown one is InvalidArgument.
 #ifndef REASONALLOC_CORE_SESSION_CONFIG_H_
 #define REASONALLOC_CORE_SESSION_CONFIG_H_
 
 #include <cstdint>
 #include <span>
 #include <string>
-#include "absl/strings/string_view.h"
 
 #include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "core/dtype.h"
 
 namespace reasonalloc {
@@ -90,8 +90,8 @@ absl::Status ValidateGeometry(const ModelGeometry& model);
 absl::Status ValidateBudget(const BudgetConfig& budget, const ModelGeometry& model);
 absl::Status ValidateSessionConfig(const SessionConfig& config);
 
-// Bytes a session reserves against the server's arena pool: the KV arena (managed mode), the query-window
-// ring, the H2O accumulator (h2o scorer) and the result block, following DESIGN.md §2.
+// Bytes a session reserves against the server's arena pool: the KV arena (managed mode), the
+// query-window ring, the H2O accumulator (h2o scorer) and the result block, following DESIGN.md §2.
 struct ArenaBytes {
   uint64_t kv = 0;
   uint64_t query_ring = 0;

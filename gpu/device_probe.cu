@@ -12,7 +12,8 @@ bool CudaBuilt() { return true; }
 ProbeResult ProbeDevices() {
   ProbeResult out;
   cudaRuntimeGetVersion(&out.runtime_version);
-  // Any error here (no driver: cudaErrorInsufficientDriver; no device: cudaErrorNoDevice) means "no GPU".
+  // Any error here (no driver: cudaErrorInsufficientDriver; no device: cudaErrorNoDevice) means "no
+  // GPU".
   int count = 0;
   cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
@@ -46,6 +47,5 @@ ProbeResult ProbeDevices() {
   if (out.devices.empty()) out.reason = "cudaGetDeviceProperties failed for every device";
   return out;
 }
-
 
 }  // namespace reasonalloc::gpu

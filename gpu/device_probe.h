@@ -1,5 +1,6 @@
 // Discovers CUDA devices without requiring a driver at link or start time: a host without a GPU (or
-// without the driver) gets an empty list and the reason, never a crash. Callers never include CUDA headers.
+// without the driver) gets an empty list and the reason, never a crash. Callers never include CUDA
+// headers.
 #ifndef REASONALLOC_GPU_DEVICE_PROBE_H_
 #define REASONALLOC_GPU_DEVICE_PROBE_H_
 
@@ -19,9 +20,9 @@ struct DeviceInfo {
 
 struct ProbeResult {
   std::vector<DeviceInfo> devices;
-  int driver_version = 0;   // e.g. 13000; 0 when no driver
+  int driver_version = 0;  // e.g. 13000; 0 when no driver
   int runtime_version = 0;
-  std::string reason;       // why no device was found; empty when devices is non-empty
+  std::string reason;  // why no device was found; empty when devices is non-empty
 };
 
 // True when this binary was built with the CUDA backend.

@@ -13,5 +13,4 @@ ProbeResult ProbeDevices() {
   return out;
 }
 
-
 }  // namespace reasonalloc::gpu

@@ -46,9 +46,8 @@ grpc::Status HealthService::Watch(grpc::ServerContext* context, const HealthChec
     {
       absl::MutexLock lock(&mu_);
       // Wake on a change, on shutdown, or periodically to notice a cancelled client.
-      auto changed = [this, &seen, first]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) {
-        return first || version_ != seen;
-      };
+      auto changed = [this, &seen, first]()
+                         ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return first || version_ != seen; };
       mu_.AwaitWithTimeout(absl::Condition(&changed), absl::Milliseconds(200));
       seen = version_;
       auto it = status_.find(request->service());

@@ -1,6 +1,6 @@
-// grpc.health.v1 with NOT_SERVING while starting and draining. The server's own implementation (rather
-// than gRPC's default one) so that the status can be NOT_SERVING from the first accepted connection, and so
-// that the service is visible through reflection.
+// grpc.health.v1 with NOT_SERVING while starting and draining. The server's own implementation
+// (rather than gRPC's default one) so that the status can be NOT_SERVING from the first accepted
+// connection, and so that the service is visible through reflection.
 //
 // Watch streams end when the server drains: the last message a watcher sees is NOT_SERVING.
 #ifndef REASONALLOC_SERVER_HEALTH_SERVICE_H_
@@ -26,9 +26,11 @@ class HealthService final : public grpc::health::v1::Health::Service {
   // Sets every service NOT_SERVING and ends all Watch streams.
   void Shutdown() ABSL_LOCKS_EXCLUDED(mu_);
 
-  grpc::Status Check(grpc::ServerContext* context, const grpc::health::v1::HealthCheckRequest* request,
+  grpc::Status Check(grpc::ServerContext* context,
+                     const grpc::health::v1::HealthCheckRequest* request,
                      grpc::health::v1::HealthCheckResponse* response) override;
-  grpc::Status Watch(grpc::ServerContext* context, const grpc::health::v1::HealthCheckRequest* request,
+  grpc::Status Watch(grpc::ServerContext* context,
+                     const grpc::health::v1::HealthCheckRequest* request,
                      grpc::ServerWriter<grpc::health::v1::HealthCheckResponse>* writer) override;
 
  private:

@@ -21,7 +21,8 @@
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 
-ABSL_FLAG(std::string, listen, reasonalloc::kDefaultTarget, "Unix socket to serve on: unix:///path");
+ABSL_FLAG(std::string, listen, reasonalloc::kDefaultTarget,
+          "Unix socket to serve on: unix:///path");
 ABSL_FLAG(std::string, socket_mode, "0600", "Permission bits of the socket file (octal)");
 ABSL_FLAG(std::string, tcp_listen, "", "Optional TCP address host:port (port 0 = any free port)");
 ABSL_FLAG(std::string, metrics_address, "127.0.0.1:9464",

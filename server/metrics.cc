@@ -8,19 +8,31 @@
 namespace reasonalloc {
 namespace {
 
-// 1 µs to 10 s: one event of a tiny model takes microseconds, a batched event of a large one seconds.
+// 1 µs to 10 s: one event of a tiny model takes microseconds, a batched event of a large one
+// seconds.
 prometheus::Histogram::BucketBoundaries LatencyBuckets() {
-  return {1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3,
-          5e-3, 1e-2, 2.5e-2, 5e-2, 0.1,   0.25,   0.5,  1.0,  2.5,    5.0,  10.0};
+  return {1e-6, 2.5e-6, 5e-6,   1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3,
+          5e-3, 1e-2,   2.5e-2, 5e-2, 0.1,    0.25, 0.5,  1.0,    2.5,  5.0,  10.0};
 }
 
 const char* CodeName(int code) {
-  static constexpr const char* kNames[] = {
-      "OK",        "CANCELLED",          "UNKNOWN",          "INVALID_ARGUMENT",
-      "DEADLINE_EXCEEDED", "NOT_FOUND",  "ALREADY_EXISTS",   "PERMISSION_DENIED",
-      "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-      "UNIMPLEMENTED", "INTERNAL",       "UNAVAILABLE",      "DATA_LOSS",
-      "UNAUTHENTICATED"};
+  static constexpr const char* kNames[] = {"OK",
+                                           "CANCELLED",
+                                           "UNKNOWN",
+                                           "INVALID_ARGUMENT",
+                                           "DEADLINE_EXCEEDED",
+                                           "NOT_FOUND",
+                                           "ALREADY_EXISTS",
+                                           "PERMISSION_DENIED",
+                                           "RESOURCE_EXHAUSTED",
+                                           "FAILED_PRECONDITION",
+                                           "ABORTED",
+                                           "OUT_OF_RANGE",
+                                           "UNIMPLEMENTED",
+                                           "INTERNAL",
+                                           "UNAVAILABLE",
+                                           "DATA_LOSS",
+                                           "UNAUTHENTICATED"};
   if (code < 0 || code > 16) return "UNKNOWN";
   return kNames[code];
 }
@@ -109,7 +121,9 @@ void Metrics::CountEvicted(absl::string_view scorer, absl::string_view allocator
       .Increment(static_cast<double>(tokens));
 }
 
-void Metrics::AddKeptTokens(int64_t delta) { kv_tokens_kept_.Increment(static_cast<double>(delta)); }
+void Metrics::AddKeptTokens(int64_t delta) {
+  kv_tokens_kept_.Increment(static_cast<double>(delta));
+}
 
 void Metrics::SetPool(int sessions, uint64_t capacity, uint64_t reserved) {
   sessions_.Set(sessions);

@@ -16,11 +16,11 @@ absl::StatusOr<DType> DTypeFromProto(v1::DType dtype, absl::string_view field) {
     case v1::DTYPE_BFLOAT16:
       return DType::kBFloat16;
     case v1::DTYPE_UNSPECIFIED:
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, " is unspecified; expected DTYPE_FLOAT32, DTYPE_FLOAT16 or DTYPE_BFLOAT16"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, " is unspecified; expected DTYPE_FLOAT32, DTYPE_FLOAT16 or DTYPE_BFLOAT16"));
     default:
-      return absl::InvalidArgumentError(absl::StrCat(field, " = ", static_cast<int>(dtype),
-                                                     " is not a known DType"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, " = ", static_cast<int>(dtype), " is not a known DType"));
   }
 }
 

@@ -90,13 +90,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
         absl::StrCat("profile_dir \"", options.profile_dir, "\" is not a directory"));
   }
   if (options.max_message_bytes < 1024 || options.max_message_bytes > 0x7fffffffu) {
-    return absl::InvalidArgumentError(absl::StrCat("max_message_bytes = ", options.max_message_bytes,
-                                                   " is out of range [1024, 2147483647]"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_message_bytes = ", options.max_message_bytes, " is out of range [1024, 2147483647]"));
   }
   if (options.socket_mode > 0777) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("socket_mode = 0", absl::StrFormat("%o", options.socket_mode),
-                     " has bits outside 0777"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "socket_mode = 0", absl::StrFormat("%o", options.socket_mode), " has bits outside 0777"));
   }
 
   s.metrics_ = std::make_unique<Metrics>(so.backend);
@@ -138,21 +137,23 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   grpc::ServerBuilder builder;
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
-  builder.AddListeningPort(absl::StrCat("unix:", s.socket_path_), grpc::InsecureServerCredentials());
+  builder.AddListeningPort(absl::StrCat("unix:", s.socket_path_),
+                           grpc::InsecureServerCredentials());
   int tcp_port = 0;
   if (!options.tcp_listen.empty()) {
     builder.AddListeningPort(options.tcp_listen, grpc::InsecureServerCredentials(), &tcp_port);
   }
   builder.RegisterService(s.service_.get());
   builder.RegisterService(s.health_.get());
-  // The socket is created by BuildAndStart; a restrictive umask means it never exists with looser bits.
+  // The socket is created by BuildAndStart; a restrictive umask means it never exists with looser
+  // bits.
   const mode_t old_umask = ::umask(static_cast<mode_t>(~options.socket_mode & 0777));
   s.server_ = builder.BuildAndStart();
   ::umask(old_umask);
   if (s.server_ == nullptr) {
-    return absl::UnavailableError(absl::StrCat("could not listen on \"", options.listen, "\"",
-                                               options.tcp_listen.empty() ? "" : " or \"",
-                                               options.tcp_listen, options.tcp_listen.empty() ? "" : "\""));
+    return absl::UnavailableError(absl::StrCat(
+        "could not listen on \"", options.listen, "\"", options.tcp_listen.empty() ? "" : " or \"",
+        options.tcp_listen, options.tcp_listen.empty() ? "" : "\""));
   }
   if (::chmod(s.socket_path_.c_str(), static_cast<mode_t>(options.socket_mode)) != 0) {
     return absl::InternalError(absl::StrCat("chmod ", s.socket_path_, ": ", std::strerror(errno)));
@@ -160,8 +161,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   s.listen_addresses_.push_back(absl::StrCat("unix://", s.socket_path_));
   if (!options.tcp_listen.empty()) {
     if (tcp_port == 0) {
-      return absl::UnavailableError(absl::StrCat("tcp_listen \"", options.tcp_listen,
-                                                 "\" could not be bound"));
+      return absl::UnavailableError(
+          absl::StrCat("tcp_listen \"", options.tcp_listen, "\" could not be bound"));
     }
     const std::string host = options.tcp_listen.substr(0, options.tcp_listen.rfind(':'));
     s.listen_addresses_.push_back(absl::StrCat(host, ":", tcp_port));

@@ -1,7 +1,8 @@
 // The sidecar process minus flag parsing: listeners, services, metrics endpoint, lifecycle.
 //
-// Lifecycle: Create() binds everything (health NOT_SERVING) -> Start() (SERVING) -> Drain() (NOT_SERVING,
-// new calls refused, in-flight calls get until the drain deadline, then cancelled) -> Wait() returns.
+// Lifecycle: Create() binds everything (health NOT_SERVING) -> Start() (SERVING) -> Drain()
+// (NOT_SERVING, new calls refused, in-flight calls get until the drain deadline, then cancelled) ->
+// Wait() returns.
 #ifndef REASONALLOC_SERVER_SERVER_H_
 #define REASONALLOC_SERVER_SERVER_H_
 
@@ -24,12 +25,12 @@ namespace reasonalloc {
 struct ServerOptions {
   std::string listen = "unix:///tmp/reasonalloc.sock";  // unix:///path (or unix:path)
   unsigned socket_mode = 0600;                          // permission bits of the socket file
-  std::string tcp_listen;                               // optional host:port (port 0 = any free port)
-  std::string metrics_address = "127.0.0.1:9464";       // empty = no metrics endpoint
-  std::string device = "cpu";                           // cpu | cuda:N
+  std::string tcp_listen;                          // optional host:port (port 0 = any free port)
+  std::string metrics_address = "127.0.0.1:9464";  // empty = no metrics endpoint
+  std::string device = "cpu";                      // cpu | cuda:N
   uint64_t max_arena_bytes = uint64_t{8} << 30;
   int max_sessions = 4096;
-  std::string profile_dir;                              // empty = no layer profiles
+  std::string profile_dir;  // empty = no layer profiles
   uint64_t max_message_bytes = uint64_t{64} << 20;
   absl::Duration default_lease = absl::Seconds(60);
   absl::Duration max_lease = absl::Hours(24);
@@ -42,9 +43,9 @@ class Server {
   static absl::StatusOr<std::unique_ptr<Server>> Create(const ServerOptions& options);
   ~Server();
 
-  void Start();   // health SERVING
-  void Drain();   // idempotent, thread-safe
-  void Wait();    // until drained
+  void Start();  // health SERVING
+  void Drain();  // idempotent, thread-safe
+  void Wait();   // until drained
 
   const std::vector<std::string>& listen_addresses() const { return listen_addresses_; }
   const std::string& metrics_address() const { return metrics_address_; }
@@ -65,7 +66,8 @@ class Server {
   bool drained_ ABSL_GUARDED_BY(drain_mu_) = false;
 };
 
-// Parses "unix:///abs/path" or "unix:rel/or/abs" into the file path; InvalidArgument naming `field` otherwise.
+// Parses "unix:///abs/path" or "unix:rel/or/abs" into the file path; InvalidArgument naming `field`
+// otherwise.
 absl::StatusOr<std::string> UnixSocketPath(const std::string& target, absl::string_view field);
 
 }  // namespace reasonalloc

@@ -58,9 +58,8 @@ absl::Status Session::CheckStep(int64_t step) const {
   if (step < 0) return absl::InvalidArgumentError(absl::StrCat("step = ", step, " is negative"));
   absl::MutexLock lock(&mu_);
   if (step <= state_.last_step) {
-    return absl::FailedPreconditionError(absl::StrCat("step = ", step,
-                                                      " does not follow the session's last step ",
-                                                      state_.last_step));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "step = ", step, " does not follow the session's last step ", state_.last_step));
   }
   return absl::OkStatus();
 }
@@ -76,9 +75,10 @@ uint64_t Session::Commit(int64_t step, const Decision& d) {
 
 absl::StatusOr<Session::CompressGuard> Session::BeginCompress() {
   if (busy_.exchange(true, std::memory_order_acq_rel)) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "session_id \"", id_, "\" already has a Compress in progress; calls on one session are not "
-        "queued"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("session_id \"", id_,
+                     "\" already has a Compress in progress; calls on one session are not "
+                     "queued"));
   }
   return CompressGuard(this);
 }
@@ -122,14 +122,15 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(const SessionCo
                                            std::move(client_tag), lease);
   absl::MutexLock lock(&mu_);
   if (static_cast<int>(sessions_.size()) >= options_.max_sessions) {
-    return absl::ResourceExhaustedError(absl::StrCat("the server holds its maximum of ",
-                                                     options_.max_sessions, " sessions"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the server holds its maximum of ", options_.max_sessions, " sessions"));
   }
   if (bytes > options_.capacity_bytes - reserved_) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the session needs ", bytes, " arena bytes but only ", options_.capacity_bytes - reserved_,
-        " of ", options_.capacity_bytes, " are free (budget.budget, budget.buffer and the model "
-        "geometry decide the size)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the session needs ", bytes, " arena bytes but only ",
+                     options_.capacity_bytes - reserved_, " of ", options_.capacity_bytes,
+                     " are free (budget.budget, budget.buffer and the model "
+                     "geometry decide the size)"));
   }
   reserved_ += bytes;
   sessions_.emplace(session->id(), session);
@@ -179,7 +180,8 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::UpdateBudget(const std
   const uint64_t bytes = ComputeArenaBytes(config).total();
   absl::MutexLock lock(&mu_);
   if (sessions_.find(id) == sessions_.end()) {
-    return absl::NotFoundError(absl::StrCat("session_id \"", id, "\" is unknown, closed or expired"));
+    return absl::NotFoundError(
+        absl::StrCat("session_id \"", id, "\" is unknown, closed or expired"));
   }
   absl::MutexLock session_lock(&session.mu_);
   const uint64_t free_after_release = options_.capacity_bytes - reserved_ + session.reserved_;

@@ -1,13 +1,17 @@
 // Sessions, their leases and the global arena-capacity accounting.
 //
 // Invariants:
-// - reserved_bytes() == Σ over live sessions of their reservation, and never exceeds the capacity: a
-//   session that does not fit is refused (RESOURCE_EXHAUSTED) before anything is reserved, so admitted
-//   sessions are never disturbed.
-// - A session leaves the registry exactly once (close or lease expiry); its bytes are released then. Calls
+// - reserved_bytes() == Σ over live sessions of their reservation, and never exceeds the capacity:
+// a
+//   session that does not fit is refused (RESOURCE_EXHAUSTED) before anything is reserved, so
+//   admitted sessions are never disturbed.
+// - A session leaves the registry exactly once (close or lease expiry); its bytes are released
+// then. Calls
 //   already holding the session's shared_ptr finish on it; new lookups get NOT_FOUND.
-// - At most one Compress runs per session at a time; a second is refused with FAILED_PRECONDITION rather
-//   than queued, because two events racing on one sequence mean the worker lost track of its own steps.
+// - At most one Compress runs per session at a time; a second is refused with FAILED_PRECONDITION
+// rather
+//   than queued, because two events racing on one sequence mean the worker lost track of its own
+//   steps.
 #ifndef REASONALLOC_SERVER_SESSION_REGISTRY_H_
 #define REASONALLOC_SERVER_SESSION_REGISTRY_H_
 
@@ -120,11 +124,12 @@ class SessionRegistry {
   absl::StatusOr<uint64_t> Close(const std::string& id);
   absl::StatusOr<std::shared_ptr<Session>> UpdateBudget(const std::string& id, int budget);
   std::vector<std::shared_ptr<Session>> List() const;
-  // Removes sessions whose lease lapsed before `now`; returns how many. The reaper thread calls this.
+  // Removes sessions whose lease lapsed before `now`; returns how many. The reaper thread calls
+  // this.
   int ReapExpired(absl::Time now);
 
-  // Lease length for a request: zero means the default; negative, non-finite or above the maximum is
-  // InvalidArgument naming `field`.
+  // Lease length for a request: zero means the default; negative, non-finite or above the maximum
+  // is InvalidArgument naming `field`.
   absl::StatusOr<absl::Duration> LeaseFor(double seconds, absl::string_view field) const;
 
   uint64_t capacity_bytes() const { return options_.capacity_bytes; }

@@ -19,7 +19,9 @@ absl::Status Unimplemented(absl::string_view what) {
   return absl::UnimplementedError(absl::StrCat(what, " is not implemented in this build yet"));
 }
 
-int64_t Sum(const std::vector<int32_t>& v) { return std::accumulate(v.begin(), v.end(), int64_t{0}); }
+int64_t Sum(const std::vector<int32_t>& v) {
+  return std::accumulate(v.begin(), v.end(), int64_t{0});
+}
 
 }  // namespace
 
@@ -136,8 +138,8 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext*,
             "memory = ", static_cast<int>(request->memory()), " is not a known MemoryKind"));
     }
     if (request->client_tag().size() > 256) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "client_tag is ", request->client_tag().size(), " bytes long; at most 256 allowed"));
+      return absl::InvalidArgumentError(absl::StrCat("client_tag is ", request->client_tag().size(),
+                                                     " bytes long; at most 256 allowed"));
     }
     auto config = SessionConfigFromProto(*request);
     if (!config.ok()) return config.status();
@@ -147,12 +149,12 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext*,
     if (!session.ok()) return session.status();
     FillSessionInfo(**session, response->mutable_session());
     UpdatePoolGauges();
-    spdlog::info("session {} created: model {} L={} Hq={} Hkv={} d={} B={} scorer={} allocator={} "
-                 "({} arena bytes)",
-                 (*session)->id(), config->model.name, config->model.num_layers,
-                 config->model.num_q_heads, config->model.num_kv_heads, config->model.head_dim,
-                 config->budget.budget, config->scorer.name, config->allocator.name,
-                 (*session)->reserved_bytes());
+    spdlog::info(
+        "session {} created: model {} L={} Hq={} Hkv={} d={} B={} scorer={} allocator={} "
+        "({} arena bytes)",
+        (*session)->id(), config->model.name, config->model.num_layers, config->model.num_q_heads,
+        config->model.num_kv_heads, config->model.head_dim, config->budget.budget,
+        config->scorer.name, config->allocator.name, (*session)->reserved_bytes());
     return absl::OkStatus();
   };
   return Finish("CreateSession", run());
@@ -240,16 +242,16 @@ absl::Status SidecarService::DoCompress(const v1::CompressRequest& request,
   const auto engine = session.engine();
   const SessionConfig& config = engine->config();
   const v1::InlineTensors& in = request.inline_tensors();
-  auto q = RawTensorFromProto(in.query_window(), in.has_query_window(),
-                              "inline_tensors.query_window");
+  auto q =
+      RawTensorFromProto(in.query_window(), in.has_query_window(), "inline_tensors.query_window");
   if (!q.ok()) return q.status();
   auto k = RawTensorFromProto(in.keys(), in.has_keys(), "inline_tensors.keys");
   if (!k.ok()) return k.status();
   auto v = RawTensorFromProto(in.values(), in.has_values(), "inline_tensors.values");
   if (!v.ok()) return v.status();
-  auto prepared = PrepareInlineInputs(config, *q, *k, *v,
-                                      std::span<const int32_t>(in.lengths().data(),
-                                                               static_cast<size_t>(in.lengths().size())));
+  auto prepared = PrepareInlineInputs(
+      config, *q, *k, *v,
+      std::span<const int32_t>(in.lengths().data(), static_cast<size_t>(in.lengths().size())));
   if (!prepared.ok()) return prepared.status();
   if (options_.testing_compress_delay > absl::ZeroDuration()) {
     absl::SleepFor(options_.testing_compress_delay);

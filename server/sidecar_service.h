@@ -1,5 +1,5 @@
-// The reasonalloc.v1.KvSidecar service: maps requests onto the session registry and the engine, and every
-// outcome onto a gRPC status whose message names the field at fault.
+// The reasonalloc.v1.KvSidecar service: maps requests onto the session registry and the engine, and
+// every outcome onto a gRPC status whose message names the field at fault.
 #ifndef REASONALLOC_SERVER_SIDECAR_SERVICE_H_
 #define REASONALLOC_SERVER_SIDECAR_SERVICE_H_
 

@@ -127,10 +127,10 @@ int Sessions(Client& client) {
   std::cout << absl::StrFormat("%-32s  %-16s  %-9s  %-8s  %6s  %6s  %12s  %s\n", "SESSION", "MODEL",
                                "SCORER", "ALLOC", "BUDGET", "EPOCH", "EVICTED", "TAG");
   for (const auto& s : *sessions) {
-    std::cout << absl::StrFormat("%-32s  %-16s  %-9s  %-8s  %6d  %6d  %12d  %s\n",
-                                 s.session_id(), s.model().name(), s.scorer().name(),
-                                 s.allocator().name(), s.budget().budget(), s.epoch(),
-                                 s.evicted_tokens_total(), s.client_tag());
+    std::cout << absl::StrFormat("%-32s  %-16s  %-9s  %-8s  %6d  %6d  %12d  %s\n", s.session_id(),
+                                 s.model().name(), s.scorer().name(), s.allocator().name(),
+                                 s.budget().budget(), s.epoch(), s.evicted_tokens_total(),
+                                 s.client_tag());
   }
   return 0;
 }
@@ -184,7 +184,8 @@ int CompressCommand(Client& client) {
   auto lengths = ReadInput(FLAGS_lengths, "lengths", false);
   if (!lengths.ok()) return Fail(kUsageError, "compress", lengths.status());
   const std::string out_dir = absl::GetFlag(FLAGS_out);
-  if (out_dir.empty()) return Fail(kUsageError, "compress", absl::InvalidArgumentError("--out is required"));
+  if (out_dir.empty())
+    return Fail(kUsageError, "compress", absl::InvalidArgumentError("--out is required"));
   std::error_code ec;
   std::filesystem::create_directories(out_dir, ec);
   if (ec) {
@@ -227,8 +228,8 @@ int CompressCommand(Client& client) {
       }
       if (value < 0 || value > INT32_MAX) {
         return Fail(kUsageError, "compress",
-                    absl::InvalidArgumentError(absl::StrCat("--lengths[", i, "] = ", value,
-                                                            " is out of range")));
+                    absl::InvalidArgumentError(
+                        absl::StrCat("--lengths[", i, "] = ", value, " is out of range")));
       }
       in->add_lengths(static_cast<int32_t>(value));
     }
@@ -245,8 +246,8 @@ int CompressCommand(Client& client) {
     m->set_num_kv_heads(static_cast<int32_t>(keys->shape[1]));
     m->set_head_dim(static_cast<int32_t>(keys->shape[3]));
     m->set_dtype(has_values ? in->values().dtype() : in->keys().dtype());
-    m->set_max_context(static_cast<int32_t>(
-        std::max<int64_t>(absl::GetFlag(FLAGS_max_context), keys->shape[2])));
+    m->set_max_context(
+        static_cast<int32_t>(std::max<int64_t>(absl::GetFlag(FLAGS_max_context), keys->shape[2])));
     create.mutable_budget()->set_budget(absl::GetFlag(FLAGS_budget));
     create.mutable_budget()->set_buffer(absl::GetFlag(FLAGS_buffer));
     create.mutable_budget()->set_window(static_cast<int32_t>(queries->shape[2]));
@@ -256,8 +257,9 @@ int CompressCommand(Client& client) {
     const std::string pool = absl::GetFlag(FLAGS_pool_kind);
     const std::string gqa = absl::GetFlag(FLAGS_gqa_reduce);
     if ((pool != "max" && pool != "avg") || (gqa != "max" && gqa != "mean")) {
-      return Fail(kUsageError, "compress",
-                  absl::InvalidArgumentError("--pool_kind must be max|avg and --gqa_reduce max|mean"));
+      return Fail(
+          kUsageError, "compress",
+          absl::InvalidArgumentError("--pool_kind must be max|avg and --gqa_reduce max|mean"));
     }
     create.mutable_scorer()->set_pool_kind(pool == "max" ? v1::POOL_KIND_MAX : v1::POOL_KIND_AVG);
     create.mutable_scorer()->set_gqa_reduce(gqa == "max" ? v1::GQA_REDUCE_MAX
@@ -312,7 +314,8 @@ int CompressCommand(Client& client) {
     outputs.emplace_back(name, std::move(*a));
   }
   for (const auto& [name, array] : outputs) {
-    if (auto s = WriteOutput(out_dir, name, array); !s.ok()) return Fail(kUsageError, "compress", s);
+    if (auto s = WriteOutput(out_dir, name, array); !s.ok())
+      return Fail(kUsageError, "compress", s);
   }
 
   int64_t total = 0;
@@ -324,13 +327,12 @@ int CompressCommand(Client& client) {
       "heads\n",
       session_id, response->step(), response->epoch(), total - d.evicted_tokens(), total,
       d.evicted_tokens(), L, H);
-  std::cout << absl::StrFormat("timings: score %.1f us, allocate %.1f us, select %.1f us, "
-                               "compact %.1f us, total %.1f us\n",
-                               response->timings().score_seconds() * 1e6,
-                               response->timings().allocate_seconds() * 1e6,
-                               response->timings().select_seconds() * 1e6,
-                               response->timings().compact_seconds() * 1e6,
-                               response->timings().total_seconds() * 1e6);
+  std::cout << absl::StrFormat(
+      "timings: score %.1f us, allocate %.1f us, select %.1f us, "
+      "compact %.1f us, total %.1f us\n",
+      response->timings().score_seconds() * 1e6, response->timings().allocate_seconds() * 1e6,
+      response->timings().select_seconds() * 1e6, response->timings().compact_seconds() * 1e6,
+      response->timings().total_seconds() * 1e6);
   std::cout << "wrote";
   for (const auto& [name, array] : outputs) std::cout << " " << name;
   std::cout << " to " << out_dir << "\n";

@@ -25,8 +25,8 @@ class Cli : public ::testing::Test {
     dir_ = server_->dir();
   }
   std::string Run(const std::string& args, int expected_code) {
-    auto r = RunCommand(absl::StrCat(REASONALLOC_CLI_BINARY, " ", args,
-                                     " --target=", server_->target()));
+    auto r = RunCommand(
+        absl::StrCat(REASONALLOC_CLI_BINARY, " ", args, " --target=", server_->target()));
     EXPECT_EQ(r.exit_code, expected_code) << args << "\n" << r.output;
     return r.output;
   }
@@ -68,14 +68,15 @@ TEST_F(Cli, InfoHealthSessions) {
 }
 
 TEST_F(Cli, CompressWritesDecisionsAsNpy) {
-  // L=2, Hq=4, Hkv=2, window 3, d=5, N=20; streaming with budget 8 and 2 sinks keeps 0,1 and 15..19.
+  // L=2, Hq=4, Hkv=2, window 3, d=5, N=20; streaming with budget 8 and 2 sinks keeps 0,1
+  // and 15..19.
   WriteF32("q.npy", {2, 4, 3, 5}, 1.0f);
   WriteF32("k.npy", {2, 2, 20, 5}, 1.0f);
   WriteF32("v.npy", {2, 2, 20, 5}, 2.0f);
   const std::string out = dir_ + "/out";
   const std::string text =
-      Run(absl::StrCat("compress --queries ", dir_, "/q.npy --keys ", dir_, "/k.npy --values ", dir_,
-                       "/v.npy --budget 8 --sinks 2 --scorer streaming --out ", out),
+      Run(absl::StrCat("compress --queries ", dir_, "/q.npy --keys ", dir_, "/k.npy --values ",
+                       dir_, "/v.npy --budget 8 --sinks 2 --scorer streaming --out ", out),
           0);
   EXPECT_THAT(text, HasSubstr("kept 32 of 80 tokens (48 evicted)"));
   auto idx = ReadNpyFile(out + "/kept_indices.npy");
@@ -127,8 +128,8 @@ TEST_F(Cli, ErrorsAndExitCodes) {
                                "/k.npy --budget 2 --out ", dir_, "/o"),
                   1),
               HasSubstr("budget.budget = 2"));
-  auto r = RunCommand(absl::StrCat(REASONALLOC_CLI_BINARY,
-                                   " info --timeout_seconds=2 --target=unix:///nonexistent/x.sock"));
+  auto r = RunCommand(absl::StrCat(
+      REASONALLOC_CLI_BINARY, " info --timeout_seconds=2 --target=unix:///nonexistent/x.sock"));
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.output, HasSubstr("UNAVAILABLE"));
 }

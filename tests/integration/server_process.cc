@@ -52,14 +52,15 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const Option
   p->client_ = *Client::Connect(co);
   if (!options.wait_ready) return p;
   const absl::Time deadline = absl::Now() + absl::Seconds(20);
-  // A channel that fails its first connection backs off for a second or more, so wait for the socket
-  // file before the first call.
+  // A channel that fails its first connection backs off for a second or more, so wait for the
+  // socket file before the first call.
   while (absl::Now() < deadline && !std::filesystem::exists(p->socket_path_) && p->Running()) {
     absl::SleepFor(absl::Milliseconds(5));
   }
   while (absl::Now() < deadline) {
     if (!p->Running()) {
-      return absl::InternalError(absl::StrCat("server exited with ", p->exit_code_, ":\n", p->Log()));
+      return absl::InternalError(
+          absl::StrCat("server exited with ", p->exit_code_, ":\n", p->Log()));
     }
     auto health = p->client_->CheckHealth();
     if (health.ok() && *health == grpc::health::v1::HealthCheckResponse::SERVING) return p;

@@ -1,5 +1,5 @@
-// Runs the real reasonalloc-server binary for a test: a private temporary directory holds its Unix socket,
-// the metrics endpoint binds port 0, stderr goes to a log file the test can read.
+// Runs the real reasonalloc-server binary for a test: a private temporary directory holds its Unix
+// socket, the metrics endpoint binds port 0, stderr goes to a log file the test can read.
 #ifndef REASONALLOC_TESTS_INTEGRATION_SERVER_PROCESS_H_
 #define REASONALLOC_TESTS_INTEGRATION_SERVER_PROCESS_H_
 
@@ -19,10 +19,10 @@ namespace reasonalloc::testing {
 class ServerProcess {
  public:
   struct Options {
-    std::vector<std::string> args;               // extra flags
-    std::map<std::string, std::string> env;      // extra environment
-    bool pass_listen = true;                     // add --listen <private socket>
-    bool wait_ready = true;                      // wait for health SERVING
+    std::vector<std::string> args;           // extra flags
+    std::map<std::string, std::string> env;  // extra environment
+    bool pass_listen = true;                 // add --listen <private socket>
+    bool wait_ready = true;                  // wait for health SERVING
   };
   static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(const Options& options);
   static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(std::vector<std::string> args = {}) {

@@ -1,5 +1,5 @@
-// The real server binary driven through the C++ client: sessions, inline Compress, bad input, health,
-// draining, limits and metrics.
+// The real server binary driven through the C++ client: sessions, inline Compress, bad input,
+// health, draining, limits and metrics.
 #include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
@@ -65,7 +65,8 @@ v1::CompressRequest CompressRequest(const std::string& session, int64_t step, in
   r.set_session_id(session);
   r.set_step(step);
   auto* in = r.mutable_inline_tensors();
-  *in->mutable_query_window() = F32Tensor({kL, kHq, kWindow, kD}, Pattern(kL * kHq * kWindow * kD, 1));
+  *in->mutable_query_window() =
+      F32Tensor({kL, kHq, kWindow, kD}, Pattern(kL * kHq * kWindow * kD, 1));
   *in->mutable_keys() = F32Tensor({kL, kHkv, n, kD}, Pattern(size_t{kL} * kHkv * n * kD, 2));
   if (with_values) {
     std::vector<float> v(size_t{kL} * kHkv * n * kD);
@@ -100,7 +101,7 @@ TEST(Server, HealthAndSocketPermissions) {
   EXPECT_EQ(*server->client().CheckHealth("reasonalloc.v1.KvSidecar"), Health::SERVING);
   EXPECT_EQ(server->client().CheckHealth("no.such.Service").status().code(),
             absl::StatusCode::kNotFound);
-  struct stat st{};
+  struct stat st {};
   ASSERT_EQ(stat(server->socket_path().c_str(), &st), 0);
   EXPECT_TRUE(S_ISSOCK(st.st_mode));
   EXPECT_EQ(st.st_mode & 0777, 0600u);
@@ -109,7 +110,7 @@ TEST(Server, HealthAndSocketPermissions) {
 TEST(Server, SocketModeFlag) {
   auto server = MustStart({"--socket_mode=0660"});
   ASSERT_NE(server, nullptr);
-  struct stat st{};
+  struct stat st {};
   ASSERT_EQ(stat(server->socket_path().c_str(), &st), 0);
   EXPECT_EQ(st.st_mode & 0777, 0660u);
 }
@@ -174,8 +175,8 @@ TEST(Server, SessionLifecycle) {
   auto again = c.CloseSession(s.session_id());
   ASSERT_TRUE(again.ok());
   EXPECT_FALSE(again->existed());
-  ExpectStatus(c.GetSession(s.session_id()).status(), absl::StatusCode::kNotFound,
-               s.session_id(), "get after close");
+  ExpectStatus(c.GetSession(s.session_id()).status(), absl::StatusCode::kNotFound, s.session_id(),
+               "get after close");
   ExpectStatus(c.Compress(CompressRequest(s.session_id(), 0, 20)).status(),
                absl::StatusCode::kNotFound, "session_id", "compress after close");
   ExpectStatus(c.KeepAlive(s.session_id()).status(), absl::StatusCode::kNotFound, "session_id",
@@ -267,8 +268,8 @@ TEST(Server, SnapKvKeepsAttendedKeysInFp16) {
   req.mutable_scorer()->set_pool_kernel(1);
   req.set_mode(v1::SESSION_MODE_ADVISORY);
   const std::string id = CreateOrDie(*server, req);
-  // Every window query is +x; keys 5 and 11 point along +x, the rest along +y. Budget 6 - window 4 = 2
-  // candidates kept: 5 and 11, plus the window 16..19.
+  // Every window query is +x; keys 5 and 11 point along +x, the rest along +y. Budget 6 - window 4
+  // = 2 candidates kept: 5 and 11, plus the window 16..19.
   const int n = 20;
   v1::CompressRequest r;
   r.set_session_id(id);
@@ -285,7 +286,8 @@ TEST(Server, SnapKvKeepsAttendedKeysInFp16) {
   auto* in = r.mutable_inline_tensors();
   in->mutable_query_window()->set_dtype(v1::DTYPE_FLOAT16);
   for (int d : {kL, kHq, kWindow, kD}) in->mutable_query_window()->add_shape(d);
-  in->mutable_query_window()->set_data(std::string(reinterpret_cast<char*>(q.data()), q.size() * 2));
+  in->mutable_query_window()->set_data(
+      std::string(reinterpret_cast<char*>(q.data()), q.size() * 2));
   in->mutable_keys()->set_dtype(v1::DTYPE_FLOAT16);
   for (int d : {kL, kHkv, n, kD}) in->mutable_keys()->add_shape(d);
   in->mutable_keys()->set_data(std::string(reinterpret_cast<char*>(k.data()), k.size() * 2));
@@ -382,22 +384,29 @@ TEST(Server, BadCompressRequestsNameTheTensor) {
       {"keys byte length",
        [](auto& r) { r.mutable_inline_tensors()->mutable_keys()->mutable_data()->resize(100); },
        absl::StatusCode::kInvalidArgument, "inline_tensors.keys holds 100 bytes"},
-      {"query shape", [](auto& r) { r.mutable_inline_tensors()->mutable_query_window()->set_shape(1, 3); },
+      {"query shape",
+       [](auto& r) { r.mutable_inline_tensors()->mutable_query_window()->set_shape(1, 3); },
        absl::StatusCode::kInvalidArgument, "inline_tensors.query_window has shape"},
-      {"keys rank", [](auto& r) { r.mutable_inline_tensors()->mutable_keys()->mutable_shape()->RemoveLast(); },
+      {"keys rank",
+       [](auto& r) { r.mutable_inline_tensors()->mutable_keys()->mutable_shape()->RemoveLast(); },
        absl::StatusCode::kInvalidArgument, "inline_tensors.keys has shape"},
-      {"keys dtype", [](auto& r) { r.mutable_inline_tensors()->mutable_keys()->set_dtype(v1::DTYPE_UNSPECIFIED); },
+      {"keys dtype",
+       [](auto& r) {
+         r.mutable_inline_tensors()->mutable_keys()->set_dtype(v1::DTYPE_UNSPECIFIED);
+       },
        absl::StatusCode::kInvalidArgument, "inline_tensors.keys.dtype"},
       {"nan query",
        [nan](auto& r) {
          std::memcpy(r.mutable_inline_tensors()->mutable_query_window()->mutable_data()->data() + 8,
                      &nan, 4);
        },
-       absl::StatusCode::kInvalidArgument, "inline_tensors.query_window holds a NaN or Inf at flat index 2"},
+       absl::StatusCode::kInvalidArgument,
+       "inline_tensors.query_window holds a NaN or Inf at flat index 2"},
       {"inf key",
        [](auto& r) {
          const float inf = INFINITY;
-         std::memcpy(r.mutable_inline_tensors()->mutable_keys()->mutable_data()->data() + 4, &inf, 4);
+         std::memcpy(r.mutable_inline_tensors()->mutable_keys()->mutable_data()->data() + 4, &inf,
+                     4);
        },
        absl::StatusCode::kInvalidArgument, "inline_tensors.keys holds a NaN or Inf"},
       {"nan value",
@@ -504,9 +513,8 @@ TEST(Server, DrainFinishesInFlightCallsThenExitsZero) {
   ASSERT_TRUE(watch->Read(&update));
   EXPECT_EQ(update.status(), Health::SERVING);
 
-  auto in_flight = std::async(std::launch::async, [&] {
-    return server->client().Compress(CompressRequest(id, 0, 24));
-  });
+  auto in_flight = std::async(
+      std::launch::async, [&] { return server->client().Compress(CompressRequest(id, 0, 24)); });
   absl::SleepFor(absl::Milliseconds(400));
   ASSERT_EQ(kill(server->pid(), SIGTERM), 0);
   ASSERT_TRUE(watch->Read(&update));
@@ -549,9 +557,8 @@ TEST(Server, MetricsEndpoint) {
         "reasonalloc_requests_total{code=\"NOT_FOUND\",method=\"GetSession\"} 1",
         "reasonalloc_requests_total{code=\"OK\",method=\"CreateSession\"} 1",
         "reasonalloc_compress_duration_seconds_bucket{stage=\"score\",le=\"1e-06\"}",
-        "reasonalloc_compress_duration_seconds_count{stage=\"total\"} 1",
-        "reasonalloc_sessions 1", "reasonalloc_arena_bytes{state=\"reserved\"}",
-        "reasonalloc_arena_bytes{state=\"free\"}",
+        "reasonalloc_compress_duration_seconds_count{stage=\"total\"} 1", "reasonalloc_sessions 1",
+        "reasonalloc_arena_bytes{state=\"reserved\"}", "reasonalloc_arena_bytes{state=\"free\"}",
         "reasonalloc_tokens_evicted_total{allocator=\"uniform\",scorer=\"snapkv\"} 112",
         "reasonalloc_kv_tokens{state=\"kept\"} 48", "reasonalloc_build_info{"}) {
     EXPECT_THAT(*body, HasSubstr(needle));
@@ -567,8 +574,8 @@ TEST(Server, EnvironmentConfiguresFlags) {
   ServerProcess::Options o;
   o.pass_listen = false;
   o.env["REASONALLOC_MAX_ARENA_BYTES"] = "777777";
-  // The socket path comes from the environment; the helper's temp dir name is only known after start,
-  // so use a fixed name under a fresh directory.
+  // The socket path comes from the environment; the helper's temp dir name is only known after
+  // start, so use a fixed name under a fresh directory.
   char tmpl[] = "/tmp/reasonalloc-env-XXXXXX";
   ASSERT_NE(mkdtemp(tmpl), nullptr);
   const std::string sock = std::string(tmpl) + "/env.sock";
@@ -576,7 +583,8 @@ TEST(Server, EnvironmentConfiguresFlags) {
   o.wait_ready = false;
   auto p = ServerProcess::Start(o);
   ASSERT_TRUE(p.ok());
-  for (int i = 0; i < 1000 && !std::filesystem::exists(sock); ++i) absl::SleepFor(absl::Milliseconds(5));
+  for (int i = 0; i < 1000 && !std::filesystem::exists(sock); ++i)
+    absl::SleepFor(absl::Milliseconds(5));
   Client::Options co;
   co.target = "unix://" + sock;
   auto client = Client::Connect(co);

@@ -20,7 +20,8 @@ TEST(DType, SizesAndNames) {
 }
 
 TEST(DType, HalfKnownBitPatterns) {
-  // Values worked out from the IEEE binary16 layout: sign | 5-bit exponent (bias 15) | 10-bit mantissa.
+  // Values worked out from the IEEE binary16 layout: sign | 5-bit exponent (bias 15) | 10-bit
+  // mantissa.
   EXPECT_EQ(HalfToFloat(0x3c00), 1.0f);
   EXPECT_EQ(HalfToFloat(0xc000), -2.0f);
   EXPECT_EQ(HalfToFloat(0x3555), 0.333251953125f);

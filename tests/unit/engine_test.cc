@@ -48,7 +48,8 @@ TEST(Engine, InvariantsOnRandomInputs) {
     const int hkv = 1 + trial % 4;
     const int group = 1 + trial % 3;
     const std::string scorer = trial % 2 == 0 ? "snapkv" : "streaming";
-    SessionConfig c = Config(1 + trial % 3, hkv * group, hkv, 4 + trial % 5, 9 + trial % 30, scorer);
+    SessionConfig c =
+        Config(1 + trial % 3, hkv * group, hkv, 4 + trial % 5, 9 + trial % 30, scorer);
     c.budget.window = 1 + trial % 8;
     c.budget.budget = std::max(c.budget.budget, c.budget.window + 1);
     auto engine = Engine::Create(c);
@@ -81,9 +82,11 @@ TEST(Engine, InvariantsOnRandomInputs) {
       }
       // The mask says the same as the indices.
       int bits = 0;
-      for (int w = 0; w < words; ++w) bits += __builtin_popcountll(mask[static_cast<size_t>(h * words + w)]);
+      for (int w = 0; w < words; ++w)
+        bits += __builtin_popcountll(mask[static_cast<size_t>(h * words + w)]);
       ASSERT_EQ(bits, static_cast<int>(kept.size()));
-      for (int32_t j : kept) ASSERT_TRUE(mask[static_cast<size_t>(h * words + j / 64)] >> (j % 64) & 1);
+      for (int32_t j : kept)
+        ASSERT_TRUE(mask[static_cast<size_t>(h * words + j / 64)] >> (j % 64) & 1);
       evicted += n - static_cast<int64_t>(kept.size());
     }
     EXPECT_EQ(d->evicted_tokens, evicted);
@@ -92,7 +95,8 @@ TEST(Engine, InvariantsOnRandomInputs) {
 
 TEST(Engine, SnapKvKeepsTheKeysTheWindowAttendsTo) {
   // One head, d = 2, window 2. The window queries point along +x; candidate keys along +x get large
-  // logits, the rest point along +y. Budget 4 keeps the two +x keys (indices 3 and 7) and the window.
+  // logits, the rest point along +y. Budget 4 keeps the two +x keys (indices 3 and 7) and the
+  // window.
   SessionConfig c = Config(1, 1, 1, 2, 4, "snapkv");
   c.budget.window = 2;
   c.scorer.pool_kernel = 1;

@@ -28,8 +28,7 @@ std::vector<float> Score(const ScorerConfig& config, const std::vector<float>& q
   return out;
 }
 
-ScorerConfig SnapKv(int kernel, PoolKind pool = PoolKind::kMax,
-                    GqaReduce gqa = GqaReduce::kMax) {
+ScorerConfig SnapKv(int kernel, PoolKind pool = PoolKind::kMax, GqaReduce gqa = GqaReduce::kMax) {
   ScorerConfig c;
   c.name = "snapkv";
   c.pool_kernel = kernel;
@@ -61,7 +60,8 @@ TEST(SnapKv, MaxPoolIgnoresPadding) {
 }
 
 TEST(SnapKv, AvgPoolCountsPaddingAsZero) {
-  // [1/6, 1/3, 1/2] averaged over 3 with zero padding: [(0+1/6+1/3)/3, (1/6+1/3+1/2)/3, (1/3+1/2+0)/3].
+  // [1/6, 1/3, 1/2] averaged over 3 with zero padding: [(0+1/6+1/3)/3, (1/6+1/3+1/2)/3,
+  // (1/3+1/2+0)/3].
   const std::vector<float> q = {1.0f};
   const std::vector<float> k = {0.0f, std::log(2.0f), std::log(3.0f), 0.0f};
   const auto s = Score(SnapKv(3, PoolKind::kAvg), q, k, 4, 1, 1, 1);
@@ -107,8 +107,8 @@ TEST(Streaming, SinksFirstThenNewest) {
   c.name = "streaming";
   const auto s = Score(c, {}, std::vector<float>(10, 0.0f), 10, 1, 2, 1, /*sinks=*/2);
   ASSERT_EQ(s.size(), 8u);
-  EXPECT_EQ(s[0], s[1]);      // sinks tie (selection takes the lower ones first)
-  EXPECT_GT(s[1], s[7]);      // every sink beats every other token
+  EXPECT_EQ(s[0], s[1]);  // sinks tie (selection takes the lower ones first)
+  EXPECT_GT(s[1], s[7]);  // every sink beats every other token
   for (int j = 2; j < 7; ++j) EXPECT_LT(s[j], s[j + 1]);  // newer beats older
 }
 
