@@ -10,11 +10,14 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
 #include "gpu/device_probe.h"
 #include "spdlog/spdlog.h"
 
@@ -31,6 +34,20 @@ bool SocketInUse(const std::string& path) {
   const bool in_use = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
   ::close(fd);
   return in_use;
+}
+
+std::string CpuModelName() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (absl::StartsWith(line, "model name")) {
+      const size_t colon = line.find(':');
+      if (colon != std::string::npos) {
+        return std::string(absl::StripAsciiWhitespace(line.substr(colon + 1)));
+      }
+    }
+  }
+  return "host CPU";
 }
 
 }  // namespace
@@ -64,7 +81,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   so.testing_compress_delay = options.testing_compress_delay;
   if (options.device == "cpu") {
     so.backend = "cpu";
-    so.device_name = "host CPU";
+    so.device_name = CpuModelName();
   } else if (absl::StartsWith(options.device, "cuda:")) {
     int index = -1;
     if (!absl::SimpleAtoi(options.device.substr(5), &index) || index < 0) {
@@ -93,6 +110,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     return absl::InvalidArgumentError(absl::StrCat(
         "max_message_bytes = ", options.max_message_bytes, " is out of range [1024, 2147483647]"));
   }
+  if (options.max_sessions < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_sessions = ", options.max_sessions, " must be at least 1"));
+  }
   if (options.socket_mode > 0777) {
     return absl::InvalidArgumentError(absl::StrCat(
         "socket_mode = 0", absl::StrFormat("%o", options.socket_mode), " has bits outside 0777"));
@@ -104,13 +125,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   ro.max_sessions = options.max_sessions;
   ro.default_lease = options.default_lease;
   ro.max_lease = options.max_lease;
-  SidecarService* service_ptr = nullptr;
-  s.registry_ = std::make_unique<SessionRegistry>(
-      ro, [&service_ptr, &s](const Session& session, const char* why) {
-        // The service outlives the registry's users; it is set before any session can exist.
-        if (s.service_) s.service_->OnSessionReleased(session, why);
-      });
-  (void)service_ptr;
+  s.registry_ = std::make_unique<SessionRegistry>(ro, [&s](Session& session, const char* why) {
+    // Sessions exist only once the service does; the registry is destroyed before it.
+    if (s.service_) s.service_->OnSessionReleased(session, why);
+  });
   s.service_ = std::make_unique<SidecarService>(so, s.registry_.get(), s.metrics_.get());
   s.health_ = std::make_unique<HealthService>(
       std::initializer_list<std::string>{"", "reasonalloc.v1.KvSidecar"});
@@ -175,9 +193,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
 Server::~Server() {
   // A server whose Create failed half-way never started listening: nothing to drain, and the socket
   // path may belong to another server.
-  if (server_ == nullptr) return;
-  Drain();
-  Wait();
+  if (server_ != nullptr) {
+    Drain();
+    Wait();
+  }
+  // The registry's reaper calls into the service: stop it while the service still exists.
+  registry_.reset();
 }
 
 void Server::Start() {

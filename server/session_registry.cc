@@ -1,6 +1,7 @@
 #include "server/session_registry.h"
 
 #include <cmath>
+#include <numeric>
 #include <random>
 
 #include "absl/strings/str_cat.h"
@@ -64,13 +65,28 @@ absl::Status Session::CheckStep(int64_t step) const {
   return absl::OkStatus();
 }
 
-uint64_t Session::Commit(int64_t step, const Decision& d) {
+namespace {
+int64_t Sum(const std::vector<int32_t>& v) {
+  return std::accumulate(v.begin(), v.end(), int64_t{0});
+}
+}  // namespace
+
+Session::CommitResult Session::Commit(int64_t step, const Decision& d) {
   absl::MutexLock lock(&mu_);
+  CommitResult r;
+  if (!released_) r.kept_delta = Sum(d.kept_lengths) - Sum(state_.kept_lengths);
   state_.last_step = step;
   state_.budgets = d.budgets;
   state_.kept_lengths = d.kept_lengths;
   state_.evicted_total += static_cast<uint64_t>(d.evicted_tokens);
-  return ++state_.epoch;
+  r.epoch = ++state_.epoch;
+  return r;
+}
+
+int64_t Session::Release() {
+  absl::MutexLock lock(&mu_);
+  released_ = true;
+  return Sum(state_.kept_lengths);
 }
 
 absl::StatusOr<Session::CompressGuard> Session::BeginCompress() {

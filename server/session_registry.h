@@ -63,8 +63,15 @@ class Session {
   absl::Time Renew(absl::Duration lease = absl::ZeroDuration()) ABSL_LOCKS_EXCLUDED(mu_);
   // FAILED_PRECONDITION unless `step` comes after the previous event's step.
   absl::Status CheckStep(int64_t step) const ABSL_LOCKS_EXCLUDED(mu_);
-  // Records a finished event; returns the new epoch.
-  uint64_t Commit(int64_t step, const Decision& decision) ABSL_LOCKS_EXCLUDED(mu_);
+  // Records a finished event. `kept_delta` is the change in tokens held, zero once the session has
+  // left the registry (its tokens were already accounted out by Release).
+  struct CommitResult {
+    uint64_t epoch = 0;
+    int64_t kept_delta = 0;
+  };
+  CommitResult Commit(int64_t step, const Decision& decision) ABSL_LOCKS_EXCLUDED(mu_);
+  // Marks the session as gone from the registry; returns the tokens it held. Called exactly once.
+  int64_t Release() ABSL_LOCKS_EXCLUDED(mu_);
 
   // Exclusive right to run Compress; released when the guard goes out of scope.
   class CompressGuard {
@@ -96,6 +103,7 @@ class Session {
   std::shared_ptr<const Engine> engine_ ABSL_GUARDED_BY(mu_);
   uint64_t reserved_ ABSL_GUARDED_BY(mu_);
   State state_ ABSL_GUARDED_BY(mu_);
+  bool released_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 class SessionRegistry {
@@ -108,7 +116,7 @@ class SessionRegistry {
     absl::Duration reap_interval = absl::Milliseconds(100);
   };
   // Called (outside the registry's lock) for each session that leaves: "closed" or "expired".
-  using ReleaseCallback = std::function<void(const Session&, const char* why)>;
+  using ReleaseCallback = std::function<void(Session&, const char* why)>;
 
   explicit SessionRegistry(Options options, ReleaseCallback on_release = nullptr);
   ~SessionRegistry();

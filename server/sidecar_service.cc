@@ -19,10 +19,6 @@ absl::Status Unimplemented(absl::string_view what) {
   return absl::UnimplementedError(absl::StrCat(what, " is not implemented in this build yet"));
 }
 
-int64_t Sum(const std::vector<int32_t>& v) {
-  return std::accumulate(v.begin(), v.end(), int64_t{0});
-}
-
 }  // namespace
 
 SidecarService::SidecarService(Options options, SessionRegistry* registry, Metrics* metrics)
@@ -55,9 +51,9 @@ void SidecarService::UpdatePoolGauges() {
   metrics_->SetPool(registry_->size(), registry_->capacity_bytes(), registry_->reserved_bytes());
 }
 
-void SidecarService::OnSessionReleased(const Session& session, const char* why) {
+void SidecarService::OnSessionReleased(Session& session, const char* why) {
   metrics_->CountSessionEnd(why);
-  metrics_->AddKeptTokens(-Sum(session.Snapshot().kept_lengths));
+  metrics_->AddKeptTokens(-session.Release());
   UpdatePoolGauges();
   spdlog::info("session {} {} (released {} arena bytes)", session.id(), why,
                session.reserved_bytes());
@@ -284,17 +280,16 @@ absl::Status SidecarService::DoCompress(const v1::CompressRequest& request,
   decision->seconds.total =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
-  const int64_t kept_before = Sum(session.Snapshot().kept_lengths);
-  const uint64_t epoch = session.Commit(request.step(), *decision);
+  const Session::CommitResult committed = session.Commit(request.step(), *decision);
   response->set_session_id(session.id());
   response->set_step(request.step());
-  response->set_epoch(epoch);
+  response->set_epoch(committed.epoch);
   DecisionToProto(*decision, prepared->n_max, !request.omit_keep_mask(),
                   response->mutable_decision());
   TimingsToProto(decision->seconds, response->mutable_timings());
   metrics_->ObserveCompress(decision->seconds);
   metrics_->CountEvicted(config.scorer.name, config.allocator.name, decision->evicted_tokens);
-  metrics_->AddKeptTokens(Sum(decision->kept_lengths) - kept_before);
+  metrics_->AddKeptTokens(committed.kept_delta);
   return absl::OkStatus();
 }
 

@@ -69,7 +69,7 @@ class SidecarService final : public v1::KvSidecar::Service {
                             grpc::ServerWriter<v1::MetricsEvent>*) override;
 
   // Called when a session leaves the registry (close or lease expiry).
-  void OnSessionReleased(const Session& session, const char* why);
+  void OnSessionReleased(Session& session, const char* why);
 
  private:
   absl::Status DoCompress(const v1::CompressRequest& request, v1::CompressResponse* response);

@@ -54,7 +54,7 @@ TEST(SessionRegistry, UnknownSessionIsNotFound) {
 
 TEST(SessionRegistry, LapsedLeaseIsReclaimedAndAccountedBack) {
   std::atomic<int> expired{0};
-  SessionRegistry reg(Opts(1 << 30), [&](const Session&, const char* why) {
+  SessionRegistry reg(Opts(1 << 30), [&](Session&, const char* why) {
     if (std::string(why) == "expired") ++expired;
   });
   auto s = reg.Create(Small(), "", absl::Milliseconds(50));
@@ -113,9 +113,27 @@ TEST(SessionRegistry, StepsMustIncrease) {
   Decision d;
   d.budgets.assign(4, 32);
   d.kept_lengths.assign(4, 10);
-  EXPECT_EQ((*s)->Commit(5, d), 1u);
+  const auto first = (*s)->Commit(5, d);
+  EXPECT_EQ(first.epoch, 1u);
+  EXPECT_EQ(first.kept_delta, 40);
   EXPECT_EQ((*s)->CheckStep(5).code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_TRUE((*s)->CheckStep(6).ok());
+}
+
+TEST(SessionRegistry, ReleasedSessionsStopCountingKeptTokens) {
+  SessionRegistry reg(Opts(1 << 30));
+  auto s = reg.Create(Small(), "", absl::Seconds(60));
+  ASSERT_TRUE(s.ok());
+  Decision d;
+  d.budgets.assign(4, 32);
+  d.kept_lengths.assign(4, 10);
+  EXPECT_EQ((*s)->Commit(1, d).kept_delta, 40);
+  EXPECT_EQ((*s)->Release(), 40);
+  // An event that finishes after the session left (e.g. its lease lapsed mid-call) changes nothing.
+  d.kept_lengths.assign(4, 20);
+  const auto late = (*s)->Commit(2, d);
+  EXPECT_EQ(late.epoch, 2u);
+  EXPECT_EQ(late.kept_delta, 0);
 }
 
 TEST(SessionRegistry, UpdateBudgetReaccounts) {
