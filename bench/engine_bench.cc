@@ -30,7 +30,7 @@ void BM_Compress(benchmark::State& state, const char* scorer, int layers) {
   for (float& x : k) x = normal(rng);
   std::vector<int32_t> lengths(static_cast<size_t>(layers) * 8, static_cast<int32_t>(n));
   for (auto _ : state) {
-    auto d = (*engine)->Compress({q.data(), k.data(), n, lengths});
+    auto d = (*engine)->Compress({q.data(), k.data(), n, lengths, {}});
     benchmark::DoNotOptimize(d);
   }
   state.counters["heads"] = layers * 8;

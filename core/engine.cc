@@ -59,25 +59,46 @@ absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
   out.num_layers = m.num_layers;
   out.num_kv_heads = m.num_kv_heads;
 
+  auto head_inputs = [&](int l, int h) {
+    const int64_t head = int64_t{l} * m.num_kv_heads + h;
+    HeadInputs hi;
+    hi.queries = in.query_window + ((int64_t{l} * m.num_q_heads + int64_t{h} * group) * window) * d;
+    hi.keys = in.keys + head * in.n_max * d;
+    hi.n = in.lengths[static_cast<size_t>(head)];
+    hi.group = group;
+    hi.window = window;
+    hi.head_dim = d;
+    hi.sinks = config_.budget.sinks;
+    return hi;
+  };
+  int64_t work = 0;
+  for (int l = 0; l < m.num_layers; ++l) {
+    for (int h = 0; h < m.num_kv_heads; ++h) work += scorer_->Work(head_inputs(l, h));
+  }
+  if (work > kMaxEventWork) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "inline_tensors.keys: this event needs ", work, " multiply-adds, above the limit of ",
+        kMaxEventWork, "; send fewer tokens or a smaller query window"));
+  }
+
   std::vector<std::vector<float>> scores(static_cast<size_t>(heads));
   auto t = std::chrono::steady_clock::now();
   for (int l = 0; l < m.num_layers; ++l) {
     for (int h = 0; h < m.num_kv_heads; ++h) {
-      const int64_t head = int64_t{l} * m.num_kv_heads + h;
-      const int n = in.lengths[static_cast<size_t>(head)];
-      auto& s = scores[static_cast<size_t>(head)];
-      s.assign(static_cast<size_t>(std::max(0, n - window)), 0.0f);
+      if (in.cancelled && in.cancelled()) {
+        return absl::CancelledError("the compression event was cancelled (caller gone or drain)");
+      }
+      const HeadInputs hi = head_inputs(l, h);
+      auto& s = scores[static_cast<size_t>(int64_t{l} * m.num_kv_heads + h)];
+      s.assign(static_cast<size_t>(std::max(0, hi.n - window)), 0.0f);
       if (s.empty()) continue;
-      HeadInputs hi;
-      hi.queries =
-          in.query_window + ((int64_t{l} * m.num_q_heads + int64_t{h} * group) * window) * d;
-      hi.keys = in.keys + head * in.n_max * d;
-      hi.n = n;
-      hi.group = group;
-      hi.window = window;
-      hi.head_dim = d;
-      hi.sinks = config_.budget.sinks;
-      scorer_->ScoreHead(hi, s);
+      if (!scorer_->ScoreHead(hi, s)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("inline_tensors.query_window and inline_tensors.keys: attention logits "
+                         "overflow float32 "
+                         "in layer ",
+                         l, ", kv head ", h, " (input magnitudes too large)"));
+      }
     }
   }
   out.seconds.score = SecondsSince(t);

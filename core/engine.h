@@ -7,6 +7,7 @@
 #define REASONALLOC_CORE_ENGINE_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <vector>
@@ -23,7 +24,15 @@ struct CompressInputs {
   const float* keys = nullptr;          // [L, Hkv, n_max, d]
   int64_t n_max = 0;
   std::span<const int32_t> lengths;  // [L * Hkv], each in [0, n_max]
+  // Polled between heads; when it returns true the event stops with CANCELLED (caller gone, drain).
+  std::function<bool()> cancelled;
 };
+
+// Most multiply-adds one event may cost; beyond it Compress is RESOURCE_EXHAUSTED before any work,
+// so one request cannot hold a core for hours. 2^36 is about a minute of the CPU reference on one
+// core and far above a Llama-70B event (80 layers · 8 kv heads · 8 queries · 8 window · 4k tokens ·
+// 128).
+inline constexpr int64_t kMaxEventWork = int64_t{1} << 36;
 
 struct StageSeconds {
   double score = 0, allocate = 0, select = 0, compact = 0, total = 0;

@@ -64,12 +64,13 @@ absl::StatusOr<PreparedInputs> PrepareInlineInputs(const SessionConfig& config,
     return absl::InvalidArgumentError("inline_tensors.query_window is required");
   }
   if (!keys.present) return absl::InvalidArgumentError("inline_tensors.keys is required");
+  // Values follow the session's mode: a mismatch is a call for the wrong kind of session.
   if (config.managed && !values.present) {
-    return absl::InvalidArgumentError(
+    return absl::FailedPreconditionError(
         "inline_tensors.values is required for a managed-mode session (the sidecar holds K and V)");
   }
   if (!config.managed && values.present) {
-    return absl::InvalidArgumentError(
+    return absl::FailedPreconditionError(
         "inline_tensors.values must be empty for an advisory-mode session");
   }
   const int64_t q_shape[] = {m.num_layers, m.num_q_heads, window, m.head_dim};
@@ -84,6 +85,11 @@ absl::StatusOr<PreparedInputs> PrepareInlineInputs(const SessionConfig& config,
     return absl::InvalidArgumentError(
         absl::StrCat("inline_tensors.keys has ", n_max,
                      " tokens per head; expected 1 to model.max_context = ", m.max_context));
+  }
+  if (keys.dtype != m.dtype) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("inline_tensors.keys has dtype ", DTypeName(keys.dtype),
+                     "; the session's model.dtype is ", DTypeName(m.dtype)));
   }
   if (auto s = CheckTensorBytes("inline_tensors.keys", keys); !s.ok()) return s;
   if (values.present) {

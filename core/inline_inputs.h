@@ -30,13 +30,14 @@ struct PreparedInputs {
   std::vector<int32_t> lengths;     // [L * Hkv]
   int64_t n_max = 0;
 
-  CompressInputs view() const { return {query_window.data(), keys.data(), n_max, lengths}; }
+  CompressInputs view() const { return {query_window.data(), keys.data(), n_max, lengths, {}}; }
 };
 
-// Checks shapes against the session (query_window [L, Hq, window, d]; keys and values [L, Hkv, N,
-// d], 1 <= N <= max_context; values required in managed mode and refused in advisory mode), byte
-// lengths, the values' dtype (the session's), lengths (empty or L * Hkv entries in [0, N]) and
-// finiteness of the live rows, then converts queries and keys to fp32.
+// Checks shapes against the session (query_window [L, Hq, window, d]; keys and values
+// [L, Hkv, N, d], 1 <= N <= max_context), byte lengths, the keys' and values' dtype (the
+// session's), lengths (empty or L * Hkv entries in [0, N]) and finiteness of the live rows, then
+// converts queries and keys to fp32. Values are required in managed mode and refused in advisory
+// mode; either mismatch is FailedPrecondition (a call for the other kind of session).
 absl::StatusOr<PreparedInputs> PrepareInlineInputs(const SessionConfig& config,
                                                    const RawTensor& query_window,
                                                    const RawTensor& keys, const RawTensor& values,

@@ -16,9 +16,9 @@ class SnapKvScorer final : public Scorer {
  public:
   explicit SnapKvScorer(const ScorerConfig& config) : config_(config) {}
 
-  void ScoreHead(const HeadInputs& in, std::span<float> out) const override {
+  bool ScoreHead(const HeadInputs& in, std::span<float> out) const override {
     const int cand = in.n - in.window;
-    if (cand <= 0) return;
+    if (cand <= 0) return true;
     const int d = in.head_dim;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
     std::vector<float> logits(static_cast<size_t>(cand));
@@ -43,6 +43,7 @@ class SnapKvScorer final : public Scorer {
         logits[static_cast<size_t>(j)] = reduced;
       }
       const float max_logit = *std::max_element(logits.begin(), logits.end());
+      if (!std::isfinite(max_logit)) return false;
       float sum = 0.0f;
       for (float& l : logits) {
         l = std::exp(l - max_logit);
@@ -53,6 +54,11 @@ class SnapKvScorer final : public Scorer {
         importance[static_cast<size_t>(j)] += logits[static_cast<size_t>(j)] * inv;
     }
     Pool(importance, out);
+    return true;
+  }
+
+  int64_t Work(const HeadInputs& in) const override {
+    return int64_t{std::max(0, in.n - in.window)} * in.window * in.group * in.head_dim;
   }
 
  private:
@@ -80,15 +86,16 @@ class SnapKvScorer final : public Scorer {
 };
 
 // StreamingLLM (ALGORITHMS.md §2.3): sinks rank first, then newer tokens before older ones.
-// Positions are below 2^24, so they are exact in fp32.
+// Positions are below 2^24 and exact in fp32; 2^24 itself outranks all of them.
 class StreamingScorer final : public Scorer {
  public:
-  void ScoreHead(const HeadInputs& in, std::span<float> out) const override {
+  bool ScoreHead(const HeadInputs& in, std::span<float> out) const override {
     const int cand = in.n - in.window;
-    const float sink_score = static_cast<float>(kMaxContext) + 1.0f;
+    const float sink_score = static_cast<float>(kMaxContext);
     for (int j = 0; j < cand; ++j) {
       out[static_cast<size_t>(j)] = j < in.sinks ? sink_score : static_cast<float>(j);
     }
+    return true;
   }
   bool NeedsQueries() const override { return false; }
 };

@@ -29,8 +29,12 @@ struct HeadInputs {
 class Scorer {
  public:
   virtual ~Scorer() = default;
-  // Writes one score per candidate into `out` (size max(0, n - window)).
-  virtual void ScoreHead(const HeadInputs& in, std::span<float> out) const = 0;
+  // Writes one score per candidate into `out` (size max(0, n - window)). Returns false when finite
+  // inputs still overflow fp32 (logits of ±Inf), so that no NaN score ever reaches the selector.
+  virtual bool ScoreHead(const HeadInputs& in, std::span<float> out) const = 0;
+  // Multiply-adds ScoreHead spends on one head of n tokens (the engine bounds the work of an
+  // event).
+  virtual int64_t Work(const HeadInputs&) const { return 0; }
   // Whether scores depend on queries (streaming does not).
   virtual bool NeedsQueries() const { return true; }
 };

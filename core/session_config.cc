@@ -38,6 +38,10 @@ bool Contains(const std::array<absl::string_view, N>& names, absl::string_view n
 
 absl::Status CheckName(absl::string_view field, absl::string_view name,
                        std::span<const absl::string_view> known, bool implemented) {
+  if (name.size() > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " is ", name.size(), " bytes long; names have 64 at most"));
+  }
   if (std::find(known.begin(), known.end(), name) == known.end()) {
     std::string list;
     for (absl::string_view k : known) absl::StrAppend(&list, list.empty() ? "" : ", ", k);
@@ -123,6 +127,10 @@ absl::Status ValidateSessionConfig(const SessionConfig& c) {
   if (auto s = CheckReal("allocator.head_floor", a.head_floor, 0.0, 1.0); !s.ok()) return s;
   if (auto s = CheckReal("allocator.clip_low", a.clip_low, 0.0, 1.0); !s.ok()) return s;
   if (auto s = CheckReal("allocator.clip_high", a.clip_high, 1.0, 1e6); !s.ok()) return s;
+  if (a.profile.size() > 256) {
+    return absl::InvalidArgumentError(absl::StrCat("allocator.profile is ", a.profile.size(),
+                                                   " bytes long; at most 256 allowed"));
+  }
   return absl::OkStatus();
 }
 

@@ -4,6 +4,7 @@
 // REASONALLOC_LISTEN); a flag on the command line wins over the environment.
 #include <signal.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <iostream>
 #include <thread>
@@ -16,6 +17,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "core/build_info.h"
+#include "core/cli_args.h"
 #include "server/server.h"
 #include "spdlog/cfg/env.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
@@ -31,6 +33,7 @@ ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu | cuda:N");
 ABSL_FLAG(uint64_t, max_arena_bytes, uint64_t{8} << 30,
           "Arena pool: total bytes all sessions may reserve");
 ABSL_FLAG(int32_t, max_sessions, 4096, "Most live sessions");
+ABSL_FLAG(int32_t, max_threads, 64, "Most threads serving calls at once");
 ABSL_FLAG(std::string, profile_dir, "", "Directory of layer profiles (JSON)");
 ABSL_FLAG(uint64_t, max_message_bytes, uint64_t{64} << 20,
           "Largest gRPC message received or sent, bytes");
@@ -79,11 +82,12 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
 
   if (!ApplyEnvironment({"listen", "socket_mode", "tcp_listen", "metrics_address", "device",
-                         "max_arena_bytes", "max_sessions", "profile_dir", "max_message_bytes",
-                         "default_lease_seconds", "max_lease_seconds", "drain_timeout_seconds",
-                         "log_level"})) {
+                         "max_arena_bytes", "max_sessions", "max_threads", "profile_dir",
+                         "max_message_bytes", "default_lease_seconds", "max_lease_seconds",
+                         "drain_timeout_seconds", "log_level"})) {
     return 2;
   }
+  const auto spelled = reasonalloc::NormalizeFlagSpelling(argc, argv);
   absl::ParseCommandLine(argc, argv);
 
   auto logger = spdlog::stderr_color_mt("reasonalloc");
@@ -113,6 +117,7 @@ int main(int argc, char** argv) {
   options.device = absl::GetFlag(FLAGS_device);
   options.max_arena_bytes = absl::GetFlag(FLAGS_max_arena_bytes);
   options.max_sessions = absl::GetFlag(FLAGS_max_sessions);
+  options.max_threads = absl::GetFlag(FLAGS_max_threads);
   options.profile_dir = absl::GetFlag(FLAGS_profile_dir);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   for (auto [flag, value, out] :
@@ -137,17 +142,30 @@ int main(int argc, char** argv) {
     spdlog::critical("cannot start: {}", server.status().ToString());
     return 1;
   }
-  std::thread signal_thread([&signals, s = server->get()] {
-    int sig = 0;
-    sigwait(&signals, &sig);
-    spdlog::info("received {}", sig == SIGTERM ? "SIGTERM" : "SIGINT");
-    s->Drain();
+  // First SIGTERM/SIGINT drains; a second one while draining exits at once (status 1).
+  std::atomic<bool> exiting{false};
+  std::thread drainer;
+  std::thread signal_thread([&, s = server->get()] {
+    for (int received = 0;; ++received) {
+      int sig = 0;
+      sigwait(&signals, &sig);
+      if (exiting.load()) return;
+      const char* name = sig == SIGTERM ? "SIGTERM" : "SIGINT";
+      if (received > 0) {
+        spdlog::warn("received {} while draining: exiting without waiting", name);
+        spdlog::default_logger()->flush();
+        _exit(1);
+      }
+      spdlog::info("received {}", name);
+      drainer = std::thread([s] { s->Drain(); });
+    }
   });
   (*server)->Start();
   (*server)->Wait();
-  // Wake the signal thread if the server stopped for another reason.
+  exiting.store(true);
   pthread_kill(signal_thread.native_handle(), SIGTERM);
   signal_thread.join();
+  if (drainer.joinable()) drainer.join();
   server->reset();
   spdlog::info("exit");
   return 0;

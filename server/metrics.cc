@@ -69,11 +69,13 @@ Metrics::Metrics(absl::string_view backend)
       arena_capacity_(arena_.Add({{"state", "capacity"}})),
       arena_reserved_(arena_.Add({{"state", "reserved"}})),
       arena_free_(arena_.Add({{"state", "free"}})),
-      kv_tokens_kept_(prometheus::BuildGauge()
-                          .Name("reasonalloc_kv_tokens")
-                          .Help("KV tokens held after the latest event of every live session")
-                          .Register(*registry_)
-                          .Add({{"state", "kept"}})) {
+      kv_tokens_(prometheus::BuildGauge()
+                     .Name("reasonalloc_kv_tokens")
+                     .Help("KV tokens of all live sessions: kept after their latest event, and "
+                           "capacity L*Hkv*(B+buffer)")
+                     .Register(*registry_)),
+      kv_tokens_kept_(kv_tokens_.Add({{"state", "kept"}})),
+      kv_tokens_capacity_(kv_tokens_.Add({{"state", "capacity"}})) {
   static constexpr const char* kStages[] = {"score", "allocate", "select", "compact", "total"};
   for (int i = 0; i < 5; ++i) {
     stage_[i] = &compress_seconds_.Add({{"stage", kStages[i]}}, LatencyBuckets());
@@ -125,7 +127,8 @@ void Metrics::AddKeptTokens(int64_t delta) {
   kv_tokens_kept_.Increment(static_cast<double>(delta));
 }
 
-void Metrics::SetPool(int sessions, uint64_t capacity, uint64_t reserved) {
+void Metrics::SetPool(int sessions, uint64_t capacity, uint64_t reserved, int64_t capacity_tokens) {
+  kv_tokens_capacity_.Set(static_cast<double>(capacity_tokens));
   sessions_.Set(sessions);
   arena_capacity_.Set(static_cast<double>(capacity));
   arena_reserved_.Set(static_cast<double>(reserved));

@@ -32,7 +32,8 @@ class Metrics {
   void ObserveCompress(const StageSeconds& seconds);
   void CountEvicted(absl::string_view scorer, absl::string_view allocator, int64_t tokens);
   void AddKeptTokens(int64_t delta);
-  void SetPool(int sessions, uint64_t capacity, uint64_t reserved);
+  // capacity_tokens: Σ over sessions of L·Hkv·(B + Δ), the tokens their arenas can hold.
+  void SetPool(int sessions, uint64_t capacity, uint64_t reserved, int64_t capacity_tokens);
   void CountSessionEnd(absl::string_view why);  // "closed" | "expired"
 
   prometheus::Registry& registry() { return *registry_; }
@@ -48,7 +49,9 @@ class Metrics {
   prometheus::Gauge& arena_capacity_;
   prometheus::Gauge& arena_reserved_;
   prometheus::Gauge& arena_free_;
+  prometheus::Family<prometheus::Gauge>& kv_tokens_;
   prometheus::Gauge& kv_tokens_kept_;
+  prometheus::Gauge& kv_tokens_capacity_;
   prometheus::Histogram* stage_[5];
   std::unique_ptr<prometheus::Exposer> exposer_;
 };

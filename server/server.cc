@@ -1,6 +1,7 @@
 #include "server/server.h"
 
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/resource_quota.h>
 #include <grpcpp/server_builder.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -110,6 +111,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     return absl::InvalidArgumentError(absl::StrCat(
         "max_message_bytes = ", options.max_message_bytes, " is out of range [1024, 2147483647]"));
   }
+  if (options.max_threads < 2 || options.max_threads > 4096) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_threads = ", options.max_threads, " is out of range [2, 4096]"));
+  }
   if (options.max_sessions < 1) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_sessions = ", options.max_sessions, " must be at least 1"));
@@ -149,10 +154,22 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   }
   std::error_code ec;
   std::filesystem::create_directories(std::filesystem::path(s.socket_path_).parent_path(), ec);
-  ::unlink(s.socket_path_.c_str());  // a stale socket file of a dead server
+  struct stat existing {};
+  if (::lstat(s.socket_path_.c_str(), &existing) == 0) {
+    if (!S_ISSOCK(existing.st_mode)) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("listen \"", options.listen,
+                       "\": the path exists and is not a socket; not replacing it"));
+    }
+    ::unlink(s.socket_path_.c_str());  // a stale socket file of a dead server
+  }
 
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
+  // Bounds the threads serving calls, and with them the memory of concurrent inline requests.
+  grpc::ResourceQuota quota("reasonalloc");
+  quota.SetMaxThreads(options.max_threads);
+  builder.SetResourceQuota(quota);
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
   builder.AddListeningPort(absl::StrCat("unix:", s.socket_path_),

@@ -30,6 +30,7 @@ struct ServerOptions {
   std::string device = "cpu";                      // cpu | cuda:N
   uint64_t max_arena_bytes = uint64_t{8} << 30;
   int max_sessions = 4096;
+  int max_threads = 64;     // threads serving calls (gRPC resource quota)
   std::string profile_dir;  // empty = no layer profiles
   uint64_t max_message_bytes = uint64_t{64} << 20;
   absl::Duration default_lease = absl::Seconds(60);

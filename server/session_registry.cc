@@ -4,6 +4,7 @@
 #include <numeric>
 #include <random>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 
@@ -153,22 +154,37 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(const SessionCo
   return session;
 }
 
-absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(const std::string& id) {
+absl::Status CheckSessionId(const std::string& id) {
+  if (id.empty()) return absl::InvalidArgumentError("session_id is empty");
+  if (id.size() > kMaxSessionIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("session_id is ", id.size(),
+                                                   " bytes long; session ids have ",
+                                                   kMaxSessionIdBytes, " at most"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(const std::string& id, Renew renew) {
+  if (auto s = CheckSessionId(id); !s.ok()) return s;
   std::shared_ptr<Session> s;
   {
     absl::MutexLock lock(&mu_);
     auto it = sessions_.find(id);
-    if (it != sessions_.end()) s = it->second;
+    if (it != sessions_.end() && !it->second->Expired(absl::Now())) {
+      s = it->second;
+      // Renewed under the registry's lock, so the reaper cannot take it between check and renewal.
+      if (renew == Renew::kYes) s->Renew();
+    }
   }
   if (s == nullptr) {
     return absl::NotFoundError(
         absl::StrCat("session_id \"", id, "\" is unknown, closed or expired"));
   }
-  s->Renew();
   return s;
 }
 
 absl::StatusOr<uint64_t> SessionRegistry::Close(const std::string& id) {
+  if (auto status = CheckSessionId(id); !status.ok()) return status;
   std::shared_ptr<Session> s;
   uint64_t released = 0;
   {
@@ -192,7 +208,12 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::UpdateBudget(const std
   SessionConfig config = session.engine()->config();
   config.budget.budget = budget;
   auto engine = Engine::Create(config);
-  if (!engine.ok()) return engine.status();
+  if (!engine.ok()) {
+    // The request's field is `budget`, not the session's `budget.budget`.
+    std::string message(engine.status().message());
+    if (absl::StartsWith(message, "budget.budget")) message = "budget" + message.substr(13);
+    return absl::Status(engine.status().code(), message);
+  }
   const uint64_t bytes = ComputeArenaBytes(config).total();
   absl::MutexLock lock(&mu_);
   if (sessions_.find(id) == sessions_.end()) {

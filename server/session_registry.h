@@ -126,8 +126,11 @@ class SessionRegistry {
   // Validates the configuration, reserves its bytes and admits the session.
   absl::StatusOr<std::shared_ptr<Session>> Create(const SessionConfig& config,
                                                   std::string client_tag, absl::Duration lease);
-  // NOT_FOUND for unknown, closed and expired sessions. Renews the lease of the session it returns.
-  absl::StatusOr<std::shared_ptr<Session>> Get(const std::string& id);
+  // NOT_FOUND for unknown, closed and expired sessions (a lapsed lease is never revived, even
+  // before the reaper has run). Using a session (Compress, KeepAlive) renews its lease; looking at
+  // it (GetSession) does not.
+  enum class Renew { kYes, kNo };
+  absl::StatusOr<std::shared_ptr<Session>> Get(const std::string& id, Renew renew = Renew::kYes);
   // OK whether or not the session existed; returns the bytes released (0 if it did not exist).
   absl::StatusOr<uint64_t> Close(const std::string& id);
   absl::StatusOr<std::shared_ptr<Session>> UpdateBudget(const std::string& id, int budget);
@@ -158,6 +161,9 @@ class SessionRegistry {
 
 // 128 random bits as 32 hex digits: session ids must not be guessable by other local users.
 std::string NewSessionId();
+inline constexpr size_t kMaxSessionIdBytes = 64;
+// InvalidArgument for an empty or oversized session_id (never echoed back whole).
+absl::Status CheckSessionId(const std::string& id);
 
 }  // namespace reasonalloc
 

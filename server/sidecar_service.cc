@@ -48,7 +48,15 @@ grpc::Status SidecarService::Finish(absl::string_view method, const absl::Status
 }
 
 void SidecarService::UpdatePoolGauges() {
-  metrics_->SetPool(registry_->size(), registry_->capacity_bytes(), registry_->reserved_bytes());
+  absl::MutexLock lock(&gauges_mu_);
+  int64_t capacity_tokens = 0;
+  const auto sessions = registry_->List();
+  for (const auto& s : sessions) {
+    const SessionConfig& c = s->engine()->config();
+    capacity_tokens += c.model.num_heads_total() * (c.budget.budget + c.budget.buffer);
+  }
+  metrics_->SetPool(static_cast<int>(sessions.size()), registry_->capacity_bytes(),
+                    registry_->reserved_bytes(), capacity_tokens);
 }
 
 void SidecarService::OnSessionReleased(Session& session, const char* why) {
@@ -158,7 +166,7 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext*,
 
 grpc::Status SidecarService::GetSession(grpc::ServerContext*, const v1::GetSessionRequest* request,
                                         v1::SessionInfo* response) {
-  auto session = registry_->Get(request->session_id());
+  auto session = registry_->Get(request->session_id(), SessionRegistry::Renew::kNo);
   if (session.ok()) FillSessionInfo(**session, response);
   return Finish("GetSession", session.status());
 }
@@ -218,7 +226,8 @@ grpc::Status SidecarService::RegisterBuffers(grpc::ServerContext*,
   return Finish("RegisterBuffers", Unimplemented("RegisterBuffers (advisory shared buffers)"));
 }
 
-absl::Status SidecarService::DoCompress(const v1::CompressRequest& request,
+absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
+                                        const v1::CompressRequest& request,
                                         v1::CompressResponse* response) {
   const auto t0 = std::chrono::steady_clock::now();
   auto session_or = registry_->Get(request.session_id());
@@ -232,7 +241,7 @@ absl::Status SidecarService::DoCompress(const v1::CompressRequest& request,
         "inline_tensors is required: the session's memory is MEMORY_KIND_INLINE");
   }
   if (!request.cuda_event_handle().empty()) {
-    return absl::InvalidArgumentError(
+    return absl::FailedPreconditionError(
         "cuda_event_handle must be empty for a MEMORY_KIND_INLINE session");
   }
   const auto engine = session.engine();
@@ -253,7 +262,9 @@ absl::Status SidecarService::DoCompress(const v1::CompressRequest& request,
     absl::SleepFor(options_.testing_compress_delay);
   }
 
-  auto decision = engine->Compress(prepared->view());
+  CompressInputs inputs = prepared->view();
+  inputs.cancelled = [context] { return context != nullptr && context->IsCancelled(); };
+  auto decision = engine->Compress(inputs);
   if (!decision.ok()) return decision.status();
 
   if (config.managed) {
@@ -280,22 +291,30 @@ absl::Status SidecarService::DoCompress(const v1::CompressRequest& request,
   decision->seconds.total =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 
-  const Session::CommitResult committed = session.Commit(request.step(), *decision);
   response->set_session_id(session.id());
   response->set_step(request.step());
-  response->set_epoch(committed.epoch);
   DecisionToProto(*decision, prepared->n_max, !request.omit_keep_mask(),
                   response->mutable_decision());
   TimingsToProto(decision->seconds, response->mutable_timings());
+  // An answer that cannot be sent must not advance the session: the worker retries the same step.
+  const size_t bytes = response->ByteSizeLong() + 16;  // + the epoch, set below
+  if (bytes > options_.max_message_bytes) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the response would be ", bytes, " bytes, above max_message_bytes ",
+        options_.max_message_bytes, "; set omit_keep_mask or send fewer tokens per request"));
+  }
+  const Session::CommitResult committed = session.Commit(request.step(), *decision);
+  response->set_epoch(committed.epoch);
   metrics_->ObserveCompress(decision->seconds);
   metrics_->CountEvicted(config.scorer.name, config.allocator.name, decision->evicted_tokens);
   metrics_->AddKeptTokens(committed.kept_delta);
   return absl::OkStatus();
 }
 
-grpc::Status SidecarService::Compress(grpc::ServerContext*, const v1::CompressRequest* request,
+grpc::Status SidecarService::Compress(grpc::ServerContext* context,
+                                      const v1::CompressRequest* request,
                                       v1::CompressResponse* response) {
-  return Finish("Compress", DoCompress(*request, response));
+  return Finish("Compress", DoCompress(context, *request, response));
 }
 
 grpc::Status SidecarService::CompressStream(
@@ -306,14 +325,27 @@ grpc::Status SidecarService::CompressStream(
     v1::CompressBatchResult out;
     for (const v1::CompressRequest& request : batch.requests()) {
       v1::CompressResult* result = out.add_results();
-      absl::Status s = DoCompress(request, result->mutable_response());
+      absl::Status s = DoCompress(context, request, result->mutable_response());
       metrics_->CountRequest("CompressStream.item", static_cast<int>(s.code()));
       if (!s.ok()) {
         result->mutable_error()->set_code(static_cast<int>(s.code()));
         result->mutable_error()->set_message(std::string(s.message()));
       }
     }
-    if (!stream->Write(out)) break;
+    // Every event of the batch is committed by now: a result that cannot be delivered must end the
+    // stream with an error, never look like a clean end.
+    if (out.ByteSizeLong() > options_.max_message_bytes) {
+      return Finish(
+          "CompressStream",
+          absl::ResourceExhaustedError(absl::StrCat(
+              "the batch result is ", out.ByteSizeLong(), " bytes, above max_message_bytes ",
+              options_.max_message_bytes, "; send fewer requests per CompressBatch")));
+    }
+    if (!stream->Write(out)) {
+      return Finish(
+          "CompressStream",
+          absl::CancelledError("the client stopped reading before all results were sent"));
+    }
   }
   return Finish("CompressStream", absl::OkStatus());
 }

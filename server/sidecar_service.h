@@ -72,7 +72,8 @@ class SidecarService final : public v1::KvSidecar::Service {
   void OnSessionReleased(Session& session, const char* why);
 
  private:
-  absl::Status DoCompress(const v1::CompressRequest& request, v1::CompressResponse* response);
+  absl::Status DoCompress(grpc::ServerContext* context, const v1::CompressRequest& request,
+                          v1::CompressResponse* response);
   grpc::Status Finish(absl::string_view method, const absl::Status& status);
   void FillSessionInfo(const Session& session, v1::SessionInfo* out) const;
   void UpdatePoolGauges();
@@ -85,6 +86,7 @@ class SidecarService final : public v1::KvSidecar::Service {
   absl::Mutex mu_;
   std::vector<std::string> listen_addresses_ ABSL_GUARDED_BY(mu_);
   std::string metrics_address_ ABSL_GUARDED_BY(mu_);
+  absl::Mutex gauges_mu_;  // pool gauges are read and set as one step
 };
 
 }  // namespace reasonalloc

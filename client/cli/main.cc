@@ -11,6 +11,7 @@
 #include <google/protobuf/util/json_util.h>
 
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <iostream>
 #include <string>
@@ -24,6 +25,7 @@
 #include "client/client.h"
 #include "client/npy_tensor.h"
 #include "core/build_info.h"
+#include "core/cli_args.h"
 #include "core/npy.h"
 
 ABSL_FLAG(std::string, target, "",
@@ -283,6 +285,22 @@ int CompressCommand(Client& client) {
   const int64_t L = d.num_layers();
   const int64_t H = d.num_kv_heads();
   const int64_t n_max = keys->shape[2];
+  // Never index with what the server sent before checking it against what was asked.
+  int64_t total_kept = 0;
+  bool consistent = L == keys->shape[0] && H == keys->shape[1] && d.budgets_size() == L * H &&
+                    d.kept_lengths_size() == L * H;
+  for (int i = 0; consistent && i < d.kept_lengths_size(); ++i) {
+    consistent = d.kept_lengths(i) >= 0 && d.kept_lengths(i) <= n_max;
+    total_kept += d.kept_lengths(i);
+  }
+  consistent = consistent && total_kept == d.kept_indices_size();
+  for (int i = 0; consistent && i < d.kept_indices_size(); ++i) {
+    consistent = d.kept_indices(i) >= 0 && d.kept_indices(i) < n_max;
+  }
+  if (!consistent) {
+    return Fail(kServerError, "Compress",
+                absl::DataLossError("the decision does not match the request's geometry"));
+  }
   std::vector<int32_t> budgets(d.budgets().begin(), d.budgets().end());
   std::vector<int32_t> kept(d.kept_lengths().begin(), d.kept_lengths().end());
   int64_t max_kept = 0;
@@ -345,6 +363,7 @@ int Run(int argc, char** argv) {
       "  reasonalloc info|health|sessions [--target unix:///path]\n"
       "  reasonalloc close SESSION_ID...\n"
       "  reasonalloc compress --queries Q.npy --keys K.npy [--values V.npy] --out DIR\n");
+  const auto spelled = NormalizeFlagSpelling(argc, argv);
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() < 2) {
     std::cerr << absl::ProgramUsageMessage();

@@ -31,20 +31,32 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const Option
   if (options.pass_listen) argv.push_back("--listen=" + p->target());
   argv.push_back("--metrics_address=127.0.0.1:0");
   for (const auto& a : options.args) argv.push_back(a);
+  // Everything the child needs is built before fork: between fork and exec a multi-threaded
+  // parent's child may only make async-signal-safe calls (no malloc, no setenv).
+  std::vector<std::string> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string entry = *e;
+    const std::string key = entry.substr(0, entry.find('='));
+    if (options.env.count(key) == 0) env.push_back(entry);
+  }
+  for (const auto& [k, v] : options.env) env.push_back(k + "=" + v);
+  std::vector<char*> cargv, cenv;
+  for (auto& a : argv) cargv.push_back(a.data());
+  cargv.push_back(nullptr);
+  for (auto& e : env) cenv.push_back(e.data());
+  cenv.push_back(nullptr);
+  const int log_fd = open(p->log_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (log_fd < 0) return absl::InternalError("cannot create " + p->log_path_);
 
   const pid_t pid = fork();
   if (pid < 0) return absl::InternalError("fork failed");
   if (pid == 0) {
-    const int fd = open(p->log_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
-    dup2(fd, 2);
-    dup2(fd, 1);
-    for (const auto& [k, v] : options.env) setenv(k.c_str(), v.c_str(), 1);
-    std::vector<char*> cargv;
-    for (auto& a : argv) cargv.push_back(a.data());
-    cargv.push_back(nullptr);
-    execv(cargv[0], cargv.data());
+    dup2(log_fd, 2);
+    dup2(log_fd, 1);
+    execve(cargv[0], cargv.data(), cenv.data());
     _exit(127);
   }
+  close(log_fd);
   p->pid_ = pid;
   Client::Options co;
   co.target = p->target();

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <future>
 #include <thread>
 
@@ -415,7 +416,18 @@ TEST(Server, BadCompressRequestsNameTheTensor) {
        },
        absl::StatusCode::kInvalidArgument, "inline_tensors.values holds a NaN or Inf"},
       {"missing values (managed)", [](auto& r) { r.mutable_inline_tensors()->clear_values(); },
-       absl::StatusCode::kInvalidArgument, "inline_tensors.values is required"},
+       absl::StatusCode::kFailedPrecondition, "inline_tensors.values is required"},
+      {"cuda event on an inline session", [](auto& r) { r.set_cuda_event_handle("x"); },
+       absl::StatusCode::kFailedPrecondition, "cuda_event_handle"},
+      {"keys in another dtype",
+       [](auto& r) {
+         auto* k = r.mutable_inline_tensors()->mutable_keys();
+         k->set_dtype(v1::DTYPE_FLOAT16);
+         k->mutable_data()->resize(k->data().size() / 2);
+       },
+       absl::StatusCode::kInvalidArgument, "inline_tensors.keys has dtype float16"},
+      {"oversized session id", [](auto& r) { r.set_session_id(std::string(100000, 'a')); },
+       absl::StatusCode::kInvalidArgument, "session_id is 100000 bytes long"},
       {"missing tensors", [](auto& r) { r.clear_inline_tensors(); },
        absl::StatusCode::kInvalidArgument, "inline_tensors is required"},
       {"lengths count", [](auto& r) { r.mutable_inline_tensors()->add_lengths(3); },
@@ -644,6 +656,66 @@ TEST(Server, RefusesToStealALiveSocket) {
   EXPECT_EQ((*second)->WaitExit(absl::Seconds(10)).value_or(-1), 1);
   EXPECT_THAT((*second)->Log(), HasSubstr("another server"));
   EXPECT_EQ(*first->client().CheckHealth(), Health::SERVING);
+}
+
+}  // namespace
+}  // namespace reasonalloc
+
+namespace reasonalloc {
+namespace {
+
+TEST(Server, RefusesToReplaceAFileThatIsNotASocket) {
+  char tmpl[] = "/tmp/reasonalloc-file-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string path = std::string(tmpl) + "/notes.txt";
+  { std::ofstream(path) << "keep me"; }
+  ServerProcess::Options o;
+  o.pass_listen = false;
+  o.args = {"--listen=unix://" + path};
+  o.wait_ready = false;
+  auto p = ServerProcess::Start(o);
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ((*p)->WaitExit(absl::Seconds(10)).value_or(-1), 1);
+  EXPECT_THAT((*p)->Log(), HasSubstr("not a socket"));
+  EXPECT_TRUE(std::filesystem::is_regular_file(path));
+  std::filesystem::remove_all(tmpl);
+}
+
+TEST(Server, DashedFlagSpellingsWork) {
+  auto server = MustStart({"--max-arena-bytes=4242424", "--log-level=warn"});
+  ASSERT_NE(server, nullptr);
+  EXPECT_EQ(server->client().GetServerInfo()->arena_capacity_bytes(), 4242424u);
+}
+
+TEST(Server, SecondSignalWhileDrainingExitsAtOnce) {
+  auto server = MustStart({"--testing_compress_delay_ms=20000", "--drain_timeout_seconds=60"});
+  ASSERT_NE(server, nullptr);
+  const std::string id = CreateOrDie(*server, SessionRequest());
+  auto in_flight = std::async(std::launch::async, [&] {
+    return server->client().Compress(CompressRequest(id, 0, 24)).status();
+  });
+  absl::SleepFor(absl::Milliseconds(300));
+  kill(server->pid(), SIGTERM);
+  absl::SleepFor(absl::Milliseconds(300));
+  const absl::Time t0 = absl::Now();
+  kill(server->pid(), SIGTERM);
+  EXPECT_EQ(server->WaitExit(absl::Seconds(10)).value_or(-1), 1) << server->Log();
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(3));
+  EXPECT_THAT(server->Log(), HasSubstr("while draining"));
+  EXPECT_FALSE(in_flight.get().ok());
+}
+
+TEST(Server, GetSessionDoesNotRenewTheLease) {
+  auto server = MustStart();
+  ASSERT_NE(server, nullptr);
+  auto r = SessionRequest();
+  r.set_lease_seconds(0.6);
+  const std::string id = CreateOrDie(*server, r);
+  for (int i = 0; i < 4; ++i) {
+    (void)server->client().GetSession(id);
+    absl::SleepFor(absl::Milliseconds(250));
+  }
+  EXPECT_EQ(server->client().GetSession(id).status().code(), absl::StatusCode::kNotFound);
 }
 
 }  // namespace

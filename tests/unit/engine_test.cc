@@ -25,7 +25,7 @@ struct RandomInputs {
   std::vector<float> q, k;
   std::vector<int32_t> lengths;
   int64_t n_max;
-  CompressInputs view() const { return {q.data(), k.data(), n_max, lengths}; }
+  CompressInputs view() const { return {q.data(), k.data(), n_max, lengths, {}}; }
 };
 
 RandomInputs MakeInputs(const SessionConfig& c, int64_t n_max, std::mt19937& rng) {
@@ -110,7 +110,7 @@ TEST(Engine, SnapKvKeepsTheKeysTheWindowAttendsTo) {
     k.push_back(hot ? 0.0f : 1.0f);
   }
   std::vector<int32_t> lengths = {12};
-  auto d = (*engine)->Compress({q.data(), k.data(), 12, lengths});
+  auto d = (*engine)->Compress({q.data(), k.data(), 12, lengths, {}});
   ASSERT_TRUE(d.ok());
   EXPECT_THAT(d->Kept(0), ElementsAre(3, 7, 10, 11));
   EXPECT_EQ(d->evicted_tokens, 8);
@@ -121,7 +121,7 @@ TEST(Engine, RejectsLengthsOutOfRange) {
   ASSERT_TRUE(engine.ok());
   std::vector<float> q(16), k(8);
   std::vector<int32_t> lengths = {5};
-  EXPECT_EQ((*engine)->Compress({q.data(), k.data(), 4, lengths}).status().code(),
+  EXPECT_EQ((*engine)->Compress({q.data(), k.data(), 4, lengths, {}}).status().code(),
             absl::StatusCode::kInvalidArgument);
 }
 
@@ -138,6 +138,48 @@ TEST(Engine, GatherKeptRowsCompactsAndZeroPads) {
   std::fill(std::begin(dst), std::end(dst), 0xff);
   GatherKeptRows(d, src, 4, 1, 2, dst);
   EXPECT_THAT(dst, ElementsAre(11, 13, 20, 0));
+}
+
+}  // namespace
+}  // namespace reasonalloc
+
+namespace reasonalloc {
+namespace {
+
+TEST(Engine, OverflowingLogitsAreAnErrorNotNanScores) {
+  auto engine = Engine::Create(Config(1, 1, 1, 2, 9, "snapkv"));
+  ASSERT_TRUE(engine.ok());
+  // Finite inputs whose dot products overflow fp32.
+  std::vector<float> q(8 * 2, 3e20f), k(20 * 2, 3e20f);
+  std::vector<int32_t> lengths = {20};
+  auto d = (*engine)->Compress({q.data(), k.data(), 20, lengths, {}});
+  EXPECT_EQ(d.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(d.status().message()), ::testing::HasSubstr("overflow"));
+}
+
+TEST(Engine, CancellationStopsTheEvent) {
+  auto engine = Engine::Create(Config(2, 2, 2, 4, 9, "snapkv"));
+  ASSERT_TRUE(engine.ok());
+  std::vector<float> q(2 * 2 * 8 * 4, 0.1f), k(2 * 2 * 30 * 4, 0.2f);
+  std::vector<int32_t> lengths(4, 30);
+  int polls = 0;
+  auto d = (*engine)->Compress({q.data(), k.data(), 30, lengths, [&] { return ++polls > 2; }});
+  EXPECT_EQ(d.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(polls, 3);
+}
+
+TEST(Engine, WorkBeyondTheLimitIsRefusedUpFront) {
+  // One layer, 1024 query heads on one kv head, window 1024, d 1024: 2^30 per candidate token...
+  // times 100 tokens is above 2^36. The keys are never read, so no large buffers are needed.
+  SessionConfig c = Config(1, 1024, 1, 1024, 1025, "snapkv");
+  c.budget.window = 1024;
+  auto engine = Engine::Create(c);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  std::vector<int32_t> lengths = {1024 + 100};
+  float dummy = 0;
+  auto d = (*engine)->Compress({&dummy, &dummy, 1124, lengths, {}});
+  EXPECT_EQ(d.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(std::string(d.status().message()), ::testing::HasSubstr("multiply-adds"));
 }
 
 }  // namespace

@@ -42,9 +42,10 @@ struct Fixture {
   }
 };
 
-void ExpectError(const absl::StatusOr<PreparedInputs>& r, const char* what) {
+void ExpectError(const absl::StatusOr<PreparedInputs>& r, const char* what,
+                 absl::StatusCode code = absl::StatusCode::kInvalidArgument) {
   ASSERT_FALSE(r.ok());
-  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(r.status().code(), code);
   EXPECT_THAT(std::string(r.status().message()), HasSubstr(what));
 }
 
@@ -103,14 +104,21 @@ TEST(InlineInputs, NonFiniteValuesNameTheTensor) {
 TEST(InlineInputs, ModeDecidesWhetherValuesArePresent) {
   Fixture managed;
   managed.vt.present = false;
-  ExpectError(managed.Prepare(), "inline_tensors.values is required");
+  ExpectError(managed.Prepare(), "inline_tensors.values is required",
+              absl::StatusCode::kFailedPrecondition);
   Fixture advisory(false);
   advisory.vt = Fixture::Raw(advisory.v, {2, 2, 5, 3});
-  ExpectError(advisory.Prepare(), "must be empty");
+  ExpectError(advisory.Prepare(), "must be empty", absl::StatusCode::kFailedPrecondition);
   Fixture f;
   f.vt.dtype = DType::kFloat16;
   f.vt.data.remove_suffix(f.vt.data.size() / 2);
   ExpectError(f.Prepare(), "model.dtype");
+}
+
+TEST(InlineInputs, KeysMustHaveTheSessionDtype) {
+  Fixture f;
+  f.config.model.dtype = DType::kBFloat16;
+  ExpectError(f.Prepare(), "inline_tensors.keys has dtype float32");
 }
 
 TEST(InlineInputs, LengthsAreChecked) {

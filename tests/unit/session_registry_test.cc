@@ -68,6 +68,26 @@ TEST(SessionRegistry, LapsedLeaseIsReclaimedAndAccountedBack) {
   EXPECT_EQ(reg.reserved_bytes(), ComputeArenaBytes(Small()).total());
 }
 
+TEST(SessionRegistry, ALapsedLeaseIsNeverRevived) {
+  SessionRegistry::Options o = Opts(1 << 30);
+  o.reap_interval = absl::Hours(1);  // the reaper never runs during the test
+  SessionRegistry reg(o);
+  auto s = reg.Create(Small(), "", absl::Milliseconds(50));
+  ASSERT_TRUE(s.ok());
+  absl::SleepFor(absl::Milliseconds(120));
+  EXPECT_EQ(reg.Get((*s)->id()).status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(reg.Get((*s)->id(), SessionRegistry::Renew::kNo).status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+TEST(SessionRegistry, OversizedIdsAreRejectedWithoutEcho) {
+  SessionRegistry reg(Opts(1 << 30));
+  auto s = reg.Get(std::string(5000, 'x'));
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_LT(s.status().message().size(), 200u);
+  EXPECT_EQ(reg.Close("").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(SessionRegistry, UseRenewsTheLease) {
   SessionRegistry reg(Opts(1 << 30));
   auto s = reg.Create(Small(), "", absl::Milliseconds(150));
