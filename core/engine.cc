@@ -82,13 +82,18 @@ absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
   }
 
   std::vector<std::vector<float>> scores(static_cast<size_t>(heads));
+  int64_t unpolled_work = 0;
   auto t = std::chrono::steady_clock::now();
   for (int l = 0; l < m.num_layers; ++l) {
     for (int h = 0; h < m.num_kv_heads; ++h) {
-      if (in.cancelled && in.cancelled()) {
-        return absl::CancelledError("the compression event was cancelled (caller gone or drain)");
-      }
       const HeadInputs hi = head_inputs(l, h);
+      if (in.cancelled && unpolled_work >= in.cancel_poll_work) {
+        unpolled_work = 0;
+        if (in.cancelled()) {
+          return absl::CancelledError("the compression event was cancelled (caller gone or drain)");
+        }
+      }
+      unpolled_work += scorer_->Work(hi);
       auto& s = scores[static_cast<size_t>(int64_t{l} * m.num_kv_heads + h)];
       s.assign(static_cast<size_t>(std::max(0, hi.n - window)), 0.0f);
       if (s.empty()) continue;

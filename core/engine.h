@@ -24,8 +24,11 @@ struct CompressInputs {
   const float* keys = nullptr;          // [L, Hkv, n_max, d]
   int64_t n_max = 0;
   std::span<const int32_t> lengths;  // [L * Hkv], each in [0, n_max]
-  // Polled between heads; when it returns true the event stops with CANCELLED (caller gone, drain).
+  // Polled between heads once `cancel_poll_work` multiply-adds have passed since the last poll (a
+  // gRPC cancellation check costs ~100 µs, more than a small event); when it returns true the event
+  // stops with CANCELLED (caller gone, drain deadline).
   std::function<bool()> cancelled;
+  int64_t cancel_poll_work = int64_t{1} << 24;
 };
 
 // Most multiply-adds one event may cost; beyond it Compress is RESOURCE_EXHAUSTED before any work,
