@@ -1,8 +1,10 @@
 // Allocators decide how many tokens each (layer, KV head) keeps at a compression event
 // (ALGORITHMS.md §3).
 //
-// Invariant: every budget is at least window + 1, and Σ budgets = L·Hkv·B exactly (heads that hold
-// fewer tokens than their budget simply keep everything).
+// Invariant: every budget is at least window + 1 before saturation, and Σ budgets = L·Hkv·B
+// exactly, except where head-wise allocators (adakv, reasonalloc head routing) cap a head at the
+// tokens it has and no other head of the layer can take the rest. Uniform, pyramid and layer-only
+// budgets do not depend on the tokens present: a head holding fewer simply keeps everything.
 #ifndef REASONALLOC_CORE_ALLOCATOR_H_
 #define REASONALLOC_CORE_ALLOCATOR_H_
 
@@ -20,7 +22,14 @@ struct AllocationInputs {
   const SessionConfig* config = nullptr;
   std::span<const int32_t> lengths;            // [L * Hkv] live tokens per head
   std::span<const std::vector<float>> scores;  // [L * Hkv] candidate scores per head
+  std::span<const double> layer_demand;        // [L] profile demand D; empty = uniform layers
 };
+
+// Per-layer budgets b_l (window included) before head routing: uniform and adakv B; pyramid its
+// closed form (§3.2); reasonalloc the robustified wave (§3.4) when a demand profile is given and
+// the mode uses layers, else B. Σ_l (b_l − window) = L·(B − window) exactly.
+absl::StatusOr<std::vector<int32_t>> LayerBudgets(const SessionConfig& config,
+                                                  std::span<const double> layer_demand);
 
 class Allocator {
  public:

@@ -22,19 +22,25 @@ int Decision::max_kept() const {
   return m;
 }
 
-absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const SessionConfig& config) {
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const SessionConfig& config,
+                                                       std::vector<double> layer_demand) {
   if (auto s = ValidateSessionConfig(config); !s.ok()) return s;
   auto scorer = MakeScorer(config.scorer);
   if (!scorer.ok()) return scorer.status();
   auto allocator = MakeAllocator(config.allocator);
   if (!allocator.ok()) return allocator.status();
-  return std::unique_ptr<Engine>(
-      new Engine(config, std::move(scorer).value(), std::move(allocator).value()));
+  // Bad profiles fail here, at session creation, not at the first event.
+  if (auto layers = LayerBudgets(config, layer_demand); !layers.ok()) return layers.status();
+  return std::unique_ptr<Engine>(new Engine(config, std::move(scorer).value(),
+                                            std::move(allocator).value(), std::move(layer_demand)));
 }
 
 Engine::Engine(SessionConfig config, std::unique_ptr<Scorer> scorer,
-               std::unique_ptr<Allocator> allocator)
-    : config_(std::move(config)), scorer_(std::move(scorer)), allocator_(std::move(allocator)) {}
+               std::unique_ptr<Allocator> allocator, std::vector<double> layer_demand)
+    : config_(std::move(config)),
+      scorer_(std::move(scorer)),
+      allocator_(std::move(allocator)),
+      layer_demand_(std::move(layer_demand)) {}
 
 absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
   const ModelGeometry& m = config_.model;
@@ -110,7 +116,7 @@ absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
 
   t = std::chrono::steady_clock::now();
   out.budgets.assign(static_cast<size_t>(heads), 0);
-  AllocationInputs ai{&config_, in.lengths, scores};
+  AllocationInputs ai{&config_, in.lengths, scores, layer_demand_};
   if (auto s = allocator_->Allocate(ai, out.budgets); !s.ok()) return s;
   out.seconds.allocate = SecondsSince(t);
 

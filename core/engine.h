@@ -61,18 +61,21 @@ struct Decision {
 
 class Engine {
  public:
-  static absl::StatusOr<std::unique_ptr<Engine>> Create(const SessionConfig& config);
+  // `layer_demand`: the model's layer profile D ([L]) for reasonalloc; empty = uniform layers.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const SessionConfig& config,
+                                                        std::vector<double> layer_demand = {});
 
   const SessionConfig& config() const { return config_; }
   absl::StatusOr<Decision> Compress(const CompressInputs& in) const;
 
  private:
-  Engine(SessionConfig config, std::unique_ptr<Scorer> scorer,
-         std::unique_ptr<Allocator> allocator);
+  Engine(SessionConfig config, std::unique_ptr<Scorer> scorer, std::unique_ptr<Allocator> allocator,
+         std::vector<double> layer_demand);
 
   SessionConfig config_;
   std::unique_ptr<Scorer> scorer_;
   std::unique_ptr<Allocator> allocator_;
+  std::vector<double> layer_demand_;
 };
 
 // Keep bitmask of the pre-event positions: [L * Hkv, words_per_head] uint64 words, bit j set when j

@@ -85,6 +85,77 @@ class SnapKvScorer final : public Scorer {
   ScorerConfig config_;
 };
 
+// R-KV (ALGORITHMS.md §2.4): SnapKV importance minus redundancy among the head's keys,
+// Z = λ·I − (1 − λ)·R, where R is the softmax over all N keys of the mean cosine similarity of each
+// key to the others (the newest near-duplicate of every key excluded from its row), sliced to
+// candidates.
+class RkvScorer final : public Scorer {
+ public:
+  explicit RkvScorer(const ScorerConfig& config) : snapkv_(config), config_(config) {}
+
+  bool ScoreHead(const HeadInputs& in, std::span<float> out) const override {
+    const int n = in.n;
+    const int cand = n - in.window;
+    if (cand <= 0) return true;
+    if (!snapkv_.ScoreHead(in, out)) return false;  // out = I
+    const int d = in.head_dim;
+    std::vector<float> kn(static_cast<size_t>(n) * static_cast<size_t>(d));
+    for (int j = 0; j < n; ++j) {
+      const float* k = in.keys + static_cast<int64_t>(j) * d;
+      double norm = 0;
+      for (int i = 0; i < d; ++i) norm += static_cast<double>(k[i]) * k[i];
+      const float inv = 1.0f / (static_cast<float>(std::sqrt(norm)) + 1e-8f);
+      for (int i = 0; i < d; ++i) kn[static_cast<size_t>(j) * d + i] = k[i] * inv;
+    }
+    // S is symmetric: compute the upper triangle once.
+    std::vector<float> s(static_cast<size_t>(n) * static_cast<size_t>(n), 0.0f);
+    for (int i = 0; i < n; ++i) {
+      const float* a = kn.data() + static_cast<size_t>(i) * d;
+      for (int j = i + 1; j < n; ++j) {
+        const float* b = kn.data() + static_cast<size_t>(j) * d;
+        float dot = 0;
+        for (int t = 0; t < d; ++t) dot += a[t] * b[t];
+        s[static_cast<size_t>(i) * n + j] = dot;
+        s[static_cast<size_t>(j) * n + i] = dot;
+      }
+    }
+    const float threshold = static_cast<float>(config_.threshold);
+    std::vector<double> col(static_cast<size_t>(n), 0.0);
+    for (int i = 0; i < n; ++i) {
+      const float* row = s.data() + static_cast<size_t>(i) * n;
+      int last = -1;  // retain last: the newest near-duplicate of i is protected
+      for (int j = n - 1; j >= 0; --j) {
+        if (row[j] > threshold) {
+          last = j;
+          break;
+        }
+      }
+      for (int j = 0; j < n; ++j) col[static_cast<size_t>(j)] += j == last ? 0.0f : row[j];
+    }
+    double max_mean = -1e300;
+    for (double& c : col) {
+      c /= n;
+      max_mean = std::max(max_mean, c);
+    }
+    double z = 0;
+    for (double c : col) z += std::exp(c - max_mean);
+    const float lambda = static_cast<float>(config_.lambda);
+    for (int j = 0; j < cand; ++j) {
+      const float r = static_cast<float>(std::exp(col[static_cast<size_t>(j)] - max_mean) / z);
+      out[static_cast<size_t>(j)] = lambda * out[static_cast<size_t>(j)] - (1.0f - lambda) * r;
+    }
+    return true;
+  }
+
+  int64_t Work(const HeadInputs& in) const override {
+    return snapkv_.Work(in) + int64_t{in.n} * in.n / 2 * in.head_dim;
+  }
+
+ private:
+  SnapKvScorer snapkv_;
+  ScorerConfig config_;
+};
+
 // StreamingLLM (ALGORITHMS.md §2.3): sinks rank first, then newer tokens before older ones.
 // Positions are below 2^24 and exact in fp32; 2^24 itself outranks all of them.
 class StreamingScorer final : public Scorer {
@@ -105,6 +176,7 @@ class StreamingScorer final : public Scorer {
 absl::StatusOr<std::unique_ptr<Scorer>> MakeScorer(const ScorerConfig& config) {
   if (config.name == "snapkv") return std::make_unique<SnapKvScorer>(config);
   if (config.name == "streaming") return std::make_unique<StreamingScorer>();
+  if (config.name == "rkv") return std::make_unique<RkvScorer>(config);
   return absl::UnimplementedError(
       absl::StrCat("scorer.name \"", config.name, "\" is not implemented in this build yet"));
 }

@@ -12,8 +12,9 @@ namespace {
 constexpr std::array<absl::string_view, 4> kScorers = {"snapkv", "streaming", "h2o", "rkv"};
 constexpr std::array<absl::string_view, 4> kAllocators = {"uniform", "pyramid", "adakv",
                                                           "reasonalloc"};
-constexpr std::array<absl::string_view, 2> kImplementedScorers = {"snapkv", "streaming"};
-constexpr std::array<absl::string_view, 1> kImplementedAllocators = {"uniform"};
+constexpr std::array<absl::string_view, 3> kImplementedScorers = {"snapkv", "streaming", "rkv"};
+constexpr std::array<absl::string_view, 4> kImplementedAllocators = {"uniform", "pyramid", "adakv",
+                                                                     "reasonalloc"};
 
 absl::Status CheckRange(absl::string_view field, int64_t value, int64_t lo, int64_t hi) {
   if (value < lo || value > hi) {

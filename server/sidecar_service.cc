@@ -84,8 +84,10 @@ void SidecarService::FillSessionInfo(const Session& session, v1::SessionInfo* ou
   out->set_epoch(st.epoch);
   out->set_evicted_tokens_total(st.evicted_total);
   out->set_reserved_bytes(session.reserved_bytes());
-  // Uniform layers until layer profiles exist: every layer's budget is B.
-  for (int l = 0; l < c.model.num_layers; ++l) out->add_layer_budgets(c.budget.budget);
+  // Layer budgets before head routing (uniform layers until layer profiles are loaded).
+  if (auto layers = LayerBudgets(c, {}); layers.ok()) {
+    out->mutable_layer_budgets()->Assign(layers->begin(), layers->end());
+  }
   out->mutable_budgets()->Assign(st.budgets.begin(), st.budgets.end());
   out->mutable_kept_lengths()->Assign(st.kept_lengths.begin(), st.kept_lengths.end());
 }
@@ -152,6 +154,15 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext*,
     auto session = registry_->Create(*config, request->client_tag(), *lease);
     if (!session.ok()) return session.status();
     FillSessionInfo(**session, response->mutable_session());
+    if (config->allocator.name == "reasonalloc" &&
+        (config->allocator.reasonalloc_mode == ReasonAllocMode::kLayer ||
+         config->allocator.reasonalloc_mode == ReasonAllocMode::kFull)) {
+      const std::string warning = absl::StrCat(
+          "no layer profile for model \"", config->model.name,
+          "\": uniform layer budgets (layer profiles are not loaded by this build yet)");
+      response->add_warnings(warning);
+      spdlog::warn("session {}: {}", (*session)->id(), warning);
+    }
     UpdatePoolGauges();
     spdlog::info(
         "session {} created: model {} L={} Hq={} Hkv={} d={} B={} scorer={} allocator={} "

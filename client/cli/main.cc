@@ -50,6 +50,7 @@ ABSL_FLAG(int32_t, sinks, 4, "compress: sink tokens (streaming)");
 ABSL_FLAG(int32_t, max_context, 131072, "compress: model.max_context (raised to N if smaller)");
 ABSL_FLAG(std::string, scorer, "snapkv", "compress: snapkv | streaming | h2o | rkv");
 ABSL_FLAG(std::string, allocator, "uniform", "compress: uniform | pyramid | adakv | reasonalloc");
+ABSL_FLAG(std::string, reasonalloc_mode, "full", "compress: full | layer | head | off");
 ABSL_FLAG(int32_t, pool_kernel, 7, "compress: pooling kernel (odd)");
 ABSL_FLAG(std::string, pool_kind, "max", "compress: max | avg");
 ABSL_FLAG(std::string, gqa_reduce, "max", "compress: max | mean");
@@ -267,6 +268,23 @@ int CompressCommand(Client& client) {
     create.mutable_scorer()->set_gqa_reduce(gqa == "max" ? v1::GQA_REDUCE_MAX
                                                          : v1::GQA_REDUCE_MEAN);
     create.mutable_allocator()->set_name(absl::GetFlag(FLAGS_allocator));
+    const std::string mode = absl::GetFlag(FLAGS_reasonalloc_mode);
+    static const std::pair<const char*, v1::AllocatorConfig::ReasonAllocMode> kModes[] = {
+        {"full", v1::AllocatorConfig::REASONALLOC_MODE_FULL},
+        {"layer", v1::AllocatorConfig::REASONALLOC_MODE_LAYER},
+        {"head", v1::AllocatorConfig::REASONALLOC_MODE_HEAD},
+        {"off", v1::AllocatorConfig::REASONALLOC_MODE_OFF}};
+    bool known_mode = false;
+    for (const auto& [name, value] : kModes) {
+      if (mode == name) {
+        create.mutable_allocator()->set_reasonalloc_mode(value);
+        known_mode = true;
+      }
+    }
+    if (!known_mode) {
+      return Fail(kUsageError, "compress",
+                  absl::InvalidArgumentError("--reasonalloc_mode must be full|layer|head|off"));
+    }
     create.set_mode(has_values ? v1::SESSION_MODE_MANAGED : v1::SESSION_MODE_ADVISORY);
     create.set_memory(v1::MEMORY_KIND_INLINE);
     create.set_client_tag("reasonalloc compress");

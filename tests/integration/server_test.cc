@@ -358,8 +358,8 @@ TEST(Server, BadCreateSessionRequestsNameTheField) {
        absl::StatusCode::kInvalidArgument, "mode"},
       {"shared memory not built yet", [](auto& r) { r.set_memory(v1::MEMORY_KIND_HOST_SHM); },
        absl::StatusCode::kUnimplemented, "memory"},
-      {"known scorer not built yet", [](auto& r) { r.mutable_scorer()->set_name("rkv"); },
-       absl::StatusCode::kUnimplemented, "scorer.name \"rkv\""},
+      {"known scorer not built yet", [](auto& r) { r.mutable_scorer()->set_name("h2o"); },
+       absl::StatusCode::kUnimplemented, "scorer.name \"h2o\""},
   };
   for (const BadCreate& bad : cases) {
     auto r = SessionRequest();
@@ -716,6 +716,50 @@ TEST(Server, GetSessionDoesNotRenewTheLease) {
     absl::SleepFor(absl::Milliseconds(250));
   }
   EXPECT_EQ(server->client().GetSession(id).status().code(), absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace reasonalloc
+
+namespace reasonalloc {
+namespace {
+
+TEST(Server, EveryScorerAndAllocatorComposes) {
+  auto server = MustStart();
+  ASSERT_NE(server, nullptr);
+  auto info = server->client().GetServerInfo();
+  ASSERT_TRUE(info.ok());
+  for (const std::string& scorer : info->scorers()) {
+    for (const std::string& allocator : info->allocators()) {
+      auto r = SessionRequest(scorer, 12);
+      r.mutable_allocator()->set_name(allocator);
+      auto created = server->client().CreateSession(r);
+      ASSERT_TRUE(created.ok()) << scorer << " x " << allocator << ": " << created.status();
+      EXPECT_EQ(created->warnings_size(), allocator == "reasonalloc" ? 1 : 0);
+      const std::string id = created->session().session_id();
+      auto got = server->client().Compress(CompressRequest(id, 0, 40));
+      ASSERT_TRUE(got.ok()) << scorer << " x " << allocator << ": " << got.status();
+      int64_t budget_sum = 0;
+      for (int32_t b : got->decision().budgets()) budget_sum += b;
+      EXPECT_EQ(budget_sum, kL * kHkv * 12) << scorer << " x " << allocator;
+      ASSERT_TRUE(server->client().CloseSession(id).ok());
+    }
+  }
+}
+
+TEST(Server, PyramidLayerBudgetsAreReported) {
+  auto server = MustStart();
+  ASSERT_NE(server, nullptr);
+  auto r = SessionRequest("rkv", 28);
+  r.mutable_budget()->set_window(8);
+  r.mutable_model()->set_num_layers(4);
+  r.mutable_allocator()->set_name("pyramid");
+  auto created = server->client().CreateSession(r);
+  ASSERT_TRUE(created.ok()) << created.status();
+  // base 20, β 20: x = 39, 26.33, 13.67, 1 -> 39, 26, 14, 1 (ALGORITHMS.md §3.2) + window 8.
+  EXPECT_EQ(std::vector<int32_t>(created->session().layer_budgets().begin(),
+                                 created->session().layer_budgets().end()),
+            (std::vector<int32_t>{47, 34, 22, 9}));
 }
 
 }  // namespace

@@ -112,9 +112,37 @@ TEST(Streaming, SinksFirstThenNewest) {
   for (int j = 2; j < 7; ++j) EXPECT_LT(s[j], s[j + 1]);  // newer beats older
 }
 
-TEST(Scorer, UnimplementedNames) {
+TEST(Rkv, ImportanceMinusRedundancyWithRetainLast) {
+  // d = 2, window 1, zero queries (so I is uniform: 1/3 over the 3 candidates), λ = 0.1, T = 0.5.
+  // Keys: k0 = k1 = k2 = (1, 0), k3 = (0, 1). Cosine S (diag 0) is 1 among {0, 1, 2}, else 0.
+  // Retain last zeroes, per row, the largest j with S > T: S[0,2], S[1,2], S[2,1]. Left: S[0,1],
+  // S[1,0], S[2,0] = 1. Column means over the 4 rows: [2/4, 1/4, 0, 0]. R = softmax of those.
   ScorerConfig c;
   c.name = "rkv";
+  c.pool_kernel = 1;
+  const std::vector<float> q = {0, 0};
+  const std::vector<float> k = {1, 0, 1, 0, 1, 0, 0, 1};
+  const auto s = Score(c, q, k, 4, 1, 1, 2);
+  const double z = std::exp(0.5) + std::exp(0.25) + 1 + 1;
+  const double r[] = {std::exp(0.5) / z, std::exp(0.25) / z, 1 / z};
+  ASSERT_EQ(s.size(), 3u);
+  for (int j = 0; j < 3; ++j) EXPECT_NEAR(s[j], 0.1 / 3 - 0.9 * r[j], 1e-6) << j;
+  // The newest of the duplicates ranks highest: older duplicates look more redundant.
+  EXPECT_GT(s[2], s[1]);
+  EXPECT_GT(s[1], s[0]);
+}
+
+TEST(Rkv, ZeroNormKeysScoreFinite) {
+  ScorerConfig c;
+  c.name = "rkv";
+  const std::vector<float> q = {1, 1};
+  const std::vector<float> k(2 * 6, 0.0f);
+  for (float v : Score(c, q, k, 6, 1, 1, 2)) EXPECT_TRUE(std::isfinite(v));
+}
+
+TEST(Scorer, UnimplementedNames) {
+  ScorerConfig c;
+  c.name = "h2o";
   EXPECT_EQ(MakeScorer(c).status().code(), absl::StatusCode::kUnimplemented);
 }
 
