@@ -137,6 +137,20 @@ absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
   return out;
 }
 
+Decision KeepAll(int num_layers, int num_kv_heads, std::span<const int32_t> lengths) {
+  Decision d;
+  d.num_layers = num_layers;
+  d.num_kv_heads = num_kv_heads;
+  d.budgets.assign(lengths.begin(), lengths.end());
+  d.kept_lengths.assign(lengths.begin(), lengths.end());
+  d.head_offsets.push_back(0);
+  for (int32_t n : lengths) {
+    for (int32_t j = 0; j < n; ++j) d.kept_indices.push_back(j);
+    d.head_offsets.push_back(d.head_offsets.back() + n);
+  }
+  return d;
+}
+
 int WordsPerHead(int64_t n_max) { return static_cast<int>((n_max + 63) / 64); }
 
 std::vector<uint64_t> BuildKeepMask(const Decision& decision, int64_t n_max) {

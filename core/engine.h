@@ -66,6 +66,7 @@ class Engine {
                                                         std::vector<double> layer_demand = {});
 
   const SessionConfig& config() const { return config_; }
+  const std::vector<double>& layer_demand() const { return layer_demand_; }
   absl::StatusOr<Decision> Compress(const CompressInputs& in) const;
 
  private:
@@ -77,6 +78,10 @@ class Engine {
   std::unique_ptr<Allocator> allocator_;
   std::vector<double> layer_demand_;
 };
+
+// The decision of an event that evicts nothing (calibration sessions): every head keeps all its
+// tokens and its budget is its length.
+Decision KeepAll(int num_layers, int num_kv_heads, std::span<const int32_t> lengths);
 
 // Keep bitmask of the pre-event positions: [L * Hkv, words_per_head] uint64 words, bit j set when j
 // is kept.

@@ -103,9 +103,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     return absl::InvalidArgumentError(
         absl::StrCat("device \"", options.device, "\" is not cpu or cuda:N"));
   }
-  if (!options.profile_dir.empty() && !std::filesystem::is_directory(options.profile_dir)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("profile_dir \"", options.profile_dir, "\" is not a directory"));
+  auto profiles = ProfileStore::Open(options.profile_dir);
+  if (!profiles.ok()) return profiles.status();
+  s.profiles_ = *std::move(profiles);
+  if (!options.profile_dir.empty()) {
+    spdlog::info("{} layer profile(s) loaded from {}", s.profiles_->List().size(),
+                 options.profile_dir);
   }
   if (options.max_message_bytes < 1024 || options.max_message_bytes > 0x7fffffffu) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -134,7 +137,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     // Sessions exist only once the service does; the registry is destroyed before it.
     if (s.service_) s.service_->OnSessionReleased(session, why);
   });
-  s.service_ = std::make_unique<SidecarService>(so, s.registry_.get(), s.metrics_.get());
+  s.service_ =
+      std::make_unique<SidecarService>(so, s.registry_.get(), s.metrics_.get(), s.profiles_.get());
   s.health_ = std::make_unique<HealthService>(
       std::initializer_list<std::string>{"", "reasonalloc.v1.KvSidecar"});
 

@@ -17,6 +17,7 @@
 #include "absl/time/time.h"
 #include "server/health_service.h"
 #include "server/metrics.h"
+#include "server/profile_store.h"
 #include "server/session_registry.h"
 #include "server/sidecar_service.h"
 
@@ -57,6 +58,7 @@ class Server {
   ServerOptions options_;
   std::string socket_path_;
   std::unique_ptr<Metrics> metrics_;
+  std::unique_ptr<ProfileStore> profiles_;
   std::unique_ptr<SessionRegistry> registry_;
   std::unique_ptr<SidecarService> service_;
   std::unique_ptr<HealthService> health_;

@@ -20,10 +20,11 @@ std::string NewSessionId() {
 }
 
 Session::Session(std::string id, std::shared_ptr<const Engine> engine, uint64_t reserved,
-                 std::string client_tag, absl::Duration lease)
+                 std::string client_tag, absl::Duration lease, std::string profile)
     : id_(std::move(id)),
       model_(engine->config().model),
       client_tag_(std::move(client_tag)),
+      profile_(std::move(profile)),
       created_(absl::Now()),
       engine_(std::move(engine)),
       reserved_(reserved) {
@@ -100,6 +101,52 @@ absl::StatusOr<Session::CompressGuard> Session::BeginCompress() {
   return CompressGuard(this);
 }
 
+absl::Status Session::StartCalibration(double rho, int stride) {
+  if (!(rho > 0 && rho <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("rho = ", rho, " is outside (0, 1]"));
+  }
+  if (stride < 1 || stride > 1 << 20) {
+    return absl::InvalidArgumentError(absl::StrCat("stride = ", stride, " is out of range"));
+  }
+  absl::MutexLock lock(&calib_mu_);
+  if (calibration_ != nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("session_id \"", id_, "\" is already calibrating"));
+  }
+  calibration_ =
+      std::make_unique<CalibrationAccumulator>(model_, engine()->config().budget.window, rho);
+  calibration_stride_ = stride;
+  return absl::OkStatus();
+}
+
+bool Session::calibrating() const {
+  absl::MutexLock lock(&calib_mu_);
+  return calibration_ != nullptr;
+}
+
+void Session::ObserveCalibration(int64_t step, const CompressInputs& in) {
+  absl::MutexLock lock(&calib_mu_);
+  if (calibration_ != nullptr && step % calibration_stride_ == 0) calibration_->Observe(in);
+}
+
+std::vector<int64_t> Session::CalibrationSamples() const {
+  absl::MutexLock lock(&calib_mu_);
+  return calibration_ ? calibration_->samples() : std::vector<int64_t>{};
+}
+
+absl::StatusOr<Session::Calibration> Session::FinishCalibration() {
+  absl::MutexLock lock(&calib_mu_);
+  if (calibration_ == nullptr) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("session_id \"", id_, "\" is not calibrating: call StartCalibration first"));
+  }
+  auto demand = calibration_->Demand();
+  if (!demand.ok()) return demand.status();
+  Calibration out{calibration_->rho(), *std::move(demand), calibration_->samples()};
+  calibration_.reset();
+  return out;
+}
+
 bool Session::Expired(absl::Time now) const {
   absl::MutexLock lock(&mu_);
   return state_.lease_deadline < now;
@@ -131,12 +178,14 @@ absl::StatusOr<absl::Duration> SessionRegistry::LeaseFor(double seconds,
 
 absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(const SessionConfig& config,
                                                                  std::string client_tag,
-                                                                 absl::Duration lease) {
-  auto engine = Engine::Create(config);
+                                                                 absl::Duration lease,
+                                                                 std::vector<double> layer_demand,
+                                                                 std::string profile) {
+  auto engine = Engine::Create(config, std::move(layer_demand));
   if (!engine.ok()) return engine.status();
   const uint64_t bytes = ComputeArenaBytes(config).total();
   auto session = std::make_shared<Session>(NewSessionId(), std::move(engine).value(), bytes,
-                                           std::move(client_tag), lease);
+                                           std::move(client_tag), lease, std::move(profile));
   absl::MutexLock lock(&mu_);
   if (static_cast<int>(sessions_.size()) >= options_.max_sessions) {
     return absl::ResourceExhaustedError(
@@ -207,7 +256,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::UpdateBudget(const std
   Session& session = **s;
   SessionConfig config = session.engine()->config();
   config.budget.budget = budget;
-  auto engine = Engine::Create(config);
+  auto engine = Engine::Create(config, session.engine()->layer_demand());
   if (!engine.ok()) {
     // The request's field is `budget`, not the session's `budget.budget`.
     std::string message(engine.status().message());

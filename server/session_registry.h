@@ -31,6 +31,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/engine.h"
+#include "core/layer_profile.h"
 #include "core/session_config.h"
 
 namespace reasonalloc {
@@ -38,13 +39,29 @@ namespace reasonalloc {
 class Session {
  public:
   Session(std::string id, std::shared_ptr<const Engine> engine, uint64_t reserved,
-          std::string client_tag, absl::Duration lease);
+          std::string client_tag, absl::Duration lease, std::string profile);
 
   const std::string& id() const { return id_; }
   // Geometry, mode, scorer and allocator never change; the budget may (UpdateBudget): read it from
   // engine()->config().
   const ModelGeometry& model() const { return model_; }
   const std::string& client_tag() const { return client_tag_; }
+  // The layer profile whose wave the session uses; empty = uniform layers.
+  const std::string& profile() const { return profile_; }
+
+  // Calibration (StartCalibration .. FinishCalibration): Compress keeps every token and, on every
+  // stride-th step, measures k_rho from the newest query.
+  absl::Status StartCalibration(double rho, int stride) ABSL_LOCKS_EXCLUDED(calib_mu_);
+  bool calibrating() const ABSL_LOCKS_EXCLUDED(calib_mu_);
+  void ObserveCalibration(int64_t step, const CompressInputs& in) ABSL_LOCKS_EXCLUDED(calib_mu_);
+  std::vector<int64_t> CalibrationSamples() const ABSL_LOCKS_EXCLUDED(calib_mu_);
+  struct Calibration {
+    double rho = 0;
+    std::vector<double> demand;
+    std::vector<int64_t> samples;
+  };
+  // Ends calibration and returns its measurements.
+  absl::StatusOr<Calibration> FinishCalibration() ABSL_LOCKS_EXCLUDED(calib_mu_);
   absl::Time created() const { return created_; }
   std::shared_ptr<const Engine> engine() const ABSL_LOCKS_EXCLUDED(mu_);
   uint64_t reserved_bytes() const ABSL_LOCKS_EXCLUDED(mu_);
@@ -97,7 +114,11 @@ class Session {
   const std::string id_;
   const ModelGeometry model_;
   const std::string client_tag_;
+  const std::string profile_;
   const absl::Time created_;
+  mutable absl::Mutex calib_mu_;
+  std::unique_ptr<CalibrationAccumulator> calibration_ ABSL_GUARDED_BY(calib_mu_);
+  int calibration_stride_ ABSL_GUARDED_BY(calib_mu_) = 16;
   std::atomic<bool> busy_{false};
   mutable absl::Mutex mu_;
   std::shared_ptr<const Engine> engine_ ABSL_GUARDED_BY(mu_);
@@ -124,8 +145,11 @@ class SessionRegistry {
   SessionRegistry& operator=(const SessionRegistry&) = delete;
 
   // Validates the configuration, reserves its bytes and admits the session.
+  // `layer_demand` and `profile`: the layer profile the session follows (empty = uniform layers).
   absl::StatusOr<std::shared_ptr<Session>> Create(const SessionConfig& config,
-                                                  std::string client_tag, absl::Duration lease);
+                                                  std::string client_tag, absl::Duration lease,
+                                                  std::vector<double> layer_demand = {},
+                                                  std::string profile = "");
   // NOT_FOUND for unknown, closed and expired sessions (a lapsed lease is never revived, even
   // before the reaper has run). Using a session (Compress, KeepAlive) renews its lease; looking at
   // it (GetSession) does not.

@@ -21,8 +21,13 @@ absl::Status Unimplemented(absl::string_view what) {
 
 }  // namespace
 
-SidecarService::SidecarService(Options options, SessionRegistry* registry, Metrics* metrics)
-    : options_(std::move(options)), registry_(registry), metrics_(metrics), started_(absl::Now()) {
+SidecarService::SidecarService(Options options, SessionRegistry* registry, Metrics* metrics,
+                               ProfileStore* profiles)
+    : options_(std::move(options)),
+      registry_(registry),
+      profiles_(profiles),
+      metrics_(metrics),
+      started_(absl::Now()) {
   UpdatePoolGauges();
 }
 
@@ -85,7 +90,8 @@ void SidecarService::FillSessionInfo(const Session& session, v1::SessionInfo* ou
   out->set_evicted_tokens_total(st.evicted_total);
   out->set_reserved_bytes(session.reserved_bytes());
   // Layer budgets before head routing (uniform layers until layer profiles are loaded).
-  if (auto layers = LayerBudgets(c, {}); layers.ok()) {
+  out->set_profile(session.profile());
+  if (auto layers = LayerBudgets(c, engine->layer_demand()); layers.ok()) {
     out->mutable_layer_budgets()->Assign(layers->begin(), layers->end());
   }
   out->mutable_budgets()->Assign(st.budgets.begin(), st.budgets.end());
@@ -151,15 +157,34 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext*,
     if (!config.ok()) return config.status();
     auto lease = registry_->LeaseFor(request->lease_seconds(), "lease_seconds");
     if (!lease.ok()) return lease.status();
-    auto session = registry_->Create(*config, request->client_tag(), *lease);
-    if (!session.ok()) return session.status();
-    FillSessionInfo(**session, response->mutable_session());
+    // ReasonAlloc's layer level follows the model's profile (or the one named); without one the
+    // layers are uniform and the answer says so.
+    std::vector<double> demand;
+    std::string profile_name;
+    std::string warning;
     if (config->allocator.name == "reasonalloc" &&
         (config->allocator.reasonalloc_mode == ReasonAllocMode::kLayer ||
          config->allocator.reasonalloc_mode == ReasonAllocMode::kFull)) {
-      const std::string warning = absl::StrCat(
-          "no layer profile for model \"", config->model.name,
-          "\": uniform layer budgets (layer profiles are not loaded by this build yet)");
+      const bool named = !config->allocator.profile.empty();
+      const std::string name = named ? config->allocator.profile : config->model.name;
+      auto profile = profiles_->Get(name);
+      if (profile.ok()) {
+        if (auto s = ProfileStore::CheckGeometry(*profile, config->model); !s.ok()) return s;
+        demand.assign(profile->demand().begin(), profile->demand().end());
+        profile_name = name;
+      } else if (named) {
+        return absl::FailedPreconditionError(
+            absl::StrCat("allocator.profile \"", name.substr(0, 128), "\" is not loaded"));
+      } else {
+        warning = absl::StrCat("no layer profile for model \"", name,
+                               "\": uniform layer budgets (PutProfile or --profile-dir adds one)");
+      }
+    }
+    auto session =
+        registry_->Create(*config, request->client_tag(), *lease, std::move(demand), profile_name);
+    if (!session.ok()) return session.status();
+    FillSessionInfo(**session, response->mutable_session());
+    if (!warning.empty()) {
       response->add_warnings(warning);
       spdlog::warn("session {}: {}", (*session)->id(), warning);
     }
@@ -275,7 +300,17 @@ absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
 
   CompressInputs inputs = prepared->view();
   inputs.cancelled = [context] { return context != nullptr && context->IsCancelled(); };
-  auto decision = engine->Compress(inputs);
+  absl::StatusOr<Decision> decision;
+  if (session.calibrating()) {
+    // Full cache while calibrating: measure, evict nothing.
+    const auto tc = std::chrono::steady_clock::now();
+    session.ObserveCalibration(request.step(), inputs);
+    decision = KeepAll(config.model.num_layers, config.model.num_kv_heads, prepared->lengths);
+    decision->seconds.score =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+  } else {
+    decision = engine->Compress(inputs);
+  }
   if (!decision.ok()) return decision.status();
 
   if (config.managed) {
@@ -362,30 +397,70 @@ grpc::Status SidecarService::CompressStream(
 }
 
 grpc::Status SidecarService::StartCalibration(grpc::ServerContext*,
-                                              const v1::StartCalibrationRequest*,
-                                              v1::CalibrationStatus*) {
-  return Finish("StartCalibration", Unimplemented("StartCalibration (layer profiles)"));
+                                              const v1::StartCalibrationRequest* request,
+                                              v1::CalibrationStatus* response) {
+  auto run = [&]() -> absl::Status {
+    auto session = registry_->Get(request->session_id());
+    if (!session.ok()) return session.status();
+    const double rho = request->rho() == 0 ? 0.93 : request->rho();
+    const int stride = request->stride() == 0 ? 16 : request->stride();
+    if (auto s = (*session)->StartCalibration(rho, stride); !s.ok()) return s;
+    response->set_session_id(request->session_id());
+    const auto samples = (*session)->CalibrationSamples();
+    response->mutable_samples()->Assign(samples.begin(), samples.end());
+    return absl::OkStatus();
+  };
+  return Finish("StartCalibration", run());
 }
 
 grpc::Status SidecarService::FinishCalibration(grpc::ServerContext*,
-                                               const v1::FinishCalibrationRequest*,
-                                               v1::LayerProfile*) {
-  return Finish("FinishCalibration", Unimplemented("FinishCalibration (layer profiles)"));
+                                               const v1::FinishCalibrationRequest* request,
+                                               v1::LayerProfile* response) {
+  auto run = [&]() -> absl::Status {
+    auto session = registry_->Get(request->session_id());
+    if (!session.ok()) return session.status();
+    const std::string name =
+        request->profile_name().empty() ? (*session)->model().name : request->profile_name();
+    auto calibration = (*session)->FinishCalibration();
+    if (!calibration.ok()) return calibration.status();
+    v1::LayerProfile p;
+    p.set_name(name);
+    const SessionConfig& c = (*session)->engine()->config();
+    v1::BudgetConfig unused_budget;
+    v1::ScorerConfig unused_scorer;
+    v1::AllocatorConfig unused_allocator;
+    SessionConfigToProto(c, p.mutable_model(), &unused_budget, &unused_scorer, &unused_allocator);
+    p.set_rho(calibration->rho);
+    p.mutable_demand()->Assign(calibration->demand.begin(), calibration->demand.end());
+    p.mutable_samples()->Assign(calibration->samples.begin(), calibration->samples.end());
+    p.set_provenance(absl::StrCat("measured by reasonalloc-server ", kVersion, " (", kGitRevision,
+                                  ") in session ", (*session)->id(), " at ",
+                                  absl::FormatTime(absl::Now(), absl::UTCTimeZone())));
+    if (auto s = profiles_->Put(p, /*overwrite=*/true, request->save()); !s.ok()) return s;
+    *response = *profiles_->Get(name);
+    spdlog::info("layer profile \"{}\" calibrated ({} layers)", name, p.demand_size());
+    return absl::OkStatus();
+  };
+  return Finish("FinishCalibration", run());
 }
 
-grpc::Status SidecarService::GetProfile(grpc::ServerContext*, const v1::GetProfileRequest*,
-                                        v1::LayerProfile*) {
-  return Finish("GetProfile", Unimplemented("GetProfile (layer profiles)"));
+grpc::Status SidecarService::GetProfile(grpc::ServerContext*, const v1::GetProfileRequest* request,
+                                        v1::LayerProfile* response) {
+  auto p = profiles_->Get(request->name());
+  if (p.ok()) *response = *std::move(p);
+  return Finish("GetProfile", p.status());
 }
 
-grpc::Status SidecarService::PutProfile(grpc::ServerContext*, const v1::PutProfileRequest*,
+grpc::Status SidecarService::PutProfile(grpc::ServerContext*, const v1::PutProfileRequest* request,
                                         v1::PutProfileResponse*) {
-  return Finish("PutProfile", Unimplemented("PutProfile (layer profiles)"));
+  return Finish("PutProfile",
+                profiles_->Put(request->profile(), request->overwrite(), request->save()));
 }
 
 grpc::Status SidecarService::ListProfiles(grpc::ServerContext*, const v1::ListProfilesRequest*,
-                                          v1::ListProfilesResponse*) {
-  return Finish("ListProfiles", Unimplemented("ListProfiles (layer profiles)"));
+                                          v1::ListProfilesResponse* response) {
+  for (auto& p : profiles_->List()) *response->add_profiles() = std::move(p);
+  return Finish("ListProfiles", absl::OkStatus());
 }
 
 grpc::Status SidecarService::WatchMetrics(grpc::ServerContext*, const v1::WatchMetricsRequest*,

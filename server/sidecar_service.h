@@ -12,6 +12,7 @@
 #include "absl/time/time.h"
 #include "reasonalloc/v1/sidecar.grpc.pb.h"
 #include "server/metrics.h"
+#include "server/profile_store.h"
 #include "server/session_registry.h"
 
 namespace reasonalloc {
@@ -28,7 +29,8 @@ class SidecarService final : public v1::KvSidecar::Service {
     absl::Duration testing_compress_delay = absl::ZeroDuration();
   };
 
-  SidecarService(Options options, SessionRegistry* registry, Metrics* metrics);
+  SidecarService(Options options, SessionRegistry* registry, Metrics* metrics,
+                 ProfileStore* profiles);
 
   // Filled in once the listeners are bound.
   void SetAddresses(std::vector<std::string> listen, std::string metrics);
@@ -80,6 +82,7 @@ class SidecarService final : public v1::KvSidecar::Service {
 
   const Options options_;
   SessionRegistry* const registry_;
+  ProfileStore* const profiles_;
   Metrics* const metrics_;
   const absl::Time started_;
   std::atomic<bool> draining_{false};

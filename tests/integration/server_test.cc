@@ -505,12 +505,13 @@ TEST(Server, FutureRpcsSayUnimplemented) {
   auto server = MustStart();
   ASSERT_NE(server, nullptr);
   grpc::ClientContext ctx;
-  v1::LayerProfile profile;
-  v1::GetProfileRequest req;
-  req.set_name("x");
-  grpc::Status s = server->client().stub().GetProfile(&ctx, req, &profile);
+  v1::WatchMetricsRequest req;
+  auto reader = server->client().stub().WatchMetrics(&ctx, req);
+  v1::MetricsEvent event;
+  EXPECT_FALSE(reader->Read(&event));
+  grpc::Status s = reader->Finish();
   EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
-  EXPECT_THAT(s.error_message(), HasSubstr("GetProfile"));
+  EXPECT_THAT(s.error_message(), HasSubstr("WatchMetrics"));
 }
 
 TEST(Server, DrainFinishesInFlightCallsThenExitsZero) {
@@ -760,6 +761,101 @@ TEST(Server, PyramidLayerBudgetsAreReported) {
   EXPECT_EQ(std::vector<int32_t>(created->session().layer_budgets().begin(),
                                  created->session().layer_budgets().end()),
             (std::vector<int32_t>{47, 34, 22, 9}));
+}
+
+}  // namespace
+}  // namespace reasonalloc
+
+namespace reasonalloc {
+namespace {
+
+// Calibrate a profile through the API, save it, and have a fresh server load it for reasonalloc.
+TEST(Server, CalibrationProducesAProfileThatSessionsUse) {
+  char tmpl[] = "/tmp/reasonalloc-profiles-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  const std::string dir = tmpl;
+  {
+    auto server = MustStart({"--profile-dir=" + dir});
+    ASSERT_NE(server, nullptr);
+    Client& c = server->client();
+    const std::string id = CreateOrDie(*server, SessionRequest());
+    grpc::ClientContext ctx;
+    v1::StartCalibrationRequest start;
+    start.set_session_id(id);
+    start.set_stride(1);
+    v1::CalibrationStatus status;
+    ASSERT_TRUE(c.stub().StartCalibration(&ctx, start, &status).ok());
+    for (int step = 0; step < 3; ++step) {
+      auto got = c.Compress(CompressRequest(id, step, 40));
+      ASSERT_TRUE(got.ok()) << got.status();
+      EXPECT_EQ(got->decision().evicted_tokens(), 0);  // calibration keeps the full cache
+    }
+    grpc::ClientContext ctx2;
+    v1::FinishCalibrationRequest finish;
+    finish.set_session_id(id);
+    finish.set_save(true);
+    v1::LayerProfile profile;
+    const grpc::Status s = c.stub().FinishCalibration(&ctx2, finish, &profile);
+    ASSERT_TRUE(s.ok()) << s.error_message();
+    EXPECT_EQ(profile.name(), "test-model");
+    ASSERT_EQ(profile.demand_size(), kL);
+    EXPECT_NEAR(profile.demand(0) + profile.demand(1), 2.0, 1e-9);
+    EXPECT_EQ(profile.samples(0), 3 * kHkv);
+    EXPECT_TRUE(std::filesystem::exists(dir + "/test-model.json"));
+    // Finishing twice is a precondition error.
+    grpc::ClientContext ctx3;
+    EXPECT_EQ(c.stub().FinishCalibration(&ctx3, finish, &profile).error_code(),
+              grpc::StatusCode::FAILED_PRECONDITION);
+  }
+  // Rewrite the saved profile with a known wave, then a new server loads it.
+  {
+    std::ofstream(dir + "/test-model.json")
+        << R"({"name": "test-model", "model": {"num_layers": 2, "num_q_heads": 4, "num_kv_heads": 2,
+              "head_dim": 8}, "rho": 0.93, "demand": [1, 9]})";
+  }
+  auto server = MustStart({"--profile_dir=" + dir});
+  ASSERT_NE(server, nullptr);
+  auto r = SessionRequest("rkv", 20);
+  r.mutable_allocator()->set_name("reasonalloc");
+  r.mutable_allocator()->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_LAYER);
+  auto created = server->client().CreateSession(r);
+  ASSERT_TRUE(created.ok()) << created.status();
+  EXPECT_EQ(created->warnings_size(), 0);
+  EXPECT_EQ(created->session().profile(), "test-model");
+  // base 16, total 32, clip [4, 32], demand [0.2, 1.8] -> w ∝ [1, 3]: λ = 8 -> 8 and 24 selectable.
+  EXPECT_EQ(std::vector<int32_t>(created->session().layer_budgets().begin(),
+                                 created->session().layer_budgets().end()),
+            (std::vector<int32_t>{12, 28}));
+  auto got = server->client().Compress(CompressRequest(created->session().session_id(), 0, 40));
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->decision().budgets(0), 12);
+  EXPECT_EQ(got->decision().budgets(2), 28);
+  // A profile of another geometry is refused, naming the field.
+  auto other = r;
+  other.mutable_model()->set_head_dim(16);
+  auto refused = server->client().CreateSession(other);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("model.head_dim"));
+  // A named profile that is not loaded is refused too.
+  auto named = r;
+  named.mutable_allocator()->set_profile("missing");
+  EXPECT_EQ(server->client().CreateSession(named).status().code(),
+            absl::StatusCode::kFailedPrecondition);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Server, CorruptProfileDirectoryStopsStartup) {
+  char tmpl[] = "/tmp/reasonalloc-badprofiles-XXXXXX";
+  ASSERT_NE(mkdtemp(tmpl), nullptr);
+  { std::ofstream(std::string(tmpl) + "/broken.json") << "{\"name\": 3"; }
+  ServerProcess::Options o;
+  o.args = {std::string("--profile-dir=") + tmpl};
+  o.wait_ready = false;
+  auto p = ServerProcess::Start(o);
+  ASSERT_TRUE(p.ok());
+  EXPECT_EQ((*p)->WaitExit(absl::Seconds(10)).value_or(-1), 1);
+  EXPECT_THAT((*p)->Log(), HasSubstr("broken.json"));
+  std::filesystem::remove_all(tmpl);
 }
 
 }  // namespace

@@ -1,0 +1,173 @@
+#include "server/profile_store.h"
+
+#include <google/protobuf/util/json_util.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "core/layer_profile.h"
+
+namespace reasonalloc {
+namespace {
+
+bool ValidName(const std::string& name) {
+  if (name.empty() || name.size() > 128 || name[0] == '.') return false;
+  for (char c : name) {
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.')
+      return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+absl::StatusOr<v1::LayerProfile> ProfileStore::Validate(v1::LayerProfile p,
+                                                        absl::string_view field) {
+  if (!ValidName(p.name())) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".name \"", p.name().substr(0, 64),
+                     "\" must be 1-128 characters of letters, digits, '-', '_' and '.' (not "
+                     "starting with '.')"));
+  }
+  const auto& m = p.model();
+  if (m.num_layers() < 1 || m.num_layers() > kMaxLayers) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".model.num_layers = ", m.num_layers(), " is out of range"));
+  }
+  if (m.num_q_heads() < 1 || m.num_kv_heads() < 1 || m.head_dim() < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field,
+        ".model needs num_q_heads, num_kv_heads and head_dim (the geometry it was measured on)"));
+  }
+  if (!(p.rho() > 0 && p.rho() <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".rho = ", p.rho(), " is outside (0, 1]"));
+  }
+  auto demand = NormaliseDemand(std::vector<double>(p.demand().begin(), p.demand().end()),
+                                m.num_layers(), absl::StrCat(field, ".demand"));
+  if (!demand.ok()) return demand.status();
+  p.mutable_demand()->Assign(demand->begin(), demand->end());
+  if (p.samples_size() != 0 && p.samples_size() != m.num_layers()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".samples has ", p.samples_size(),
+                     " entries; expected none or model.num_layers = ", m.num_layers()));
+  }
+  for (int l = 0; l < p.samples_size(); ++l) {
+    if (p.samples(l) < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(field, ".samples[", l, "] is negative"));
+    }
+  }
+  return p;
+}
+
+absl::StatusOr<v1::LayerProfile> ProfileStore::ParseJson(const std::string& text,
+                                                         absl::string_view what) {
+  v1::LayerProfile p;
+  const auto status = google::protobuf::util::JsonStringToMessage(text, &p);
+  if (!status.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": not a LayerProfile JSON document: ", std::string(status.message())));
+  }
+  return Validate(std::move(p), what);
+}
+
+std::string ProfileStore::ToJson(const v1::LayerProfile& p) {
+  std::string out;
+  google::protobuf::util::JsonPrintOptions options;
+  options.add_whitespace = true;
+  options.preserve_proto_field_names = true;
+  (void)google::protobuf::util::MessageToJsonString(p, &out, options);
+  return out;
+}
+
+absl::Status ProfileStore::CheckGeometry(const v1::LayerProfile& p, const ModelGeometry& model) {
+  const auto& m = p.model();
+  const std::pair<const char*, std::pair<int, int>> fields[] = {
+      {"num_layers", {m.num_layers(), model.num_layers}},
+      {"num_q_heads", {m.num_q_heads(), model.num_q_heads}},
+      {"num_kv_heads", {m.num_kv_heads(), model.num_kv_heads}},
+      {"head_dim", {m.head_dim(), model.head_dim}}};
+  for (const auto& [name, values] : fields) {
+    if (values.first != values.second) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("layer profile \"", p.name(), "\" was measured with model.", name, " = ",
+                       values.first, "; the session's model.", name, " is ", values.second));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<ProfileStore>> ProfileStore::Open(const std::string& dir) {
+  std::unique_ptr<ProfileStore> store(new ProfileStore(dir));
+  if (dir.empty()) return store;
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) {
+    return absl::InvalidArgumentError(absl::StrCat("profile_dir \"", dir, "\" is not a directory"));
+  }
+  absl::MutexLock lock(&store->mu_);
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    if (entry.path().extension() != ".json") continue;
+    std::ifstream in(entry.path());
+    std::stringstream text;
+    text << in.rdbuf();
+    auto p = ParseJson(text.str(), entry.path().string());
+    if (!p.ok()) return p.status();
+    if (store->profiles_.count(p->name()) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat(entry.path().string(), ": profile name \"",
+                                                     p->name(), "\" is used by another file"));
+    }
+    store->profiles_[p->name()] = *std::move(p);
+  }
+  if (ec) return absl::InternalError(absl::StrCat("profile_dir \"", dir, "\": ", ec.message()));
+  return store;
+}
+
+absl::StatusOr<v1::LayerProfile> ProfileStore::Get(const std::string& name) const {
+  absl::MutexLock lock(&mu_);
+  auto it = profiles_.find(name);
+  if (it == profiles_.end()) {
+    return absl::NotFoundError(
+        absl::StrCat("no layer profile named \"", name.substr(0, 128), "\""));
+  }
+  return it->second;
+}
+
+std::vector<v1::LayerProfile> ProfileStore::List() const {
+  absl::MutexLock lock(&mu_);
+  std::vector<v1::LayerProfile> out;
+  for (const auto& [name, p] : profiles_) out.push_back(p);
+  return out;
+}
+
+absl::Status ProfileStore::Put(v1::LayerProfile profile, bool overwrite, bool save) {
+  auto p = Validate(std::move(profile), "profile");
+  if (!p.ok()) return p.status();
+  if (save && dir_.empty()) {
+    return absl::FailedPreconditionError("save: the server has no --profile-dir to save into");
+  }
+  absl::MutexLock lock(&mu_);
+  if (!overwrite && profiles_.count(p->name()) != 0) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("profile.name \"", p->name(), "\" exists; set overwrite to replace it"));
+  }
+  if (save) {
+    // Write beside the target and rename, so that a reader never sees half a file.
+    const std::string path = (std::filesystem::path(dir_) / (p->name() + ".json")).string();
+    const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
+    {
+      std::ofstream out(tmp, std::ios::trunc);
+      out << ToJson(*p);
+      if (!out.good()) return absl::InternalError(absl::StrCat("cannot write ", tmp));
+    }
+    std::error_code ec;
+    std::filesystem::rename(tmp, path, ec);
+    if (ec) return absl::InternalError(absl::StrCat("cannot rename to ", path, ": ", ec.message()));
+  }
+  profiles_[p->name()] = *std::move(p);
+  return absl::OkStatus();
+}
+
+}  // namespace reasonalloc

@@ -1,0 +1,103 @@
+#include "server/profile_store.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+namespace reasonalloc {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kGood[] = R"({"name": "tiny", "model": {"num_layers": 2, "num_q_heads": 4,
+  "num_kv_heads": 2, "head_dim": 8}, "rho": 0.93, "demand": [1, 3], "samples": [10, 10],
+  "provenance": "hand-written"})";
+
+class ProfileStoreTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = ::testing::TempDir() + "/profiles-" +
+           ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  void Write(const std::string& file, const std::string& text) {
+    std::ofstream(dir_ + "/" + file) << text;
+  }
+  std::string dir_;
+};
+
+TEST_F(ProfileStoreTest, LoadsAndNormalises) {
+  Write("tiny.json", kGood);
+  Write("README.txt", "not a profile");
+  auto store = ProfileStore::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto p = (*store)->Get("tiny");
+  ASSERT_TRUE(p.ok());
+  EXPECT_DOUBLE_EQ(p->demand(0), 0.5);
+  EXPECT_DOUBLE_EQ(p->demand(1), 1.5);
+  EXPECT_EQ((*store)->List().size(), 1u);
+  EXPECT_EQ((*store)->Get("other").status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST_F(ProfileStoreTest, CorruptFilesStopTheLoadNamingFileAndField) {
+  const std::pair<const char*, const char*> cases[] = {
+      {"{not json", "not a LayerProfile JSON"},
+      {R"({"name": "x", "model": {"num_layers": 2, "num_q_heads": 1, "num_kv_heads": 1,
+          "head_dim": 4}, "rho": 0.9, "demand": [1]})",
+       "demand has 1 entries"},
+      {R"({"name": "x", "model": {"num_layers": 2, "num_q_heads": 1, "num_kv_heads": 1,
+          "head_dim": 4}, "rho": 0.9, "demand": [1, "NaN"]})",
+       "demand[1]"},
+      {R"({"name": "x", "model": {"num_layers": 1, "num_q_heads": 1, "num_kv_heads": 1,
+          "head_dim": 4}, "rho": 1.5, "demand": [1]})",
+       "rho"},
+      {R"({"name": "../evil", "model": {"num_layers": 1, "num_q_heads": 1, "num_kv_heads": 1,
+          "head_dim": 4}, "rho": 0.9, "demand": [1]})",
+       "name"},
+  };
+  for (const auto& [text, needle] : cases) {
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+    Write("bad.json", text);
+    auto store = ProfileStore::Open(dir_);
+    ASSERT_FALSE(store.ok()) << text;
+    EXPECT_EQ(store.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(store.status().message()), HasSubstr("bad.json")) << text;
+    EXPECT_THAT(std::string(store.status().message()), HasSubstr(needle)) << text;
+  }
+}
+
+TEST_F(ProfileStoreTest, PutOverwriteAndSave) {
+  auto store = ProfileStore::Open(dir_);
+  ASSERT_TRUE(store.ok());
+  auto p = ProfileStore::ParseJson(kGood, "test");
+  ASSERT_TRUE(p.ok());
+  ASSERT_TRUE((*store)->Put(*p, false, true).ok());
+  EXPECT_EQ((*store)->Put(*p, false, false).code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_TRUE((*store)->Put(*p, true, false).ok());
+  // What was saved loads back identically.
+  auto again = ProfileStore::Open(dir_);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ((*again)->Get("tiny")->DebugString(), (*store)->Get("tiny")->DebugString());
+  auto memory_only = ProfileStore::Open("");
+  EXPECT_EQ((*memory_only)->Put(*p, false, true).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(ProfileStoreTest, GeometryMustMatchTheSession) {
+  auto p = ProfileStore::ParseJson(kGood, "test");
+  ASSERT_TRUE(p.ok());
+  ModelGeometry m{"tiny", 2, 4, 2, 8, DType::kFloat16, 1024};
+  EXPECT_TRUE(ProfileStore::CheckGeometry(*p, m).ok());
+  m.num_kv_heads = 1;
+  m.num_q_heads = 4;
+  const absl::Status s = ProfileStore::CheckGeometry(*p, m);
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("model.num_kv_heads"));
+}
+
+}  // namespace
+}  // namespace reasonalloc
