@@ -6,6 +6,7 @@
 //   reasonalloc close     [--target T] SESSION_ID...
 //   reasonalloc compress  [--target T] --queries Q.npy --keys K.npy [--values V.npy]
 //                         [--lengths LEN.npy] --out DIR [--session ID --step N | session flags]
+//   reasonalloc replay    --trace DIR [--scorers ...] [--allocators ...] [--budgets ...] [--csv F]
 //
 // Exit codes: 0 success, 1 the server answered with an error, 2 bad usage or local I/O error.
 #include <google/protobuf/util/json_util.h>
@@ -22,6 +23,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "client/cli/replay.h"
 #include "client/client.h"
 #include "client/npy_tensor.h"
 #include "core/build_info.h"
@@ -390,13 +392,14 @@ int Run(int argc, char** argv) {
   const std::string command = args[1];
   auto client = Connect();
   if (!client.ok()) return Fail(kUsageError, "connect", client.status());
+  if (command == "replay") return ReplayCommand();  // offline: needs no server
   if (command == "info") return Info(**client);
   if (command == "health") return Health(**client);
   if (command == "sessions") return Sessions(**client);
   if (command == "close") return Close(**client, args);
   if (command == "compress") return CompressCommand(**client);
   std::cerr << "reasonalloc: unknown command \"" << command
-            << "\"; expected info, health, sessions, close or compress\n";
+            << "\"; expected info, health, sessions, close, compress or replay\n";
   return kUsageError;
 }
 

@@ -4,6 +4,7 @@
 
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 
 #include "absl/strings/str_cat.h"
 #include "core/npy.h"
@@ -132,6 +133,42 @@ TEST_F(Cli, ErrorsAndExitCodes) {
       REASONALLOC_CLI_BINARY, " info --timeout_seconds=2 --target=unix:///nonexistent/x.sock"));
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.output, HasSubstr("UNAVAILABLE"));
+}
+
+}  // namespace
+}  // namespace reasonalloc
+
+namespace reasonalloc {
+namespace {
+
+TEST_F(Cli, ReplayComparesPoliciesOnATrace) {
+  // L=2, Hq=4, Hkv=2, window 3, d=5, N=20, T=4 later queries.
+  WriteF32("queries.npy", {2, 4, 3, 5}, 1.0f);
+  WriteF32("keys.npy", {2, 2, 20, 5}, 1.0f);
+  WriteF32("values.npy", {2, 2, 20, 5}, 2.0f);
+  WriteF32("later_queries.npy", {2, 4, 4, 5}, 0.5f);
+  const std::string csv = dir_ + "/replay.csv";
+  auto r = RunCommand(absl::StrCat(REASONALLOC_CLI_BINARY, " replay --trace ", dir_,
+                                   " --scorers snapkv,rkv --allocators uniform,reasonalloc:head",
+                                   " --budgets 8,20 --csv ", csv));
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("out_err"));
+  std::ifstream in(csv);
+  std::string line;
+  std::vector<std::string> rows;
+  while (std::getline(in, line)) rows.push_back(line);
+  ASSERT_EQ(rows.size(), 1u + 2 * 2 * 2);
+  EXPECT_THAT(rows[0], HasSubstr("scorer,allocator,budget,kept_fraction,output_error,recall"));
+  // Budget 20 = N keeps everything: no error, full recall.
+  for (const auto& row : rows) {
+    if (row.find(",20,") != std::string::npos) {
+      EXPECT_THAT(row, HasSubstr(",20,1.000000,0.000000,1.000000,1.000000,")) << row;
+    }
+  }
+  // A trace with a missing file is a usage error naming it.
+  auto bad = RunCommand(absl::StrCat(REASONALLOC_CLI_BINARY, " replay --trace /nonexistent"));
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_THAT(bad.output, HasSubstr("queries.npy"));
 }
 
 }  // namespace

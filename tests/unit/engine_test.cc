@@ -190,3 +190,35 @@ TEST(Engine, WorkBeyondTheLimitIsRefusedUpFront) {
 
 }  // namespace
 }  // namespace reasonalloc
+
+#include "core/quality.h"
+
+namespace reasonalloc {
+namespace {
+
+TEST(Quality, HandWorkedRecallAndOutputError) {
+  // One head, d = 1, 3 tokens with keys 0, ln 2, ln 7 and values 1, 2, 3; the later query is 1:
+  // attention 1 : 2 : 7 over 10. Keeping {1, 2}: recall 0.9; o_full = (1 + 4 + 21) / 10 = 2.6,
+  // o_S = (4 + 21) / 9 = 25/9, error |25/9 − 2.6| / 2.6.
+  ModelGeometry m{"m", 1, 1, 1, 1, DType::kFloat32, 64};
+  Decision d;
+  d.num_layers = 1;
+  d.num_kv_heads = 1;
+  d.budgets = {2};
+  d.kept_lengths = {2};
+  d.kept_indices = {1, 2};
+  d.head_offsets = {0, 2};
+  const float later[] = {1};
+  const float keys[] = {0, std::log(2.0f), std::log(7.0f)};
+  const float values[] = {1, 2, 3};
+  const int32_t lengths[] = {3};
+  const Quality q = MeasureQuality(m, d, later, 1, keys, values, 3, lengths, 0.93);
+  EXPECT_NEAR(q.recall, 0.9, 1e-6);
+  EXPECT_NEAR(q.output_error, std::abs(25.0 / 9 - 2.6) / 2.6, 1e-6);
+  EXPECT_EQ(q.recall_at_rho, 0.0);
+  EXPECT_EQ(q.samples, 1);
+  EXPECT_EQ(q.budget_spread, 1.0);
+}
+
+}  // namespace
+}  // namespace reasonalloc
