@@ -1,14 +1,19 @@
 #include "core/engine.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "core/selector.h"
+#include "core/thread_pool.h"
 
 namespace reasonalloc {
 namespace {
+
+// Below this many multiply-adds an event is scored on the calling thread.
+constexpr int64_t kParallelWork = int64_t{1} << 21;
 
 double SecondsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -87,29 +92,45 @@ absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
         kMaxEventWork, "; send fewer tokens or a smaller query window"));
   }
 
+  // Heads are scored independently: on the shared pool when the event is big enough to repay the
+  // hand-off (a few µs per head), inline otherwise. Results do not depend on which thread runs a
+  // head.
   std::vector<std::vector<float>> scores(static_cast<size_t>(heads));
-  int64_t unpolled_work = 0;
+  std::vector<char> overflow(static_cast<size_t>(heads), 0);
+  std::atomic<int64_t> unpolled_work{0};
+  std::atomic<bool> cancelled{false};
+  auto score_head = [&](int64_t head) {
+    if (cancelled.load(std::memory_order_relaxed)) return;
+    const HeadInputs hi = head_inputs(static_cast<int>(head / m.num_kv_heads),
+                                      static_cast<int>(head % m.num_kv_heads));
+    const int64_t w = scorer_->Work(hi);
+    if (in.cancelled && unpolled_work.fetch_add(w) + w >= in.cancel_poll_work) {
+      unpolled_work.store(0);
+      if (in.cancelled()) {
+        cancelled.store(true);
+        return;
+      }
+    }
+    auto& s = scores[static_cast<size_t>(head)];
+    s.assign(static_cast<size_t>(std::max(0, hi.n - window)), 0.0f);
+    if (!s.empty() && !scorer_->ScoreHead(hi, s)) overflow[static_cast<size_t>(head)] = 1;
+  };
   auto t = std::chrono::steady_clock::now();
-  for (int l = 0; l < m.num_layers; ++l) {
-    for (int h = 0; h < m.num_kv_heads; ++h) {
-      const HeadInputs hi = head_inputs(l, h);
-      if (in.cancelled && unpolled_work >= in.cancel_poll_work) {
-        unpolled_work = 0;
-        if (in.cancelled()) {
-          return absl::CancelledError("the compression event was cancelled (caller gone or drain)");
-        }
-      }
-      unpolled_work += scorer_->Work(hi);
-      auto& s = scores[static_cast<size_t>(int64_t{l} * m.num_kv_heads + h)];
-      s.assign(static_cast<size_t>(std::max(0, hi.n - window)), 0.0f);
-      if (s.empty()) continue;
-      if (!scorer_->ScoreHead(hi, s)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("inline_tensors.query_window and inline_tensors.keys: attention logits "
-                         "overflow float32 "
-                         "in layer ",
-                         l, ", kv head ", h, " (input magnitudes too large)"));
-      }
+  if (work >= kParallelWork && heads > 1) {
+    ThreadPool::Shared().ParallelFor(heads, score_head);
+  } else {
+    for (int64_t head = 0; head < heads; ++head) score_head(head);
+  }
+  if (cancelled.load()) {
+    return absl::CancelledError("the compression event was cancelled (caller gone or drain)");
+  }
+  for (int64_t head = 0; head < heads; ++head) {
+    if (overflow[static_cast<size_t>(head)]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "inline_tensors.query_window and inline_tensors.keys: attention logits overflow float32 "
+          "in layer ",
+          head / m.num_kv_heads, ", kv head ", head % m.num_kv_heads,
+          " (input magnitudes too large)"));
     }
   }
   out.seconds.score = SecondsSince(t);

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/blas.h"
 
 namespace reasonalloc {
 namespace {
@@ -21,26 +22,28 @@ class SnapKvScorer final : public Scorer {
     if (cand <= 0) return true;
     const int d = in.head_dim;
     const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+    const int rows = in.group * in.window;
+    // All window queries of the group against all candidates in one GEMM: [G·α, d] x [cand, d]^T.
+    std::vector<float> all(static_cast<size_t>(rows) * static_cast<size_t>(cand));
+    GemmABt(rows, cand, d, scale, in.queries, in.keys, all.data());
     std::vector<float> logits(static_cast<size_t>(cand));
     std::vector<float> importance(static_cast<size_t>(cand), 0.0f);
     for (int a = 0; a < in.window; ++a) {
-      for (int j = 0; j < cand; ++j) {
-        const float* k = in.keys + static_cast<int64_t>(j) * d;
-        float reduced =
-            config_.gqa_reduce == GqaReduce::kMax ? -std::numeric_limits<float>::infinity() : 0.0f;
-        for (int g = 0; g < in.group; ++g) {
-          const float* q = in.queries + (static_cast<int64_t>(g) * in.window + a) * d;
-          float dot = 0.0f;
-          for (int i = 0; i < d; ++i) dot += q[i] * k[i];
-          dot *= scale;
-          if (config_.gqa_reduce == GqaReduce::kMax) {
-            reduced = std::max(reduced, dot);
-          } else {
-            reduced += dot;
-          }
+      // GQA reduction on the logits, before the softmax (max or mean over the group).
+      const float* first = all.data() + static_cast<size_t>(a) * cand;
+      std::copy(first, first + cand, logits.begin());
+      for (int g = 1; g < in.group; ++g) {
+        const float* row = all.data() + (static_cast<size_t>(g) * in.window + a) * cand;
+        if (config_.gqa_reduce == GqaReduce::kMax) {
+          for (int j = 0; j < cand; ++j)
+            logits[static_cast<size_t>(j)] = std::max(logits[static_cast<size_t>(j)], row[j]);
+        } else {
+          for (int j = 0; j < cand; ++j) logits[static_cast<size_t>(j)] += row[j];
         }
-        if (config_.gqa_reduce == GqaReduce::kMean) reduced /= static_cast<float>(in.group);
-        logits[static_cast<size_t>(j)] = reduced;
+      }
+      if (config_.gqa_reduce == GqaReduce::kMean) {
+        const float inv_group = 1.0f / static_cast<float>(in.group);
+        for (float& l : logits) l *= inv_group;
       }
       const float max_logit = *std::max_element(logits.begin(), logits.end());
       if (!std::isfinite(max_logit)) return false;
@@ -50,8 +53,9 @@ class SnapKvScorer final : public Scorer {
         sum += l;
       }
       const float inv = 1.0f / (sum * static_cast<float>(in.window));
-      for (int j = 0; j < cand; ++j)
+      for (int j = 0; j < cand; ++j) {
         importance[static_cast<size_t>(j)] += logits[static_cast<size_t>(j)] * inv;
+      }
     }
     Pool(importance, out);
     return true;
@@ -107,17 +111,13 @@ class RkvScorer final : public Scorer {
       const float inv = 1.0f / (static_cast<float>(std::sqrt(norm)) + 1e-8f);
       for (int i = 0; i < d; ++i) kn[static_cast<size_t>(j) * d + i] = k[i] * inv;
     }
-    // S is symmetric: compute the upper triangle once.
+    // S is symmetric: SYRK computes the upper triangle once; mirror it and clear the diagonal.
     std::vector<float> s(static_cast<size_t>(n) * static_cast<size_t>(n), 0.0f);
+    SyrkUpper(n, d, kn.data(), s.data());
     for (int i = 0; i < n; ++i) {
-      const float* a = kn.data() + static_cast<size_t>(i) * d;
-      for (int j = i + 1; j < n; ++j) {
-        const float* b = kn.data() + static_cast<size_t>(j) * d;
-        float dot = 0;
-        for (int t = 0; t < d; ++t) dot += a[t] * b[t];
-        s[static_cast<size_t>(i) * n + j] = dot;
-        s[static_cast<size_t>(j) * n + i] = dot;
-      }
+      s[static_cast<size_t>(i) * n + i] = 0.0f;
+      for (int j = i + 1; j < n; ++j)
+        s[static_cast<size_t>(j) * n + i] = s[static_cast<size_t>(i) * n + j];
     }
     const float threshold = static_cast<float>(config_.threshold);
     std::vector<double> col(static_cast<size_t>(n), 0.0);

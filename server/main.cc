@@ -2,7 +2,9 @@
 //
 // Every flag can also come from the environment as REASONALLOC_<FLAG IN UPPER CASE> (e.g.
 // REASONALLOC_LISTEN); a flag on the command line wins over the environment.
+#include <fcntl.h>
 #include <signal.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstdlib>
@@ -67,6 +69,13 @@ bool ApplyEnvironment(const std::vector<std::string>& names) {
   return ok;
 }
 
+int g_signal_pipe[2] = {-1, -1};
+
+void OnDrainSignal(int sig) {
+  const unsigned char byte = static_cast<unsigned char>(sig);
+  (void)!write(g_signal_pipe[1], &byte, 1);  // async-signal-safe
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -74,12 +83,19 @@ int main(int argc, char** argv) {
       "ReasonAlloc KV-cache sidecar.\n  reasonalloc-server [--listen unix:///path] [--device cpu] "
       "[--metrics-address 127.0.0.1:9464] ...\nEvery flag may also be set as "
       "REASONALLOC_<FLAG> in the environment.");
-  // Block the drain signals in every thread; one thread waits for them.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  // SIGTERM/SIGINT go through a self-pipe: libraries start threads before main (OpenBLAS does), so
+  // blocking the signals here could not cover every thread, while a handler works whichever thread
+  // receives them.
+  if (pipe2(g_signal_pipe, O_CLOEXEC) != 0) {
+    std::cerr << "reasonalloc-server: pipe2 failed\n";
+    return 1;
+  }
+  struct sigaction action {};
+  action.sa_handler = OnDrainSignal;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
   if (!ApplyEnvironment({"listen", "socket_mode", "tcp_listen", "metrics_address", "device",
@@ -151,9 +167,8 @@ int main(int argc, char** argv) {
   std::thread drainer;
   std::thread signal_thread([&, s = server->get()] {
     for (int received = 0;; ++received) {
-      int sig = 0;
-      sigwait(&signals, &sig);
-      if (exiting.load()) return;
+      unsigned char sig = 0;
+      if (read(g_signal_pipe[0], &sig, 1) != 1 || sig == 0 || exiting.load()) return;
       const char* name = sig == SIGTERM ? "SIGTERM" : "SIGINT";
       if (received > 0) {
         spdlog::warn("received {} while draining: exiting without waiting", name);
@@ -167,7 +182,8 @@ int main(int argc, char** argv) {
   (*server)->Start();
   (*server)->Wait();
   exiting.store(true);
-  pthread_kill(signal_thread.native_handle(), SIGTERM);
+  const unsigned char wake = 0;
+  (void)!write(g_signal_pipe[1], &wake, 1);
   signal_thread.join();
   if (drainer.joinable()) drainer.join();
   server->reset();

@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "core/blas.h"
 #include "core/build_info.h"
 #include "proto/grpc_status.h"
 #include "server/proto_convert.h"
@@ -101,7 +102,8 @@ void SidecarService::FillSessionInfo(const Session& session, v1::SessionInfo* ou
 grpc::Status SidecarService::GetServerInfo(grpc::ServerContext*, const v1::GetServerInfoRequest*,
                                            v1::ServerInfo* out) {
   out->set_version(kVersion);
-  out->set_build(absl::StrCat(kGitRevision, " ", kBuildType, kCudaBuilt ? " +cuda" : ""));
+  out->set_build(absl::StrCat(kGitRevision, " ", kBuildType, kCudaBuilt ? " +cuda" : "",
+                              " blas=", BlasBackend()));
   out->set_backend(options_.backend);
   out->set_device_name(options_.device_name);
   out->set_device_uuid(options_.device_uuid);
