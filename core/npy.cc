@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
@@ -514,6 +515,23 @@ absl::Status WriteNpyFile(const std::string& path, const NpyArray& array) {
     return absl::Status(status.code(), absl::StrCat(path, ": ", status.message()));
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<int64_t>> NpyToInt64(const NpyArray& array, absl::string_view what) {
+  const size_t n = static_cast<size_t>(array.NumElements());
+  std::vector<int64_t> out(n);
+  if (array.dtype == NpyDType::kInt64) {
+    std::memcpy(out.data(), array.data.data(), n * sizeof(int64_t));
+  } else if (array.dtype == NpyDType::kInt32) {
+    for (size_t i = 0; i < n; ++i) {
+      int32_t v;
+      std::memcpy(&v, array.data.data() + i * sizeof(int32_t), sizeof(int32_t));
+      out[i] = v;
+    }
+  } else {
+    return absl::InvalidArgumentError(absl::StrCat(what, " must hold int32 or int64"));
+  }
+  return out;
 }
 
 }  // namespace reasonalloc

@@ -16,6 +16,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace reasonalloc {
 
@@ -48,6 +49,10 @@ absl::StatusOr<NpyArray> ParseNpy(std::string_view bytes, std::string_view what 
 std::string SerializeNpy(const NpyArray& array);
 
 absl::StatusOr<NpyArray> ReadNpyFile(const std::string& path);
+
+// Values of an int32 or int64 array as int64 (flattened). InvalidArgument naming `what` for other
+// dtypes.
+absl::StatusOr<std::vector<int64_t>> NpyToInt64(const NpyArray& array, absl::string_view what);
 absl::Status WriteNpyFile(const std::string& path, const NpyArray& array);
 
 }  // namespace reasonalloc

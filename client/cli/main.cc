@@ -218,19 +218,10 @@ int CompressCommand(Client& client) {
     *in->mutable_values() = *v;
   }
   if (!absl::GetFlag(FLAGS_lengths).empty()) {
-    const int64_t n = lengths->NumElements();
-    for (int64_t i = 0; i < n; ++i) {
-      int64_t value = 0;
-      if (lengths->dtype == NpyDType::kInt32) {
-        int32_t v32;
-        std::memcpy(&v32, lengths->data.data() + 4 * i, 4);
-        value = v32;
-      } else if (lengths->dtype == NpyDType::kInt64) {
-        std::memcpy(&value, lengths->data.data() + 8 * i, 8);
-      } else {
-        return Fail(kUsageError, "compress",
-                    absl::InvalidArgumentError("--lengths must hold int32 or int64"));
-      }
+    auto values64 = NpyToInt64(*lengths, "--lengths");
+    if (!values64.ok()) return Fail(kUsageError, "compress", values64.status());
+    for (size_t i = 0; i < values64->size(); ++i) {
+      const int64_t value = (*values64)[i];
       if (value < 0 || value > INT32_MAX) {
         return Fail(kUsageError, "compress",
                     absl::InvalidArgumentError(

@@ -114,19 +114,13 @@ int ReplayCommand() {
   if (std::filesystem::exists(path("lengths.npy"))) {
     auto l = ReadNpyFile(path("lengths.npy"));
     if (!l.ok()) return Fail(l.status());
-    if (l->NumElements() != m.num_heads_total() ||
-        (l->dtype != NpyDType::kInt32 && l->dtype != NpyDType::kInt64)) {
-      return Fail(absl::InvalidArgumentError("lengths.npy must be int32/int64 [L, Hkv]"));
+    auto values64 = NpyToInt64(*l, "lengths.npy");
+    if (!values64.ok()) return Fail(values64.status());
+    if (static_cast<int64_t>(values64->size()) != m.num_heads_total()) {
+      return Fail(absl::InvalidArgumentError("lengths.npy must be [L, Hkv]"));
     }
     for (size_t i = 0; i < lengths.size(); ++i) {
-      int64_t value = 0;
-      if (l->dtype == NpyDType::kInt32) {
-        int32_t v32;
-        std::memcpy(&v32, l->data.data() + 4 * i, 4);
-        value = v32;
-      } else {
-        std::memcpy(&value, l->data.data() + 8 * i, 8);
-      }
+      const int64_t value = (*values64)[i];
       if (value < 0 || value > n_max) {
         return Fail(absl::InvalidArgumentError(
             absl::StrCat("lengths.npy[", i, "] = ", value, " is outside [0, N]")));

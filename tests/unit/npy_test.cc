@@ -579,3 +579,22 @@ TEST(Npy, WriteIntoMissingDirectoryFailsNamingPath) {
 
 }  // namespace
 }  // namespace reasonalloc
+
+namespace reasonalloc {
+namespace {
+
+TEST(Npy, ToInt64WidensInt32AndRejectsFloats) {
+  NpyArray a;
+  a.dtype = NpyDType::kInt32;
+  a.shape = {3};
+  const int32_t v[] = {-1, 7, 2147483647};
+  a.data.assign(reinterpret_cast<const char*>(v), sizeof(v));
+  auto w = NpyToInt64(a, "x");
+  ASSERT_TRUE(w.ok());
+  EXPECT_EQ(*w, (std::vector<int64_t>{-1, 7, 2147483647}));
+  a.dtype = NpyDType::kFloat32;
+  EXPECT_EQ(NpyToInt64(a, "--lengths").status().message(), "--lengths must hold int32 or int64");
+}
+
+}  // namespace
+}  // namespace reasonalloc
