@@ -60,6 +60,23 @@ EVENT(SmolLm, snapkv, uniform);
 EVENT(SmolLm, rkv, uniform);
 EVENT(SmolLm, rkv, reasonalloc);
 
+// Growth with N (tokens per head) and with Hkv: 4 layers of the Llama-8B head shape, B = 128.
+void BM_Growth(benchmark::State& state, const char* scorer) {
+  const Geometry g{4,   4 * static_cast<int>(state.range(1)), static_cast<int>(state.range(1)), 128,
+                   128, static_cast<int>(state.range(0))};
+  BM_Event(state, g, scorer, "reasonalloc");
+}
+BENCHMARK_CAPTURE(BM_Growth, snapkv, "snapkv")
+    ->ArgsProduct({{256, 512, 1024, 2048, 4096}, {8}})
+    ->ArgsProduct({{1024}, {2, 4, 16}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_CAPTURE(BM_Growth, rkv, "rkv")
+    ->ArgsProduct({{256, 512, 1024, 2048, 4096}, {8}})
+    ->ArgsProduct({{1024}, {2, 4, 16}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
 }  // namespace
 }  // namespace reasonalloc
 
