@@ -168,7 +168,6 @@ class StreamingScorer final : public Scorer {
     }
     return true;
   }
-  bool NeedsQueries() const override { return false; }
 };
 
 }  // namespace

@@ -35,8 +35,6 @@ class Scorer {
   // Multiply-adds ScoreHead spends on one head of n tokens (the engine bounds the work of an
   // event).
   virtual int64_t Work(const HeadInputs&) const { return 0; }
-  // Whether scores depend on queries (streaming does not).
-  virtual bool NeedsQueries() const { return true; }
 };
 
 absl::StatusOr<std::unique_ptr<Scorer>> MakeScorer(const ScorerConfig& config);

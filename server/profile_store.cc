@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/layer_profile.h"
+#include "proto/json.h"
 
 namespace reasonalloc {
 namespace {
@@ -72,15 +73,6 @@ absl::StatusOr<v1::LayerProfile> ProfileStore::ParseJson(const std::string& text
         absl::StrCat(what, ": not a LayerProfile JSON document: ", std::string(status.message())));
   }
   return Validate(std::move(p), what);
-}
-
-std::string ProfileStore::ToJson(const v1::LayerProfile& p) {
-  std::string out;
-  google::protobuf::util::JsonPrintOptions options;
-  options.add_whitespace = true;
-  options.preserve_proto_field_names = true;
-  (void)google::protobuf::util::MessageToJsonString(p, &out, options);
-  return out;
 }
 
 absl::Status ProfileStore::CheckGeometry(const v1::LayerProfile& p, const ModelGeometry& model) {
@@ -159,7 +151,7 @@ absl::Status ProfileStore::Put(v1::LayerProfile profile, bool overwrite, bool sa
     const std::string tmp = absl::StrCat(path, ".tmp.", ::getpid());
     {
       std::ofstream out(tmp, std::ios::trunc);
-      out << ToJson(*p);
+      out << reasonalloc::ToJson(*p);
       if (!out.good()) return absl::InternalError(absl::StrCat("cannot write ", tmp));
     }
     std::error_code ec;

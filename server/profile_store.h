@@ -35,7 +35,6 @@ class ProfileStore {
                                                    absl::string_view field);
   static absl::StatusOr<v1::LayerProfile> ParseJson(const std::string& text,
                                                     absl::string_view what);
-  static std::string ToJson(const v1::LayerProfile& profile);
 
   // FailedPrecondition naming the field when the profile was measured on another geometry.
   static absl::Status CheckGeometry(const v1::LayerProfile& profile, const ModelGeometry& model);

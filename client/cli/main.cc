@@ -9,8 +9,6 @@
 //   reasonalloc replay    --trace DIR [--scorers ...] [--allocators ...] [--budgets ...] [--csv F]
 //
 // Exit codes: 0 success, 1 the server answered with an error, 2 bad usage or local I/O error.
-#include <google/protobuf/util/json_util.h>
-
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -29,6 +27,7 @@
 #include "core/build_info.h"
 #include "core/cli_args.h"
 #include "core/npy.h"
+#include "proto/json.h"
 
 ABSL_FLAG(std::string, target, "",
           "Server address (default: $REASONALLOC_TARGET, else the server's default socket)");
@@ -68,15 +67,6 @@ int Fail(int code, absl::string_view context, const absl::Status& status) {
   return code;
 }
 
-std::string Json(const google::protobuf::Message& m) {
-  std::string out;
-  google::protobuf::util::JsonPrintOptions options;
-  options.add_whitespace = true;
-  options.preserve_proto_field_names = true;
-  (void)google::protobuf::util::MessageToJsonString(m, &out, options);
-  return out;
-}
-
 absl::StatusOr<std::unique_ptr<Client>> Connect() {
   Client::Options options;
   options.target = absl::GetFlag(FLAGS_target);
@@ -93,7 +83,7 @@ int Info(Client& client) {
   auto info = client.GetServerInfo();
   if (!info.ok()) return Fail(kServerError, client.options().target, info.status());
   if (absl::GetFlag(FLAGS_json)) {
-    std::cout << Json(*info);
+    std::cout << ToJson(*info);
     return 0;
   }
   std::cout << "version        " << info->version() << " (" << info->build() << ")\n"
@@ -126,7 +116,7 @@ int Sessions(Client& client) {
   if (absl::GetFlag(FLAGS_json)) {
     v1::ListSessionsResponse all;
     for (const auto& s : *sessions) *all.add_sessions() = s;
-    std::cout << Json(all);
+    std::cout << ToJson(all);
     return 0;
   }
   std::cout << absl::StrFormat("%-32s  %-16s  %-9s  %-8s  %6s  %6s  %12s  %s\n", "SESSION", "MODEL",
