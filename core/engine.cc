@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "core/h2o.h"
 #include "core/selector.h"
 #include "core/thread_pool.h"
 
@@ -47,12 +48,9 @@ Engine::Engine(SessionConfig config, std::unique_ptr<Scorer> scorer,
       allocator_(std::move(allocator)),
       layer_demand_(std::move(layer_demand)) {}
 
-absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
+absl::Status Engine::CheckInputs(const CompressInputs& in) const {
   const ModelGeometry& m = config_.model;
   const int64_t heads = m.num_heads_total();
-  const int window = config_.budget.window;
-  const int group = m.group_size();
-  const int d = m.head_dim;
   if (static_cast<int64_t>(in.lengths.size()) != heads) {
     return absl::InvalidArgumentError(
         absl::StrCat("lengths has ", in.lengths.size(),
@@ -65,11 +63,44 @@ absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
                                                      " is out of range [0, ", in.n_max, "]"));
     }
   }
+  int64_t work = 0;
+  for (int64_t head = 0; head < heads; ++head) {
+    HeadInputs hi;
+    hi.n = in.lengths[static_cast<size_t>(head)];
+    hi.group = m.group_size();
+    hi.window = config_.budget.window;
+    hi.head_dim = m.head_dim;
+    work += scorer_->Work(hi);
+  }
+  if (work > kMaxEventWork) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "inline_tensors.keys: this event needs ", work, " multiply-adds, above the limit of ",
+        kMaxEventWork, "; send fewer tokens or a smaller query window"));
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
+  const ModelGeometry& m = config_.model;
+  const int64_t heads = m.num_heads_total();
+  const int window = config_.budget.window;
+  const int group = m.group_size();
+  const int d = m.head_dim;
+  if (auto status = CheckInputs(in); !status.ok()) return status;
   const auto t0 = std::chrono::steady_clock::now();
   Decision out;
   out.num_layers = m.num_layers;
   out.num_kv_heads = m.num_kv_heads;
 
+  // h2o without a carried accumulator: a one-shot event over the window's attention.
+  const float* accumulated = in.accumulated;
+  std::vector<float> one_shot;
+  if (config_.scorer.name == "h2o" && accumulated == nullptr) {
+    auto acc = H2oAccumulator(m, window).Prepare(in, nullptr, 0);
+    if (!acc.ok()) return acc.status();
+    one_shot = std::move(acc).value();
+    accumulated = one_shot.data();
+  }
   auto head_inputs = [&](int l, int h) {
     const int64_t head = int64_t{l} * m.num_kv_heads + h;
     HeadInputs hi;
@@ -80,16 +111,13 @@ absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
     hi.window = window;
     hi.head_dim = d;
     hi.sinks = config_.budget.sinks;
+    if (accumulated != nullptr) hi.accumulated = accumulated + head * in.n_max;
     return hi;
   };
   int64_t work = 0;
-  for (int l = 0; l < m.num_layers; ++l) {
-    for (int h = 0; h < m.num_kv_heads; ++h) work += scorer_->Work(head_inputs(l, h));
-  }
-  if (work > kMaxEventWork) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "inline_tensors.keys: this event needs ", work, " multiply-adds, above the limit of ",
-        kMaxEventWork, "; send fewer tokens or a smaller query window"));
+  for (int64_t head = 0; head < heads; ++head) {
+    work += scorer_->Work(head_inputs(static_cast<int>(head / m.num_kv_heads),
+                                      static_cast<int>(head % m.num_kv_heads)));
   }
 
   // Heads are scored independently: on the shared pool when the event is big enough to repay the

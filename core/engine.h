@@ -29,6 +29,9 @@ struct CompressInputs {
   // stops with CANCELLED (caller gone, drain deadline).
   std::function<bool()> cancelled;
   int64_t cancel_poll_work = int64_t{1} << 24;
+  // h2o: the attention accumulated per token, [L, Hkv, n_max] (H2oAccumulator::Prepare). When null
+  // an h2o event scores the attention of the whole query window, as at a session's first event.
+  const float* accumulated = nullptr;
 };
 
 // Most multiply-adds one event may cost; beyond it Compress is RESOURCE_EXHAUSTED before any work,
@@ -67,6 +70,9 @@ class Engine {
 
   const SessionConfig& config() const { return config_; }
   const std::vector<double>& layer_demand() const { return layer_demand_; }
+  // Lengths in range and the event's work within kMaxEventWork (Compress checks it too; callers
+  // that prepare per-event state first, like the h2o accumulator, check before).
+  absl::Status CheckInputs(const CompressInputs& in) const;
   absl::StatusOr<Decision> Compress(const CompressInputs& in) const;
 
  private:

@@ -24,6 +24,7 @@ struct HeadInputs {
   int window = 8;
   int head_dim = 0;
   int sinks = 4;
+  const float* accumulated = nullptr;  // [n] h2o: attention accumulated per token (h2o.h)
 };
 
 class Scorer {

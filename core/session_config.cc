@@ -12,7 +12,6 @@ namespace {
 constexpr std::array<absl::string_view, 4> kScorers = {"snapkv", "streaming", "h2o", "rkv"};
 constexpr std::array<absl::string_view, 4> kAllocators = {"uniform", "pyramid", "adakv",
                                                           "reasonalloc"};
-constexpr std::array<absl::string_view, 3> kImplementedScorers = {"snapkv", "streaming", "rkv"};
 constexpr std::array<absl::string_view, 4> kImplementedAllocators = {"uniform", "pyramid", "adakv",
                                                                      "reasonalloc"};
 
@@ -60,7 +59,7 @@ absl::Status CheckName(absl::string_view field, absl::string_view name,
 
 std::span<const absl::string_view> KnownScorers() { return kScorers; }
 std::span<const absl::string_view> KnownAllocators() { return kAllocators; }
-bool ScorerImplemented(absl::string_view name) { return Contains(kImplementedScorers, name); }
+bool ScorerImplemented(absl::string_view name) { return Contains(kScorers, name); }
 bool AllocatorImplemented(absl::string_view name) { return Contains(kImplementedAllocators, name); }
 
 absl::Status ValidateGeometry(const ModelGeometry& m) {

@@ -38,7 +38,9 @@ struct BudgetConfig {
 };
 
 enum class PoolKind { kMax, kAvg };
-enum class GqaReduce { kMax, kMean };
+// kMax / kMean reduce the group's logits before the softmax (R-KV); kMeanScores averages the
+// pooled per-query-head scores after it (kvpress).
+enum class GqaReduce { kMax, kMean, kMeanScores };
 
 struct ScorerConfig {
   std::string name = "snapkv";
@@ -47,6 +49,8 @@ struct ScorerConfig {
   GqaReduce gqa_reduce = GqaReduce::kMax;
   double lambda = 0.1;
   double threshold = 0.5;
+  // Softmax over all keys (causal inside the window) instead of over the candidates only.
+  bool softmax_all_keys = false;
 };
 
 enum class ReasonAllocMode { kFull, kLayer, kHead, kOff };

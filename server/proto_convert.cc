@@ -78,12 +78,16 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::CreateSessionRequ
     case v1::GQA_REDUCE_MEAN:
       c.scorer.gqa_reduce = GqaReduce::kMean;
       break;
+    case v1::GQA_REDUCE_MEAN_SCORES:
+      c.scorer.gqa_reduce = GqaReduce::kMeanScores;
+      break;
     default:
       return absl::InvalidArgumentError(absl::StrCat(
           "scorer.gqa_reduce = ", static_cast<int>(s.gqa_reduce()), " is not a known GqaReduce"));
   }
   if (s.has_lambda()) c.scorer.lambda = s.lambda();
   if (s.has_threshold()) c.scorer.threshold = s.threshold();
+  c.scorer.softmax_all_keys = s.softmax_all_keys();
 
   const v1::AllocatorConfig& a = r.allocator();
   if (!a.name().empty()) c.allocator.name = a.name();
@@ -146,8 +150,18 @@ void SessionConfigToProto(const SessionConfig& c, v1::ModelGeometry* m, v1::Budg
   s->set_name(c.scorer.name);
   s->set_pool_kernel(c.scorer.pool_kernel);
   s->set_pool_kind(c.scorer.pool_kind == PoolKind::kMax ? v1::POOL_KIND_MAX : v1::POOL_KIND_AVG);
-  s->set_gqa_reduce(c.scorer.gqa_reduce == GqaReduce::kMax ? v1::GQA_REDUCE_MAX
-                                                           : v1::GQA_REDUCE_MEAN);
+  switch (c.scorer.gqa_reduce) {
+    case GqaReduce::kMax:
+      s->set_gqa_reduce(v1::GQA_REDUCE_MAX);
+      break;
+    case GqaReduce::kMean:
+      s->set_gqa_reduce(v1::GQA_REDUCE_MEAN);
+      break;
+    case GqaReduce::kMeanScores:
+      s->set_gqa_reduce(v1::GQA_REDUCE_MEAN_SCORES);
+      break;
+  }
+  s->set_softmax_all_keys(c.scorer.softmax_all_keys);
   s->set_lambda(c.scorer.lambda);
   s->set_threshold(c.scorer.threshold);
   a->set_name(c.allocator.name);

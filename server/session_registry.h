@@ -31,6 +31,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/engine.h"
+#include "core/h2o.h"
 #include "core/layer_profile.h"
 #include "core/session_config.h"
 
@@ -106,6 +107,8 @@ class Session {
     Session* s_;
   };
   absl::StatusOr<CompressGuard> BeginCompress();
+  // The h2o accumulator (null for other scorers); only the holder of the compress guard uses it.
+  H2oAccumulator* h2o() { return h2o_.get(); }
 
  private:
   friend class SessionRegistry;
@@ -120,6 +123,7 @@ class Session {
   std::unique_ptr<CalibrationAccumulator> calibration_ ABSL_GUARDED_BY(calib_mu_);
   int calibration_stride_ ABSL_GUARDED_BY(calib_mu_) = 16;
   std::atomic<bool> busy_{false};
+  std::unique_ptr<H2oAccumulator> h2o_;
   mutable absl::Mutex mu_;
   std::shared_ptr<const Engine> engine_ ABSL_GUARDED_BY(mu_);
   uint64_t reserved_ ABSL_GUARDED_BY(mu_);

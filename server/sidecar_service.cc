@@ -1,12 +1,15 @@
 #include "server/sidecar_service.h"
 
 #include <chrono>
+#include <cstring>
 #include <numeric>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "core/blas.h"
 #include "core/build_info.h"
+#include "core/h2o.h"
+#include "core/inline_inputs.h"
 #include "proto/grpc_status.h"
 #include "server/proto_convert.h"
 #include "spdlog/spdlog.h"
@@ -15,6 +18,27 @@ namespace reasonalloc {
 namespace {
 
 int64_t UnixMillis(absl::Time t) { return absl::ToUnixMillis(t); }
+
+// The worker's accumulated attention of an h2o event, [L, Hkv, N] fp32; empty when not sent.
+absl::StatusOr<std::vector<float>> H2oAttention(const v1::InlineTensors& in,
+                                                const SessionConfig& config, int64_t n_max) {
+  constexpr absl::string_view kField = "inline_tensors.attention";
+  auto raw = RawTensorFromProto(in.attention(), in.has_attention(), kField);
+  if (!raw.ok()) return raw.status();
+  if (!raw->present) return std::vector<float>();
+  if (raw->dtype != DType::kFloat32) {
+    return absl::InvalidArgumentError(absl::StrCat(kField, " must be DTYPE_FLOAT32"));
+  }
+  const std::vector<int64_t> want = {config.model.num_layers, config.model.num_kv_heads, n_max};
+  if (raw->shape != want) {
+    return absl::InvalidArgumentError(absl::StrCat(kField, " must have shape [", want[0], ", ",
+                                                   want[1], ", ", want[2], "] (L, Hkv, N)"));
+  }
+  if (auto s = CheckTensorBytes(kField, *raw); !s.ok()) return s;
+  std::vector<float> out(raw->data.size() / sizeof(float));
+  std::memcpy(out.data(), raw->data.data(), raw->data.size());
+  return out;
+}
 
 absl::Status Unimplemented(absl::string_view what) {
   return absl::UnimplementedError(absl::StrCat(what, " is not implemented in this build yet"));
@@ -302,6 +326,21 @@ absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
 
   CompressInputs inputs = prepared->view();
   inputs.cancelled = [context] { return context != nullptr && context->IsCancelled(); };
+  std::vector<float> accumulated;
+  if (H2oAccumulator* h2o = session.h2o(); h2o != nullptr) {
+    if (auto s = engine->CheckInputs(inputs); !s.ok()) return s;
+    auto attention = H2oAttention(in, config, prepared->n_max);
+    if (!attention.ok()) return attention.status();
+    auto acc =
+        h2o->Prepare(inputs, attention->empty() ? nullptr : attention->data(), request.step());
+    if (!acc.ok()) return acc.status();
+    accumulated = std::move(acc).value();
+    inputs.accumulated = accumulated.data();
+  } else if (in.has_attention()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "inline_tensors.attention is only for h2o sessions; this session's scorer is \"",
+        config.scorer.name, "\""));
+  }
   absl::StatusOr<Decision> decision;
   if (session.calibrating()) {
     // Full cache while calibrating: measure, evict nothing.
@@ -350,6 +389,9 @@ absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
     return absl::ResourceExhaustedError(absl::StrCat(
         "the response would be ", bytes, " bytes, above max_message_bytes ",
         options_.max_message_bytes, "; set omit_keep_mask or send fewer tokens per request"));
+  }
+  if (H2oAccumulator* h2o = session.h2o(); h2o != nullptr) {
+    h2o->Commit(*decision, accumulated, prepared->n_max, request.step());
   }
   const Session::CommitResult committed = session.Commit(request.step(), *decision);
   response->set_epoch(committed.epoch);

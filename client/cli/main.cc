@@ -54,7 +54,14 @@ ABSL_FLAG(std::string, allocator, "uniform", "compress: uniform | pyramid | adak
 ABSL_FLAG(std::string, reasonalloc_mode, "full", "compress: full | layer | head | off");
 ABSL_FLAG(int32_t, pool_kernel, 7, "compress: pooling kernel (odd)");
 ABSL_FLAG(std::string, pool_kind, "max", "compress: max | avg");
-ABSL_FLAG(std::string, gqa_reduce, "max", "compress: max | mean");
+ABSL_FLAG(std::string, gqa_reduce, "max",
+          "compress: max | mean (on logits, before the softmax) | mean_scores (after pooling)");
+ABSL_FLAG(bool, softmax_all_keys, false,
+          "compress: window softmax over all keys, causal in the window (kvpress), not candidates");
+ABSL_FLAG(double, lambda, 0.1, "compress: rkv importance weight λ");
+ABSL_FLAG(double, threshold, 0.5, "compress: rkv redundancy threshold T");
+ABSL_FLAG(double, pyramid_beta, 20.0, "compress: pyramid β");
+ABSL_FLAG(double, adakv_floor, 0.2, "compress: adakv floor a");
 
 namespace reasonalloc {
 namespace {
@@ -242,14 +249,21 @@ int CompressCommand(Client& client) {
     create.mutable_scorer()->set_pool_kernel(absl::GetFlag(FLAGS_pool_kernel));
     const std::string pool = absl::GetFlag(FLAGS_pool_kind);
     const std::string gqa = absl::GetFlag(FLAGS_gqa_reduce);
-    if ((pool != "max" && pool != "avg") || (gqa != "max" && gqa != "mean")) {
-      return Fail(
-          kUsageError, "compress",
-          absl::InvalidArgumentError("--pool_kind must be max|avg and --gqa_reduce max|mean"));
+    if ((pool != "max" && pool != "avg") ||
+        (gqa != "max" && gqa != "mean" && gqa != "mean_scores")) {
+      return Fail(kUsageError, "compress",
+                  absl::InvalidArgumentError(
+                      "--pool_kind must be max|avg and --gqa_reduce max|mean|mean_scores"));
     }
     create.mutable_scorer()->set_pool_kind(pool == "max" ? v1::POOL_KIND_MAX : v1::POOL_KIND_AVG);
-    create.mutable_scorer()->set_gqa_reduce(gqa == "max" ? v1::GQA_REDUCE_MAX
-                                                         : v1::GQA_REDUCE_MEAN);
+    create.mutable_scorer()->set_gqa_reduce(gqa == "max"    ? v1::GQA_REDUCE_MAX
+                                            : gqa == "mean" ? v1::GQA_REDUCE_MEAN
+                                                            : v1::GQA_REDUCE_MEAN_SCORES);
+    create.mutable_scorer()->set_softmax_all_keys(absl::GetFlag(FLAGS_softmax_all_keys));
+    create.mutable_scorer()->set_lambda(absl::GetFlag(FLAGS_lambda));
+    create.mutable_scorer()->set_threshold(absl::GetFlag(FLAGS_threshold));
+    create.mutable_allocator()->set_pyramid_beta(absl::GetFlag(FLAGS_pyramid_beta));
+    create.mutable_allocator()->set_adakv_floor(absl::GetFlag(FLAGS_adakv_floor));
     create.mutable_allocator()->set_name(absl::GetFlag(FLAGS_allocator));
     const std::string mode = absl::GetFlag(FLAGS_reasonalloc_mode);
     static const std::pair<const char*, v1::AllocatorConfig::ReasonAllocMode> kModes[] = {

@@ -358,8 +358,6 @@ TEST(Server, BadCreateSessionRequestsNameTheField) {
        absl::StatusCode::kInvalidArgument, "mode"},
       {"shared memory not built yet", [](auto& r) { r.set_memory(v1::MEMORY_KIND_HOST_SHM); },
        absl::StatusCode::kUnimplemented, "memory"},
-      {"known scorer not built yet", [](auto& r) { r.mutable_scorer()->set_name("h2o"); },
-       absl::StatusCode::kUnimplemented, "scorer.name \"h2o\""},
   };
   for (const BadCreate& bad : cases) {
     auto r = SessionRequest();

@@ -10,23 +10,60 @@ import numpy as np
 
 # ---------------------------------------------------------------- scorers (§2)
 
-def snapkv(q, k, window, kernel=7, pool="max", gqa="max"):
-    """q: [G, window, d] window queries of one KV head's group; k: [n, d]. Returns [n - window]."""
+def pool1d(x, kernel, pool):
+    """Stride 1, padding kernel // 2: max ignores the padding, avg counts it as zeros."""
+    r = kernel // 2
+    padded = np.concatenate([np.full(r, -np.inf if pool == "max" else 0.0), x,
+                             np.full(r, -np.inf if pool == "max" else 0.0)])
+    windows = np.lib.stride_tricks.sliding_window_view(padded, kernel)
+    return windows.max(axis=1) if pool == "max" else windows.sum(axis=1) / kernel
+
+
+def softmax_rows(logits, visible):
+    """Softmax of each row a over its first visible[a] entries; the rest get 0."""
+    p = np.zeros_like(logits)
+    for a, v in enumerate(visible):
+        row = logits[..., a, :v]
+        e = np.exp(row - row.max(axis=-1, keepdims=True))
+        p[..., a, :v] = e / e.sum(axis=-1, keepdims=True)
+    return p
+
+
+def snapkv(q, k, window, kernel=7, pool="max", gqa="max", all_keys=False):
+    """q: [G, window, d] window queries of one KV head's group; k: [n, d]. Returns [n - window].
+
+    gqa "max"/"mean" reduce the group's logits before the softmax; "mean_scores" averages the
+    pooled per-query-head scores. all_keys: softmax over every key the window query sees (causal),
+    else over the candidates only."""
     n, d = k.shape
     cand = n - window
     if cand <= 0:
         return np.zeros(0)
-    logits = np.einsum("gad,jd->gaj", q, k[:cand]) / math.sqrt(d)
+    cols = n if all_keys else cand
+    logits = np.einsum("gad,jd->gaj", q, k[:cols]) / math.sqrt(d)
+    visible = [cand + a + 1 if all_keys else cand for a in range(window)]
+    if gqa == "mean_scores":
+        p = softmax_rows(logits, visible)[:, :, :cand].mean(axis=1)  # [G, cand]
+        return np.mean([pool1d(p[g], kernel, pool) for g in range(q.shape[0])], axis=0)
     logits = logits.max(axis=0) if gqa == "max" else logits.mean(axis=0)
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    p /= p.sum(axis=1, keepdims=True)
-    imp = p.mean(axis=0)
-    r = kernel // 2
-    out = np.empty(cand)
-    for j in range(cand):
-        lo, hi = max(0, j - r), min(cand, j + r + 1)
-        out[j] = imp[lo:hi].max() if pool == "max" else imp[lo:hi].sum() / kernel
-    return out
+    imp = softmax_rows(logits, visible)[:, :cand].mean(axis=0)
+    return pool1d(imp, kernel, pool)
+
+
+def window_attention(q, k, first_row=0):
+    """H2O's per-event addition for one head: the group-mean softmax attention of window rows
+    first_row.. (row a is the query at position n - window + a, causal). Returns [n]."""
+    n, d = k.shape
+    G, window, _ = q.shape
+    acc = np.zeros(n)
+    for a in range(first_row, window):
+        pos = n - window + a
+        if pos < 0:
+            continue
+        logits = q[:, a] @ k[:pos + 1].T / math.sqrt(d)  # [G, pos + 1]
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        acc[:pos + 1] += (e / e.sum(axis=1, keepdims=True)).mean(axis=0)
+    return acc
 
 
 def streaming(n, window, sinks):

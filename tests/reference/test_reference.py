@@ -77,14 +77,15 @@ def make_case(rng, i):
     lengths = np.full((L, H), n, dtype=np.int32)
     if i % 5 == 4:
         lengths = rng.integers(0, n + 1, size=(L, H)).astype(np.int32)
-    scorer = ["snapkv", "streaming", "rkv"][i % 3 if i % 11 else 2]
+    scorer = ["snapkv", "streaming", "rkv", "h2o"][(i // 9) % 4]
     allocator, mode = [("uniform", "full"), ("pyramid", "full"), ("adakv", "full"),
                        ("reasonalloc", "full"), ("reasonalloc", "head"), ("reasonalloc", "layer"),
                        ("reasonalloc", "off")][i % 7]
     return dict(L=L, H=H, G=G, d=d, window=window, B=B, n=n, q=q, k=k, lengths=lengths,
                 scorer=scorer, allocator=allocator, mode=mode, data=data,
                 kernel=[7, 5, 1, 3][i % 4], pool="avg" if i % 9 == 0 else "max",
-                gqa="mean" if i % 10 == 3 else "max", sinks=int(rng.integers(0, 6)),
+                gqa={3: "mean", 7: "mean_scores"}.get(i % 10, "max"), all_keys=i % 4 == 1,
+                sinks=int(rng.integers(0, 6)),
                 demand=rng.uniform(0.1, 5.0, size=L) if i % 2 else None)
 
 
@@ -95,13 +96,16 @@ def reference_scores(c):
             n = int(c["lengths"][l, h])
             q = c["q"][l, h * c["G"]:(h + 1) * c["G"]]
             k = c["k"][l, h, :n].astype(np.float32).astype(np.float64)
-            snap = dict(kernel=c["kernel"], pool=c["pool"], gqa=c["gqa"])
+            q = q.astype(np.float32).astype(np.float64)
+            snap = dict(kernel=c["kernel"], pool=c["pool"], gqa=c["gqa"], all_keys=c["all_keys"])
             if c["scorer"] == "snapkv":
-                s = ref.snapkv(q.astype(np.float32).astype(np.float64), k, c["window"], **snap)
+                s = ref.snapkv(q, k, c["window"], **snap)
             elif c["scorer"] == "streaming":
                 s = ref.streaming(n, c["window"], c["sinks"])
+            elif c["scorer"] == "h2o":
+                s = ref.window_attention(q, k)[:max(0, n - c["window"])]
             else:
-                s = ref.rkv(q.astype(np.float32).astype(np.float64), k, c["window"], **snap)
+                s = ref.rkv(q, k, c["window"], **snap)
             out.append(np.asarray(s, dtype=np.float64))
     return out
 
@@ -129,7 +133,9 @@ def test_engine_matches_reference(api):
             budget=types_pb2.BudgetConfig(budget=c["B"], window=c["window"], sinks=c["sinks"]),
             scorer=types_pb2.ScorerConfig(name=c["scorer"], pool_kernel=c["kernel"],
                                           pool_kind=2 if c["pool"] == "avg" else 1,
-                                          gqa_reduce=2 if c["gqa"] == "mean" else 1),
+                                          gqa_reduce={"max": 1, "mean": 2,
+                                                      "mean_scores": 3}[c["gqa"]],
+                                          softmax_all_keys=c["all_keys"]),
             allocator=types_pb2.AllocatorConfig(name=c["allocator"],
                                                 reasonalloc_mode=modes[c["mode"]]),
             mode=types_pb2.SESSION_MODE_ADVISORY))
@@ -148,6 +154,7 @@ def test_engine_matches_reference(api):
                                mode=c["mode"], demand=demand)
         engine_budgets = np.array(got.decision.budgets)
         what = f"config {i}: {c['scorer']} x {c['allocator']}/{c['mode']} data={c['data']} " \
+               f"gqa={c['gqa']} all_keys={c['all_keys']} " \
                f"L={c['L']} H={c['H']} G={c['G']} d={c['d']} w={c['window']} B={c['B']} n={c['n']}"
         if not np.array_equal(budgets, engine_budgets):
             # Only legitimate where head routing sees a float-level tie at the layer's pool cut.
@@ -181,3 +188,87 @@ def test_engine_matches_reference(api):
     # Ties resolved differently by float rounding must stay rare.
     assert ties <= CONFIGS // 20, f"{ties} tie-level differences"
     print(f"{CONFIGS} configurations, {ties} tie-level differences")
+
+
+def test_h2o_accumulator_across_events(api):
+    """A decode loop through an h2o session: the sidecar's carried accumulator must select what the
+    reference's does at every event, with the window rows it adds itself and with the attention the
+    worker supplies."""
+    stub, pb, types_pb2 = api
+    rng = np.random.default_rng(42)
+    L, H, G, d, window, B = 2, 2, 4, 32, 4, 16
+    deltas = [40, 10, 3, 2, 10, 7, 1, 12]  # the first is the prefill
+    for supplied in (False, True):
+        geometry = types_pb2.ModelGeometry(name="h2o", num_layers=L, num_q_heads=H * G,
+                                           num_kv_heads=H, head_dim=d,
+                                           dtype=types_pb2.DTYPE_FLOAT32, max_context=4096)
+        sid = stub.CreateSession(pb.CreateSessionRequest(
+            model=geometry, budget=types_pb2.BudgetConfig(budget=B, window=window, buffer=16),
+            scorer=types_pb2.ScorerConfig(name="h2o"),
+            allocator=types_pb2.AllocatorConfig(name="uniform"),
+            mode=types_pb2.SESSION_MODE_ADVISORY)).session.session_id
+        keys = [np.zeros((0, d)) for _ in range(L * H)]
+        carried = [np.zeros(0) for _ in range(L * H)]
+        step, last_step = 0, None
+        for delta in deltas:
+            keys = [np.vstack([k, rng.standard_normal((delta, d)).astype(np.float32)]) for k in keys]
+            step += delta
+            n = len(keys[0])
+            q = rng.standard_normal((L, H * G, window, d)).astype(np.float32)
+            attention = rng.uniform(0, 1, size=(L, H, n)).astype(np.float32)
+            inline = pb.InlineTensors(query_window=tensor(types_pb2, q),
+                                      keys=tensor(types_pb2, np.stack(keys).reshape(L, H, n, d)))
+            if supplied:
+                inline.attention.CopyFrom(tensor(types_pb2, attention))
+            got = stub.Compress(pb.CompressRequest(session_id=sid, step=step, omit_keep_mask=True,
+                                                   inline_tensors=inline)).decision
+            first_row = 0 if last_step is None else max(0, window - (step - last_step))
+            last_step = step
+            offset = 0
+            for head in range(L * H):
+                l, h = divmod(head, H)
+                acc = np.concatenate([carried[head], np.zeros(n - len(carried[head]))])
+                if supplied:
+                    acc += attention[l, h]
+                else:
+                    acc += ref.window_attention(q[l, h * G:(h + 1) * G].astype(np.float64),
+                                                keys[head].astype(np.float64), first_row)
+                want = ref.select(acc[:n - window], n, B, window)
+                kept = list(got.kept_indices[offset:offset + got.kept_lengths[head]])
+                offset += got.kept_lengths[head]
+                assert kept == want, f"supplied={supplied} step {step} head {head}"
+                carried[head] = acc[want]
+                keys[head] = keys[head][want]
+
+        # The heads must start with the tokens they kept: fewer rows is a precondition failure.
+        short = np.zeros((L, H, B - 1, d), dtype=np.float32)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Compress(pb.CompressRequest(session_id=sid, step=step + 1, inline_tensors=pb.InlineTensors(
+                query_window=tensor(types_pb2, q), keys=tensor(types_pb2, short))))
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "inline_tensors.lengths[0]" in e.value.details()
+        stub.CloseSession(pb.CloseSessionRequest(session_id=sid))
+
+
+def test_attention_is_refused_outside_h2o_and_checked(api):
+    stub, pb, types_pb2 = api
+    L, H, d, n = 1, 1, 16, 20
+    for scorer, attention, code, field in (
+            ("snapkv", np.zeros((L, H, n)), grpc.StatusCode.INVALID_ARGUMENT, "h2o sessions"),
+            ("h2o", np.zeros((L, H, n + 1)), grpc.StatusCode.INVALID_ARGUMENT, "shape"),
+            ("h2o", np.full((L, H, n), -1.0), grpc.StatusCode.INVALID_ARGUMENT, "non-negative")):
+        geometry = types_pb2.ModelGeometry(name="att", num_layers=L, num_q_heads=H, num_kv_heads=H,
+                                           head_dim=d, dtype=types_pb2.DTYPE_FLOAT32,
+                                           max_context=4096)
+        sid = stub.CreateSession(pb.CreateSessionRequest(
+            model=geometry, budget=types_pb2.BudgetConfig(budget=12),
+            scorer=types_pb2.ScorerConfig(name=scorer),
+            mode=types_pb2.SESSION_MODE_ADVISORY)).session.session_id
+        inline = pb.InlineTensors(query_window=tensor(types_pb2, np.zeros((L, H, 8, d))),
+                                  keys=tensor(types_pb2, np.zeros((L, H, n, d))))
+        inline.attention.CopyFrom(tensor(types_pb2, attention))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Compress(pb.CompressRequest(session_id=sid, step=1, inline_tensors=inline))
+        assert e.value.code() == code and "inline_tensors.attention" in e.value.details() \
+            and field in e.value.details(), e.value.details()
+        stub.CloseSession(pb.CloseSessionRequest(session_id=sid))

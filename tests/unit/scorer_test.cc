@@ -140,10 +140,66 @@ TEST(Rkv, ZeroNormKeysScoreFinite) {
   for (float v : Score(c, q, k, 6, 1, 1, 2)) EXPECT_TRUE(std::isfinite(v));
 }
 
-TEST(Scorer, UnimplementedNames) {
+TEST(Scorer, UnknownNamesAreRefused) {
+  ScorerConfig c;
+  c.name = "oracle";
+  EXPECT_FALSE(MakeScorer(c).ok());
+}
+
+TEST(SnapKv, SoftmaxOverAllKeysIsCausalInTheWindow) {
+  // kvpress form: the window query (position 3) sees keys 0, ln2, ln3, ln4 -> exp 1..4 over 10;
+  // the candidates keep their share of the full softmax: 0.1, 0.2, 0.3.
+  ScorerConfig c = SnapKv(1);
+  c.softmax_all_keys = true;
+  const std::vector<float> q = {1.0f};
+  const std::vector<float> k = {0.0f, std::log(2.0f), std::log(3.0f), std::log(4.0f)};
+  const auto s = Score(c, q, k, 4, 1, 1, 1);
+  EXPECT_NEAR(s[0], 0.1, 1e-6);
+  EXPECT_NEAR(s[1], 0.2, 1e-6);
+  EXPECT_NEAR(s[2], 0.3, 1e-6);
+}
+
+TEST(SnapKv, SoftmaxOverAllKeysMasksLaterWindowTokens) {
+  // Window 2: row 0 (position 2) sees keys 0..2, row 1 (position 3) sees 0..3. Keys 0, ln2, ln3,
+  // ln4 with q = 1: row 0 -> [1, 2, 3] / 6, row 1 -> [1, 2, 3, 4] / 10. Candidates 0 and 1,
+  // mean over the window: [(1/6 + 1/10) / 2, (2/6 + 2/10) / 2].
+  ScorerConfig c = SnapKv(1);
+  c.softmax_all_keys = true;
+  const std::vector<float> q = {1.0f, 1.0f};
+  const std::vector<float> k = {0.0f, std::log(2.0f), std::log(3.0f), std::log(4.0f)};
+  const auto s = Score(c, q, k, 4, 1, 2, 1);
+  ASSERT_EQ(s.size(), 2u);
+  EXPECT_NEAR(s[0], (1.0 / 6 + 0.1) / 2, 1e-6);
+  EXPECT_NEAR(s[1], (2.0 / 6 + 0.2) / 2, 1e-6);
+}
+
+TEST(SnapKv, MeanScoresPoolsEachQueryHeadBeforeTheGroupMean) {
+  // Group 2, q = +1 and -1, keys 0, ln2, ln3 (+ a window token). Head 0: [1, 2, 3] / 6; head 1:
+  // [1, 1/2, 1/3] / (11/6) = [6, 3, 2] / 11. Max pool 3 per head: [1/3, 1/2, 1/2] and
+  // [6/11, 6/11, 3/11]; then the mean over the group. (Averaging first and pooling after would
+  // give [.356, .356, .341] instead.)
+  const std::vector<float> q = {1.0f, -1.0f};
+  const std::vector<float> k = {0.0f, std::log(2.0f), std::log(3.0f), 0.0f};
+  const auto s = Score(SnapKv(3, PoolKind::kMax, GqaReduce::kMeanScores), q, k, 4, 2, 1, 1);
+  EXPECT_NEAR(s[0], (1.0 / 3 + 6.0 / 11) / 2, 1e-6);
+  EXPECT_NEAR(s[1], (1.0 / 2 + 6.0 / 11) / 2, 1e-6);
+  EXPECT_NEAR(s[2], (1.0 / 2 + 3.0 / 11) / 2, 1e-6);
+}
+
+TEST(H2o, ScoreIsTheAccumulator) {
   ScorerConfig c;
   c.name = "h2o";
-  EXPECT_EQ(MakeScorer(c).status().code(), absl::StatusCode::kUnimplemented);
+  auto scorer = MakeScorer(c);
+  ASSERT_TRUE(scorer.ok());
+  const std::vector<float> acc = {0.5f, 0.25f, 2.0f, 9.0f};
+  HeadInputs in;
+  in.n = 4;
+  in.window = 1;
+  in.head_dim = 1;
+  in.accumulated = acc.data();
+  std::vector<float> out(3);
+  ASSERT_TRUE((*scorer)->ScoreHead(in, out));
+  EXPECT_EQ(out, (std::vector<float>{0.5f, 0.25f, 2.0f}));  // the window token is not scored
 }
 
 }  // namespace

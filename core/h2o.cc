@@ -1,0 +1,127 @@
+#include "core/h2o.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "core/blas.h"
+#include "core/thread_pool.h"
+
+namespace reasonalloc {
+
+bool AddWindowAttention(const float* queries, const float* keys, int n, int group, int window,
+                        int head_dim, int first_row, float* acc) {
+  if (n <= 0) return true;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const float inv_group = 1.0f / static_cast<float>(group);
+  std::vector<float> logits(static_cast<size_t>(n));
+  for (int a = std::max(0, first_row); a < window; ++a) {
+    const int position = n - window + a;
+    if (position < 0) continue;
+    const int len = position + 1;
+    for (int g = 0; g < group; ++g) {
+      const float* q = queries + (static_cast<int64_t>(g) * window + a) * head_dim;
+      GemmABt(1, len, head_dim, scale, q, keys, logits.data());
+      const float max_logit = *std::max_element(logits.begin(), logits.begin() + len);
+      if (!std::isfinite(max_logit)) return false;
+      float sum = 0.0f;
+      for (int j = 0; j < len; ++j) {
+        logits[static_cast<size_t>(j)] = std::exp(logits[static_cast<size_t>(j)] - max_logit);
+        sum += logits[static_cast<size_t>(j)];
+      }
+      const float w = inv_group / sum;
+      for (int j = 0; j < len; ++j) acc[j] += logits[static_cast<size_t>(j)] * w;
+    }
+  }
+  return true;
+}
+
+H2oAccumulator::H2oAccumulator(const ModelGeometry& model, int window)
+    : model_(model), window_(window), carried_(static_cast<size_t>(model.num_heads_total())) {}
+
+absl::StatusOr<std::vector<float>> H2oAccumulator::Prepare(const CompressInputs& in,
+                                                           const float* attention,
+                                                           int64_t step) const {
+  const int64_t heads = model_.num_heads_total();
+  if (static_cast<int64_t>(in.lengths.size()) != heads) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("lengths has ", in.lengths.size(), " entries; expected ", heads));
+  }
+  for (int64_t head = 0; head < heads; ++head) {
+    const int64_t n = in.lengths[static_cast<size_t>(head)];
+    if (n < carried(head)) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "inline_tensors.lengths[", head, "] = ", n, " is below the ", carried(head),
+          " tokens the head kept at the last event; an h2o session's heads must start with the "
+          "tokens they kept"));
+    }
+  }
+  std::vector<float> acc(static_cast<size_t>(heads * in.n_max), 0.0f);
+  if (attention != nullptr) {
+    for (int64_t head = 0; head < heads; ++head) {
+      const int64_t n = in.lengths[static_cast<size_t>(head)];
+      const float* a = attention + head * in.n_max;
+      for (int64_t j = 0; j < n; ++j) {
+        if (!(a[j] >= 0.0f) || !std::isfinite(a[j])) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("inline_tensors.attention: element ", head * in.n_max + j, " is ", a[j],
+                           "; accumulated attention must be finite and non-negative"));
+        }
+      }
+    }
+  }
+  // First window row that is new since the last event.
+  const int first_row =
+      has_step_ ? static_cast<int>(std::max<int64_t>(0, window_ - (step - last_step_))) : 0;
+  const int group = model_.group_size();
+  const int d = model_.head_dim;
+  std::vector<char> overflow(static_cast<size_t>(heads), 0);
+  auto fill = [&](int64_t head) {
+    const int n = in.lengths[static_cast<size_t>(head)];
+    float* out = acc.data() + head * in.n_max;
+    const auto& kept = carried_[static_cast<size_t>(head)];
+    std::copy(kept.begin(), kept.end(), out);
+    if (attention != nullptr) {
+      const float* a = attention + head * in.n_max;
+      for (int j = 0; j < n; ++j) out[j] += a[j];
+      return;
+    }
+    const int64_t l = head / model_.num_kv_heads;
+    const int64_t h = head % model_.num_kv_heads;
+    const float* q = in.query_window + ((l * model_.num_q_heads + h * group) * window_) * d;
+    const float* k = in.keys + head * in.n_max * d;
+    if (!AddWindowAttention(q, k, n, group, window_, d, first_row, out)) {
+      overflow[static_cast<size_t>(head)] = 1;
+    }
+  };
+  const int64_t work = heads * window_ * group * in.n_max * d;
+  if (attention == nullptr && work >= (int64_t{1} << 21) && heads > 1) {
+    ThreadPool::Shared().ParallelFor(heads, fill);
+  } else {
+    for (int64_t head = 0; head < heads; ++head) fill(head);
+  }
+  for (int64_t head = 0; head < heads; ++head) {
+    if (overflow[static_cast<size_t>(head)]) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "inline_tensors.query_window and inline_tensors.keys: attention logits overflow float32 "
+          "in layer ",
+          head / model_.num_kv_heads, ", kv head ", head % model_.num_kv_heads));
+    }
+  }
+  return acc;
+}
+
+void H2oAccumulator::Commit(const Decision& decision, const std::vector<float>& accumulated,
+                            int64_t n_max, int64_t step) {
+  const int64_t heads = model_.num_heads_total();
+  for (int64_t head = 0; head < heads; ++head) {
+    auto& kept = carried_[static_cast<size_t>(head)];
+    kept.clear();
+    const float* acc = accumulated.data() + head * n_max;
+    for (int32_t j : decision.Kept(head)) kept.push_back(acc[j]);
+  }
+  has_step_ = true;
+  last_step_ = step;
+}
+
+}  // namespace reasonalloc
