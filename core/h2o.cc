@@ -11,26 +11,31 @@ namespace reasonalloc {
 
 bool AddWindowAttention(const float* queries, const float* keys, int n, int group, int window,
                         int head_dim, int first_row, float* acc) {
-  if (n <= 0) return true;
+  first_row = std::max(first_row, window - n);  // rows before position 0 have no token
+  if (n <= 0 || first_row >= window) return true;
+  const int rows = window - first_row;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   const float inv_group = 1.0f / static_cast<float>(group);
-  std::vector<float> logits(static_cast<size_t>(n));
-  for (int a = std::max(0, first_row); a < window; ++a) {
-    const int position = n - window + a;
-    if (position < 0) continue;
-    const int len = position + 1;
-    for (int g = 0; g < group; ++g) {
-      const float* q = queries + (static_cast<int64_t>(g) * window + a) * head_dim;
-      GemmABt(1, len, head_dim, scale, q, keys, logits.data());
-      const float max_logit = *std::max_element(logits.begin(), logits.begin() + len);
+  thread_local std::vector<float> logits;
+  if (logits.size() < static_cast<size_t>(rows) * static_cast<size_t>(n)) {
+    logits.resize(static_cast<size_t>(rows) * static_cast<size_t>(n));
+  }
+  for (int g = 0; g < group; ++g) {
+    // The group's new rows against every key in one GEMM; each row then masks its future.
+    const float* q = queries + (static_cast<int64_t>(g) * window + first_row) * head_dim;
+    GemmABt(rows, n, head_dim, scale, q, keys, logits.data());
+    for (int r = 0; r < rows; ++r) {
+      const int len = n - window + first_row + r + 1;  // the query's position + 1
+      float* row = logits.data() + static_cast<size_t>(r) * static_cast<size_t>(n);
+      const float max_logit = *std::max_element(row, row + len);
       if (!std::isfinite(max_logit)) return false;
       float sum = 0.0f;
       for (int j = 0; j < len; ++j) {
-        logits[static_cast<size_t>(j)] = std::exp(logits[static_cast<size_t>(j)] - max_logit);
-        sum += logits[static_cast<size_t>(j)];
+        row[j] = std::exp(row[j] - max_logit);
+        sum += row[j];
       }
       const float w = inv_group / sum;
-      for (int j = 0; j < len; ++j) acc[j] += logits[static_cast<size_t>(j)] * w;
+      for (int j = 0; j < len; ++j) acc[j] += row[j] * w;
     }
   }
   return true;

@@ -2,35 +2,65 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
+#include <utility>
 
 namespace reasonalloc {
 
-int SelectHead(std::span<const float> scores, int n, int budget, int window,
-               std::vector<int32_t>* kept) {
+int KeptCount(int n, int budget) { return n <= budget ? n : budget; }
+
+void SelectHeadInto(std::span<const float> scores, int n, int budget, int window, int32_t* out) {
   if (n <= budget) {
-    for (int j = 0; j < n; ++j) kept->push_back(j);
-    return n;
+    for (int j = 0; j < n; ++j) out[j] = j;
+    return;
   }
   const int cand = n - window;
   const int k = budget - window;
-  std::vector<int32_t> order(static_cast<size_t>(cand));
-  std::iota(order.begin(), order.end(), 0);
-  // A strict total order (score descending, index ascending) makes the kept set unique.
-  auto better = [&](int32_t x, int32_t y) {
-    const float sx = scores[static_cast<size_t>(x)];
-    const float sy = scores[static_cast<size_t>(y)];
-    const bool nx = std::isnan(sx);
-    const bool ny = std::isnan(sy);
-    if (nx != ny) return ny;
-    if (!nx && sx != sy) return sx > sy;
-    return x < y;
+  // A strict total order (score descending, index ascending; NaN below every number) makes the
+  // kept set unique.
+  using Entry = std::pair<float, int32_t>;
+  thread_local std::vector<Entry> order;
+  order.resize(static_cast<size_t>(cand));
+  bool any_nan = false;
+  for (int j = 0; j < cand; ++j) {
+    const float s = scores[static_cast<size_t>(j)];
+    any_nan |= std::isnan(s);
+    order[static_cast<size_t>(j)] = {s, j};
+  }
+  auto better = [](const Entry& x, const Entry& y) {
+    return x.first != y.first ? x.first > y.first : x.second < y.second;
   };
-  std::nth_element(order.begin(), order.begin() + k, order.end(), better);
-  std::sort(order.begin(), order.begin() + k);
-  kept->insert(kept->end(), order.begin(), order.begin() + k);
-  for (int j = cand; j < n; ++j) kept->push_back(j);
-  return budget;
+  auto better_nan = [](const Entry& x, const Entry& y) {
+    const bool nx = std::isnan(x.first);
+    const bool ny = std::isnan(y.first);
+    if (nx != ny) return ny;
+    if (!nx && x.first != y.first) return x.first > y.first;
+    return x.second < y.second;
+  };
+  if (k < cand) {
+    if (any_nan) {
+      std::nth_element(order.begin(), order.begin() + k, order.end(), better_nan);
+    } else {
+      std::nth_element(order.begin(), order.begin() + k, order.end(), better);
+    }
+  }
+  // Emit ascending through a mark per candidate instead of sorting the k kept.
+  thread_local std::vector<char> mark;
+  mark.assign(static_cast<size_t>(cand), 0);
+  for (int i = 0; i < k; ++i) mark[static_cast<size_t>(order[static_cast<size_t>(i)].second)] = 1;
+  int r = 0;
+  for (int j = 0; j < cand; ++j) {
+    if (mark[static_cast<size_t>(j)]) out[r++] = j;
+  }
+  for (int j = cand; j < n; ++j) out[r++] = j;
+}
+
+int SelectHead(std::span<const float> scores, int n, int budget, int window,
+               std::vector<int32_t>* kept) {
+  const int count = KeptCount(n, budget);
+  const size_t at = kept->size();
+  kept->resize(at + static_cast<size_t>(count));
+  SelectHeadInto(scores, n, budget, window, kept->data() + at);
+  return count;
 }
 
 }  // namespace reasonalloc

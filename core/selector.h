@@ -14,6 +14,11 @@ namespace reasonalloc {
 int SelectHead(std::span<const float> scores, int n, int budget, int window,
                std::vector<int32_t>* kept);
 
+// How many positions a head of n tokens keeps at budget b: min(n, b).
+int KeptCount(int n, int budget);
+// SelectHead writing its KeptCount(n, budget) positions to `out`.
+void SelectHeadInto(std::span<const float> scores, int n, int budget, int window, int32_t* out);
+
 }  // namespace reasonalloc
 
 #endif  // REASONALLOC_CORE_SELECTOR_H_
