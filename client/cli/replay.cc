@@ -23,7 +23,7 @@
 #include "core/quality.h"
 
 ABSL_FLAG(std::string, trace, "", "replay: trace folder (see README, 'Offline replay')");
-ABSL_FLAG(std::string, scorers, "snapkv,streaming,rkv", "replay: scorers to compare");
+ABSL_FLAG(std::string, scorers, "snapkv,h2o,streaming,rkv", "replay: scorers to compare");
 ABSL_FLAG(std::string, allocators, "uniform,pyramid,adakv,reasonalloc:head,reasonalloc:full",
           "replay: allocators (reasonalloc:full|layer|head|off)");
 ABSL_FLAG(std::string, budgets, "32,64,128,256", "replay: budgets B to compare");

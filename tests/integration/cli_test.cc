@@ -149,7 +149,7 @@ TEST_F(Cli, ReplayComparesPoliciesOnATrace) {
   WriteF32("later_queries.npy", {2, 4, 4, 5}, 0.5f);
   const std::string csv = dir_ + "/replay.csv";
   auto r = RunCommand(absl::StrCat(REASONALLOC_CLI_BINARY, " replay --trace ", dir_,
-                                   " --scorers snapkv,rkv --allocators uniform,reasonalloc:head",
+                                   " --scorers snapkv,h2o,rkv --allocators uniform,reasonalloc:head",
                                    " --budgets 8,20 --csv ", csv));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("out_err"));
@@ -157,7 +157,7 @@ TEST_F(Cli, ReplayComparesPoliciesOnATrace) {
   std::string line;
   std::vector<std::string> rows;
   while (std::getline(in, line)) rows.push_back(line);
-  ASSERT_EQ(rows.size(), 1u + 2 * 2 * 2);
+  ASSERT_EQ(rows.size(), 1u + 3 * 2 * 2);
   EXPECT_THAT(rows[0], HasSubstr("scorer,allocator,budget,kept_fraction,output_error,recall"));
   // Budget 20 = N keeps everything: no error, full recall.
   for (const auto& row : rows) {
