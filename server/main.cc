@@ -37,6 +37,10 @@ ABSL_FLAG(uint64_t, max_arena_bytes, uint64_t{8} << 30,
           "Arena pool: total bytes all sessions may reserve");
 ABSL_FLAG(int32_t, max_sessions, 4096, "Most live sessions");
 ABSL_FLAG(int32_t, max_threads, 64, "Most threads serving calls at once");
+ABSL_FLAG(int32_t, max_watchers, 8,
+          "Most WatchMetrics streams at once (each holds a serving thread; below max_threads)");
+ABSL_FLAG(int32_t, watch_queue, 1024,
+          "Events buffered per WatchMetrics stream; a slower watcher loses the excess (counted)");
 ABSL_FLAG(std::string, profile_dir, "", "Directory of layer profiles (JSON)");
 ABSL_FLAG(uint64_t, max_message_bytes, uint64_t{64} << 20,
           "Largest gRPC message received or sent, bytes");
@@ -99,9 +103,9 @@ int main(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
 
   if (!ApplyEnvironment({"listen", "socket_mode", "tcp_listen", "metrics_address", "device",
-                         "max_arena_bytes", "max_sessions", "max_threads", "profile_dir",
-                         "max_message_bytes", "default_lease_seconds", "max_lease_seconds",
-                         "drain_timeout_seconds", "log_level"})) {
+                         "max_arena_bytes", "max_sessions", "max_threads", "max_watchers",
+                         "watch_queue", "profile_dir", "max_message_bytes", "default_lease_seconds",
+                         "max_lease_seconds", "drain_timeout_seconds", "log_level"})) {
     return 2;
   }
   // Debian's Abseil checks every Mutex acquisition against a lock graph; the tests keep that check,
@@ -138,6 +142,8 @@ int main(int argc, char** argv) {
   options.max_arena_bytes = absl::GetFlag(FLAGS_max_arena_bytes);
   options.max_sessions = absl::GetFlag(FLAGS_max_sessions);
   options.max_threads = absl::GetFlag(FLAGS_max_threads);
+  options.max_watchers = absl::GetFlag(FLAGS_max_watchers);
+  options.watch_queue = absl::GetFlag(FLAGS_watch_queue);
   options.profile_dir = absl::GetFlag(FLAGS_profile_dir);
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   for (auto [flag, value, out] :

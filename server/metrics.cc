@@ -1,5 +1,6 @@
 #include "server/metrics.h"
 
+#include <algorithm>
 #include <exception>
 
 #include "absl/strings/str_cat.h"
@@ -53,6 +54,33 @@ Metrics::Metrics(absl::string_view backend)
                    .Name("reasonalloc_tokens_evicted_total")
                    .Help("KV tokens evicted, by scorer and allocator")
                    .Register(*registry_)),
+      kept_(prometheus::BuildCounter()
+                .Name("reasonalloc_tokens_kept_total")
+                .Help("KV tokens kept at compression events, by scorer, allocator and model")
+                .Register(*registry_)),
+      spread_(prometheus::BuildHistogram()
+                  .Name("reasonalloc_head_budget_spread_ratio")
+                  .Help("Max over min head budget of one event (1 = uniform), by allocator")
+                  .Register(*registry_)),
+      layer_share_(prometheus::BuildGauge()
+                       .Name("reasonalloc_layer_budget_share")
+                       .Help("Each layer's share of the session budget at the model's latest event "
+                             "(1/L = uniform)")
+                       .Register(*registry_)),
+      watch_dropped_(prometheus::BuildCounter()
+                         .Name("reasonalloc_watch_events_dropped_total")
+                         .Help("WatchMetrics events dropped because a watcher's queue was full")
+                         .Register(*registry_)
+                         .Add({})),
+      watchers_(prometheus::BuildGauge()
+                    .Name("reasonalloc_watchers")
+                    .Help("Open WatchMetrics streams")
+                    .Register(*registry_)
+                    .Add({})),
+      ipc_failures_(prometheus::BuildCounter()
+                        .Name("reasonalloc_ipc_import_failures_total")
+                        .Help("Worker buffers that could not be imported, by reason")
+                        .Register(*registry_)),
       session_ends_(prometheus::BuildCounter()
                         .Name("reasonalloc_sessions_ended_total")
                         .Help("Sessions that left the server, by reason (closed, expired)")
@@ -79,6 +107,9 @@ Metrics::Metrics(absl::string_view backend)
   static constexpr const char* kStages[] = {"score", "allocate", "select", "compact", "total"};
   for (int i = 0; i < 5; ++i) {
     stage_[i] = &compress_seconds_.Add({{"stage", kStages[i]}}, LatencyBuckets());
+  }
+  for (const char* reason : {"bad_handle", "wrong_device", "open_failed", "unsupported"}) {
+    ipc_failures_.Add({{"reason", reason}});
   }
   prometheus::BuildGauge()
       .Name("reasonalloc_build_info")
@@ -118,9 +149,55 @@ void Metrics::ObserveCompress(const StageSeconds& s) {
   stage_[4]->Observe(s.total);
 }
 
-void Metrics::CountEvicted(absl::string_view scorer, absl::string_view allocator, int64_t tokens) {
-  evicted_.Add({{"scorer", std::string(scorer)}, {"allocator", std::string(allocator)}})
-      .Increment(static_cast<double>(tokens));
+std::string Metrics::ModelLabel(absl::string_view model) {
+  absl::MutexLock lock(&models_mu_);
+  const std::string name(model);
+  if (models_.count(name) > 0) return name;
+  if (static_cast<int>(models_.size()) < kMaxModelLabels) {
+    models_.insert(name);
+    return name;
+  }
+  return "other";
+}
+
+void Metrics::ObserveEvent(absl::string_view scorer, absl::string_view allocator,
+                           absl::string_view model, const Decision& decision) {
+  const std::string model_label = ModelLabel(model);
+  const prometheus::Labels labels = {{"scorer", std::string(scorer)},
+                                     {"allocator", std::string(allocator)},
+                                     {"model", model_label}};
+  evicted_.Add(labels).Increment(static_cast<double>(decision.evicted_tokens));
+  int64_t kept = 0;
+  for (int32_t k : decision.kept_lengths) kept += k;
+  kept_.Add(labels).Increment(static_cast<double>(kept));
+  if (decision.budgets.empty()) return;
+  const auto [lo, hi] = std::minmax_element(decision.budgets.begin(), decision.budgets.end());
+  spread_
+      .Add({{"allocator", std::string(allocator)}},
+           prometheus::Histogram::BucketBoundaries{1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0})
+      .Observe(*lo > 0 ? static_cast<double>(*hi) / *lo : 100.0);
+  int64_t total = 0;
+  for (int32_t b : decision.budgets) total += b;
+  if (total <= 0) return;
+  const int layers = std::min(decision.num_layers, kMaxLayerLabels);
+  for (int l = 0; l < layers; ++l) {
+    int64_t layer = 0;
+    for (int h = 0; h < decision.num_kv_heads; ++h) {
+      layer += decision.budgets[static_cast<size_t>(l * decision.num_kv_heads + h)];
+    }
+    layer_share_.Add({{"model", model_label}, {"layer", std::to_string(l)}})
+        .Set(static_cast<double>(layer) / static_cast<double>(total));
+  }
+}
+
+void Metrics::CountWatchDropped(int64_t events) {
+  watch_dropped_.Increment(static_cast<double>(events));
+}
+
+void Metrics::SetWatchers(int watchers) { watchers_.Set(watchers); }
+
+void Metrics::CountIpcImportFailure(absl::string_view reason) {
+  ipc_failures_.Add({{"reason", std::string(reason)}}).Increment();
 }
 
 void Metrics::AddKeptTokens(int64_t delta) {

@@ -1,6 +1,8 @@
 // The server's Prometheus metrics (DESIGN.md §6) and their HTTP endpoint.
 //
-// Labels are bounded: method, gRPC code, stage, scorer, allocator, state. Never a session id.
+// Labels are bounded: method, gRPC code, stage, scorer, allocator, state, reason, layer (< 256) and
+// model (the first 32 model names, then "other"). Never a session id. tests/unit/metrics_test.cc
+// pins every name and label set.
 #ifndef REASONALLOC_SERVER_METRICS_H_
 #define REASONALLOC_SERVER_METRICS_H_
 
@@ -12,10 +14,12 @@
 #include <prometheus/registry.h>
 
 #include <memory>
+#include <set>
 #include <string>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/synchronization/mutex.h"
 #include "core/engine.h"
 
 namespace reasonalloc {
@@ -30,7 +34,18 @@ class Metrics {
 
   void CountRequest(absl::string_view method, int grpc_code);
   void ObserveCompress(const StageSeconds& seconds);
-  void CountEvicted(absl::string_view scorer, absl::string_view allocator, int64_t tokens);
+  // One finished event: tokens kept and evicted by scorer, allocator and model, the spread of its
+  // head budgets, and each layer's share of the budget (the model's latest event).
+  void ObserveEvent(absl::string_view scorer, absl::string_view allocator, absl::string_view model,
+                    const Decision& decision);
+  void CountWatchDropped(int64_t events);
+  void SetWatchers(int watchers);
+  void CountIpcImportFailure(absl::string_view reason);
+  // The model label: a model's own name for the first kMaxModelLabels models seen, "other" after,
+  // so that clients cannot grow the label set without bound.
+  std::string ModelLabel(absl::string_view model);
+  static constexpr int kMaxModelLabels = 32;
+  static constexpr int kMaxLayerLabels = 256;
   void AddKeptTokens(int64_t delta);
   // capacity_tokens: Σ over sessions of L·Hkv·(B + Δ), the tokens their arenas can hold.
   void SetPool(int sessions, uint64_t capacity, uint64_t reserved, int64_t capacity_tokens);
@@ -43,6 +58,14 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& requests_;
   prometheus::Family<prometheus::Histogram>& compress_seconds_;
   prometheus::Family<prometheus::Counter>& evicted_;
+  prometheus::Family<prometheus::Counter>& kept_;
+  prometheus::Family<prometheus::Histogram>& spread_;
+  prometheus::Family<prometheus::Gauge>& layer_share_;
+  prometheus::Counter& watch_dropped_;
+  prometheus::Gauge& watchers_;
+  prometheus::Family<prometheus::Counter>& ipc_failures_;
+  absl::Mutex models_mu_;
+  std::set<std::string> models_ ABSL_GUARDED_BY(models_mu_);
   prometheus::Family<prometheus::Counter>& session_ends_;
   prometheus::Gauge& sessions_;
   prometheus::Family<prometheus::Gauge>& arena_;

@@ -79,6 +79,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
 
   SidecarService::Options so;
   so.max_message_bytes = options.max_message_bytes;
+  so.max_watchers = options.max_watchers;
+  so.watch_queue = static_cast<size_t>(std::max(1, options.watch_queue));
   so.testing_compress_delay = options.testing_compress_delay;
   if (options.device == "cpu") {
     so.backend = "cpu";
@@ -117,6 +119,15 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   if (options.max_threads < 2 || options.max_threads > 4096) {
     return absl::InvalidArgumentError(
         absl::StrCat("max_threads = ", options.max_threads, " is out of range [2, 4096]"));
+  }
+  if (options.max_watchers < 0 || options.max_watchers > options.max_threads / 2) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_watchers = ", options.max_watchers,
+                     " is out of range [0, max_threads / 2 = ", options.max_threads / 2, "]"));
+  }
+  if (options.watch_queue < 1 || options.watch_queue > 1000000) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("watch_queue = ", options.watch_queue, " is out of range [1, 1000000]"));
   }
   if (options.max_sessions < 1) {
     return absl::InvalidArgumentError(

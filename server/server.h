@@ -32,6 +32,8 @@ struct ServerOptions {
   uint64_t max_arena_bytes = uint64_t{8} << 30;
   int max_sessions = 4096;
   int max_threads = 64;     // threads serving calls (gRPC resource quota)
+  int max_watchers = 8;     // WatchMetrics streams at once
+  int watch_queue = 1024;   // events buffered per watcher
   std::string profile_dir;  // empty = no layer profiles
   uint64_t max_message_bytes = uint64_t{64} << 20;
   absl::Duration default_lease = absl::Seconds(60);

@@ -1,8 +1,10 @@
 #include "server/sidecar_service.h"
 
 #include <chrono>
+#include <cmath>
 #include <cstring>
 #include <numeric>
+#include <set>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -52,7 +54,9 @@ SidecarService::SidecarService(Options options, SessionRegistry* registry, Metri
       registry_(registry),
       profiles_(profiles),
       metrics_(metrics),
-      started_(absl::Now()) {
+      started_(absl::Now()),
+      events_(options_.max_watchers, options_.watch_queue,
+              [metrics](int64_t dropped) { metrics->CountWatchDropped(dropped); }) {
   UpdatePoolGauges();
 }
 
@@ -396,7 +400,8 @@ absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
   const Session::CommitResult committed = session.Commit(request.step(), *decision);
   response->set_epoch(committed.epoch);
   metrics_->ObserveCompress(decision->seconds);
-  metrics_->CountEvicted(config.scorer.name, config.allocator.name, decision->evicted_tokens);
+  metrics_->ObserveEvent(config.scorer.name, config.allocator.name, config.model.name, *decision);
+  if (events_.active()) PublishEvent(session, request.step(), committed.epoch, *decision);
   metrics_->AddKeptTokens(committed.kept_delta);
   return absl::OkStatus();
 }
@@ -507,9 +512,99 @@ grpc::Status SidecarService::ListProfiles(grpc::ServerContext*, const v1::ListPr
   return Finish("ListProfiles", absl::OkStatus());
 }
 
-grpc::Status SidecarService::WatchMetrics(grpc::ServerContext*, const v1::WatchMetricsRequest*,
-                                          grpc::ServerWriter<v1::MetricsEvent>*) {
-  return Finish("WatchMetrics", Unimplemented("WatchMetrics"));
+void SidecarService::PublishEvent(const Session& session, int64_t step, uint64_t epoch,
+                                  const Decision& decision) {
+  v1::CompressEvent e;
+  e.set_session_id(session.id());
+  e.set_model_name(session.model().name);
+  e.set_step(step);
+  e.set_epoch(epoch);
+  int32_t lo = 0;
+  int32_t hi = 0;
+  for (int l = 0; l < decision.num_layers; ++l) {
+    int32_t layer = 0;
+    for (int h = 0; h < decision.num_kv_heads; ++h) {
+      const int32_t b = decision.budgets[static_cast<size_t>(l * decision.num_kv_heads + h)];
+      layer += b;
+      lo = (l == 0 && h == 0) ? b : std::min(lo, b);
+      hi = std::max(hi, b);
+    }
+    e.add_layer_budgets(layer);
+  }
+  e.set_head_budget_spread(lo > 0 ? static_cast<double>(hi) / lo : 0.0);
+  e.set_evicted_tokens(decision.evicted_tokens);
+  TimingsToProto(decision.seconds, e.mutable_timings());
+  e.set_unix_ms(UnixMillis(absl::Now()));
+  events_.Publish(e);
+}
+
+grpc::Status SidecarService::WatchMetrics(grpc::ServerContext* context,
+                                          const v1::WatchMetricsRequest* request,
+                                          grpc::ServerWriter<v1::MetricsEvent>* writer) {
+  return Finish("WatchMetrics", DoWatch(context, *request, writer));
+}
+
+absl::Status SidecarService::DoWatch(grpc::ServerContext* context,
+                                     const v1::WatchMetricsRequest& request,
+                                     grpc::ServerWriter<v1::MetricsEvent>* writer) {
+  if (draining_.load()) return absl::UnavailableError("the server is draining");
+  const double interval = request.pool_interval_seconds();
+  if (!std::isfinite(interval) || (interval != 0 && (interval < 0.05 || interval > 3600))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "pool_interval_seconds = ", interval, " must be 0 (no pool gauges) or in [0.05, 3600]"));
+  }
+  std::set<std::string> sessions;
+  for (int i = 0; i < request.session_ids_size(); ++i) {
+    if (auto s = CheckSessionId(request.session_ids(i)); !s.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("session_ids[", i, "]: ", s.message()));
+    }
+    sessions.insert(request.session_ids(i));
+  }
+  if (request.model_name().size() > 256) {
+    return absl::InvalidArgumentError("model_name is longer than 256 bytes");
+  }
+  auto watcher = events_.Subscribe(std::move(sessions), request.model_name());
+  if (!watcher.ok()) return watcher.status();
+  metrics_->SetWatchers(events_.watchers());
+  struct Unsubscribe {
+    SidecarService* self;
+    std::shared_ptr<EventHub::Watcher> w;
+    ~Unsubscribe() {
+      self->events_.Unsubscribe(w);
+      self->metrics_->SetWatchers(self->events_.watchers());
+    }
+  } unsubscribe{this, *watcher};
+
+  // Cancellation is polled (a check costs ~100 µs), events and pool ticks are waited for.
+  constexpr absl::Duration kPoll = absl::Milliseconds(100);
+  absl::Time next_pool = absl::Now();
+  while (true) {
+    if (context->IsCancelled()) return absl::CancelledError("the watcher went away");
+    if ((*watcher)->closed()) return absl::OkStatus();  // drain: the stream ends cleanly
+    absl::Time now = absl::Now();
+    if (interval > 0 && now >= next_pool) {
+      v1::MetricsEvent m;
+      v1::PoolGauges* pool = m.mutable_pool();
+      pool->set_sessions(registry_->size());
+      pool->set_arena_capacity_bytes(registry_->capacity_bytes());
+      pool->set_arena_reserved_bytes(registry_->reserved_bytes());
+      pool->set_unix_ms(UnixMillis(now));
+      if (!writer->Write(m)) return absl::CancelledError("the watcher went away");
+      next_pool = now + absl::Seconds(interval);
+    }
+    absl::Time deadline = now + kPoll;
+    if (interval > 0) deadline = std::min(deadline, next_pool);
+    // Drain what is queued before polling for cancellation again.
+    v1::CompressEvent event;
+    uint64_t dropped = 0;
+    for (int burst = 0; burst < 256 && (*watcher)->Next(deadline, &event, &dropped); ++burst) {
+      v1::MetricsEvent m;
+      *m.mutable_compress() = std::move(event);
+      m.set_dropped_before(dropped);
+      if (!writer->Write(m)) return absl::CancelledError("the watcher went away");
+      deadline = absl::Now();  // only what is already queued
+    }
+  }
 }
 
 }  // namespace reasonalloc

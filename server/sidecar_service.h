@@ -11,6 +11,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "reasonalloc/v1/sidecar.grpc.pb.h"
+#include "server/event_hub.h"
 #include "server/metrics.h"
 #include "server/profile_store.h"
 #include "server/session_registry.h"
@@ -25,6 +26,8 @@ class SidecarService final : public v1::KvSidecar::Service {
     std::string device_uuid;
     std::string driver_version;
     uint64_t max_message_bytes = 0;
+    int max_watchers = 8;
+    size_t watch_queue = 1024;  // events buffered per watcher before it drops
     // Test hook: sleep this long inside every Compress, to exercise draining and racing calls.
     absl::Duration testing_compress_delay = absl::ZeroDuration();
   };
@@ -34,7 +37,10 @@ class SidecarService final : public v1::KvSidecar::Service {
 
   // Filled in once the listeners are bound.
   void SetAddresses(std::vector<std::string> listen, std::string metrics);
-  void SetDraining() { draining_.store(true); }
+  void SetDraining() {
+    draining_.store(true);
+    events_.Close();
+  }
 
   grpc::Status GetServerInfo(grpc::ServerContext*, const v1::GetServerInfoRequest*,
                              v1::ServerInfo*) override;
@@ -74,6 +80,9 @@ class SidecarService final : public v1::KvSidecar::Service {
   void OnSessionReleased(Session& session, const char* why);
 
  private:
+  absl::Status DoWatch(grpc::ServerContext* context, const v1::WatchMetricsRequest& request,
+                       grpc::ServerWriter<v1::MetricsEvent>* writer);
+  void PublishEvent(const Session& session, int64_t step, uint64_t epoch, const Decision& decision);
   absl::Status DoCompress(grpc::ServerContext* context, const v1::CompressRequest& request,
                           v1::CompressResponse* response);
   grpc::Status Finish(absl::string_view method, const absl::Status& status);
@@ -90,6 +99,7 @@ class SidecarService final : public v1::KvSidecar::Service {
   std::vector<std::string> listen_addresses_ ABSL_GUARDED_BY(mu_);
   std::string metrics_address_ ABSL_GUARDED_BY(mu_);
   absl::Mutex gauges_mu_;  // pool gauges are read and set as one step
+  EventHub events_;
 };
 
 }  // namespace reasonalloc

@@ -148,9 +148,10 @@ TEST_F(Cli, ReplayComparesPoliciesOnATrace) {
   WriteF32("values.npy", {2, 2, 20, 5}, 2.0f);
   WriteF32("later_queries.npy", {2, 4, 4, 5}, 0.5f);
   const std::string csv = dir_ + "/replay.csv";
-  auto r = RunCommand(absl::StrCat(REASONALLOC_CLI_BINARY, " replay --trace ", dir_,
-                                   " --scorers snapkv,h2o,rkv --allocators uniform,reasonalloc:head",
-                                   " --budgets 8,20 --csv ", csv));
+  auto r =
+      RunCommand(absl::StrCat(REASONALLOC_CLI_BINARY, " replay --trace ", dir_,
+                              " --scorers snapkv,h2o,rkv --allocators uniform,reasonalloc:head",
+                              " --budgets 8,20 --csv ", csv));
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_THAT(r.output, HasSubstr("out_err"));
   std::ifstream in(csv);

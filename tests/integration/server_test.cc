@@ -9,10 +9,12 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <future>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "core/dtype.h"
 #include "tests/integration/server_process.h"
 
@@ -499,17 +501,188 @@ TEST(Server, CompressStreamAnswersEachItem) {
   EXPECT_TRUE(stream->Finish().ok());
 }
 
-TEST(Server, FutureRpcsSayUnimplemented) {
+// Reads a WatchMetrics stream on its own thread until it ends, keeping every compress event and
+// the drops it was told about.
+struct Watch {
+  explicit Watch(ServerProcess& server, v1::WatchMetricsRequest request, bool start_reading = true)
+      : Watch(server.client().stub(), std::move(request), start_reading) {}
+  Watch(v1::KvSidecar::StubInterface& stub, v1::WatchMetricsRequest request, bool start_reading)
+      : stream(stub.WatchMetrics(&ctx, request)) {
+    if (start_reading) Start();
+  }
+  void Start() {
+    reader = std::thread([this] {
+      v1::MetricsEvent e;
+      while (stream->Read(&e)) {
+        absl::MutexLock lock(&mu);
+        dropped += e.dropped_before();
+        if (e.has_compress()) events.push_back(e.compress());
+        if (e.has_pool()) pools.push_back(e.pool());
+      }
+    });
+  }
+  int Count() {
+    absl::MutexLock lock(&mu);
+    return static_cast<int>(events.size());
+  }
+  // Cancels the stream (a watcher leaving) and returns its final status.
+  grpc::Status Stop() {
+    ctx.TryCancel();
+    return Finish();
+  }
+  // Waits for the server to end the stream.
+  grpc::Status Finish() {
+    if (!reader.joinable()) Start();
+    reader.join();
+    return stream->Finish();
+  }
+  ~Watch() {
+    if (reader.joinable()) {
+      ctx.TryCancel();
+      reader.join();
+    }
+  }
+  grpc::ClientContext ctx;
+  std::unique_ptr<grpc::ClientReaderInterface<v1::MetricsEvent>> stream;
+  std::thread reader;
+  absl::Mutex mu;
+  std::vector<v1::CompressEvent> events;
+  std::vector<v1::PoolGauges> pools;
+  uint64_t dropped = 0;
+};
+
+bool WaitFor(const std::function<bool()>& done, absl::Duration timeout = absl::Seconds(20)) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (!done()) {
+    if (absl::Now() > deadline) return false;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return true;
+}
+
+TEST(Server, WatchMetricsFansOutWithFiltersAndNeverBlocksOnAStalledWatcher) {
+  auto server = MustStart({"--max_watchers=5", "--watch_queue=64"});
+  ASSERT_NE(server, nullptr);
+  const std::string a = CreateOrDie(*server, SessionRequest());
+  auto other = SessionRequest("rkv");
+  other.mutable_model()->set_name("other-model");
+  const std::string b = CreateOrDie(*server, other);
+
+  v1::WatchMetricsRequest all;
+  Watch everything(*server, all);
+  v1::WatchMetricsRequest only_a;
+  only_a.add_session_ids(a);
+  Watch session_a(*server, only_a);
+  v1::WatchMetricsRequest only_other;
+  only_other.set_model_name("other-model");
+  only_other.set_pool_interval_seconds(0.1);
+  Watch model_other(*server, only_other);
+  // The stalled reader's own channel: a small fixed HTTP/2 window, so that the transport stops
+  // taking its events early and the server-side queue overflows.
+  grpc::ChannelArguments small_window;
+  small_window.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  small_window.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 4096);
+  auto stalled_stub = v1::KvSidecar::NewStub(grpc::CreateCustomChannel(
+      server->target(), grpc::InsecureChannelCredentials(), small_window));
+  Watch stalled(*stalled_stub, all, /*start_reading=*/false);
+  ASSERT_TRUE(WaitFor([&] {
+    auto body = testing::HttpGet(server->client().GetServerInfo()->metrics_address(), "/metrics");
+    return body.ok() && body->find("reasonalloc_watchers 4") != std::string::npos;
+  }));
+  // A sixth stream is over --max_watchers (the fifth is still free).
+  Watch fifth(*server, all);
+  Watch sixth(*server, all);
+  EXPECT_EQ(sixth.Finish().error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  fifth.Stop();
+
+  // Far more events than the stalled stream's queue and transport window hold: every Compress still
+  // answers promptly.
+  constexpr int kA = 1500;
+  constexpr int kB = 100;
+  const absl::Time t0 = absl::Now();
+  for (int step = 0; step < kA; ++step) {
+    ASSERT_TRUE(server->client().Compress(CompressRequest(a, step, 20)).ok());
+    if (step < kB) {
+      ASSERT_TRUE(server->client().Compress(CompressRequest(b, step, 20)).ok());
+    }
+  }
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(60));
+  ASSERT_TRUE(WaitFor([&] { return everything.Count() + everything.dropped >= kA + kB; }));
+  ASSERT_TRUE(WaitFor([&] { return session_a.Count() + session_a.dropped >= kA; }));
+  ASSERT_TRUE(WaitFor([&] { return model_other.Count() + model_other.dropped >= kB; }));
+
+  // The stalled watcher resumes: it gets what was buffered, then new events that carry the count of
+  // those it lost, and nothing is lost without being counted.
+  stalled.Start();
+  for (int step = kA; step < kA + 20; ++step) {
+    ASSERT_TRUE(server->client().Compress(CompressRequest(a, step, 20)).ok());
+  }
+  ASSERT_TRUE(WaitFor([&] { return stalled.Count() + stalled.dropped >= kA + kB + 20; }));
+  EXPECT_GT(stalled.dropped, 0u);
+  auto body = testing::HttpGet(server->client().GetServerInfo()->metrics_address(), "/metrics");
+  ASSERT_TRUE(body.ok());
+  EXPECT_EQ(body->find("reasonalloc_watch_events_dropped_total 0\n"), std::string::npos);
+
+  everything.Stop();
+  session_a.Stop();
+  model_other.Stop();
+  stalled.Stop();
+  // Exact accounting and no cross-talk.
+  EXPECT_EQ(everything.Count() + static_cast<int>(everything.dropped), kA + kB + 20);
+  EXPECT_EQ(session_a.Count() + static_cast<int>(session_a.dropped), kA + 20);
+  for (const auto& e : session_a.events) ASSERT_EQ(e.session_id(), a);
+  EXPECT_EQ(model_other.Count() + static_cast<int>(model_other.dropped), kB);
+  int64_t last_step = -1;
+  for (const auto& e : model_other.events) {
+    ASSERT_EQ(e.session_id(), b);
+    ASSERT_EQ(e.model_name(), "other-model");
+    ASSERT_GT(e.step(), last_step);
+    last_step = e.step();
+    ASSERT_EQ(e.layer_budgets_size(), kL);
+    EXPECT_GT(e.timings().total_seconds(), 0.0);
+  }
+  ASSERT_FALSE(model_other.pools.empty());
+  EXPECT_EQ(model_other.pools.back().sessions(), 2);
+  EXPECT_GT(model_other.pools.back().arena_reserved_bytes(), 0u);
+}
+
+TEST(Server, WatchMetricsBadRequestsNameTheField) {
+  auto server = MustStart();
+  ASSERT_NE(server, nullptr);
+  struct Bad {
+    std::function<void(v1::WatchMetricsRequest&)> mutate;
+    std::string needle;
+  };
+  const std::vector<Bad> cases = {
+      {[](auto& r) { r.set_pool_interval_seconds(0.001); }, "pool_interval_seconds"},
+      {[](auto& r) { r.set_pool_interval_seconds(-1); }, "pool_interval_seconds"},
+      {[](auto& r) { r.add_session_ids(std::string(100, 'x')); }, "session_ids[0]"},
+      {[](auto& r) { r.set_model_name(std::string(300, 'm')); }, "model_name"},
+  };
+  for (const Bad& bad : cases) {
+    v1::WatchMetricsRequest r;
+    bad.mutate(r);
+    Watch w(*server, r);
+    const grpc::Status s = w.Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad.needle;
+    EXPECT_THAT(s.error_message(), HasSubstr(bad.needle));
+  }
+}
+
+TEST(Server, WatchMetricsStreamsEndCleanlyOnDrain) {
   auto server = MustStart();
   ASSERT_NE(server, nullptr);
   grpc::ClientContext ctx;
-  v1::WatchMetricsRequest req;
-  auto reader = server->client().stub().WatchMetrics(&ctx, req);
-  v1::MetricsEvent event;
-  EXPECT_FALSE(reader->Read(&event));
-  grpc::Status s = reader->Finish();
-  EXPECT_EQ(s.error_code(), grpc::StatusCode::UNIMPLEMENTED);
-  EXPECT_THAT(s.error_message(), HasSubstr("WatchMetrics"));
+  v1::WatchMetricsRequest r;
+  r.set_pool_interval_seconds(0.05);
+  auto stream = server->client().stub().WatchMetrics(&ctx, r);
+  v1::MetricsEvent e;
+  ASSERT_TRUE(stream->Read(&e));  // the first pool gauges
+  ASSERT_EQ(kill(server->pid(), SIGTERM), 0);
+  while (stream->Read(&e)) {
+  }
+  EXPECT_TRUE(stream->Finish().ok());
+  EXPECT_EQ(server->WaitExit(absl::Seconds(20)).value_or(-1), 0) << server->Log();
 }
 
 TEST(Server, DrainFinishesInFlightCallsThenExitsZero) {
@@ -570,7 +743,8 @@ TEST(Server, MetricsEndpoint) {
         "reasonalloc_compress_duration_seconds_bucket{stage=\"score\",le=\"1e-06\"}",
         "reasonalloc_compress_duration_seconds_count{stage=\"total\"} 1", "reasonalloc_sessions 1",
         "reasonalloc_arena_bytes{state=\"reserved\"}", "reasonalloc_arena_bytes{state=\"free\"}",
-        "reasonalloc_tokens_evicted_total{allocator=\"uniform\",scorer=\"snapkv\"} 112",
+        "reasonalloc_tokens_evicted_total{allocator=\"uniform\",model=\"test-model\",scorer="
+        "\"snapkv\"} 112",
         "reasonalloc_kv_tokens{state=\"kept\"} 48", "reasonalloc_build_info{"}) {
     EXPECT_THAT(*body, HasSubstr(needle));
   }
