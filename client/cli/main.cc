@@ -6,6 +6,8 @@
 //   reasonalloc close     [--target T] SESSION_ID...
 //   reasonalloc compress  [--target T] --queries Q.npy --keys K.npy [--values V.npy]
 //                         [--lengths LEN.npy] --out DIR [--session ID --step N | session flags]
+//   reasonalloc watch     [--target T] [--session ID,...] [--model M] [--pool_interval S]
+//                         [--count N] [--plain]           live WatchMetrics view
 //   reasonalloc replay    --trace DIR [--scorers ...] [--allocators ...] [--budgets ...] [--csv F]
 //
 // Exit codes: 0 success, 1 the server answered with an error, 2 bad usage or local I/O error.
@@ -22,6 +24,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "client/cli/replay.h"
+#include "client/cli/watch.h"
 #include "client/client.h"
 #include "client/npy_tensor.h"
 #include "core/build_info.h"
@@ -35,14 +38,15 @@ ABSL_FLAG(double, timeout_seconds, 60, "Deadline of each call");
 ABSL_FLAG(uint64_t, max_message_bytes, uint64_t{64} << 20, "Largest message sent or received");
 ABSL_FLAG(bool, json, false, "Print the server's answer as JSON");
 ABSL_FLAG(std::string, service, "", "health: the service to check (empty = the server)");
-ABSL_FLAG(std::string, model, "", "sessions: only this model");
+ABSL_FLAG(std::string, model, "", "sessions, watch: only this model");
 // compress
 ABSL_FLAG(std::string, queries, "", "compress: query window .npy [L, Hq, window, d]");
 ABSL_FLAG(std::string, keys, "", "compress: keys .npy [L, Hkv, N, d]");
 ABSL_FLAG(std::string, values, "", "compress: values .npy [L, Hkv, N, d] (managed mode)");
 ABSL_FLAG(std::string, lengths, "", "compress: live rows per head .npy [L, Hkv] (int32/int64)");
 ABSL_FLAG(std::string, out, "", "compress: directory for the decision .npy files");
-ABSL_FLAG(std::string, session, "", "compress: an existing session (else a temporary one)");
+ABSL_FLAG(std::string, session, "",
+          "compress: an existing session (else a temporary one); watch: comma-separated sessions");
 ABSL_FLAG(int64_t, step, 0, "compress: decode step of the event");
 ABSL_FLAG(std::string, model_name, "cli", "compress: model name of a temporary session");
 ABSL_FLAG(int32_t, budget, 512, "compress: B, tokens kept per head (window included)");
@@ -377,7 +381,8 @@ int Run(int argc, char** argv) {
       "ReasonAlloc sidecar client.\n"
       "  reasonalloc info|health|sessions [--target unix:///path]\n"
       "  reasonalloc close SESSION_ID...\n"
-      "  reasonalloc compress --queries Q.npy --keys K.npy [--values V.npy] --out DIR\n");
+      "  reasonalloc compress --queries Q.npy --keys K.npy [--values V.npy] --out DIR\n"
+      "  reasonalloc watch [--session ID,...] [--model M] [--pool_interval S] [--count N]\n");
   const auto spelled = NormalizeFlagSpelling(argc, argv);
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() < 2) {
@@ -393,8 +398,9 @@ int Run(int argc, char** argv) {
   if (command == "sessions") return Sessions(**client);
   if (command == "close") return Close(**client, args);
   if (command == "compress") return CompressCommand(**client);
+  if (command == "watch") return WatchCommand(**client);
   std::cerr << "reasonalloc: unknown command \"" << command
-            << "\"; expected info, health, sessions, close, compress or replay\n";
+            << "\"; expected info, health, sessions, close, compress, watch or replay\n";
   return kUsageError;
 }
 

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 
 #include "absl/strings/str_cat.h"
 #include "core/npy.h"
@@ -40,9 +41,45 @@ class Cli : public ::testing::Test {
     a.data.assign(reinterpret_cast<const char*>(v.data()), v.size() * 4);
     ASSERT_TRUE(WriteNpyFile(dir_ + "/" + name, a).ok());
   }
+  bool WaitForWatchers(int n) {
+    for (int i = 0; i < 500; ++i) {
+      auto body =
+          testing::HttpGet(server_->client().GetServerInfo()->metrics_address(), "/metrics");
+      if (body.ok() &&
+          body->find(absl::StrCat("reasonalloc_watchers ", n, "\n")) != std::string::npos) {
+        return true;
+      }
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return false;
+  }
   std::unique_ptr<ServerProcess> server_;
   std::string dir_;
 };
+
+TEST_F(Cli, WatchPrintsEventsAndPoolGauges) {
+  WriteF32("q.npy", {2, 4, 3, 5}, 1.0f);
+  WriteF32("k.npy", {2, 2, 20, 5}, 1.0f);
+  // The watcher runs while three temporary sessions compress; it exits after three events.
+  auto watch = std::async(std::launch::async, [&] {
+    return RunCommand(
+        absl::StrCat(REASONALLOC_CLI_BINARY,
+                     " watch --plain --count 3 --pool_interval 0.05 --target=", server_->target()));
+  });
+  ASSERT_TRUE(WaitForWatchers(1));
+  for (int i = 0; i < 3; ++i) {
+    Run(absl::StrCat("compress --queries ", dir_, "/q.npy --keys ", dir_,
+                     "/k.npy --budget 8 --scorer streaming --out ", dir_, "/out"),
+        0);
+  }
+  auto r = watch.get();
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("layer_budgets=[16,16]"));
+  EXPECT_THAT(r.output, HasSubstr("evicted=48"));
+  EXPECT_THAT(r.output, HasSubstr("pool unix_ms="));
+  // A bad filter is the server's INVALID_ARGUMENT, exit 1.
+  EXPECT_THAT(Run("watch --pool_interval 0.001", 1), HasSubstr("pool_interval_seconds"));
+}
 
 TEST_F(Cli, InfoHealthSessions) {
   EXPECT_THAT(Run("info", 0), HasSubstr("backend        cpu"));
