@@ -4,8 +4,10 @@
 //
 //   rpc_latency --target unix:///tmp/reasonalloc.sock [--calls 10000] [--repetitions 5]
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -132,10 +134,34 @@ int Run() {
     request.set_step(step++);
     failures += !c.Compress(request).ok();
   });
+  // The same Compress with one WatchMetrics stream consuming every event (the watcher's cost on
+  // the decode path), then without again, so that drift of the machine shows.
+  grpc::ClientContext watch_ctx;
+  v1::WatchMetricsRequest watch_request;
+  auto watch = c.stub().WatchMetrics(&watch_ctx, watch_request);
+  std::atomic<int64_t> watched{0};
+  std::thread watcher([&] {
+    v1::MetricsEvent e;
+    while (watch->Read(&e)) watched.fetch_add(1);
+  });
+  const auto watched_reps = Measure("Compress+watch", [&] {
+    request.set_step(step++);
+    failures += !c.Compress(request).ok();
+  });
+  watch_ctx.TryCancel();
+  watcher.join();
+  (void)watch->Finish();
+  const auto again_reps = Measure("Compress again", [&] {
+    request.set_step(step++);
+    failures += !c.Compress(request).ok();
+  });
   (void)c.CloseSession(session->session().session_id());
   PrintSummary("Health.Check", health_reps);
   PrintSummary("GetServerInfo", info_reps);
   PrintSummary("Compress", compress_reps);
+  PrintSummary("Compress+watch", watched_reps);
+  PrintSummary("Compress again", again_reps);
+  std::printf("watcher received %lld events\n", static_cast<long long>(watched.load()));
   if (failures > 0) {
     std::fprintf(stderr, "rpc_latency: %d calls failed\n", failures);
     return 1;

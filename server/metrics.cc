@@ -163,30 +163,50 @@ std::string Metrics::ModelLabel(absl::string_view model) {
 void Metrics::ObserveEvent(absl::string_view scorer, absl::string_view allocator,
                            absl::string_view model, const Decision& decision) {
   const std::string model_label = ModelLabel(model);
-  const prometheus::Labels labels = {{"scorer", std::string(scorer)},
-                                     {"allocator", std::string(allocator)},
-                                     {"model", model_label}};
-  evicted_.Add(labels).Increment(static_cast<double>(decision.evicted_tokens));
   int64_t kept = 0;
   for (int32_t k : decision.kept_lengths) kept += k;
-  kept_.Add(labels).Increment(static_cast<double>(kept));
-  if (decision.budgets.empty()) return;
-  const auto [lo, hi] = std::minmax_element(decision.budgets.begin(), decision.budgets.end());
-  spread_
-      .Add({{"allocator", std::string(allocator)}},
-           prometheus::Histogram::BucketBoundaries{1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 100.0})
-      .Observe(*lo > 0 ? static_cast<double>(*hi) / *lo : 100.0);
   int64_t total = 0;
   for (int32_t b : decision.budgets) total += b;
-  if (total <= 0) return;
   const int layers = std::min(decision.num_layers, kMaxLayerLabels);
+  PolicyChildren policy;
+  std::vector<prometheus::Gauge*> layer_gauges;
+  {
+    absl::MutexLock lock(&children_mu_);
+    const std::string key = absl::StrCat(scorer, "\x1f", allocator, "\x1f", model_label);
+    auto it = policy_children_.find(key);
+    if (it == policy_children_.end()) {
+      const prometheus::Labels labels = {{"scorer", std::string(scorer)},
+                                         {"allocator", std::string(allocator)},
+                                         {"model", model_label}};
+      it = policy_children_
+               .emplace(key, PolicyChildren{&evicted_.Add(labels), &kept_.Add(labels),
+                                            &spread_.Add({{"allocator", std::string(allocator)}},
+                                                         prometheus::Histogram::BucketBoundaries{
+                                                             1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0,
+                                                             10.0, 100.0})})
+               .first;
+    }
+    policy = it->second;
+    auto& gauges = layer_children_[model_label];
+    while (static_cast<int>(gauges.size()) < layers) {
+      gauges.push_back(
+          &layer_share_.Add({{"model", model_label}, {"layer", std::to_string(gauges.size())}}));
+    }
+    // A copy: another model with more layers may grow the vector once the lock is released.
+    layer_gauges.assign(gauges.begin(), gauges.begin() + layers);
+  }
+  policy.evicted->Increment(static_cast<double>(decision.evicted_tokens));
+  policy.kept->Increment(static_cast<double>(kept));
+  if (decision.budgets.empty() || total <= 0) return;
+  const auto [lo, hi] = std::minmax_element(decision.budgets.begin(), decision.budgets.end());
+  policy.spread->Observe(*lo > 0 ? static_cast<double>(*hi) / *lo : 100.0);
   for (int l = 0; l < layers; ++l) {
     int64_t layer = 0;
     for (int h = 0; h < decision.num_kv_heads; ++h) {
       layer += decision.budgets[static_cast<size_t>(l * decision.num_kv_heads + h)];
     }
-    layer_share_.Add({{"model", model_label}, {"layer", std::to_string(l)}})
-        .Set(static_cast<double>(layer) / static_cast<double>(total));
+    layer_gauges[static_cast<size_t>(l)]->Set(static_cast<double>(layer) /
+                                              static_cast<double>(total));
   }
 }
 

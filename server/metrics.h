@@ -13,9 +13,11 @@
 #include <prometheus/histogram.h>
 #include <prometheus/registry.h>
 
+#include <map>
 #include <memory>
 #include <set>
 #include <string>
+#include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -66,6 +68,16 @@ class Metrics {
   prometheus::Family<prometheus::Counter>& ipc_failures_;
   absl::Mutex models_mu_;
   std::set<std::string> models_ ABSL_GUARDED_BY(models_mu_);
+  // Children looked up once per label set (prometheus-cpp's Add hashes the labels each time).
+  struct PolicyChildren {
+    prometheus::Counter* evicted;
+    prometheus::Counter* kept;
+    prometheus::Histogram* spread;
+  };
+  absl::Mutex children_mu_;
+  std::map<std::string, PolicyChildren> policy_children_ ABSL_GUARDED_BY(children_mu_);
+  std::map<std::string, std::vector<prometheus::Gauge*>> layer_children_
+      ABSL_GUARDED_BY(children_mu_);
   prometheus::Family<prometheus::Counter>& session_ends_;
   prometheus::Gauge& sessions_;
   prometheus::Family<prometheus::Gauge>& arena_;

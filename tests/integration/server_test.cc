@@ -561,7 +561,7 @@ bool WaitFor(const std::function<bool()>& done, absl::Duration timeout = absl::S
 }
 
 TEST(Server, WatchMetricsFansOutWithFiltersAndNeverBlocksOnAStalledWatcher) {
-  auto server = MustStart({"--max_watchers=5", "--watch_queue=64"});
+  auto server = MustStart({"--max_watchers=5", "--watch_queue=256"});
   ASSERT_NE(server, nullptr);
   const std::string a = CreateOrDie(*server, SessionRequest());
   auto other = SessionRequest("rkv");
