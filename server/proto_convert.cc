@@ -18,6 +18,13 @@ absl::StatusOr<DType> DTypeFromProto(v1::DType dtype, absl::string_view field) {
     case v1::DTYPE_UNSPECIFIED:
       return absl::InvalidArgumentError(absl::StrCat(
           field, " is unspecified; expected DTYPE_FLOAT32, DTYPE_FLOAT16 or DTYPE_BFLOAT16"));
+    case v1::DTYPE_INT32:
+    case v1::DTYPE_INT64:
+    case v1::DTYPE_UINT64:
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, " = ", v1::DType_Name(dtype),
+          " is an integer type of arena arrays; expected DTYPE_FLOAT32, DTYPE_FLOAT16 or "
+          "DTYPE_BFLOAT16"));
     default:
       return absl::InvalidArgumentError(
           absl::StrCat(field, " = ", static_cast<int>(dtype), " is not a known DType"));

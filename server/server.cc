@@ -20,6 +20,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
 #include "gpu/device_probe.h"
+#include "server/host_arena.h"
 #include "spdlog/spdlog.h"
 
 namespace reasonalloc {
@@ -138,6 +139,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
         "socket_mode = 0", absl::StrFormat("%o", options.socket_mode), " has bits outside 0777"));
   }
 
+  if (const int stale = HostArena::RemoveStale(); stale > 0) {
+    spdlog::warn("removed {} shared-memory arena(s) left by a server that is no longer running",
+                 stale);
+  }
   s.metrics_ = std::make_unique<Metrics>(so.backend);
   SessionRegistry::Options ro;
   ro.capacity_bytes = options.max_arena_bytes;

@@ -19,6 +19,16 @@ std::string NewSessionId() {
   return id;
 }
 
+void Session::AttachArenas(std::unique_ptr<SessionArenas> arenas) {
+  absl::MutexLock lock(&mu_);
+  arenas_ = std::move(arenas);
+}
+
+SessionArenas* Session::arenas() const {
+  absl::MutexLock lock(&mu_);
+  return arenas_.get();
+}
+
 Session::Session(std::string id, std::shared_ptr<const Engine> engine, uint64_t reserved,
                  std::string client_tag, absl::Duration lease, std::string profile)
     : id_(std::move(id)),

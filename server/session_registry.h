@@ -34,6 +34,7 @@
 #include "core/h2o.h"
 #include "core/layer_profile.h"
 #include "core/session_config.h"
+#include "server/session_arenas.h"
 
 namespace reasonalloc {
 
@@ -107,6 +108,11 @@ class Session {
     Session* s_;
   };
   absl::StatusOr<CompressGuard> BeginCompress();
+  // Host shared-memory arenas (MEMORY_KIND_HOST_SHM sessions), attached once right after
+  // creation; null for inline sessions. Only the holder of the compress guard reads or writes
+  // through them.
+  void AttachArenas(std::unique_ptr<SessionArenas> arenas) ABSL_LOCKS_EXCLUDED(mu_);
+  SessionArenas* arenas() const ABSL_LOCKS_EXCLUDED(mu_);
   // The h2o accumulator (null for other scorers); only the holder of the compress guard uses it.
   H2oAccumulator* h2o() { return h2o_.get(); }
 
@@ -124,6 +130,7 @@ class Session {
   int calibration_stride_ ABSL_GUARDED_BY(calib_mu_) = 16;
   std::atomic<bool> busy_{false};
   std::unique_ptr<H2oAccumulator> h2o_;
+  std::unique_ptr<SessionArenas> arenas_ ABSL_GUARDED_BY(mu_);
   mutable absl::Mutex mu_;
   std::shared_ptr<const Engine> engine_ ABSL_GUARDED_BY(mu_);
   uint64_t reserved_ ABSL_GUARDED_BY(mu_);

@@ -109,7 +109,12 @@ void SidecarService::FillSessionInfo(const Session& session, v1::SessionInfo* ou
   SessionConfigToProto(c, out->mutable_model(), out->mutable_budget(), out->mutable_scorer(),
                        out->mutable_allocator());
   out->set_mode(c.managed ? v1::SESSION_MODE_MANAGED : v1::SESSION_MODE_ADVISORY);
-  out->set_memory(v1::MEMORY_KIND_INLINE);
+  if (const SessionArenas* arenas = session.arenas(); arenas != nullptr) {
+    out->set_memory(v1::MEMORY_KIND_HOST_SHM);
+    arenas->Describe(out->mutable_arenas());
+  } else {
+    out->set_memory(v1::MEMORY_KIND_INLINE);
+  }
   out->set_client_tag(session.client_tag());
   out->set_lease_seconds(absl::ToDoubleSeconds(st.lease));
   out->set_lease_expires_unix_ms(UnixMillis(st.lease_deadline));
@@ -149,6 +154,7 @@ grpc::Status SidecarService::GetServerInfo(grpc::ServerContext*, const v1::GetSe
   out->add_dtypes(v1::DTYPE_FLOAT16);
   out->add_dtypes(v1::DTYPE_BFLOAT16);
   out->add_memory_kinds(v1::MEMORY_KIND_INLINE);
+  out->add_memory_kinds(v1::MEMORY_KIND_HOST_SHM);
   out->set_layout_version(1);
   {
     absl::MutexLock lock(&mu_);
@@ -166,11 +172,14 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext*,
                                            v1::CreateSessionResponse* response) {
   auto run = [&]() -> absl::Status {
     if (draining_.load()) return absl::UnavailableError("the server is draining");
+    bool host_shm = false;
     switch (request->memory()) {
       case v1::MEMORY_KIND_UNSPECIFIED:
       case v1::MEMORY_KIND_INLINE:
         break;
       case v1::MEMORY_KIND_HOST_SHM:
+        host_shm = true;
+        break;
       case v1::MEMORY_KIND_CUDA_IPC:
         return absl::UnimplementedError(absl::StrCat(
             "memory = ", v1::MemoryKind_Name(request->memory()),
@@ -187,6 +196,16 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext*,
     if (!config.ok()) return config.status();
     auto lease = registry_->LeaseFor(request->lease_seconds(), "lease_seconds");
     if (!lease.ok()) return lease.status();
+    if (host_shm && !config->managed) {
+      return absl::UnimplementedError(
+          "memory = MEMORY_KIND_HOST_SHM with mode = SESSION_MODE_ADVISORY: advisory sessions "
+          "register their own buffers (RegisterBuffers), not implemented in this build yet");
+    }
+    if (host_shm && config->scorer.name == "h2o") {
+      return absl::UnimplementedError(
+          "scorer.name \"h2o\" with memory = MEMORY_KIND_HOST_SHM: the shared accumulator arena is "
+          "not implemented in this build yet; use MEMORY_KIND_INLINE");
+    }
     // ReasonAlloc's layer level follows the model's profile (or the one named); without one the
     // layers are uniform and the answer says so.
     std::vector<double> demand;
@@ -213,6 +232,14 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext*,
     auto session =
         registry_->Create(*config, request->client_tag(), *lease, std::move(demand), profile_name);
     if (!session.ok()) return session.status();
+    if (host_shm) {
+      auto arenas = SessionArenas::Create(*config);
+      if (!arenas.ok()) {
+        (void)registry_->Close((*session)->id());
+        return arenas.status();
+      }
+      (*session)->AttachArenas(std::move(arenas).value());
+    }
     FillSessionInfo(**session, response->mutable_session());
     if (!warning.empty()) {
       response->add_warnings(warning);
@@ -278,6 +305,13 @@ grpc::Status SidecarService::KeepAlive(grpc::ServerContext*, const v1::KeepAlive
 grpc::Status SidecarService::UpdateBudget(grpc::ServerContext*,
                                           const v1::UpdateBudgetRequest* request,
                                           v1::SessionInfo* response) {
+  if (auto s = registry_->Get(request->session_id(), SessionRegistry::Renew::kNo);
+      s.ok() && (*s)->arenas() != nullptr) {
+    return Finish("UpdateBudget",
+                  absl::FailedPreconditionError(
+                      "budget cannot change on a MEMORY_KIND_HOST_SHM session (its arenas are "
+                      "sized by it); create a new session"));
+  }
   auto session = registry_->UpdateBudget(request->session_id(), request->budget());
   if (session.ok()) {
     FillSessionInfo(**session, response);
@@ -302,6 +336,9 @@ absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
   auto guard = session.BeginCompress();
   if (!guard.ok()) return guard.status();
   if (auto s = session.CheckStep(request.step()); !s.ok()) return s;
+  if (SessionArenas* arenas = session.arenas(); arenas != nullptr) {
+    return DoCompressArenas(context, request, session, *arenas, response, t0);
+  }
   if (!request.has_inline_tensors()) {
     return absl::InvalidArgumentError(
         "inline_tensors is required: the session's memory is MEMORY_KIND_INLINE");
@@ -406,6 +443,51 @@ absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
   return absl::OkStatus();
 }
 
+absl::Status SidecarService::DoCompressArenas(grpc::ServerContext* context,
+                                              const v1::CompressRequest& request, Session& session,
+                                              SessionArenas& arenas, v1::CompressResponse* response,
+                                              std::chrono::steady_clock::time_point t0) {
+  if (request.has_inline_tensors()) {
+    return absl::FailedPreconditionError(
+        "inline_tensors must be empty for a MEMORY_KIND_HOST_SHM session: the worker writes keys, "
+        "values, queries and lengths into the session's arenas");
+  }
+  if (!request.cuda_event_handle().empty()) {
+    return absl::FailedPreconditionError(
+        "cuda_event_handle must be empty for a MEMORY_KIND_HOST_SHM session");
+  }
+  const auto engine = session.engine();
+  const SessionConfig& config = engine->config();
+  auto in = arenas.Read(request.step());
+  if (!in.ok()) return in.status();
+  CompressInputs inputs = in->view();
+  inputs.cancelled = [context] { return context != nullptr && context->IsCancelled(); };
+  auto decision = engine->Compress(inputs);
+  if (!decision.ok()) return decision.status();
+  if (auto s = arenas.CheckFits(*decision); !s.ok()) return s;
+  const Session::CommitResult committed = session.Commit(request.step(), *decision);
+  const auto tc = std::chrono::steady_clock::now();
+  arenas.Apply(*decision, committed.epoch);
+  decision->seconds.compact =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+  decision->seconds.total =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // The decision itself is in the result arena: the answer stays a few dozen bytes.
+  response->set_session_id(session.id());
+  response->set_step(request.step());
+  response->set_epoch(committed.epoch);
+  v1::Decision* d = response->mutable_decision();
+  d->set_num_layers(decision->num_layers);
+  d->set_num_kv_heads(decision->num_kv_heads);
+  d->set_evicted_tokens(decision->evicted_tokens);
+  TimingsToProto(decision->seconds, response->mutable_timings());
+  metrics_->ObserveCompress(decision->seconds);
+  metrics_->ObserveEvent(config.scorer.name, config.allocator.name, config.model.name, *decision);
+  metrics_->AddKeptTokens(committed.kept_delta);
+  if (events_.active()) PublishEvent(session, request.step(), committed.epoch, *decision);
+  return absl::OkStatus();
+}
+
 grpc::Status SidecarService::Compress(grpc::ServerContext* context,
                                       const v1::CompressRequest* request,
                                       v1::CompressResponse* response) {
@@ -453,6 +535,11 @@ grpc::Status SidecarService::StartCalibration(grpc::ServerContext*,
     if (!session.ok()) return session.status();
     const double rho = request->rho() == 0 ? 0.93 : request->rho();
     const int stride = request->stride() == 0 ? 16 : request->stride();
+    if ((*session)->arenas() != nullptr) {
+      return absl::UnimplementedError(
+          "calibration of a MEMORY_KIND_HOST_SHM session is not implemented in this build yet "
+          "(the full cache outgrows its arenas); calibrate with a MEMORY_KIND_INLINE session");
+    }
     if (auto s = (*session)->StartCalibration(rho, stride); !s.ok()) return s;
     response->set_session_id(request->session_id());
     const auto samples = (*session)->CalibrationSamples();

@@ -4,6 +4,7 @@
 #define REASONALLOC_SERVER_SIDECAR_SERVICE_H_
 
 #include <atomic>
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -83,6 +84,10 @@ class SidecarService final : public v1::KvSidecar::Service {
   absl::Status DoWatch(grpc::ServerContext* context, const v1::WatchMetricsRequest& request,
                        grpc::ServerWriter<v1::MetricsEvent>* writer);
   void PublishEvent(const Session& session, int64_t step, uint64_t epoch, const Decision& decision);
+  absl::Status DoCompressArenas(grpc::ServerContext* context, const v1::CompressRequest& request,
+                                Session& session, SessionArenas& arenas,
+                                v1::CompressResponse* response,
+                                std::chrono::steady_clock::time_point t0);
   absl::Status DoCompress(grpc::ServerContext* context, const v1::CompressRequest& request,
                           v1::CompressResponse* response);
   grpc::Status Finish(absl::string_view method, const absl::Status& status);

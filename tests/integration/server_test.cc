@@ -358,7 +358,7 @@ TEST(Server, BadCreateSessionRequestsNameTheField) {
        absl::StatusCode::kInvalidArgument, "lease_seconds"},
       {"unknown mode", [](auto& r) { r.set_mode(static_cast<v1::SessionMode>(9)); },
        absl::StatusCode::kInvalidArgument, "mode"},
-      {"shared memory not built yet", [](auto& r) { r.set_memory(v1::MEMORY_KIND_HOST_SHM); },
+      {"CUDA IPC not built yet", [](auto& r) { r.set_memory(v1::MEMORY_KIND_CUDA_IPC); },
        absl::StatusCode::kUnimplemented, "memory"},
   };
   for (const BadCreate& bad : cases) {

@@ -1,0 +1,184 @@
+#include "server/session_arenas.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "server/proto_convert.h"
+
+namespace reasonalloc {
+namespace {
+
+v1::DType ArrayDType(ArrayType t, DType model) {
+  switch (t) {
+    case ArrayType::kModel:
+      return DTypeToProto(model);
+    case ArrayType::kInt32:
+      return v1::DTYPE_INT32;
+    case ArrayType::kInt64:
+      return v1::DTYPE_INT64;
+    case ArrayType::kUint64:
+      return v1::DTYPE_UINT64;
+  }
+  return v1::DTYPE_UNSPECIFIED;
+}
+
+}  // namespace
+
+SessionArenas::SessionArenas(const SessionConfig& config)
+    : config_(config), layout_(MakeSessionLayout(config)) {}
+
+absl::StatusOr<std::unique_ptr<SessionArenas>> SessionArenas::Create(const SessionConfig& config) {
+  std::unique_ptr<SessionArenas> a(new SessionArenas(config));
+  for (auto [arena, layout] :
+       {std::pair{&a->kv_, &a->layout_.kv}, std::pair{&a->ring_, &a->layout_.query_ring},
+        std::pair{&a->result_, &a->layout_.result}}) {
+    auto created = HostArena::Create(layout->bytes);
+    if (!created.ok()) return created.status();
+    *arena = std::move(created).value();
+  }
+  const int64_t heads = config.model.num_heads_total();
+  const std::vector<int32_t> budgets(static_cast<size_t>(heads), config.budget.budget);
+  HeadRegions(budgets, config.budget.buffer, &a->offsets_, &a->capacities_);
+  std::copy(a->offsets_.begin(), a->offsets_.end(), a->Int64("offset"));
+  std::copy(a->capacities_.begin(), a->capacities_.end(), a->Int32("capacity"));
+  std::copy(budgets.begin(), budgets.end(), a->Int32("budget"));
+  return a;
+}
+
+uint64_t SessionArenas::bytes() const {
+  return layout_.kv.bytes + layout_.query_ring.bytes + layout_.result.bytes;
+}
+
+int32_t* SessionArenas::Int32(const char* name) const {
+  return reinterpret_cast<int32_t*>(result_->data() + layout_.result.Get(name).byte_offset);
+}
+int64_t* SessionArenas::Int64(const char* name) const {
+  return reinterpret_cast<int64_t*>(result_->data() + layout_.result.Get(name).byte_offset);
+}
+uint64_t* SessionArenas::Uint64(const char* name) const {
+  return reinterpret_cast<uint64_t*>(result_->data() + layout_.result.Get(name).byte_offset);
+}
+
+void SessionArenas::Describe(google::protobuf::RepeatedPtrField<v1::ArenaDescriptor>* out) const {
+  for (auto [arena, layout] :
+       {std::pair{kv_.get(), &layout_.kv}, std::pair{ring_.get(), &layout_.query_ring},
+        std::pair{result_.get(), &layout_.result}}) {
+    v1::ArenaDescriptor* d = out->Add();
+    d->set_kind(layout->kind);
+    d->set_memory(v1::MEMORY_KIND_HOST_SHM);
+    d->set_byte_length(arena->size());
+    d->set_shm_name(arena->name());
+    d->set_layout_version(kLayoutVersion);
+    for (const ArrayLayout& a : layout->arrays) {
+      v1::ArrayDescriptor* ad = d->add_arrays();
+      ad->set_name(a.name);
+      ad->set_dtype(ArrayDType(a.type, config_.model.dtype));
+      int64_t stride = 1;
+      std::vector<int64_t> strides(a.shape.size());
+      for (size_t i = a.shape.size(); i-- > 0;) {
+        strides[i] = stride;
+        stride *= a.shape[i];
+      }
+      for (size_t i = 0; i < a.shape.size(); ++i) {
+        ad->add_shape(a.shape[i]);
+        ad->add_strides(strides[i]);
+      }
+      ad->set_byte_offset(a.byte_offset);
+      ad->set_byte_length(a.byte_length);
+    }
+  }
+}
+
+absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step) const {
+  const ModelGeometry& m = config_.model;
+  const int64_t heads = m.num_heads_total();
+  const int window = config_.budget.window;
+  const int d = m.head_dim;
+  ArenaInputs in;
+  in.lengths.resize(static_cast<size_t>(heads));
+  // One read of what the worker wrote; it is checked, then only the copy is used.
+  std::memcpy(in.lengths.data(), Int32("len"), static_cast<size_t>(heads) * sizeof(int32_t));
+  for (int64_t i = 0; i < heads; ++i) {
+    const int32_t n = in.lengths[static_cast<size_t>(i)];
+    const int32_t cap = capacities_[static_cast<size_t>(i)];
+    if (n < 0 || n > cap) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("result arena \"len\"[", i, "] (layer ", i / m.num_kv_heads, ", kv head ",
+                       i % m.num_kv_heads, ") = ", n, " is outside [0, capacity ", cap,
+                       "]; a head may grow by at most buffer = ", config_.budget.buffer,
+                       " tokens between events"));
+    }
+    in.n_max = std::max<int64_t>(in.n_max, n);
+  }
+  in.keys.resize(static_cast<size_t>(heads * in.n_max * d));
+  if (auto s = GatherLiveRows(m.dtype, kv_->data() + layout_.kv.Get("k").byte_offset, d,
+                              m.num_kv_heads, offsets_, in.lengths, in.n_max, in.keys.data());
+      !s.ok()) {
+    return s;
+  }
+  // Query ring, rotated so that the oldest of the window comes first.
+  const size_t item = DTypeSize(m.dtype);
+  const unsigned char* ring = ring_->data() + layout_.query_ring.Get("q").byte_offset;
+  in.query_window.resize(static_cast<size_t>(m.num_layers) * m.num_q_heads * window * d);
+  for (int64_t lq = 0; lq < int64_t{m.num_layers} * m.num_q_heads; ++lq) {
+    for (int a = 0; a < window; ++a) {
+      const int64_t s = step - window + 1 + a;
+      const int64_t slot = ((s % window) + window) % window;
+      const int64_t bad =
+          ConvertToFloat32(m.dtype, ring + static_cast<size_t>((lq * window + slot) * d) * item, d,
+                           in.query_window.data() + (lq * window + a) * d);
+      if (bad >= 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("query_ring arena \"q\": layer ", lq / m.num_q_heads, ", query head ",
+                         lq % m.num_q_heads, ", slot ", slot, " holds NaN or Inf"));
+      }
+    }
+  }
+  return in;
+}
+
+absl::Status SessionArenas::CheckFits(const Decision& decision) const {
+  int64_t rows = 0;
+  for (size_t i = 0; i < decision.budgets.size(); ++i) {
+    const int64_t cap = int64_t{decision.budgets[i]} + config_.budget.buffer;
+    if (cap > int64_t{layout_.words} * 64 || decision.kept_lengths[i] > decision.budgets[i]) {
+      return absl::InternalError(absl::StrCat("head ", i, ": budget ", decision.budgets[i],
+                                              " does not fit the arena layout"));
+    }
+    rows += cap;
+  }
+  if (rows > layout_.rows) {
+    return absl::InternalError(
+        absl::StrCat("head regions need ", rows, " rows; the kv arena has ", layout_.rows));
+  }
+  return absl::OkStatus();
+}
+
+void SessionArenas::Apply(const Decision& decision, uint64_t epoch) {
+  std::vector<int64_t> offsets;
+  std::vector<int32_t> capacities;
+  HeadRegions(decision.budgets, config_.budget.buffer, &offsets, &capacities);
+  const size_t row_bytes =
+      DTypeSize(config_.model.dtype) * static_cast<size_t>(config_.model.head_dim);
+  CompactInPlace(decision, offsets_, offsets, row_bytes,
+                 kv_->data() + layout_.kv.Get("k").byte_offset,
+                 kv_->data() + layout_.kv.Get("v").byte_offset, &scratch_);
+  offsets_ = std::move(offsets);
+  capacities_ = std::move(capacities);
+  const size_t heads = decision.budgets.size();
+  std::copy(decision.kept_lengths.begin(), decision.kept_lengths.end(), Int32("len"));
+  std::copy(offsets_.begin(), offsets_.end(), Int64("offset"));
+  std::copy(capacities_.begin(), capacities_.end(), Int32("capacity"));
+  std::copy(decision.budgets.begin(), decision.budgets.end(), Int32("budget"));
+  uint64_t* mask = Uint64("keep_mask");
+  std::fill(mask, mask + heads * static_cast<size_t>(layout_.words), 0);
+  for (size_t i = 0; i < heads; ++i) {
+    uint64_t* w = mask + i * static_cast<size_t>(layout_.words);
+    for (int32_t j : decision.Kept(static_cast<int64_t>(i))) w[j / 64] |= uint64_t{1} << (j % 64);
+  }
+  std::atomic_ref<uint64_t>(*Uint64("epoch")).store(epoch, std::memory_order_release);
+}
+
+}  // namespace reasonalloc

@@ -1,0 +1,65 @@
+// The host shared-memory arenas of one managed MEMORY_KIND_HOST_SHM session (core/arena_layout.h
+// is the layout), and the two halves of a compression event on them: reading the worker's keys and
+// query ring, and writing the decision back (compaction in place, result block, epoch last).
+//
+// Everything the worker can write is read once and checked; the head regions (offsets,
+// capacities) the sidecar relies on are its own copies, only published to the result block, so a
+// worker scribbling on shared memory can corrupt its own session's data but never make the sidecar
+// read or write outside the arenas. Used only by the holder of the session's compress guard.
+#ifndef REASONALLOC_SERVER_SESSION_ARENAS_H_
+#define REASONALLOC_SERVER_SESSION_ARENAS_H_
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/arena_layout.h"
+#include "core/engine.h"
+#include "core/session_config.h"
+#include "reasonalloc/v1/types.pb.h"
+#include "server/host_arena.h"
+
+namespace reasonalloc {
+
+struct ArenaInputs {
+  std::vector<float> query_window;  // [L, Hq, window, d], oldest query first
+  std::vector<float> keys;          // [L, Hkv, n_max, d]
+  std::vector<int32_t> lengths;     // [L * Hkv]
+  int64_t n_max = 0;
+  CompressInputs view() const { return {query_window.data(), keys.data(), n_max, lengths, {}}; }
+};
+
+class SessionArenas {
+ public:
+  static absl::StatusOr<std::unique_ptr<SessionArenas>> Create(const SessionConfig& config);
+
+  uint64_t bytes() const;
+  void Describe(google::protobuf::RepeatedPtrField<v1::ArenaDescriptor>* out) const;
+
+  // The event's inputs: each head's live rows ("len", checked against its capacity) and the α
+  // newest queries of the ring (slot s mod α for steps step − α + 1 .. step).
+  absl::StatusOr<ArenaInputs> Read(int64_t step) const;
+  // Checks that the decision's regions fit before anything is committed.
+  absl::Status CheckFits(const Decision& decision) const;
+  // Compacts K and V in place into the new head regions, then writes len, offset, capacity,
+  // budget, keep_mask and finally epoch (release order).
+  void Apply(const Decision& decision, uint64_t epoch);
+
+ private:
+  explicit SessionArenas(const SessionConfig& config);
+  int32_t* Int32(const char* name) const;
+  int64_t* Int64(const char* name) const;
+  uint64_t* Uint64(const char* name) const;
+
+  SessionConfig config_;
+  SessionLayout layout_;
+  std::unique_ptr<HostArena> kv_, ring_, result_;
+  std::vector<int64_t> offsets_;  // the sidecar's own copy of the head regions
+  std::vector<int32_t> capacities_;
+  std::vector<unsigned char> scratch_;
+};
+
+}  // namespace reasonalloc
+
+#endif  // REASONALLOC_SERVER_SESSION_ARENAS_H_

@@ -1,0 +1,289 @@
+// The host shared-memory data plane, two processes: the real server and this test as the worker.
+// A synthetic decode loop writes K, V and queries into the session's arenas and calls Compress with
+// a few dozen bytes of control; after every event the kept tokens, the budgets and the compacted
+// rows must equal, bit for bit, what the inline Compress path decides for the same tensors.
+#include <fcntl.h>
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+
+#include <atomic>
+#include <deque>
+#include <random>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "client/mapped_arena.h"
+#include "core/dtype.h"
+#include "tests/integration/server_process.h"
+
+namespace reasonalloc {
+namespace {
+
+using ::testing::HasSubstr;
+using testing::ServerProcess;
+
+constexpr int kL = 2, kHq = 4, kHkv = 2, kD = 8, kWindow = 4, kB = 16, kDelta = 8;
+constexpr int kHeads = kL * kHkv;
+
+v1::CreateSessionRequest Request(const std::string& allocator, v1::MemoryKind memory,
+                                 const std::string& scorer = "rkv") {
+  v1::CreateSessionRequest r;
+  auto* m = r.mutable_model();
+  m->set_name("arena-test");
+  m->set_num_layers(kL);
+  m->set_num_q_heads(kHq);
+  m->set_num_kv_heads(kHkv);
+  m->set_head_dim(kD);
+  m->set_dtype(v1::DTYPE_FLOAT16);
+  m->set_max_context(4096);
+  r.mutable_budget()->set_budget(kB);
+  r.mutable_budget()->set_buffer(kDelta);
+  r.mutable_budget()->set_window(kWindow);
+  r.mutable_scorer()->set_name(scorer);
+  // Causal window softmax: each window row sees a different prefix, so the ring's order matters.
+  r.mutable_scorer()->set_softmax_all_keys(true);
+  r.mutable_allocator()->set_name(allocator);
+  r.set_mode(v1::SESSION_MODE_MANAGED);
+  r.set_memory(memory);
+  r.set_lease_seconds(600);
+  return r;
+}
+
+struct Arenas {
+  std::unique_ptr<MappedArena> kv, ring, result;
+};
+
+Arenas MapAll(const v1::SessionInfo& info) {
+  Arenas a;
+  for (const auto& d : info.arenas()) {
+    auto m = MappedArena::Map(d);
+    EXPECT_TRUE(m.ok()) << m.status();
+    if (!m.ok()) continue;
+    if (d.kind() == "kv") a.kv = std::move(m).value();
+    if (d.kind() == "query_ring") a.ring = std::move(m).value();
+    if (d.kind() == "result") a.result = std::move(m).value();
+  }
+  return a;
+}
+
+v1::Tensor F16Tensor(std::vector<int64_t> shape, const std::vector<uint16_t>& v) {
+  v1::Tensor t;
+  t.set_dtype(v1::DTYPE_FLOAT16);
+  for (int64_t s : shape) t.add_shape(s);
+  t.set_data(std::string(reinterpret_cast<const char*>(v.data()), v.size() * 2));
+  return t;
+}
+
+// Counts in *uneven the events that gave the heads unequal budgets (moved head regions).
+void RunDecodeLoop(const std::string& scorer, const std::string& allocator, int steps,
+                   int* uneven) {
+  *uneven = 0;
+  auto server = ServerProcess::Start();
+  ASSERT_TRUE(server.ok()) << server.status();
+  Client& c = (*server)->client();
+  auto shm = c.CreateSession(Request(allocator, v1::MEMORY_KIND_HOST_SHM, scorer));
+  ASSERT_TRUE(shm.ok()) << shm.status();
+  auto inl = c.CreateSession(Request(allocator, v1::MEMORY_KIND_INLINE, scorer));
+  ASSERT_TRUE(inl.ok()) << inl.status();
+  ASSERT_EQ(shm->session().memory(), v1::MEMORY_KIND_HOST_SHM);
+  ASSERT_EQ(shm->session().arenas_size(), 3);
+  Arenas a = MapAll(shm->session());
+  ASSERT_TRUE(a.kv && a.ring && a.result);
+  uint16_t* k_rows = a.kv->As<uint16_t>("k");
+  uint16_t* v_rows = a.kv->As<uint16_t>("v");
+  uint16_t* ring = a.ring->As<uint16_t>("q");
+  int32_t* len = a.result->As<int32_t>("len");
+  const int64_t* offset = a.result->As<int64_t>("offset");
+  const int32_t* budget = a.result->As<int32_t>("budget");
+  const uint64_t* mask = a.result->As<uint64_t>("keep_mask");
+  const uint64_t* epoch = a.result->As<uint64_t>("epoch");
+  int words = 0;
+  for (const auto& arr : a.result->descriptor().arrays()) {
+    if (arr.name() == "keep_mask") words = static_cast<int>(arr.shape(1));
+  }
+
+  // The worker's own view of each head's cache (the inline path's input), fp16 bits.
+  std::vector<std::vector<uint16_t>> k(kHeads), v(kHeads);
+  std::deque<std::vector<uint16_t>> history;  // last kWindow steps' queries [L, Hq, d]
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal;
+  int events = 0;
+  for (int step = 0; step < steps; ++step) {
+    for (int i = 0; i < kHeads; ++i) {
+      std::vector<uint16_t> kr(kD), vr(kD);
+      for (int t = 0; t < kD; ++t) {
+        // Every fifth token repeats an older key, so that R-KV's redundancy matters.
+        kr[static_cast<size_t>(t)] = FloatToHalf(normal(rng));
+        vr[static_cast<size_t>(t)] = FloatToHalf(normal(rng));
+      }
+      if (step % 5 == 4 && k[static_cast<size_t>(i)].size() >= kD) {
+        std::copy_n(k[static_cast<size_t>(i)].begin(), kD, kr.begin());
+      }
+      const int64_t row = offset[i] + len[i];
+      std::copy(kr.begin(), kr.end(), k_rows + row * kD);
+      std::copy(vr.begin(), vr.end(), v_rows + row * kD);
+      ++len[i];
+      k[static_cast<size_t>(i)].insert(k[static_cast<size_t>(i)].end(), kr.begin(), kr.end());
+      v[static_cast<size_t>(i)].insert(v[static_cast<size_t>(i)].end(), vr.begin(), vr.end());
+    }
+    std::vector<uint16_t> q(size_t{kL} * kHq * kD);
+    for (auto& x : q) x = FloatToHalf(normal(rng));
+    for (int lq = 0; lq < kL * kHq; ++lq) {
+      std::copy_n(q.begin() + lq * kD, kD, ring + (lq * kWindow + step % kWindow) * kD);
+    }
+    history.push_back(q);
+    if (history.size() > kWindow) history.pop_front();
+    // Events at step ≡ 2 (mod Δ): the ring's slots are then rotated against the window's order.
+    if (step % kDelta != 2 || step < kDelta) continue;
+
+    // The same event through both paths.
+    v1::CompressRequest request;
+    request.set_session_id(shm->session().session_id());
+    request.set_step(step);
+    auto got = c.Compress(request);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ASSERT_LT(request.ByteSizeLong() + got->ByteSizeLong(), 1024u);
+    ASSERT_EQ(std::atomic_ref<const uint64_t>(*epoch).load(std::memory_order_acquire),
+              got->epoch());
+
+    size_t n_max = 0;
+    for (const auto& h : k) n_max = std::max(n_max, h.size() / kD);
+    std::vector<uint16_t> kin(kHeads * n_max * kD), vin(kHeads * n_max * kD);
+    v1::CompressRequest inline_request;
+    inline_request.set_session_id(inl->session().session_id());
+    inline_request.set_step(step);
+    auto* it = inline_request.mutable_inline_tensors();
+    for (int i = 0; i < kHeads; ++i) {
+      std::copy(k[static_cast<size_t>(i)].begin(), k[static_cast<size_t>(i)].end(),
+                kin.begin() + static_cast<int64_t>(i * n_max * kD));
+      std::copy(v[static_cast<size_t>(i)].begin(), v[static_cast<size_t>(i)].end(),
+                vin.begin() + static_cast<int64_t>(i * n_max * kD));
+      it->add_lengths(static_cast<int32_t>(k[static_cast<size_t>(i)].size() / kD));
+    }
+    std::vector<uint16_t> window(size_t{kL} * kHq * kWindow * kD);
+    for (int lq = 0; lq < kL * kHq; ++lq) {
+      for (int w = 0; w < kWindow; ++w) {
+        std::copy_n(history[static_cast<size_t>(w)].begin() + lq * kD, kD,
+                    window.begin() + (lq * kWindow + w) * kD);
+      }
+    }
+    const auto nm = static_cast<int64_t>(n_max);
+    *it->mutable_query_window() = F16Tensor({kL, kHq, kWindow, kD}, window);
+    *it->mutable_keys() = F16Tensor({kL, kHkv, nm, kD}, kin);
+    *it->mutable_values() = F16Tensor({kL, kHkv, nm, kD}, vin);
+    auto want = c.Compress(inline_request);
+    ASSERT_TRUE(want.ok()) << want.status();
+    const v1::Decision& dw = want->decision();
+    EXPECT_EQ(got->decision().evicted_tokens(), dw.evicted_tokens());
+
+    int64_t at = 0;
+    for (int i = 0; i < kHeads; ++i) {
+      ASSERT_EQ(budget[i], dw.budgets(i)) << "step " << step << " head " << i;
+      ASSERT_EQ(len[i], dw.kept_lengths(i)) << "step " << step << " head " << i;
+      std::vector<uint16_t> kk, vk;
+      for (int r = 0; r < dw.kept_lengths(i); ++r) {
+        const int j = dw.kept_indices(static_cast<int>(at + r));
+        ASSERT_TRUE(mask[i * words + j / 64] >> (j % 64) & 1) << "step " << step << " head " << i;
+        kk.insert(kk.end(), k[static_cast<size_t>(i)].begin() + j * kD,
+                  k[static_cast<size_t>(i)].begin() + (j + 1) * kD);
+        vk.insert(vk.end(), v[static_cast<size_t>(i)].begin() + j * kD,
+                  v[static_cast<size_t>(i)].begin() + (j + 1) * kD);
+      }
+      int bits = 0;
+      for (int w = 0; w < words; ++w) bits += __builtin_popcountll(mask[i * words + w]);
+      ASSERT_EQ(bits, dw.kept_lengths(i));
+      at += dw.kept_lengths(i);
+      // The arena's compacted rows are the kept rows, in order, at the head's new offset.
+      ASSERT_TRUE(std::equal(kk.begin(), kk.end(), k_rows + offset[i] * kD)) << "head " << i;
+      ASSERT_TRUE(std::equal(vk.begin(), vk.end(), v_rows + offset[i] * kD)) << "head " << i;
+      k[static_cast<size_t>(i)] = kk;
+      v[static_cast<size_t>(i)] = vk;
+    }
+    if (*std::min_element(budget, budget + kHeads) != *std::max_element(budget, budget + kHeads)) {
+      ++*uneven;
+    }
+    ++events;
+  }
+  EXPECT_EQ(events, (steps + kDelta - 3) / kDelta - 1);
+
+  // Closing the session unlinks its arenas.
+  const std::string name = shm->session().arenas(0).shm_name();
+  ASSERT_TRUE(c.CloseSession(shm->session().session_id()).ok());
+  errno = 0;
+  EXPECT_LT(shm_open(name.c_str(), O_RDONLY, 0), 0);
+  EXPECT_EQ(errno, ENOENT);
+}
+
+TEST(HostArenas, SnapKvDecodeLoopMatchesInlineBitForBit) {
+  int uneven = -1;
+  RunDecodeLoop("snapkv", "uniform", 1000, &uneven);
+  EXPECT_EQ(uneven, 0);
+}
+
+TEST(HostArenas, RkvAdaKvDecodeLoopMatchesInlineBitForBitWithMovingHeadRegions) {
+  // adakv moves budgets between the heads of a layer at every event: head regions move.
+  int uneven = -1;
+  RunDecodeLoop("rkv", "adakv", 1000, &uneven);
+  EXPECT_GT(uneven, 50);
+}
+
+TEST(HostArenas, BadUseIsRefusedWithTheFieldNamed) {
+  auto server = ServerProcess::Start();
+  ASSERT_TRUE(server.ok()) << server.status();
+  Client& c = (*server)->client();
+  auto shm = c.CreateSession(Request("uniform", v1::MEMORY_KIND_HOST_SHM));
+  ASSERT_TRUE(shm.ok()) << shm.status();
+  const std::string id = shm->session().session_id();
+  Arenas a = MapAll(shm->session());
+  ASSERT_TRUE(a.result);
+  int32_t* len = a.result->As<int32_t>("len");
+
+  // A head longer than its region: INVALID_ARGUMENT naming "len", nothing read out of bounds.
+  len[1] = kB + kDelta + 1;
+  v1::CompressRequest r;
+  r.set_session_id(id);
+  r.set_step(1);
+  auto bad = c.Compress(r);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bad.status().message()), HasSubstr("\"len\"[1]"));
+  len[1] = -5;
+  EXPECT_EQ(c.Compress(r).status().code(), absl::StatusCode::kInvalidArgument);
+  len[1] = 0;
+
+  // NaN written into a live key row.
+  len[0] = 1;
+  a.kv = MappedArena::Map(shm->session().arenas(0)).value();
+  a.kv->As<uint16_t>("k")[3] = 0x7e00;
+  auto nan = c.Compress(r);
+  EXPECT_EQ(nan.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(nan.status().message()), HasSubstr("layer 0, kv head 0, row 0"));
+  a.kv->As<uint16_t>("k")[3] = 0;
+
+  // Inline tensors on a shared-memory session; budget changes; h2o and advisory are not offered.
+  r.mutable_inline_tensors()->add_lengths(1);
+  EXPECT_EQ(c.Compress(r).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(c.UpdateBudget(id, 32).status().code(), absl::StatusCode::kFailedPrecondition);
+  auto h2o = Request("uniform", v1::MEMORY_KIND_HOST_SHM);
+  h2o.mutable_scorer()->set_name("h2o");
+  EXPECT_EQ(c.CreateSession(h2o).status().code(), absl::StatusCode::kUnimplemented);
+  auto advisory = Request("uniform", v1::MEMORY_KIND_HOST_SHM);
+  advisory.set_mode(v1::SESSION_MODE_ADVISORY);
+  EXPECT_EQ(c.CreateSession(advisory).status().code(), absl::StatusCode::kUnimplemented);
+
+  // A descriptor whose array lies outside the arena is refused by the client before mapping.
+  v1::ArenaDescriptor forged = shm->session().arenas(2);
+  forged.mutable_arrays(0)->set_byte_offset(forged.byte_length() + 8);
+  EXPECT_EQ(MappedArena::Map(forged).status().code(), absl::StatusCode::kInvalidArgument);
+  forged = shm->session().arenas(2);
+  forged.set_byte_length(forged.byte_length() * 1000);
+  EXPECT_EQ(MappedArena::Map(forged).status().code(), absl::StatusCode::kInvalidArgument);
+
+  // Lease expiry and close free the arenas; the mapping this process holds stays valid memory.
+  ASSERT_TRUE(c.CloseSession(id).ok());
+  EXPECT_EQ(c.Compress(r).status().code(), absl::StatusCode::kNotFound);
+  len[0] = 7;  // still mapped here: writing it is harmless, the server no longer reads it
+}
+
+}  // namespace
+}  // namespace reasonalloc
