@@ -4,6 +4,10 @@
 #include <cmath>
 #include <cstring>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace reasonalloc {
 
 size_t DTypeSize(DType dtype) {
@@ -88,6 +92,33 @@ uint16_t FloatToBFloat16(float value) {
   return static_cast<uint16_t>(rounded >> 16);
 }
 
+namespace {
+
+#if defined(__x86_64__)
+// fp16 -> fp32 with the F16C instruction (exact, subnormals included), eight at a time; chosen at
+// run time so that the build still runs on CPUs without it.
+__attribute__((target("avx,f16c"))) void HalfToFloatF16c(const unsigned char* src, int64_t count,
+                                                         float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 2 * i));
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(h));
+  }
+  for (; i < count; ++i) {
+    uint16_t h;
+    std::memcpy(&h, src + 2 * i, 2);
+    dst[i] = HalfToFloat(h);
+  }
+}
+
+bool HasF16c() {
+  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
+
+}  // namespace
+
 int64_t ConvertToFloat32(DType dtype, const void* src, int64_t count, float* dst) {
   const auto* bytes = static_cast<const unsigned char*>(src);
   int64_t first_bad = -1;
@@ -102,6 +133,20 @@ int64_t ConvertToFloat32(DType dtype, const void* src, int64_t count, float* dst
       }
       break;
     case DType::kFloat16:
+#if defined(__x86_64__)
+      if (HasF16c()) {
+        for (int64_t i = 0; i < count; ++i) {
+          uint16_t h;
+          std::memcpy(&h, bytes + 2 * i, 2);
+          if ((h & 0x7c00u) == 0x7c00u) {
+            first_bad = i;
+            break;
+          }
+        }
+        HalfToFloatF16c(bytes, count, dst);
+        break;
+      }
+#endif
       for (int64_t i = 0; i < count; ++i) {
         uint16_t h;
         std::memcpy(&h, bytes + 2 * i, 2);

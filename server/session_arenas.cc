@@ -91,7 +91,7 @@ void SessionArenas::Describe(google::protobuf::RepeatedPtrField<v1::ArenaDescrip
   }
 }
 
-absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step) const {
+absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step) {
   const ModelGeometry& m = config_.model;
   const int64_t heads = m.num_heads_total();
   const int window = config_.budget.window;
@@ -112,23 +112,27 @@ absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step) const {
     }
     in.n_max = std::max<int64_t>(in.n_max, n);
   }
-  in.keys.resize(static_cast<size_t>(heads * in.n_max * d));
+  if (keys_.size() < static_cast<size_t>(heads * in.n_max * d)) {
+    keys_.resize(static_cast<size_t>(heads * in.n_max * d));
+  }
+  in.keys = keys_.data();
   if (auto s = GatherLiveRows(m.dtype, kv_->data() + layout_.kv.Get("k").byte_offset, d,
-                              m.num_kv_heads, offsets_, in.lengths, in.n_max, in.keys.data());
+                              m.num_kv_heads, offsets_, in.lengths, in.n_max, keys_.data());
       !s.ok()) {
     return s;
   }
   // Query ring, rotated so that the oldest of the window comes first.
   const size_t item = DTypeSize(m.dtype);
   const unsigned char* ring = ring_->data() + layout_.query_ring.Get("q").byte_offset;
-  in.query_window.resize(static_cast<size_t>(m.num_layers) * m.num_q_heads * window * d);
+  queries_.resize(static_cast<size_t>(m.num_layers) * m.num_q_heads * window * d);
+  in.query_window = queries_.data();
   for (int64_t lq = 0; lq < int64_t{m.num_layers} * m.num_q_heads; ++lq) {
     for (int a = 0; a < window; ++a) {
       const int64_t s = step - window + 1 + a;
       const int64_t slot = ((s % window) + window) % window;
       const int64_t bad =
           ConvertToFloat32(m.dtype, ring + static_cast<size_t>((lq * window + slot) * d) * item, d,
-                           in.query_window.data() + (lq * window + a) * d);
+                           queries_.data() + (lq * window + a) * d);
       if (bad >= 0) {
         return absl::InvalidArgumentError(
             absl::StrCat("query_ring arena \"q\": layer ", lq / m.num_q_heads, ", query head ",

@@ -22,12 +22,13 @@
 
 namespace reasonalloc {
 
+// Views of the session's reusable fp32 buffers (valid until the next Read).
 struct ArenaInputs {
-  std::vector<float> query_window;  // [L, Hq, window, d], oldest query first
-  std::vector<float> keys;          // [L, Hkv, n_max, d]
-  std::vector<int32_t> lengths;     // [L * Hkv]
+  const float* query_window = nullptr;  // [L, Hq, window, d], oldest query first
+  const float* keys = nullptr;          // [L, Hkv, n_max, d]
+  std::vector<int32_t> lengths;         // [L * Hkv]
   int64_t n_max = 0;
-  CompressInputs view() const { return {query_window.data(), keys.data(), n_max, lengths, {}}; }
+  CompressInputs view() const { return {query_window, keys, n_max, lengths, {}}; }
 };
 
 class SessionArenas {
@@ -39,7 +40,7 @@ class SessionArenas {
 
   // The event's inputs: each head's live rows ("len", checked against its capacity) and the α
   // newest queries of the ring (slot s mod α for steps step − α + 1 .. step).
-  absl::StatusOr<ArenaInputs> Read(int64_t step) const;
+  absl::StatusOr<ArenaInputs> Read(int64_t step);
   // Checks that the decision's regions fit before anything is committed.
   absl::Status CheckFits(const Decision& decision) const;
   // Compacts K and V in place into the new head regions, then writes len, offset, capacity,
@@ -58,6 +59,9 @@ class SessionArenas {
   std::vector<int64_t> offsets_;  // the sidecar's own copy of the head regions
   std::vector<int32_t> capacities_;
   std::vector<unsigned char> scratch_;
+  // fp32 copies of the event's keys and queries, kept across events (no allocation, no page
+  // faults in the steady state).
+  std::vector<float> keys_, queries_;
 };
 
 }  // namespace reasonalloc

@@ -1,0 +1,189 @@
+// One compression event through the host shared-memory arenas versus the same event through the
+// inline path (tensors inside the request), against a running server: bytes on the gRPC path,
+// round trip, and its split into engine time (score + allocate + select), in-place compaction and
+// the rest (transport, validation, conversion). Geometries of SmolLM2-135M (B 128) and
+// R1-Distill-Llama-8B (B 512), fp16, snapkv, Δ 128.
+//   bench/arena_bench.sh [build dir]
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "client/client.h"
+#include "client/mapped_arena.h"
+#include "core/build_info.h"
+#include "core/dtype.h"
+
+ABSL_FLAG(std::string, target, reasonalloc::kDefaultTarget, "server address");
+ABSL_FLAG(int, events, 30, "timed events per geometry and path (after 3 warm-up events)");
+
+namespace reasonalloc {
+namespace {
+
+struct Geometry {
+  const char* name;
+  int layers, hq, hkv, d, budget;
+};
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+v1::CreateSessionRequest Request(const Geometry& g, v1::MemoryKind memory) {
+  v1::CreateSessionRequest r;
+  auto* m = r.mutable_model();
+  m->set_name(g.name);
+  m->set_num_layers(g.layers);
+  m->set_num_q_heads(g.hq);
+  m->set_num_kv_heads(g.hkv);
+  m->set_head_dim(g.d);
+  m->set_dtype(v1::DTYPE_FLOAT16);
+  m->set_max_context(131072);
+  r.mutable_budget()->set_budget(g.budget);
+  r.mutable_budget()->set_buffer(128);
+  r.mutable_budget()->set_window(8);
+  r.mutable_scorer()->set_name("snapkv");
+  r.set_memory(memory);
+  r.set_lease_seconds(600);
+  return r;
+}
+
+struct Sample {
+  double round_trip_us, engine_us, compact_us;
+  size_t bytes;
+};
+
+void Report(const char* label, const std::vector<Sample>& s) {
+  std::vector<double> rt, en, co;
+  for (const auto& x : s) {
+    rt.push_back(x.round_trip_us);
+    en.push_back(x.engine_us);
+    co.push_back(x.compact_us);
+  }
+  const double r = Median(rt), e = Median(en), c = Median(co);
+  std::printf(
+      "  %-8s round trip %9.0f us  engine %9.0f us  compact %7.0f us  rest %8.0f us  "
+      "gRPC bytes %zu\n",
+      label, r, e, c, r - e - c, s.front().bytes);
+}
+
+int Run() {
+  Client::Options o;
+  o.target = absl::GetFlag(FLAGS_target);
+  o.max_message_bytes = uint64_t{256} << 20;  // the inline Llama-8B event carries ~84 MB
+  o.timeout = absl::Seconds(120);
+  auto client = Client::Connect(o);
+  if (!client.ok()) return 2;
+  Client& c = **client;
+  const int events = absl::GetFlag(FLAGS_events);
+  std::mt19937 rng(3);
+  std::normal_distribution<float> normal;
+  for (const Geometry& g : {Geometry{"smollm2-135m", 30, 9, 3, 64, 128},
+                            Geometry{"r1-distill-llama-8b", 32, 32, 8, 128, 512}}) {
+    const int n = g.budget + 128;  // every event sees B + Δ rows per head and evicts Δ
+    auto shm = c.CreateSession(Request(g, v1::MEMORY_KIND_HOST_SHM));
+    auto inl = c.CreateSession(Request(g, v1::MEMORY_KIND_INLINE));
+    if (!shm.ok() || !inl.ok()) {
+      std::fprintf(stderr, "arena_bench: %s %s\n", shm.status().ToString().c_str(),
+                   inl.status().ToString().c_str());
+      return 1;
+    }
+    std::unique_ptr<MappedArena> kv, ring, result;
+    for (const auto& d : shm->session().arenas()) {
+      auto m = MappedArena::Map(d);
+      if (!m.ok()) return 1;
+      if (d.kind() == "kv") kv = std::move(m).value();
+      if (d.kind() == "query_ring") ring = std::move(m).value();
+      if (d.kind() == "result") result = std::move(m).value();
+    }
+    const int64_t heads = int64_t{g.layers} * g.hkv;
+    const int64_t rows = heads * (g.budget + 128);
+    for (auto [arr, count] :
+         {std::pair{kv->As<uint16_t>("k"), rows * g.d},
+          std::pair{kv->As<uint16_t>("v"), rows * g.d},
+          std::pair{ring->As<uint16_t>("q"), int64_t{g.layers} * g.hq * 8 * g.d}}) {
+      for (int64_t i = 0; i < count; ++i) arr[i] = FloatToHalf(normal(rng));
+    }
+    int32_t* len = result->As<int32_t>("len");
+    const int32_t* capacity = result->As<int32_t>("capacity");
+
+    v1::CompressRequest inline_request;
+    inline_request.set_session_id(inl->session().session_id());
+    auto fill = [&](v1::Tensor* t, std::vector<int64_t> shape) {
+      t->set_dtype(v1::DTYPE_FLOAT16);
+      int64_t count = 1;
+      for (int64_t s : shape) {
+        t->add_shape(s);
+        count *= s;
+      }
+      std::vector<uint16_t> v(static_cast<size_t>(count));
+      for (auto& x : v) x = FloatToHalf(normal(rng));
+      t->set_data(std::string(reinterpret_cast<const char*>(v.data()), v.size() * 2));
+    };
+    fill(inline_request.mutable_inline_tensors()->mutable_query_window(), {g.layers, g.hq, 8, g.d});
+    fill(inline_request.mutable_inline_tensors()->mutable_keys(), {g.layers, g.hkv, n, g.d});
+    fill(inline_request.mutable_inline_tensors()->mutable_values(), {g.layers, g.hkv, n, g.d});
+    inline_request.set_omit_keep_mask(true);
+
+    std::vector<Sample> managed, inline_path;
+    for (int e = 0; e < events + 3; ++e) {
+      // Managed: every head is full again (the worker appended Δ tokens since the last event).
+      for (int64_t i = 0; i < heads; ++i) len[i] = capacity[i];
+      v1::CompressRequest r;
+      r.set_session_id(shm->session().session_id());
+      r.set_step(e);
+      auto t0 = std::chrono::steady_clock::now();
+      auto got = c.Compress(r);
+      double us =
+          std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+      if (!got.ok()) {
+        std::fprintf(stderr, "arena_bench: %s\n", got.status().ToString().c_str());
+        return 1;
+      }
+      const auto& tm = got->timings();
+      if (e >= 3) {
+        managed.push_back({us,
+                           (tm.score_seconds() + tm.allocate_seconds() + tm.select_seconds()) * 1e6,
+                           tm.compact_seconds() * 1e6, r.ByteSizeLong() + got->ByteSizeLong()});
+      }
+      inline_request.set_step(e);
+      t0 = std::chrono::steady_clock::now();
+      auto want = c.Compress(inline_request);
+      us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+      if (!want.ok()) {
+        std::fprintf(stderr, "arena_bench: %s\n", want.status().ToString().c_str());
+        return 1;
+      }
+      const auto& ti = want->timings();
+      if (e >= 3) {
+        inline_path.push_back(
+            {us, (ti.score_seconds() + ti.allocate_seconds() + ti.select_seconds()) * 1e6,
+             ti.compact_seconds() * 1e6, inline_request.ByteSizeLong() + want->ByteSizeLong()});
+      }
+    }
+    std::printf("%s (L %d, Hq %d, Hkv %d, d %d, B %d, N %d, fp16, snapkv), medians of %d events:\n",
+                g.name, g.layers, g.hq, g.hkv, g.d, g.budget, n, events);
+    Report("managed", managed);
+    Report("inline", inline_path);
+    std::vector<double> m, i;
+    for (const auto& x : managed) m.push_back(x.round_trip_us);
+    for (const auto& x : inline_path) i.push_back(x.round_trip_us);
+    std::printf("  inline / managed round trip: %.2fx\n", Median(i) / Median(m));
+    (void)c.CloseSession(shm->session().session_id());
+    (void)c.CloseSession(inl->session().session_id());
+  }
+  return 0;
+}
+
+}  // namespace
+}  // namespace reasonalloc
+
+int main(int argc, char** argv) {
+  absl::ParseCommandLine(argc, argv);
+  return reasonalloc::Run();
+}
