@@ -460,6 +460,9 @@ absl::Status SidecarService::DoCompressArenas(grpc::ServerContext* context,
   const SessionConfig& config = engine->config();
   auto in = arenas.Read(request.step());
   if (!in.ok()) return in.status();
+  if (options_.testing_compress_delay > absl::ZeroDuration()) {
+    absl::SleepFor(options_.testing_compress_delay);
+  }
   CompressInputs inputs = in->view();
   inputs.cancelled = [context] { return context != nullptr && context->IsCancelled(); };
   auto decision = engine->Compress(inputs);
