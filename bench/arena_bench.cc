@@ -5,10 +5,12 @@
 // R1-Distill-Llama-8B (B 512), fp16, snapkv, Δ 128.
 //   bench/arena_bench.sh [build dir]
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -20,6 +22,7 @@
 
 ABSL_FLAG(std::string, target, reasonalloc::kDefaultTarget, "server address");
 ABSL_FLAG(int, events, 30, "timed events per geometry and path (after 3 warm-up events)");
+ABSL_FLAG(double, concurrent_seconds, 10, "length of the 64-session throughput run (0 = skip)");
 
 namespace reasonalloc {
 namespace {
@@ -70,6 +73,86 @@ void Report(const char* label, const std::vector<Sample>& s) {
       "  %-8s round trip %9.0f us  engine %9.0f us  compact %7.0f us  rest %8.0f us  "
       "gRPC bytes %zu\n",
       label, r, e, c, r - e - c, s.front().bytes);
+}
+
+// 64 SmolLM2-135M sessions (B 128) driven by 8 threads, 8 sessions each, through the arenas: every
+// event sees B + Δ rows per head. Events per second and latency percentiles over all of them.
+int Concurrent(Client& c) {
+  const double seconds = absl::GetFlag(FLAGS_concurrent_seconds);
+  if (seconds <= 0) return 0;
+  const Geometry g{"smollm2-135m", 30, 9, 3, 64, 128};
+  struct Worker {
+    std::vector<std::string> ids;
+    std::vector<std::unique_ptr<MappedArena>> results;
+    std::vector<double> latencies_us;
+  };
+  std::vector<Worker> workers(8);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  for (auto& w : workers) {
+    for (int s = 0; s < 8; ++s) {
+      auto created = c.CreateSession(Request(g, v1::MEMORY_KIND_HOST_SHM));
+      if (!created.ok()) {
+        std::fprintf(stderr, "arena_bench: %s\n", created.status().ToString().c_str());
+        return 1;
+      }
+      for (const auto& d : created->session().arenas()) {
+        auto m = MappedArena::Map(d);
+        if (!m.ok()) return 1;
+        if (d.kind() == "kv") {
+          for (const char* name : {"k", "v"}) {
+            uint16_t* a = (*m)->As<uint16_t>(name);
+            const int64_t count = int64_t{g.layers} * g.hkv * (g.budget + 128) * g.d;
+            for (int64_t i = 0; i < count; ++i) a[i] = FloatToHalf(normal(rng));
+          }
+        }
+        if (d.kind() == "result") w.results.push_back(std::move(m).value());
+      }
+      w.ids.push_back(created->session().session_id());
+    }
+  }
+  const auto t_end = std::chrono::steady_clock::now() +
+                     std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                         std::chrono::duration<double>(seconds));
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (auto& w : workers) {
+    threads.emplace_back([&] {
+      for (int64_t step = 0; std::chrono::steady_clock::now() < t_end; ++step) {
+        for (size_t s = 0; s < w.ids.size(); ++s) {
+          int32_t* len = w.results[s]->As<int32_t>("len");
+          const int32_t* cap = w.results[s]->As<int32_t>("capacity");
+          for (int64_t i = 0; i < int64_t{g.layers} * g.hkv; ++i) len[i] = cap[i];
+          v1::CompressRequest r;
+          r.set_session_id(w.ids[s]);
+          r.set_step(step);
+          const auto ts = std::chrono::steady_clock::now();
+          if (!c.Compress(r).ok()) failures.fetch_add(1);
+          w.latencies_us.push_back(
+              std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - ts)
+                  .count());
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::vector<double> all;
+  for (auto& w : workers) all.insert(all.end(), w.latencies_us.begin(), w.latencies_us.end());
+  std::sort(all.begin(), all.end());
+  auto at = [&](double q) {
+    return all[static_cast<size_t>(q * static_cast<double>(all.size() - 1))];
+  };
+  std::printf(
+      "64 concurrent sessions (8 threads x 8, %s geometry, B %d, shared memory), %.1f s:\n"
+      "  %zu events, %.0f events/s, latency p50 %.1f ms, p99 %.1f ms, failures %d\n",
+      g.name, g.budget, wall, all.size(), static_cast<double>(all.size()) / wall, at(0.5) / 1e3,
+      at(0.99) / 1e3, failures.load());
+  for (auto& w : workers) {
+    for (const auto& id : w.ids) (void)c.CloseSession(id);
+  }
+  return failures.load() == 0 ? 0 : 1;
 }
 
 int Run() {
@@ -177,7 +260,7 @@ int Run() {
     (void)c.CloseSession(shm->session().session_id());
     (void)c.CloseSession(inl->session().session_id());
   }
-  return 0;
+  return Concurrent(c);
 }
 
 }  // namespace
