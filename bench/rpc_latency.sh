@@ -1,16 +1,3 @@
 #!/usr/bin/env bash
-# Starts a server on a private socket, runs bench/rpc_latency against it, stops the server.
-#   bench/rpc_latency.sh [build dir] [extra rpc_latency flags]
-set -euo pipefail
-root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-build=${1:-$root/build}
-shift || true
-dir=$(mktemp -d /tmp/reasonalloc-bench-XXXXXX)
-trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
-"$build/server/reasonalloc-server" --listen "unix://$dir/s.sock" --metrics_address 127.0.0.1:0 \
-  --log_level warn &
-pid=$!
-for _ in $(seq 200); do [[ -S $dir/s.sock ]] && break; sleep 0.05; done
-"$build/client/reasonalloc" health --target "unix://$dir/s.sock" >/dev/null
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-"$build/bench/rpc_latency" --target "unix://$dir/s.sock" "$@"
+# bench/rpc_latency against a private server: bench/rpc_latency.sh [build dir] [rpc_latency flags]
+exec "$(dirname "${BASH_SOURCE[0]}")/with_server.sh" rpc_latency "$@"

@@ -14,7 +14,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
@@ -101,15 +100,6 @@ def check_against_numpy():
           f"N 96, B 40; heads differing inside a tie: snapkv {tied['snapkv']}/4, rkv {tied['rkv']}/4)")
 
 
-def median_time(fn, runs=5):
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 def main():
     build = sys.argv[1] if len(sys.argv) > 1 else "build"
     torch.set_num_threads(2)
@@ -129,8 +119,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'scorer':<8}{'engine':>10}{'numpy':>10}{'torch':>10}{'torch/engine':>14}")
     for scorer in ("snapkv", "rkv"):
-        tn = median_time(lambda: ne.event(q, k, scorer))
-        tt = median_time(lambda: event(qt, kt, scorer, ne.B, ne.W))
+        tn = ne.median_time(lambda: ne.event(q, k, scorer))
+        tt = ne.median_time(lambda: event(qt, kt, scorer, ne.B, ne.W))
         e = engine[scorer]
         print(f"{scorer:<8}{e * 1e3:>8.1f}ms{tn * 1e3:>8.1f}ms{tt * 1e3:>8.1f}ms{tt / e:>13.1f}x")
 

@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/blas.h"
+#include "core/softmax.h"
 #include "core/thread_pool.h"
 
 namespace reasonalloc {
@@ -27,15 +28,8 @@ bool AddWindowAttention(const float* queries, const float* keys, int n, int grou
     for (int r = 0; r < rows; ++r) {
       const int len = n - window + first_row + r + 1;  // the query's position + 1
       float* row = logits.data() + static_cast<size_t>(r) * static_cast<size_t>(n);
-      const float max_logit = *std::max_element(row, row + len);
-      if (!std::isfinite(max_logit)) return false;
-      float sum = 0.0f;
-      for (int j = 0; j < len; ++j) {
-        row[j] = std::exp(row[j] - max_logit);
-        sum += row[j];
-      }
-      const float w = inv_group / sum;
-      for (int j = 0; j < len; ++j) acc[j] += row[j] * w;
+      if (!SoftmaxInPlace(row, len, inv_group)) return false;
+      for (int j = 0; j < len; ++j) acc[j] += row[j];
     }
   }
   return true;

@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/blas.h"
+#include "core/softmax.h"
 
 namespace reasonalloc {
 namespace {
@@ -33,20 +34,6 @@ template <typename T>
 T* Sized(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
   return v.data();
-}
-
-// Softmax of row[0, len) in place, scaled by `weight`; false when the row holds ±Inf.
-bool SoftmaxInPlace(float* row, int len, float weight) {
-  const float max_logit = *std::max_element(row, row + len);
-  if (!std::isfinite(max_logit)) return false;
-  float sum = 0.0f;
-  for (int j = 0; j < len; ++j) {
-    row[j] = std::exp(row[j] - max_logit);
-    sum += row[j];
-  }
-  const float inv = weight / sum;
-  for (int j = 0; j < len; ++j) row[j] *= inv;
-  return true;
 }
 
 // SnapKV importance in its decode-time form (ALGORITHMS.md §2.1): window queries of the group

@@ -436,10 +436,7 @@ absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
   }
   const Session::CommitResult committed = session.Commit(request.step(), *decision);
   response->set_epoch(committed.epoch);
-  metrics_->ObserveCompress(decision->seconds);
-  metrics_->ObserveEvent(config.scorer.name, config.allocator.name, config.model.name, *decision);
-  if (events_.active()) PublishEvent(session, request.step(), committed.epoch, *decision);
-  metrics_->AddKeptTokens(committed.kept_delta);
+  RecordEvent(session, request.step(), committed, *decision);
   return absl::OkStatus();
 }
 
@@ -457,7 +454,6 @@ absl::Status SidecarService::DoCompressArenas(grpc::ServerContext* context,
         "cuda_event_handle must be empty for a MEMORY_KIND_HOST_SHM session");
   }
   const auto engine = session.engine();
-  const SessionConfig& config = engine->config();
   auto in = arenas.Read(request.step());
   if (!in.ok()) return in.status();
   if (options_.testing_compress_delay > absl::ZeroDuration()) {
@@ -484,11 +480,17 @@ absl::Status SidecarService::DoCompressArenas(grpc::ServerContext* context,
   d->set_num_kv_heads(decision->num_kv_heads);
   d->set_evicted_tokens(decision->evicted_tokens);
   TimingsToProto(decision->seconds, response->mutable_timings());
-  metrics_->ObserveCompress(decision->seconds);
-  metrics_->ObserveEvent(config.scorer.name, config.allocator.name, config.model.name, *decision);
-  metrics_->AddKeptTokens(committed.kept_delta);
-  if (events_.active()) PublishEvent(session, request.step(), committed.epoch, *decision);
+  RecordEvent(session, request.step(), committed, *decision);
   return absl::OkStatus();
+}
+
+void SidecarService::RecordEvent(const Session& session, int64_t step,
+                                 const Session::CommitResult& committed, const Decision& decision) {
+  const SessionConfig& config = session.engine()->config();
+  metrics_->ObserveCompress(decision.seconds);
+  metrics_->ObserveEvent(config.scorer.name, config.allocator.name, config.model.name, decision);
+  metrics_->AddKeptTokens(committed.kept_delta);
+  if (events_.active()) PublishEvent(session, step, committed.epoch, decision);
 }
 
 grpc::Status SidecarService::Compress(grpc::ServerContext* context,

@@ -84,6 +84,9 @@ class SidecarService final : public v1::KvSidecar::Service {
   absl::Status DoWatch(grpc::ServerContext* context, const v1::WatchMetricsRequest& request,
                        grpc::ServerWriter<v1::MetricsEvent>* writer);
   void PublishEvent(const Session& session, int64_t step, uint64_t epoch, const Decision& decision);
+  // Metrics and WatchMetrics of a committed event.
+  void RecordEvent(const Session& session, int64_t step, const Session::CommitResult& committed,
+                   const Decision& decision);
   absl::Status DoCompressArenas(grpc::ServerContext* context, const v1::CompressRequest& request,
                                 Session& session, SessionArenas& arenas,
                                 v1::CompressResponse* response,
