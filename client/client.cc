@@ -6,6 +6,18 @@
 #include "proto/grpc_status.h"
 
 namespace reasonalloc {
+namespace {
+
+template <typename Request>
+std::string SessionOf(const Request& request) {
+  if constexpr (requires { request.session_id(); }) {
+    return request.session_id();
+  } else {
+    return "";
+  }
+}
+
+}  // namespace
 
 Client::Client(const Options& options) : options_(options) {
   grpc::ChannelArguments args;
@@ -29,10 +41,36 @@ void Client::SetDeadline(grpc::ClientContext* context) const {
   context->set_deadline(absl::ToChronoTime(absl::Now() + options_.timeout));
 }
 
-// Every unary call has the same shape: a context with a deadline, the call, the status mapped once.
+void Client::AddSessionToken(const std::string& session_id, const std::string& token) {
+  absl::MutexLock lock(&tokens_mu_);
+  tokens_[session_id] = token;
+}
+
+void Client::AttachSessionTokens(grpc::ClientContext* context,
+                                 const std::vector<std::string>& session_ids) const {
+  absl::MutexLock lock(&tokens_mu_);
+  if (session_ids.empty()) {
+    for (const auto& [id, token] : tokens_)
+      context->AddMetadata("reasonalloc-session-token", token);
+    return;
+  }
+  for (const std::string& id : session_ids) {
+    if (auto it = tokens_.find(id); it != tokens_.end()) {
+      context->AddMetadata("reasonalloc-session-token", it->second);
+    }
+  }
+}
+
+void Client::Prepare(grpc::ClientContext* context, const std::string& session_id) const {
+  SetDeadline(context);
+  if (!session_id.empty()) AttachSessionTokens(context, {session_id});
+}
+
+// Every unary call has the same shape: a context with a deadline (and the session's token), the
+// call, the status mapped once.
 #define REASONALLOC_UNARY(method, request, Response)            \
   grpc::ClientContext context;                                  \
-  SetDeadline(&context);                                        \
+  Prepare(&context, SessionOf(request));                        \
   Response response;                                            \
   grpc::Status s = stub_->method(&context, request, &response); \
   if (!s.ok()) return FromGrpcStatus(s);                        \
@@ -44,7 +82,13 @@ absl::StatusOr<v1::ServerInfo> Client::GetServerInfo() {
 
 absl::StatusOr<v1::CreateSessionResponse> Client::CreateSession(
     const v1::CreateSessionRequest& request) {
-  REASONALLOC_UNARY(CreateSession, request, v1::CreateSessionResponse);
+  grpc::ClientContext context;
+  SetDeadline(&context);
+  v1::CreateSessionResponse response;
+  grpc::Status s = stub_->CreateSession(&context, request, &response);
+  if (!s.ok()) return FromGrpcStatus(s);
+  AddSessionToken(response.session().session_id(), response.session_token());
+  return response;
 }
 
 absl::StatusOr<v1::SessionInfo> Client::GetSession(const std::string& session_id) {
@@ -67,7 +111,14 @@ absl::StatusOr<std::vector<v1::SessionInfo>> Client::ListSessions(const std::str
 absl::StatusOr<v1::CloseSessionResponse> Client::CloseSession(const std::string& session_id) {
   v1::CloseSessionRequest request;
   request.set_session_id(session_id);
-  REASONALLOC_UNARY(CloseSession, request, v1::CloseSessionResponse);
+  grpc::ClientContext context;
+  Prepare(&context, session_id);
+  v1::CloseSessionResponse response;
+  grpc::Status s = stub_->CloseSession(&context, request, &response);
+  if (!s.ok()) return FromGrpcStatus(s);
+  absl::MutexLock lock(&tokens_mu_);
+  tokens_.erase(session_id);
+  return response;
 }
 
 absl::StatusOr<v1::KeepAliveResponse> Client::KeepAlive(const std::string& session_id,

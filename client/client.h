@@ -7,11 +7,13 @@
 
 #include <grpcpp/channel.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/build_info.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -43,6 +45,15 @@ class Client {
   absl::StatusOr<grpc::health::v1::HealthCheckResponse::ServingStatus> CheckHealth(
       const std::string& service = "");
 
+  // Session tokens: CreateSession keeps the token of every session this client creates, and each
+  // call naming a session sends that session's token as "reasonalloc-session-token" metadata.
+  // Needed when the session is used from another uid or over TCP; a process that did not create
+  // the session adds its token here (it travels out of band, e.g. with the request it serves).
+  void AddSessionToken(const std::string& session_id, const std::string& token);
+  // For calls made through stub(): adds the tokens of `session_ids` (all known ones when empty).
+  void AttachSessionTokens(grpc::ClientContext* context,
+                           const std::vector<std::string>& session_ids = {}) const;
+
   // For streaming calls (CompressStream, WatchMetrics, health Watch).
   v1::KvSidecar::Stub& stub() { return *stub_; }
   grpc::health::v1::Health::Stub& health_stub() { return *health_; }
@@ -52,11 +63,15 @@ class Client {
  private:
   explicit Client(const Options& options);
   void SetDeadline(grpc::ClientContext* context) const;
+  // A deadline and the session's token, if known.
+  void Prepare(grpc::ClientContext* context, const std::string& session_id) const;
 
   Options options_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::KvSidecar::Stub> stub_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
+  mutable absl::Mutex tokens_mu_;
+  std::map<std::string, std::string> tokens_ ABSL_GUARDED_BY(tokens_mu_);
 };
 
 }  // namespace reasonalloc

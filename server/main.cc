@@ -18,6 +18,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "absl/synchronization/mutex.h"
 #include "core/build_info.h"
 #include "core/cli_args.h"
@@ -29,6 +30,9 @@
 ABSL_FLAG(std::string, listen, reasonalloc::kDefaultTarget,
           "Unix socket to serve on: unix:///path");
 ABSL_FLAG(std::string, socket_mode, "0600", "Permission bits of the socket file (octal)");
+ABSL_FLAG(std::string, allow_uid, "",
+          "Comma-separated uids whose Unix-socket connections may call KvSidecar methods, besides "
+          "the server's own uid (empty = any peer that can open the socket)");
 ABSL_FLAG(std::string, tcp_listen, "", "Optional TCP address host:port (port 0 = any free port)");
 ABSL_FLAG(std::string, metrics_address, "127.0.0.1:9464",
           "Prometheus endpoint host:port (port 0 = any free port; empty = off)");
@@ -102,8 +106,8 @@ int main(int argc, char** argv) {
   sigaction(SIGINT, &action, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
-  if (!ApplyEnvironment({"listen", "socket_mode", "tcp_listen", "metrics_address", "device",
-                         "max_arena_bytes", "max_sessions", "max_threads", "max_watchers",
+  if (!ApplyEnvironment({"listen", "socket_mode", "allow_uid", "tcp_listen", "metrics_address",
+                         "device", "max_arena_bytes", "max_sessions", "max_threads", "max_watchers",
                          "watch_queue", "profile_dir", "max_message_bytes", "default_lease_seconds",
                          "max_lease_seconds", "drain_timeout_seconds", "log_level"})) {
     return 2;
@@ -136,6 +140,16 @@ int main(int argc, char** argv) {
     return 2;
   }
   options.socket_mode = mode;
+  for (absl::string_view part :
+       absl::StrSplit(absl::GetFlag(FLAGS_allow_uid), ',', absl::SkipWhitespace())) {
+    uint32_t uid = 0;
+    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(part), &uid)) {
+      std::cerr << "reasonalloc-server: --allow_uid \"" << absl::GetFlag(FLAGS_allow_uid)
+                << "\": \"" << part << "\" is not a uid\n";
+      return 2;
+    }
+    options.allow_uids.push_back(uid);
+  }
   options.tcp_listen = absl::GetFlag(FLAGS_tcp_listen);
   options.metrics_address = absl::GetFlag(FLAGS_metrics_address);
   options.device = absl::GetFlag(FLAGS_device);

@@ -21,6 +21,7 @@
 #include "absl/strings/strip.h"
 #include "gpu/device_probe.h"
 #include "server/host_arena.h"
+#include "server/peer.h"
 #include "spdlog/spdlog.h"
 
 namespace reasonalloc {
@@ -153,6 +154,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     // Sessions exist only once the service does; the registry is destroyed before it.
     if (s.service_) s.service_->OnSessionReleased(session, why);
   });
+  s.peers_ = std::make_unique<PeerTable>();
+  so.peers = s.peers_.get();
+  so.allow_uids = options.allow_uids;
   s.service_ =
       std::make_unique<SidecarService>(so, s.registry_.get(), s.metrics_.get(), s.profiles_.get());
   s.health_ = std::make_unique<HealthService>(
@@ -184,6 +188,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     ::unlink(s.socket_path_.c_str());  // a stale socket file of a dead server
   }
 
+  // The Unix socket is accepted by the server itself so that every connection's peer
+  // credentials are known (server/peer.h); the socket never exists with looser bits than asked.
+  auto listener = UnixListener::Bind(s.socket_path_, options.socket_mode);
+  if (!listener.ok()) return listener.status();
+  s.unix_listener_ = *std::move(listener);
+
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   // Bounds the threads serving calls, and with them the memory of concurrent inline requests.
@@ -192,27 +202,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   builder.SetResourceQuota(quota);
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
-  builder.AddListeningPort(absl::StrCat("unix:", s.socket_path_),
-                           grpc::InsecureServerCredentials());
   int tcp_port = 0;
   if (!options.tcp_listen.empty()) {
     builder.AddListeningPort(options.tcp_listen, grpc::InsecureServerCredentials(), &tcp_port);
   }
   builder.RegisterService(s.service_.get());
   builder.RegisterService(s.health_.get());
-  // The socket is created by BuildAndStart; a restrictive umask means it never exists with looser
-  // bits.
-  const mode_t old_umask = ::umask(static_cast<mode_t>(~options.socket_mode & 0777));
   s.server_ = builder.BuildAndStart();
-  ::umask(old_umask);
   if (s.server_ == nullptr) {
-    return absl::UnavailableError(absl::StrCat(
-        "could not listen on \"", options.listen, "\"", options.tcp_listen.empty() ? "" : " or \"",
-        options.tcp_listen, options.tcp_listen.empty() ? "" : "\""));
+    return absl::UnavailableError(absl::StrCat("could not listen on \"", options.tcp_listen, "\""));
   }
-  if (::chmod(s.socket_path_.c_str(), static_cast<mode_t>(options.socket_mode)) != 0) {
-    return absl::InternalError(absl::StrCat("chmod ", s.socket_path_, ": ", std::strerror(errno)));
-  }
+  s.unix_listener_->Start(s.server_.get(), s.peers_.get());
   s.listen_addresses_.push_back(absl::StrCat("unix://", s.socket_path_));
   if (!options.tcp_listen.empty()) {
     if (tcp_port == 0) {
@@ -254,6 +254,7 @@ void Server::Drain() {
                absl::FormatDuration(options_.drain_timeout));
   service_->SetDraining();
   health_->Shutdown();
+  unix_listener_->Stop();
   server_->Shutdown(absl::ToChronoTime(absl::Now() + options_.drain_timeout));
   metrics_->StopServing();
   ::unlink(socket_path_.c_str());

@@ -17,6 +17,7 @@
 #include "absl/time/time.h"
 #include "server/health_service.h"
 #include "server/metrics.h"
+#include "server/peer.h"
 #include "server/profile_store.h"
 #include "server/session_registry.h"
 #include "server/sidecar_service.h"
@@ -26,6 +27,9 @@ namespace reasonalloc {
 struct ServerOptions {
   std::string listen = "unix:///tmp/reasonalloc.sock";  // unix:///path (or unix:path)
   unsigned socket_mode = 0600;                          // permission bits of the socket file
+  // Unix-socket peers whose uid may call KvSidecar methods, besides the server's own uid; empty =
+  // any peer that can open the socket.
+  std::vector<uint32_t> allow_uids;
   std::string tcp_listen;                          // optional host:port (port 0 = any free port)
   std::string metrics_address = "127.0.0.1:9464";  // empty = no metrics endpoint
   std::string device = "cpu";                      // cpu | cuda:N
@@ -64,6 +68,8 @@ class Server {
   std::unique_ptr<SessionRegistry> registry_;
   std::unique_ptr<SidecarService> service_;
   std::unique_ptr<HealthService> health_;
+  std::unique_ptr<PeerTable> peers_;
+  std::unique_ptr<UnixListener> unix_listener_;
   std::unique_ptr<grpc::Server> server_;
   std::vector<std::string> listen_addresses_;
   std::string metrics_address_;

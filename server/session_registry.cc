@@ -19,6 +19,29 @@ std::string NewSessionId() {
   return id;
 }
 
+bool Session::OwnedBy(const PeerIdentity& caller) const {
+  return owner_.local && caller.local && owner_.uid == caller.uid;
+}
+
+absl::Status Session::Authorize(const PeerIdentity& caller,
+                                const std::vector<std::string>& tokens) const {
+  if (OwnedBy(caller)) return absl::OkStatus();
+  for (const std::string& t : tokens) {
+    // Constant time over the token's length: no timing hint about how much of a guess matched.
+    if (t.size() != token_.size()) continue;
+    unsigned char diff = 0;
+    for (size_t i = 0; i < t.size(); ++i) {
+      diff |= static_cast<unsigned char>(t[i] ^ token_[i]);
+    }
+    if (diff == 0) return absl::OkStatus();
+  }
+  return absl::PermissionDeniedError(absl::StrCat(
+      "session_id ", id_, " belongs to ",
+      owner_.local ? absl::StrCat("uid ", owner_.uid) : "a TCP peer", "; this call comes from ",
+      caller.Describe(), " and carries ", tokens.empty() ? "no" : "no matching", " ",
+      kSessionTokenKey, " metadata (the token CreateSession returned)"));
+}
+
 void Session::AttachArenas(std::unique_ptr<SessionArenas> arenas) {
   absl::MutexLock lock(&mu_);
   arenas_ = std::move(arenas);
@@ -30,11 +53,14 @@ SessionArenas* Session::arenas() const {
 }
 
 Session::Session(std::string id, std::shared_ptr<const Engine> engine, uint64_t reserved,
-                 std::string client_tag, absl::Duration lease, std::string profile)
+                 std::string client_tag, absl::Duration lease, std::string profile,
+                 PeerIdentity owner)
     : id_(std::move(id)),
       model_(engine->config().model),
       client_tag_(std::move(client_tag)),
       profile_(std::move(profile)),
+      owner_(owner),
+      token_(NewSessionId()),
       created_(absl::Now()),
       engine_(std::move(engine)),
       reserved_(reserved) {
@@ -189,16 +215,14 @@ absl::StatusOr<absl::Duration> SessionRegistry::LeaseFor(double seconds,
   return absl::Seconds(seconds);
 }
 
-absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(const SessionConfig& config,
-                                                                 std::string client_tag,
-                                                                 absl::Duration lease,
-                                                                 std::vector<double> layer_demand,
-                                                                 std::string profile) {
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
+    const SessionConfig& config, std::string client_tag, absl::Duration lease,
+    std::vector<double> layer_demand, std::string profile, PeerIdentity owner) {
   auto engine = Engine::Create(config, std::move(layer_demand));
   if (!engine.ok()) return engine.status();
   const uint64_t bytes = ComputeArenaBytes(config).total();
   auto session = std::make_shared<Session>(NewSessionId(), std::move(engine).value(), bytes,
-                                           std::move(client_tag), lease, std::move(profile));
+                                           std::move(client_tag), lease, std::move(profile), owner);
   absl::MutexLock lock(&mu_);
   if (static_cast<int>(sessions_.size()) >= options_.max_sessions) {
     return absl::ResourceExhaustedError(
@@ -226,13 +250,17 @@ absl::Status CheckSessionId(const std::string& id) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(const std::string& id, Renew renew) {
+absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(const std::string& id, Renew renew,
+                                                              const Authorizer& authorize) {
   if (auto s = CheckSessionId(id); !s.ok()) return s;
   std::shared_ptr<Session> s;
   {
     absl::MutexLock lock(&mu_);
     auto it = sessions_.find(id);
     if (it != sessions_.end() && !it->second->Expired(absl::Now())) {
+      if (authorize) {
+        if (auto denied = authorize(*it->second); !denied.ok()) return denied;
+      }
       s = it->second;
       // Renewed under the registry's lock, so the reaper cannot take it between check and renewal.
       if (renew == Renew::kYes) s->Renew();

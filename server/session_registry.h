@@ -34,14 +34,21 @@
 #include "core/h2o.h"
 #include "core/layer_profile.h"
 #include "core/session_config.h"
+#include "server/peer.h"
 #include "server/session_arenas.h"
 
 namespace reasonalloc {
 
+// Metadata key of a session's token: a caller presenting it may use the session whatever its
+// credentials (another uid, TCP). Repeatable, so that one stream can carry several sessions'
+// tokens.
+inline constexpr const char kSessionTokenKey[] = "reasonalloc-session-token";
+
 class Session {
  public:
   Session(std::string id, std::shared_ptr<const Engine> engine, uint64_t reserved,
-          std::string client_tag, absl::Duration lease, std::string profile);
+          std::string client_tag, absl::Duration lease, std::string profile,
+          PeerIdentity owner = {});
 
   const std::string& id() const { return id_; }
   // Geometry, mode, scorer and allocator never change; the budget may (UpdateBudget): read it from
@@ -50,6 +57,15 @@ class Session {
   const std::string& client_tag() const { return client_tag_; }
   // The layer profile whose wave the session uses; empty = uniform layers.
   const std::string& profile() const { return profile_; }
+  // The connection credentials that created the session (non-local: created over TCP).
+  const PeerIdentity& owner() const { return owner_; }
+  // Returned once, by CreateSession; never listed.
+  const std::string& token() const { return token_; }
+  // OK when `caller` has the owner's uid (both Unix-socket peers) or one of `tokens` is the
+  // session's token; PERMISSION_DENIED naming session_id otherwise.
+  absl::Status Authorize(const PeerIdentity& caller, const std::vector<std::string>& tokens) const;
+  // True when `caller` is the owner by credentials (no token considered).
+  bool OwnedBy(const PeerIdentity& caller) const;
 
   // Calibration (StartCalibration .. FinishCalibration): Compress keeps every token and, on every
   // stride-th step, measures k_rho from the newest query.
@@ -124,6 +140,8 @@ class Session {
   const ModelGeometry model_;
   const std::string client_tag_;
   const std::string profile_;
+  const PeerIdentity owner_;
+  const std::string token_;
   const absl::Time created_;
   mutable absl::Mutex calib_mu_;
   std::unique_ptr<CalibrationAccumulator> calibration_ ABSL_GUARDED_BY(calib_mu_);
@@ -160,12 +178,16 @@ class SessionRegistry {
   absl::StatusOr<std::shared_ptr<Session>> Create(const SessionConfig& config,
                                                   std::string client_tag, absl::Duration lease,
                                                   std::vector<double> layer_demand = {},
-                                                  std::string profile = "");
+                                                  std::string profile = "",
+                                                  PeerIdentity owner = {});
   // NOT_FOUND for unknown, closed and expired sessions (a lapsed lease is never revived, even
   // before the reaper has run). Using a session (Compress, KeepAlive) renews its lease; looking at
   // it (GetSession) does not.
   enum class Renew { kYes, kNo };
-  absl::StatusOr<std::shared_ptr<Session>> Get(const std::string& id, Renew renew = Renew::kYes);
+  // `authorize`, when given, runs before the lease is renewed and its error is returned instead.
+  using Authorizer = std::function<absl::Status(const Session&)>;
+  absl::StatusOr<std::shared_ptr<Session>> Get(const std::string& id, Renew renew = Renew::kYes,
+                                               const Authorizer& authorize = nullptr);
   // OK whether or not the session existed; returns the bytes released (0 if it did not exist).
   absl::StatusOr<uint64_t> Close(const std::string& id);
   absl::StatusOr<std::shared_ptr<Session>> UpdateBudget(const std::string& id, int budget);

@@ -1,5 +1,8 @@
 #include "server/sidecar_service.h"
 
+#include <unistd.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -8,6 +11,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "core/blas.h"
 #include "core/build_info.h"
 #include "core/h2o.h"
@@ -81,6 +85,34 @@ grpc::Status SidecarService::Finish(absl::string_view method, const absl::Status
   return ToGrpcStatus(status);
 }
 
+absl::StatusOr<SidecarService::Caller> SidecarService::Identify(
+    const grpc::ServerContext* context) const {
+  Caller caller;
+  if (options_.peers != nullptr) caller.peer = options_.peers->Lookup(context->peer());
+  if (caller.peer.local && !options_.allow_uids.empty() && caller.peer.uid != ::geteuid() &&
+      std::find(options_.allow_uids.begin(), options_.allow_uids.end(), caller.peer.uid) ==
+          options_.allow_uids.end()) {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "peer uid ", caller.peer.uid, " may not call this server (--allow_uid ",
+        absl::StrJoin(options_.allow_uids, ","), " and the server's own uid ", ::geteuid(), ")"));
+  }
+  const auto tokens = context->client_metadata().equal_range(kSessionTokenKey);
+  for (auto it = tokens.first; it != tokens.second && caller.tokens.size() < 4096; ++it) {
+    caller.tokens.emplace_back(it->second.data(), it->second.size());
+  }
+  return caller;
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SidecarService::Use(const grpc::ServerContext* context,
+                                                             const std::string& id,
+                                                             SessionRegistry::Renew renew) {
+  auto caller = Identify(context);
+  if (!caller.ok()) return caller.status();
+  return registry_->Get(id, renew, [&caller](const Session& session) {
+    return session.Authorize(caller->peer, caller->tokens);
+  });
+}
+
 void SidecarService::UpdatePoolGauges() {
   absl::MutexLock lock(&gauges_mu_);
   int64_t capacity_tokens = 0;
@@ -116,6 +148,10 @@ void SidecarService::FillSessionInfo(const Session& session, v1::SessionInfo* ou
     out->set_memory(v1::MEMORY_KIND_INLINE);
   }
   out->set_client_tag(session.client_tag());
+  out->mutable_owner()->set_local(session.owner().local);
+  out->mutable_owner()->set_uid(session.owner().uid);
+  out->mutable_owner()->set_gid(session.owner().gid);
+  out->mutable_owner()->set_pid(session.owner().pid);
   out->set_lease_seconds(absl::ToDoubleSeconds(st.lease));
   out->set_lease_expires_unix_ms(UnixMillis(st.lease_deadline));
   out->set_created_unix_ms(UnixMillis(session.created()));
@@ -132,8 +168,11 @@ void SidecarService::FillSessionInfo(const Session& session, v1::SessionInfo* ou
   out->mutable_kept_lengths()->Assign(st.kept_lengths.begin(), st.kept_lengths.end());
 }
 
-grpc::Status SidecarService::GetServerInfo(grpc::ServerContext*, const v1::GetServerInfoRequest*,
-                                           v1::ServerInfo* out) {
+grpc::Status SidecarService::GetServerInfo(grpc::ServerContext* context,
+                                           const v1::GetServerInfoRequest*, v1::ServerInfo* out) {
+  if (auto caller = Identify(context); !caller.ok()) {
+    return Finish("GetServerInfo", caller.status());
+  }
   out->set_version(kVersion);
   out->set_build(absl::StrCat(kGitRevision, " ", kBuildType, kCudaBuilt ? " +cuda" : "",
                               " blas=", BlasBackend()));
@@ -167,10 +206,12 @@ grpc::Status SidecarService::GetServerInfo(grpc::ServerContext*, const v1::GetSe
   return Finish("GetServerInfo", absl::OkStatus());
 }
 
-grpc::Status SidecarService::CreateSession(grpc::ServerContext*,
+grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
                                            const v1::CreateSessionRequest* request,
                                            v1::CreateSessionResponse* response) {
   auto run = [&]() -> absl::Status {
+    auto caller = Identify(context);
+    if (!caller.ok()) return caller.status();
     if (draining_.load()) return absl::UnavailableError("the server is draining");
     bool host_shm = false;
     switch (request->memory()) {
@@ -229,8 +270,8 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext*,
                                "\": uniform layer budgets (PutProfile or --profile-dir adds one)");
       }
     }
-    auto session =
-        registry_->Create(*config, request->client_tag(), *lease, std::move(demand), profile_name);
+    auto session = registry_->Create(*config, request->client_tag(), *lease, std::move(demand),
+                                     profile_name, caller->peer);
     if (!session.ok()) return session.status();
     if (host_shm) {
       auto arenas = SessionArenas::Create(*config);
@@ -241,6 +282,7 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext*,
       (*session)->AttachArenas(std::move(arenas).value());
     }
     FillSessionInfo(**session, response->mutable_session());
+    response->set_session_token((*session)->token());
     if (!warning.empty()) {
       response->add_warnings(warning);
       spdlog::warn("session {}: {}", (*session)->id(), warning);
@@ -248,35 +290,49 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext*,
     UpdatePoolGauges();
     spdlog::info(
         "session {} created: model {} L={} Hq={} Hkv={} d={} B={} scorer={} allocator={} "
-        "({} arena bytes)",
+        "({} arena bytes), owner {}",
         (*session)->id(), config->model.name, config->model.num_layers, config->model.num_q_heads,
         config->model.num_kv_heads, config->model.head_dim, config->budget.budget,
-        config->scorer.name, config->allocator.name, (*session)->reserved_bytes());
+        config->scorer.name, config->allocator.name, (*session)->reserved_bytes(),
+        caller->peer.Describe());
     return absl::OkStatus();
   };
   return Finish("CreateSession", run());
 }
 
-grpc::Status SidecarService::GetSession(grpc::ServerContext*, const v1::GetSessionRequest* request,
+grpc::Status SidecarService::GetSession(grpc::ServerContext* context,
+                                        const v1::GetSessionRequest* request,
                                         v1::SessionInfo* response) {
-  auto session = registry_->Get(request->session_id(), SessionRegistry::Renew::kNo);
+  auto session = Use(context, request->session_id(), SessionRegistry::Renew::kNo);
   if (session.ok()) FillSessionInfo(**session, response);
   return Finish("GetSession", session.status());
 }
 
-grpc::Status SidecarService::ListSessions(grpc::ServerContext*,
+grpc::Status SidecarService::ListSessions(grpc::ServerContext* context,
                                           const v1::ListSessionsRequest* request,
                                           v1::ListSessionsResponse* response) {
+  auto caller = Identify(context);
+  if (!caller.ok()) return Finish("ListSessions", caller.status());
+  // A Unix-socket peer sees its own uid's sessions; root, the server's uid and credential-less
+  // (TCP) peers see all (without their tokens, which are never listed).
+  const bool sees_all =
+      !caller->peer.local || caller->peer.uid == 0 || caller->peer.uid == ::geteuid();
   for (const auto& s : registry_->List()) {
     if (!request->model_name().empty() && s->model().name != request->model_name()) continue;
+    if (!sees_all && !s->OwnedBy(caller->peer)) continue;
     FillSessionInfo(*s, response->add_sessions());
   }
   return Finish("ListSessions", absl::OkStatus());
 }
 
-grpc::Status SidecarService::CloseSession(grpc::ServerContext*,
+grpc::Status SidecarService::CloseSession(grpc::ServerContext* context,
                                           const v1::CloseSessionRequest* request,
                                           v1::CloseSessionResponse* response) {
+  // Closing an unknown session is OK (idempotent); closing another's is not.
+  if (auto s = Use(context, request->session_id(), SessionRegistry::Renew::kNo);
+      !s.ok() && s.status().code() != absl::StatusCode::kNotFound) {
+    return Finish("CloseSession", s.status());
+  }
   auto released = registry_->Close(request->session_id());
   if (released.ok()) {
     response->set_existed(*released > 0);
@@ -285,7 +341,8 @@ grpc::Status SidecarService::CloseSession(grpc::ServerContext*,
   return Finish("CloseSession", released.status());
 }
 
-grpc::Status SidecarService::KeepAlive(grpc::ServerContext*, const v1::KeepAliveRequest* request,
+grpc::Status SidecarService::KeepAlive(grpc::ServerContext* context,
+                                       const v1::KeepAliveRequest* request,
                                        v1::KeepAliveResponse* response) {
   auto run = [&]() -> absl::Status {
     absl::Duration lease = absl::ZeroDuration();
@@ -294,7 +351,7 @@ grpc::Status SidecarService::KeepAlive(grpc::ServerContext*, const v1::KeepAlive
       if (!l.ok()) return l.status();
       lease = *l;
     }
-    auto session = registry_->Get(request->session_id());
+    auto session = Use(context, request->session_id(), SessionRegistry::Renew::kYes);
     if (!session.ok()) return session.status();
     response->set_lease_expires_unix_ms(UnixMillis((*session)->Renew(lease)));
     return absl::OkStatus();
@@ -302,11 +359,12 @@ grpc::Status SidecarService::KeepAlive(grpc::ServerContext*, const v1::KeepAlive
   return Finish("KeepAlive", run());
 }
 
-grpc::Status SidecarService::UpdateBudget(grpc::ServerContext*,
+grpc::Status SidecarService::UpdateBudget(grpc::ServerContext* context,
                                           const v1::UpdateBudgetRequest* request,
                                           v1::SessionInfo* response) {
-  if (auto s = registry_->Get(request->session_id(), SessionRegistry::Renew::kNo);
-      s.ok() && (*s)->arenas() != nullptr) {
+  auto current = Use(context, request->session_id(), SessionRegistry::Renew::kNo);
+  if (!current.ok()) return Finish("UpdateBudget", current.status());
+  if ((*current)->arenas() != nullptr) {
     return Finish("UpdateBudget",
                   absl::FailedPreconditionError(
                       "budget cannot change on a MEMORY_KIND_HOST_SHM session (its arenas are "
@@ -330,7 +388,7 @@ absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
                                         const v1::CompressRequest& request,
                                         v1::CompressResponse* response) {
   const auto t0 = std::chrono::steady_clock::now();
-  auto session_or = registry_->Get(request.session_id());
+  auto session_or = Use(context, request.session_id(), SessionRegistry::Renew::kYes);
   if (!session_or.ok()) return session_or.status();
   Session& session = **session_or;
   auto guard = session.BeginCompress();
@@ -532,11 +590,11 @@ grpc::Status SidecarService::CompressStream(
   return Finish("CompressStream", absl::OkStatus());
 }
 
-grpc::Status SidecarService::StartCalibration(grpc::ServerContext*,
+grpc::Status SidecarService::StartCalibration(grpc::ServerContext* context,
                                               const v1::StartCalibrationRequest* request,
                                               v1::CalibrationStatus* response) {
   auto run = [&]() -> absl::Status {
-    auto session = registry_->Get(request->session_id());
+    auto session = Use(context, request->session_id(), SessionRegistry::Renew::kYes);
     if (!session.ok()) return session.status();
     const double rho = request->rho() == 0 ? 0.93 : request->rho();
     const int stride = request->stride() == 0 ? 16 : request->stride();
@@ -554,11 +612,11 @@ grpc::Status SidecarService::StartCalibration(grpc::ServerContext*,
   return Finish("StartCalibration", run());
 }
 
-grpc::Status SidecarService::FinishCalibration(grpc::ServerContext*,
+grpc::Status SidecarService::FinishCalibration(grpc::ServerContext* context,
                                                const v1::FinishCalibrationRequest* request,
                                                v1::LayerProfile* response) {
   auto run = [&]() -> absl::Status {
-    auto session = registry_->Get(request->session_id());
+    auto session = Use(context, request->session_id(), SessionRegistry::Renew::kYes);
     if (!session.ok()) return session.status();
     const std::string name =
         request->profile_name().empty() ? (*session)->model().name : request->profile_name();
@@ -585,21 +643,27 @@ grpc::Status SidecarService::FinishCalibration(grpc::ServerContext*,
   return Finish("FinishCalibration", run());
 }
 
-grpc::Status SidecarService::GetProfile(grpc::ServerContext*, const v1::GetProfileRequest* request,
+grpc::Status SidecarService::GetProfile(grpc::ServerContext* context,
+                                        const v1::GetProfileRequest* request,
                                         v1::LayerProfile* response) {
+  if (auto caller = Identify(context); !caller.ok()) return Finish("GetProfile", caller.status());
   auto p = profiles_->Get(request->name());
   if (p.ok()) *response = *std::move(p);
   return Finish("GetProfile", p.status());
 }
 
-grpc::Status SidecarService::PutProfile(grpc::ServerContext*, const v1::PutProfileRequest* request,
+grpc::Status SidecarService::PutProfile(grpc::ServerContext* context,
+                                        const v1::PutProfileRequest* request,
                                         v1::PutProfileResponse*) {
+  if (auto caller = Identify(context); !caller.ok()) return Finish("PutProfile", caller.status());
   return Finish("PutProfile",
                 profiles_->Put(request->profile(), request->overwrite(), request->save()));
 }
 
-grpc::Status SidecarService::ListProfiles(grpc::ServerContext*, const v1::ListProfilesRequest*,
+grpc::Status SidecarService::ListProfiles(grpc::ServerContext* context,
+                                          const v1::ListProfilesRequest*,
                                           v1::ListProfilesResponse* response) {
+  if (auto caller = Identify(context); !caller.ok()) return Finish("ListProfiles", caller.status());
   for (auto& p : profiles_->List()) *response->add_profiles() = std::move(p);
   return Finish("ListProfiles", absl::OkStatus());
 }
@@ -639,6 +703,7 @@ grpc::Status SidecarService::WatchMetrics(grpc::ServerContext* context,
 absl::Status SidecarService::DoWatch(grpc::ServerContext* context,
                                      const v1::WatchMetricsRequest& request,
                                      grpc::ServerWriter<v1::MetricsEvent>* writer) {
+  if (auto caller = Identify(context); !caller.ok()) return caller.status();
   if (draining_.load()) return absl::UnavailableError("the server is draining");
   const double interval = request.pool_interval_seconds();
   if (!std::isfinite(interval) || (interval != 0 && (interval < 0.05 || interval > 3600))) {

@@ -14,6 +14,7 @@
 #include "reasonalloc/v1/sidecar.grpc.pb.h"
 #include "server/event_hub.h"
 #include "server/metrics.h"
+#include "server/peer.h"
 #include "server/profile_store.h"
 #include "server/session_registry.h"
 
@@ -29,6 +30,10 @@ class SidecarService final : public v1::KvSidecar::Service {
     uint64_t max_message_bytes = 0;
     int max_watchers = 8;
     size_t watch_queue = 1024;  // events buffered per watcher before it drops
+    // Connection credentials of Unix-socket peers (null: every peer is credential-less).
+    const PeerTable* peers = nullptr;
+    // Unix-socket uids that may call, besides the server's own; empty = any.
+    std::vector<uint32_t> allow_uids;
     // Test hook: sleep this long inside every Compress, to exercise draining and racing calls.
     absl::Duration testing_compress_delay = absl::ZeroDuration();
   };
@@ -94,6 +99,16 @@ class SidecarService final : public v1::KvSidecar::Service {
   absl::Status DoCompress(grpc::ServerContext* context, const v1::CompressRequest& request,
                           v1::CompressResponse* response);
   grpc::Status Finish(absl::string_view method, const absl::Status& status);
+  // Who makes this call: its peer credentials and the session tokens it carries. PERMISSION_DENIED
+  // for a Unix-socket peer whose uid --allow_uid excludes.
+  struct Caller {
+    PeerIdentity peer;
+    std::vector<std::string> tokens;
+  };
+  absl::StatusOr<Caller> Identify(const grpc::ServerContext* context) const;
+  // The session `id` if the caller may use it (Session::Authorize); renews its lease on kYes.
+  absl::StatusOr<std::shared_ptr<Session>> Use(const grpc::ServerContext* context,
+                                               const std::string& id, SessionRegistry::Renew renew);
   void FillSessionInfo(const Session& session, v1::SessionInfo* out) const;
   void UpdatePoolGauges();
 

@@ -47,6 +47,9 @@ ABSL_FLAG(std::string, lengths, "", "compress: live rows per head .npy [L, Hkv] 
 ABSL_FLAG(std::string, out, "", "compress: directory for the decision .npy files");
 ABSL_FLAG(std::string, session, "",
           "compress: an existing session (else a temporary one); watch: comma-separated sessions");
+ABSL_FLAG(std::string, session_token, "",
+          "close, compress --session: the session's token (CreateSession's answer), needed from "
+          "another uid than the creator's or over TCP");
 ABSL_FLAG(int64_t, step, 0, "compress: decode step of the event");
 ABSL_FLAG(std::string, model_name, "cli", "compress: model name of a temporary session");
 ABSL_FLAG(int32_t, budget, 512, "compress: B, tokens kept per head (window included)");
@@ -148,6 +151,9 @@ int Close(Client& client, const std::vector<char*>& args) {
   }
   int rc = 0;
   for (size_t i = 2; i < args.size(); ++i) {
+    if (const std::string token = absl::GetFlag(FLAGS_session_token); !token.empty()) {
+      client.AddSessionToken(args[i], token);
+    }
     auto closed = client.CloseSession(args[i]);
     if (!closed.ok()) {
       rc = Fail(kServerError, args[i], closed.status());
@@ -233,6 +239,10 @@ int CompressCommand(Client& client) {
   }
 
   std::string session_id = absl::GetFlag(FLAGS_session);
+  if (const std::string token = absl::GetFlag(FLAGS_session_token);
+      !token.empty() && !session_id.empty()) {
+    client.AddSessionToken(session_id, token);
+  }
   const bool temporary = session_id.empty();
   if (temporary) {
     v1::CreateSessionRequest create;

@@ -622,6 +622,9 @@ TEST(Server, WatchMetricsFansOutWithFiltersAndNeverBlocksOnAStalledWatcher) {
   auto body = testing::HttpGet(server->client().GetServerInfo()->metrics_address(), "/metrics");
   ASSERT_TRUE(body.ok());
   EXPECT_EQ(body->find("reasonalloc_watch_events_dropped_total 0\n"), std::string::npos);
+  // Watchers receive in batches: let the last events of the others arrive before leaving.
+  EXPECT_TRUE(WaitFor([&] { return everything.Count() + everything.dropped >= kA + kB + 20; }));
+  EXPECT_TRUE(WaitFor([&] { return session_a.Count() + session_a.dropped >= kA + 20; }));
 
   everything.Stop();
   session_a.Stop();

@@ -27,9 +27,13 @@ class SidecarError(RuntimeError):
         self.details = err.details()
 
 
-def _call(fn, request, timeout):
+TOKEN_KEY = "reasonalloc-session-token"
+
+
+def _call(fn, request, timeout, token=None):
     try:
-        return fn(request, timeout=timeout)
+        return fn(request, timeout=timeout,
+                  metadata=((TOKEN_KEY, token),) if token else None)
     except grpc.RpcError as e:
         raise SidecarError(e) from None
 
@@ -74,10 +78,12 @@ class _Arena:
 class Session:
     """A sidecar session; a context manager that closes it."""
 
-    def __init__(self, client, info, dtype):
+    def __init__(self, client, info, dtype, token=None):
         self.client = client
         self.info = info
         self.id = info.session_id
+        # The session's token (CreateSession's answer): lets another uid or a TCP peer use it.
+        self.token = token or None
         self.dtype = dtype
         self.L, self.Hq = info.model.num_layers, info.model.num_q_heads
         self.Hkv, self.d = info.model.num_kv_heads, info.model.head_dim
@@ -116,7 +122,7 @@ class Session:
     def compress(self, step):
         return _call(self.client.stub.Compress,
                      sidecar_pb2.CompressRequest(session_id=self.id, step=step),
-                     self.client.timeout)
+                     self.client.timeout, self.token)
 
     def compress_inline(self, step, queries, keys, values=None, lengths=None, keep_mask=False):
         """Inline Compress: queries [L, Hq, window, d], keys/values [L, Hkv, N, d]."""
@@ -129,19 +135,19 @@ class Session:
         return _call(self.client.stub.Compress,
                      sidecar_pb2.CompressRequest(session_id=self.id, step=step, inline_tensors=it,
                                                  omit_keep_mask=not keep_mask),
-                     self.client.timeout)
+                     self.client.timeout, self.token)
 
     def keep_alive(self, lease_seconds=0):
         return _call(self.client.stub.KeepAlive,
                      sidecar_pb2.KeepAliveRequest(session_id=self.id, lease_seconds=lease_seconds),
-                     self.client.timeout)
+                     self.client.timeout, self.token)
 
     def close(self):
         for a in self._arenas.values():
             a.close()
         self._arenas = {}
         return _call(self.client.stub.CloseSession,
-                     sidecar_pb2.CloseSessionRequest(session_id=self.id), self.client.timeout)
+                     sidecar_pb2.CloseSessionRequest(session_id=self.id), self.client.timeout, self.token)
 
     def __enter__(self):
         return self
@@ -176,7 +182,15 @@ class Client:
             mode=types_pb2.SESSION_MODE_MANAGED if managed else types_pb2.SESSION_MODE_ADVISORY,
             memory=_MEMORY[memory], lease_seconds=lease_seconds)
         created = _call(self.stub.CreateSession, request, self.timeout)
-        return Session(self, created.session, dtype)
+        return Session(self, created.session, dtype, created.session_token)
+
+    def open_session(self, session_id, token=None):
+        """An existing session (e.g. created by another process), mapping its arenas; `token` is
+        needed when this process runs as another uid than the creator's or connects over TCP."""
+        info = _call(self.stub.GetSession, sidecar_pb2.GetSessionRequest(session_id=session_id),
+                     self.timeout, token)
+        dtype = {code: name for name, (code, _) in _DTYPES.items()}[info.model.dtype]
+        return Session(self, info, dtype, token)
 
     def close(self):
         self.channel.close()
