@@ -34,6 +34,7 @@ absl::StatusOr<std::unique_ptr<SessionArenas>> SessionArenas::Create(const Sessi
   for (auto [arena, layout] :
        {std::pair{&a->kv_, &a->layout_.kv}, std::pair{&a->ring_, &a->layout_.query_ring},
         std::pair{&a->result_, &a->layout_.result}}) {
+    if (!config.managed && arena != &a->result_) continue;
     auto created = HostArena::Create(layout->bytes);
     if (!created.ok()) return created.status();
     *arena = std::move(created).value();
@@ -41,14 +42,14 @@ absl::StatusOr<std::unique_ptr<SessionArenas>> SessionArenas::Create(const Sessi
   const int64_t heads = config.model.num_heads_total();
   const std::vector<int32_t> budgets(static_cast<size_t>(heads), config.budget.budget);
   HeadRegions(budgets, config.budget.buffer, &a->offsets_, &a->capacities_);
-  std::copy(a->offsets_.begin(), a->offsets_.end(), a->Int64("offset"));
+  if (config.managed) std::copy(a->offsets_.begin(), a->offsets_.end(), a->Int64("offset"));
   std::copy(a->capacities_.begin(), a->capacities_.end(), a->Int32("capacity"));
   std::copy(budgets.begin(), budgets.end(), a->Int32("budget"));
   return a;
 }
 
 uint64_t SessionArenas::bytes() const {
-  return layout_.kv.bytes + layout_.query_ring.bytes + layout_.result.bytes;
+  return (advisory() ? 0 : layout_.kv.bytes + layout_.query_ring.bytes) + layout_.result.bytes;
 }
 
 int32_t* SessionArenas::Int32(const char* name) const {
@@ -65,6 +66,7 @@ void SessionArenas::Describe(google::protobuf::RepeatedPtrField<v1::ArenaDescrip
   for (auto [arena, layout] :
        {std::pair{kv_.get(), &layout_.kv}, std::pair{ring_.get(), &layout_.query_ring},
         std::pair{result_.get(), &layout_.result}}) {
+    if (arena == nullptr) continue;
     v1::ArenaDescriptor* d = out->Add();
     d->set_kind(layout->kind);
     d->set_memory(v1::MEMORY_KIND_HOST_SHM);
@@ -100,9 +102,19 @@ absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step) {
   in.lengths.resize(static_cast<size_t>(heads));
   // One read of what the worker wrote; it is checked, then only the copy is used.
   std::memcpy(in.lengths.data(), Int32("len"), static_cast<size_t>(heads) * sizeof(int32_t));
+  if (advisory() && external_ == nullptr) {
+    return absl::FailedPreconditionError(
+        "this advisory MEMORY_KIND_HOST_SHM session has no buffers yet: call RegisterBuffers with "
+        "the worker's keys and query_window first");
+  }
   for (int64_t i = 0; i < heads; ++i) {
     const int32_t n = in.lengths[static_cast<size_t>(i)];
     const int32_t cap = capacities_[static_cast<size_t>(i)];
+    if (advisory() && n > external_->key_rows()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "result arena \"len\"[", i, "] = ", n,
+          " is more rows than the registered keys hold (N = ", external_->key_rows(), ")"));
+    }
     if (n < 0 || n > cap) {
       return absl::InvalidArgumentError(
           absl::StrCat("result arena \"len\"[", i, "] (layer ", i / m.num_kv_heads, ", kv head ",
@@ -116,6 +128,20 @@ absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step) {
     keys_.resize(static_cast<size_t>(heads * in.n_max * d));
   }
   in.keys = keys_.data();
+  if (advisory()) {
+    queries_.resize(static_cast<size_t>(m.num_layers) * m.num_q_heads * window * d);
+    in.query_window = queries_.data();
+    for (int64_t i = 0; i < heads; ++i) {
+      if (auto s = external_->ReadKeys(
+              static_cast<int>(i / m.num_kv_heads), static_cast<int>(i % m.num_kv_heads),
+              in.lengths[static_cast<size_t>(i)], keys_.data() + i * in.n_max * d);
+          !s.ok()) {
+        return s;
+      }
+    }
+    if (auto s = external_->ReadQueries(step, queries_.data()); !s.ok()) return s;
+    return in;
+  }
   if (auto s = GatherLiveRows(m.dtype, kv_->data() + layout_.kv.Get("k").byte_offset, d,
                               m.num_kv_heads, offsets_, in.lengths, in.n_max, keys_.data());
       !s.ok()) {
@@ -164,16 +190,18 @@ void SessionArenas::Apply(const Decision& decision, uint64_t epoch) {
   std::vector<int64_t> offsets;
   std::vector<int32_t> capacities;
   HeadRegions(decision.budgets, config_.budget.buffer, &offsets, &capacities);
-  const size_t row_bytes =
-      DTypeSize(config_.model.dtype) * static_cast<size_t>(config_.model.head_dim);
-  CompactInPlace(decision, offsets_, offsets, row_bytes,
-                 kv_->data() + layout_.kv.Get("k").byte_offset,
-                 kv_->data() + layout_.kv.Get("v").byte_offset, &scratch_);
+  if (!advisory()) {
+    const size_t row_bytes =
+        DTypeSize(config_.model.dtype) * static_cast<size_t>(config_.model.head_dim);
+    CompactInPlace(decision, offsets_, offsets, row_bytes,
+                   kv_->data() + layout_.kv.Get("k").byte_offset,
+                   kv_->data() + layout_.kv.Get("v").byte_offset, &scratch_);
+  }
   offsets_ = std::move(offsets);
   capacities_ = std::move(capacities);
   const size_t heads = decision.budgets.size();
   std::copy(decision.kept_lengths.begin(), decision.kept_lengths.end(), Int32("len"));
-  std::copy(offsets_.begin(), offsets_.end(), Int64("offset"));
+  if (!advisory()) std::copy(offsets_.begin(), offsets_.end(), Int64("offset"));
   std::copy(capacities_.begin(), capacities_.end(), Int32("capacity"));
   std::copy(decision.budgets.begin(), decision.budgets.end(), Int32("budget"));
   uint64_t* mask = Uint64("keep_mask");

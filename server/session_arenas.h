@@ -1,6 +1,8 @@
-// The host shared-memory arenas of one managed MEMORY_KIND_HOST_SHM session (core/arena_layout.h
-// is the layout), and the two halves of a compression event on them: reading the worker's keys and
-// query ring, and writing the decision back (compaction in place, result block, epoch last).
+// The host shared-memory arenas of one MEMORY_KIND_HOST_SHM session (managed: kv, query ring and
+// result; advisory: the result only, the worker's keys and queries are ExternalBuffers)
+// (core/arena_layout.h is the layout), and the two halves of a compression event on them: reading
+// the worker's keys and query ring, and writing the decision back (compaction in place, result
+// block, epoch last).
 //
 // Everything the worker can write is read once and checked; the head regions (offsets,
 // capacities) the sidecar relies on are its own copies, only published to the result block, so a
@@ -18,6 +20,7 @@
 #include "core/engine.h"
 #include "core/session_config.h"
 #include "reasonalloc/v1/types.pb.h"
+#include "server/external_buffers.h"
 #include "server/host_arena.h"
 
 namespace reasonalloc {
@@ -38,13 +41,17 @@ class SessionArenas {
   uint64_t bytes() const;
   void Describe(google::protobuf::RepeatedPtrField<v1::ArenaDescriptor>* out) const;
 
+  // Advisory sessions: the worker's buffers the next events read (replacing earlier ones).
+  bool advisory() const { return !config_.managed; }
+  void Register(std::unique_ptr<ExternalBuffers> buffers) { external_ = std::move(buffers); }
+
   // The event's inputs: each head's live rows ("len", checked against its capacity) and the α
   // newest queries of the ring (slot s mod α for steps step − α + 1 .. step).
   absl::StatusOr<ArenaInputs> Read(int64_t step);
   // Checks that the decision's regions fit before anything is committed.
   absl::Status CheckFits(const Decision& decision) const;
-  // Compacts K and V in place into the new head regions, then writes len, offset, capacity,
-  // budget, keep_mask and finally epoch (release order).
+  // Managed: compacts K and V in place into the new head regions. Then writes len, offset (0 in
+  // advisory sessions), capacity, budget, keep_mask and finally epoch (release order).
   void Apply(const Decision& decision, uint64_t epoch);
 
  private:
@@ -55,8 +62,9 @@ class SessionArenas {
 
   SessionConfig config_;
   SessionLayout layout_;
-  std::unique_ptr<HostArena> kv_, ring_, result_;
-  std::vector<int64_t> offsets_;  // the sidecar's own copy of the head regions
+  std::unique_ptr<HostArena> kv_, ring_, result_;  // kv_ and ring_: managed sessions only
+  std::unique_ptr<ExternalBuffers> external_;      // advisory sessions, once registered
+  std::vector<int64_t> offsets_;                   // the sidecar's own copy of the head regions
   std::vector<int32_t> capacities_;
   std::vector<unsigned char> scratch_;
   // fp32 copies of the event's keys and queries, kept across events (no allocation, no page

@@ -17,6 +17,7 @@
 #include "core/h2o.h"
 #include "core/inline_inputs.h"
 #include "proto/grpc_status.h"
+#include "server/external_buffers.h"
 #include "server/proto_convert.h"
 #include "spdlog/spdlog.h"
 
@@ -44,10 +45,6 @@ absl::StatusOr<std::vector<float>> H2oAttention(const v1::InlineTensors& in,
   std::vector<float> out(raw->data.size() / sizeof(float));
   std::memcpy(out.data(), raw->data.data(), raw->data.size());
   return out;
-}
-
-absl::Status Unimplemented(absl::string_view what) {
-  return absl::UnimplementedError(absl::StrCat(what, " is not implemented in this build yet"));
 }
 
 }  // namespace
@@ -237,11 +234,6 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
     if (!config.ok()) return config.status();
     auto lease = registry_->LeaseFor(request->lease_seconds(), "lease_seconds");
     if (!lease.ok()) return lease.status();
-    if (host_shm && !config->managed) {
-      return absl::UnimplementedError(
-          "memory = MEMORY_KIND_HOST_SHM with mode = SESSION_MODE_ADVISORY: advisory sessions "
-          "register their own buffers (RegisterBuffers), not implemented in this build yet");
-    }
     if (host_shm && config->scorer.name == "h2o") {
       return absl::UnimplementedError(
           "scorer.name \"h2o\" with memory = MEMORY_KIND_HOST_SHM: the shared accumulator arena is "
@@ -378,10 +370,40 @@ grpc::Status SidecarService::UpdateBudget(grpc::ServerContext* context,
   return Finish("UpdateBudget", session.status());
 }
 
-grpc::Status SidecarService::RegisterBuffers(grpc::ServerContext*,
-                                             const v1::RegisterBuffersRequest*,
+grpc::Status SidecarService::RegisterBuffers(grpc::ServerContext* context,
+                                             const v1::RegisterBuffersRequest* request,
                                              v1::RegisterBuffersResponse*) {
-  return Finish("RegisterBuffers", Unimplemented("RegisterBuffers (advisory shared buffers)"));
+  auto run = [&]() -> absl::Status {
+    auto caller = Identify(context);
+    if (!caller.ok()) return caller.status();
+    auto session = Use(context, request->session_id(), SessionRegistry::Renew::kYes);
+    if (!session.ok()) return session.status();
+    SessionArenas* arenas = (*session)->arenas();
+    if (arenas == nullptr || !arenas->advisory()) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          "session_id ", request->session_id(),
+          " is not an advisory MEMORY_KIND_HOST_SHM session; only those register the worker's "
+          "buffers (managed sessions get the server's arenas, inline ones send tensors)"));
+    }
+    // Buffers never change under a running event.
+    auto guard = (*session)->BeginCompress();
+    if (!guard.ok()) return guard.status();
+    auto buffers =
+        ExternalBuffers::Open(request->buffers(), (*session)->engine()->config(), caller->peer);
+    if (!buffers.ok()) {
+      const absl::StatusCode code = buffers.status().code();
+      metrics_->CountIpcImportFailure(code == absl::StatusCode::kUnimplemented ? "unsupported"
+                                      : code == absl::StatusCode::kNotFound ||
+                                              code == absl::StatusCode::kPermissionDenied
+                                          ? "open_failed"
+                                          : "bad_handle");
+      return buffers.status();
+    }
+    arenas->Register(std::move(buffers).value());
+    spdlog::info("session {}: buffers registered", request->session_id());
+    return absl::OkStatus();
+  };
+  return Finish("RegisterBuffers", run());
 }
 
 absl::Status SidecarService::DoCompress(grpc::ServerContext* context,

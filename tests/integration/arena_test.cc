@@ -260,16 +260,13 @@ TEST(HostArenas, BadUseIsRefusedWithTheFieldNamed) {
   EXPECT_THAT(std::string(nan.status().message()), HasSubstr("layer 0, kv head 0, row 0"));
   a.kv->As<uint16_t>("k")[3] = 0;
 
-  // Inline tensors on a shared-memory session; budget changes; h2o and advisory are not offered.
+  // Inline tensors on a shared-memory session; budget changes; h2o is not offered.
   r.mutable_inline_tensors()->add_lengths(1);
   EXPECT_EQ(c.Compress(r).status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(c.UpdateBudget(id, 32).status().code(), absl::StatusCode::kFailedPrecondition);
   auto h2o = Request("uniform", v1::MEMORY_KIND_HOST_SHM);
   h2o.mutable_scorer()->set_name("h2o");
   EXPECT_EQ(c.CreateSession(h2o).status().code(), absl::StatusCode::kUnimplemented);
-  auto advisory = Request("uniform", v1::MEMORY_KIND_HOST_SHM);
-  advisory.set_mode(v1::SESSION_MODE_ADVISORY);
-  EXPECT_EQ(c.CreateSession(advisory).status().code(), absl::StatusCode::kUnimplemented);
 
   // A descriptor whose array lies outside the arena is refused by the client before mapping.
   v1::ArenaDescriptor forged = shm->session().arenas(2);
