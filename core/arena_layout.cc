@@ -55,7 +55,12 @@ SessionLayout MakeSessionLayout(const SessionConfig& c) {
   Add(&s.result, "budget", ArrayType::kInt32, {heads}, 4);
   Add(&s.result, "keep_mask", ArrayType::kUint64, {heads, s.words}, 8);
   Add(&s.result, "epoch", ArrayType::kUint64, {1}, 8);
-  for (ArenaLayout* a : {&s.kv, &s.query_ring, &s.result}) a->bytes = Align64(a->bytes);
+  if (c.scorer.name == "h2o") {
+    s.h2o_acc.kind = "h2o_acc";
+    Add(&s.h2o_acc, "attention", ArrayType::kFloat32, {s.rows}, 4);
+    Add(&s.h2o_acc, "present", ArrayType::kUint64, {1}, 8);
+  }
+  for (ArenaLayout* a : {&s.kv, &s.query_ring, &s.result, &s.h2o_acc}) a->bytes = Align64(a->bytes);
   return s;
 }
 

@@ -12,6 +12,11 @@
 //               sidecar sets the kept count after), "offset" int64 [L·Hkv], "capacity" int32
 //               [L·Hkv], "budget" int32 [L·Hkv], "keep_mask" uint64 [L·Hkv, words] (pre-event
 //               positions), "epoch" uint64 [1], written last.
+//   h2o_acc     (h2o sessions) "attention" fp32 [rows], aligned with the rows of "k": the worker
+//   may
+//               add each decode step's attention (group mean) to its live tokens' rows and set
+//               "present" uint64 [1] to 1 before Compress; the sidecar then uses it instead of the
+//               window queries (InlineTensors.attention's meaning) and zeroes both after the event.
 #ifndef REASONALLOC_CORE_ARENA_LAYOUT_H_
 #define REASONALLOC_CORE_ARENA_LAYOUT_H_
 
@@ -30,7 +35,7 @@ namespace reasonalloc {
 inline constexpr uint32_t kLayoutVersion = 1;
 
 // Element type of a layout array: a model dtype or one of the integer types of the result block.
-enum class ArrayType { kModel, kInt32, kInt64, kUint64 };
+enum class ArrayType { kModel, kInt32, kInt64, kUint64, kFloat32 };
 
 struct ArrayLayout {
   std::string name;
@@ -49,8 +54,9 @@ struct ArenaLayout {
 
 struct SessionLayout {
   ArenaLayout kv, query_ring, result;
-  int64_t rows = 0;  // rows of "k" and "v"
-  int words = 0;     // keep-mask words per head
+  ArenaLayout h2o_acc;  // h2o sessions only (bytes = 0 otherwise)
+  int64_t rows = 0;     // rows of "k" and "v"
+  int words = 0;        // keep-mask words per head
   int64_t max_capacity = 0;
 };
 

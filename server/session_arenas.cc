@@ -20,6 +20,8 @@ v1::DType ArrayDType(ArrayType t, DType model) {
       return v1::DTYPE_INT64;
     case ArrayType::kUint64:
       return v1::DTYPE_UINT64;
+    case ArrayType::kFloat32:
+      return v1::DTYPE_FLOAT32;
   }
   return v1::DTYPE_UNSPECIFIED;
 }
@@ -33,8 +35,9 @@ absl::StatusOr<std::unique_ptr<SessionArenas>> SessionArenas::Create(const Sessi
   std::unique_ptr<SessionArenas> a(new SessionArenas(config));
   for (auto [arena, layout] :
        {std::pair{&a->kv_, &a->layout_.kv}, std::pair{&a->ring_, &a->layout_.query_ring},
-        std::pair{&a->result_, &a->layout_.result}}) {
+        std::pair{&a->result_, &a->layout_.result}, std::pair{&a->h2o_, &a->layout_.h2o_acc}}) {
     if (!config.managed && arena != &a->result_) continue;
+    if (layout->bytes == 0) continue;
     auto created = HostArena::Create(layout->bytes);
     if (!created.ok()) return created.status();
     *arena = std::move(created).value();
@@ -49,7 +52,8 @@ absl::StatusOr<std::unique_ptr<SessionArenas>> SessionArenas::Create(const Sessi
 }
 
 uint64_t SessionArenas::bytes() const {
-  return (advisory() ? 0 : layout_.kv.bytes + layout_.query_ring.bytes) + layout_.result.bytes;
+  return (advisory() ? 0 : layout_.kv.bytes + layout_.query_ring.bytes + layout_.h2o_acc.bytes) +
+         layout_.result.bytes;
 }
 
 int32_t* SessionArenas::Int32(const char* name) const {
@@ -65,7 +69,7 @@ uint64_t* SessionArenas::Uint64(const char* name) const {
 void SessionArenas::Describe(google::protobuf::RepeatedPtrField<v1::ArenaDescriptor>* out) const {
   for (auto [arena, layout] :
        {std::pair{kv_.get(), &layout_.kv}, std::pair{ring_.get(), &layout_.query_ring},
-        std::pair{result_.get(), &layout_.result}}) {
+        std::pair{result_.get(), &layout_.result}, std::pair{h2o_.get(), &layout_.h2o_acc}}) {
     if (arena == nullptr) continue;
     v1::ArenaDescriptor* d = out->Add();
     d->set_kind(layout->kind);
@@ -147,6 +151,19 @@ absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step) {
       !s.ok()) {
     return s;
   }
+  if (h2o_ != nullptr) {
+    auto* present =
+        reinterpret_cast<uint64_t*>(h2o_->data() + layout_.h2o_acc.Get("present").byte_offset);
+    if (std::atomic_ref<uint64_t>(*present).load(std::memory_order_acquire) != 0) {
+      const auto* acc = reinterpret_cast<const float*>(
+          h2o_->data() + layout_.h2o_acc.Get("attention").byte_offset);
+      in.attention.assign(static_cast<size_t>(heads * in.n_max), 0.0f);
+      for (int64_t i = 0; i < heads; ++i) {
+        std::memcpy(in.attention.data() + i * in.n_max, acc + offsets_[static_cast<size_t>(i)],
+                    static_cast<size_t>(in.lengths[static_cast<size_t>(i)]) * sizeof(float));
+      }
+    }
+  }
   // Query ring, rotated so that the oldest of the window comes first.
   const size_t item = DTypeSize(m.dtype);
   const unsigned char* ring = ring_->data() + layout_.query_ring.Get("q").byte_offset;
@@ -204,6 +221,14 @@ void SessionArenas::Apply(const Decision& decision, uint64_t epoch) {
   if (!advisory()) std::copy(offsets_.begin(), offsets_.end(), Int64("offset"));
   std::copy(capacities_.begin(), capacities_.end(), Int32("capacity"));
   std::copy(decision.budgets.begin(), decision.budgets.end(), Int32("budget"));
+  if (h2o_ != nullptr) {  // consumed: the next event's attention starts from zero
+    auto* acc =
+        reinterpret_cast<float*>(h2o_->data() + layout_.h2o_acc.Get("attention").byte_offset);
+    std::fill(acc, acc + layout_.rows, 0.0f);
+    std::atomic_ref<uint64_t>(
+        *reinterpret_cast<uint64_t*>(h2o_->data() + layout_.h2o_acc.Get("present").byte_offset))
+        .store(0, std::memory_order_relaxed);
+  }
   uint64_t* mask = Uint64("keep_mask");
   std::fill(mask, mask + heads * static_cast<size_t>(layout_.words), 0);
   for (size_t i = 0; i < heads; ++i) {

@@ -30,6 +30,8 @@ struct ArenaInputs {
   const float* query_window = nullptr;  // [L, Hq, window, d], oldest query first
   const float* keys = nullptr;          // [L, Hkv, n_max, d]
   std::vector<int32_t> lengths;         // [L * Hkv]
+  // h2o sessions whose worker filled the h2o_acc arena: [L, Hkv, n_max] fp32; empty otherwise.
+  std::vector<float> attention;
   int64_t n_max = 0;
   CompressInputs view() const { return {query_window, keys, n_max, lengths, {}}; }
 };
@@ -63,6 +65,7 @@ class SessionArenas {
   SessionConfig config_;
   SessionLayout layout_;
   std::unique_ptr<HostArena> kv_, ring_, result_;  // kv_ and ring_: managed sessions only
+  std::unique_ptr<HostArena> h2o_;                 // managed h2o sessions only
   std::unique_ptr<ExternalBuffers> external_;      // advisory sessions, once registered
   std::vector<int64_t> offsets_;                   // the sidecar's own copy of the head regions
   std::vector<int32_t> capacities_;

@@ -234,10 +234,11 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
     if (!config.ok()) return config.status();
     auto lease = registry_->LeaseFor(request->lease_seconds(), "lease_seconds");
     if (!lease.ok()) return lease.status();
-    if (host_shm && config->scorer.name == "h2o") {
+    if (host_shm && config->scorer.name == "h2o" && !config->managed) {
       return absl::UnimplementedError(
-          "scorer.name \"h2o\" with memory = MEMORY_KIND_HOST_SHM: the shared accumulator arena is "
-          "not implemented in this build yet; use MEMORY_KIND_INLINE");
+          "scorer.name \"h2o\" with mode = SESSION_MODE_ADVISORY and memory = "
+          "MEMORY_KIND_HOST_SHM is not implemented in this build yet; use a managed session (its "
+          "h2o_acc arena) or MEMORY_KIND_INLINE");
     }
     // ReasonAlloc's layer level follows the model's profile (or the one named); without one the
     // layers are uniform and the answer says so.
@@ -541,9 +542,20 @@ absl::Status SidecarService::DoCompressArenas(grpc::ServerContext* context,
   }
   CompressInputs inputs = in->view();
   inputs.cancelled = [context] { return context != nullptr && context->IsCancelled(); };
+  std::vector<float> accumulated;
+  H2oAccumulator* h2o = session.h2o();
+  if (h2o != nullptr) {
+    if (auto s = engine->CheckInputs(inputs); !s.ok()) return s;
+    auto acc = h2o->Prepare(inputs, in->attention.empty() ? nullptr : in->attention.data(),
+                            request.step());
+    if (!acc.ok()) return acc.status();
+    accumulated = std::move(acc).value();
+    inputs.accumulated = accumulated.data();
+  }
   auto decision = engine->Compress(inputs);
   if (!decision.ok()) return decision.status();
   if (auto s = arenas.CheckFits(*decision); !s.ok()) return s;
+  if (h2o != nullptr) h2o->Commit(*decision, accumulated, in->n_max, request.step());
   const Session::CommitResult committed = session.Commit(request.step(), *decision);
   const auto tc = std::chrono::steady_clock::now();
   arenas.Apply(*decision, committed.epoch);

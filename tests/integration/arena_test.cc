@@ -51,7 +51,7 @@ v1::CreateSessionRequest Request(const std::string& allocator, v1::MemoryKind me
 }
 
 struct Arenas {
-  std::unique_ptr<MappedArena> kv, ring, result;
+  std::unique_ptr<MappedArena> kv, ring, result, h2o;
 };
 
 Arenas MapAll(const v1::SessionInfo& info) {
@@ -63,6 +63,7 @@ Arenas MapAll(const v1::SessionInfo& info) {
     if (d.kind() == "kv") a.kv = std::move(m).value();
     if (d.kind() == "query_ring") a.ring = std::move(m).value();
     if (d.kind() == "result") a.result = std::move(m).value();
+    if (d.kind() == "h2o_acc") a.h2o = std::move(m).value();
   }
   return a;
 }
@@ -75,9 +76,11 @@ v1::Tensor F16Tensor(std::vector<int64_t> shape, const std::vector<uint16_t>& v)
   return t;
 }
 
-// Counts in *uneven the events that gave the heads unequal budgets (moved head regions).
-void RunDecodeLoop(const std::string& scorer, const std::string& allocator, int steps,
-                   int* uneven) {
+// Counts in *uneven the events that gave the heads unequal budgets (moved head regions). With
+// `attention` (h2o), the worker adds each step's attention into the h2o_acc arena and the inline
+// twin receives the same sums as InlineTensors.attention.
+void RunDecodeLoop(const std::string& scorer, const std::string& allocator, int steps, int* uneven,
+                   bool attention = false) {
   *uneven = 0;
   auto server = ServerProcess::Start();
   ASSERT_TRUE(server.ok()) << server.status();
@@ -87,9 +90,13 @@ void RunDecodeLoop(const std::string& scorer, const std::string& allocator, int 
   auto inl = c.CreateSession(Request(allocator, v1::MEMORY_KIND_INLINE, scorer));
   ASSERT_TRUE(inl.ok()) << inl.status();
   ASSERT_EQ(shm->session().memory(), v1::MEMORY_KIND_HOST_SHM);
-  ASSERT_EQ(shm->session().arenas_size(), 3);
+  ASSERT_EQ(shm->session().arenas_size(), scorer == "h2o" ? 4 : 3);
   Arenas a = MapAll(shm->session());
   ASSERT_TRUE(a.kv && a.ring && a.result);
+  ASSERT_EQ(a.h2o != nullptr, scorer == "h2o");
+  float* acc = a.h2o ? a.h2o->As<float>("attention") : nullptr;
+  uint64_t* present = a.h2o ? a.h2o->As<uint64_t>("present") : nullptr;
+  std::vector<std::vector<float>> att(kHeads);  // the worker's sums since the last event
   uint16_t* k_rows = a.kv->As<uint16_t>("k");
   uint16_t* v_rows = a.kv->As<uint16_t>("v");
   uint16_t* ring = a.ring->As<uint16_t>("q");
@@ -134,6 +141,18 @@ void RunDecodeLoop(const std::string& scorer, const std::string& allocator, int 
     }
     history.push_back(q);
     if (history.size() > kWindow) history.pop_front();
+    if (attention) {
+      std::uniform_real_distribution<float> weight(0.0f, 1.0f);
+      for (int i = 0; i < kHeads; ++i) {
+        att[static_cast<size_t>(i)].resize(static_cast<size_t>(len[i]), 0.0f);
+        for (int j = 0; j < len[i]; ++j) {
+          const float w = weight(rng) / static_cast<float>(len[i]);
+          acc[offset[i] + j] += w;
+          att[static_cast<size_t>(i)][static_cast<size_t>(j)] += w;
+        }
+      }
+      *present = 1;
+    }
     // Events at step ≡ 2 (mod Δ): the ring's slots are then rotated against the window's order.
     if (step % kDelta != 2 || step < kDelta) continue;
 
@@ -144,6 +163,10 @@ void RunDecodeLoop(const std::string& scorer, const std::string& allocator, int 
     auto got = c.Compress(request);
     ASSERT_TRUE(got.ok()) << got.status();
     ASSERT_LT(request.ByteSizeLong() + got->ByteSizeLong(), 1024u);
+    if (present != nullptr) {
+      ASSERT_EQ(*present, 0u);  // consumed by the event, and the sums zeroed
+      ASSERT_EQ(acc[offset[0]], 0.0f);
+    }
     ASSERT_EQ(std::atomic_ref<const uint64_t>(*epoch).load(std::memory_order_acquire),
               got->epoch());
 
@@ -172,6 +195,18 @@ void RunDecodeLoop(const std::string& scorer, const std::string& allocator, int 
     *it->mutable_query_window() = F16Tensor({kL, kHq, kWindow, kD}, window);
     *it->mutable_keys() = F16Tensor({kL, kHkv, nm, kD}, kin);
     *it->mutable_values() = F16Tensor({kL, kHkv, nm, kD}, vin);
+    if (attention) {
+      std::vector<float> sums(kHeads * n_max, 0.0f);
+      for (int i = 0; i < kHeads; ++i) {
+        std::copy(att[static_cast<size_t>(i)].begin(), att[static_cast<size_t>(i)].end(),
+                  sums.begin() + static_cast<int64_t>(i * n_max));
+        att[static_cast<size_t>(i)].clear();  // consumed by the event
+      }
+      v1::Tensor* t = it->mutable_attention();
+      t->set_dtype(v1::DTYPE_FLOAT32);
+      for (int64_t x : {int64_t{kL}, int64_t{kHkv}, nm}) t->add_shape(x);
+      t->set_data(std::string(reinterpret_cast<const char*>(sums.data()), sums.size() * 4));
+    }
     auto want = c.Compress(inline_request);
     ASSERT_TRUE(want.ok()) << want.status();
     const v1::Decision& dw = want->decision();
@@ -228,6 +263,16 @@ TEST(HostArenas, RkvAdaKvDecodeLoopMatchesInlineBitForBitWithMovingHeadRegions) 
   EXPECT_GT(uneven, 50);
 }
 
+TEST(HostArenas, H2oDecodeLoopFromWindowQueriesMatchesInlineBitForBit) {
+  int uneven = -1;
+  RunDecodeLoop("h2o", "uniform", 1000, &uneven);
+}
+
+TEST(HostArenas, H2oDecodeLoopWithWorkerAttentionMatchesInlineBitForBit) {
+  int uneven = -1;
+  RunDecodeLoop("h2o", "adakv", 1000, &uneven, /*attention=*/true);
+}
+
 TEST(HostArenas, BadUseIsRefusedWithTheFieldNamed) {
   auto server = ServerProcess::Start();
   ASSERT_TRUE(server.ok()) << server.status();
@@ -260,13 +305,10 @@ TEST(HostArenas, BadUseIsRefusedWithTheFieldNamed) {
   EXPECT_THAT(std::string(nan.status().message()), HasSubstr("layer 0, kv head 0, row 0"));
   a.kv->As<uint16_t>("k")[3] = 0;
 
-  // Inline tensors on a shared-memory session; budget changes; h2o is not offered.
+  // Inline tensors on a shared-memory session; budget changes.
   r.mutable_inline_tensors()->add_lengths(1);
   EXPECT_EQ(c.Compress(r).status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_EQ(c.UpdateBudget(id, 32).status().code(), absl::StatusCode::kFailedPrecondition);
-  auto h2o = Request("uniform", v1::MEMORY_KIND_HOST_SHM);
-  h2o.mutable_scorer()->set_name("h2o");
-  EXPECT_EQ(c.CreateSession(h2o).status().code(), absl::StatusCode::kUnimplemented);
 
   // A descriptor whose array lies outside the arena is refused by the client before mapping.
   v1::ArenaDescriptor forged = shm->session().arenas(2);
