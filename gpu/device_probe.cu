@@ -1,6 +1,5 @@
 #include <cuda_runtime.h>
 
-#include <cstdio>
 #include <string>
 
 #include "gpu/device_probe.h"
@@ -32,13 +31,7 @@ ProbeResult ProbeDevices() {
     DeviceInfo d;
     d.index = i;
     d.name = prop.name;
-    char uuid[64];
-    const auto* b = reinterpret_cast<const unsigned char*>(prop.uuid.bytes);
-    std::snprintf(uuid, sizeof(uuid),
-                  "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
-                  b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13],
-                  b[14], b[15]);
-    d.uuid = uuid;
+    d.uuid = FormatGpuUuid(reinterpret_cast<const unsigned char*>(prop.uuid.bytes));
     d.compute_major = prop.major;
     d.compute_minor = prop.minor;
     d.total_memory_bytes = prop.totalGlobalMem;

@@ -29,6 +29,8 @@ struct ProbeResult {
 bool CudaBuilt();
 ProbeResult ProbeDevices();
 std::string FormatDriverVersion(int version);  // 13000 -> "13.0"
+// 16 UUID bytes -> "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" (nvidia-smi's spelling).
+std::string FormatGpuUuid(const unsigned char bytes[16]);
 
 }  // namespace reasonalloc::gpu
 

@@ -29,6 +29,12 @@ std::string RandomHex(int bytes) {
 
 }  // namespace
 
+void HostArena::DescribeMemory(v1::ArenaDescriptor* out) const {
+  out->set_memory(v1::MEMORY_KIND_HOST_SHM);
+  out->set_byte_length(size_);
+  out->set_shm_name(name_);
+}
+
 absl::StatusOr<std::unique_ptr<HostArena>> HostArena::Create(uint64_t bytes) {
   if (bytes == 0) bytes = 64;
   // Name: prefix, server pid (for stale cleanup), 128 random bits.

@@ -8,22 +8,24 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "server/arena.h"
 
 namespace reasonalloc {
 
-class HostArena {
+class HostArena final : public Arena {
  public:
   // Prefix of every arena name, so that an operator (and the server at start) can find them.
   static constexpr const char* kNamePrefix = "/reasonalloc-";
 
   static absl::StatusOr<std::unique_ptr<HostArena>> Create(uint64_t bytes);
-  ~HostArena();
+  ~HostArena() override;
   HostArena(const HostArena&) = delete;
   HostArena& operator=(const HostArena&) = delete;
 
   const std::string& name() const { return name_; }
   unsigned char* data() const { return data_; }
-  uint64_t size() const { return size_; }
+  uint64_t size() const override { return size_; }
+  void DescribeMemory(v1::ArenaDescriptor* out) const override;
 
   // Unlinks arenas left in /dev/shm by a server of this uid that is no longer running (a crash);
   // returns how many were removed.

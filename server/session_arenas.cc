@@ -73,9 +73,7 @@ void SessionArenas::Describe(google::protobuf::RepeatedPtrField<v1::ArenaDescrip
     if (arena == nullptr) continue;
     v1::ArenaDescriptor* d = out->Add();
     d->set_kind(layout->kind);
-    d->set_memory(v1::MEMORY_KIND_HOST_SHM);
-    d->set_byte_length(arena->size());
-    d->set_shm_name(arena->name());
+    arena->DescribeMemory(d);
     d->set_layout_version(kLayoutVersion);
     for (const ArrayLayout& a : layout->arrays) {
       v1::ArrayDescriptor* ad = d->add_arrays();

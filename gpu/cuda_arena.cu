@@ -1,0 +1,162 @@
+#include <cuda_runtime.h>
+
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "gpu/cuda_arena.h"
+#include "gpu/device_probe.h"
+
+namespace reasonalloc::gpu {
+namespace {
+
+absl::Status CudaError(const char* what, cudaError_t err) {
+  cudaGetLastError();  // clear the sticky-free error state of the runtime
+  const std::string msg = absl::StrCat(what, ": ", cudaGetErrorString(err));
+  if (err == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(msg);
+  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver ||
+      err == cudaErrorInvalidDevice) {
+    return absl::FailedPreconditionError(msg);
+  }
+  return absl::InternalError(msg);
+}
+
+absl::Status CheckRange(uint64_t offset, uint64_t bytes, uint64_t size) {
+  if (offset > size || bytes > size - offset) {
+    return absl::OutOfRangeError(absl::StrCat("bytes [", offset, ", ", offset, " + ", bytes,
+                                              ") lie outside the arena's ", size, " bytes"));
+  }
+  return absl::OkStatus();
+}
+
+// The device whose UUID is `uuid`, or NOT_FOUND.
+absl::StatusOr<int> DeviceByUuid(const std::string& uuid) {
+  int count = 0;
+  if (cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess) {
+    return CudaError("cudaGetDeviceCount", err);
+  }
+  for (int i = 0; i < count; ++i) {
+    cudaDeviceProp prop{};
+    if (cudaGetDeviceProperties(&prop, i) != cudaSuccess) continue;
+    if (FormatGpuUuid(reinterpret_cast<const unsigned char*>(prop.uuid.bytes)) == uuid) return i;
+  }
+  return absl::NotFoundError(
+      absl::StrCat("device_uuid \"", uuid.substr(0, 64), "\" is not a visible CUDA device"));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CudaArena>> CudaArena::Create(int device, uint64_t bytes) {
+  if (bytes == 0) return absl::InvalidArgumentError("a CUDA arena needs at least one byte");
+  if (cudaError_t err = cudaSetDevice(device); err != cudaSuccess) {
+    return CudaError("cudaSetDevice", err);
+  }
+  std::unique_ptr<CudaArena> a(new CudaArena());
+  a->device_ = device;
+  a->size_ = bytes;
+  if (cudaError_t err = cudaMalloc(&a->ptr_, bytes); err != cudaSuccess) {
+    a->ptr_ = nullptr;
+    return CudaError("cudaMalloc", err);
+  }
+  if (cudaError_t err = cudaMemset(a->ptr_, 0, bytes); err != cudaSuccess) {
+    return CudaError("cudaMemset", err);
+  }
+  cudaIpcMemHandle_t handle;
+  if (cudaError_t err = cudaIpcGetMemHandle(&handle, a->ptr_); err != cudaSuccess) {
+    return CudaError("cudaIpcGetMemHandle", err);
+  }
+  static_assert(sizeof(handle) == kIpcHandleBytes);
+  a->handle_.assign(reinterpret_cast<const char*>(&handle), sizeof(handle));
+  cudaDeviceProp prop{};
+  if (cudaError_t err = cudaGetDeviceProperties(&prop, device); err != cudaSuccess) {
+    return CudaError("cudaGetDeviceProperties", err);
+  }
+  a->uuid_ = FormatGpuUuid(reinterpret_cast<const unsigned char*>(prop.uuid.bytes));
+  return a;
+}
+
+CudaArena::~CudaArena() {
+  if (ptr_ != nullptr) {
+    cudaSetDevice(device_);
+    cudaFree(ptr_);
+  }
+}
+
+absl::Status CudaArena::CopyToHost(uint64_t offset, void* dst, uint64_t bytes) const {
+  if (auto s = CheckRange(offset, bytes, size_); !s.ok()) return s;
+  cudaSetDevice(device_);
+  if (cudaError_t err =
+          cudaMemcpy(dst, static_cast<const char*>(ptr_) + offset, bytes, cudaMemcpyDeviceToHost);
+      err != cudaSuccess) {
+    return CudaError("cudaMemcpy", err);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaArena::CopyFromHost(uint64_t offset, const void* src, uint64_t bytes) {
+  if (auto s = CheckRange(offset, bytes, size_); !s.ok()) return s;
+  cudaSetDevice(device_);
+  if (cudaError_t err =
+          cudaMemcpy(static_cast<char*>(ptr_) + offset, src, bytes, cudaMemcpyHostToDevice);
+      err != cudaSuccess) {
+    return CudaError("cudaMemcpy", err);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<CudaArenaMapping>> CudaArenaMapping::Open(
+    const std::string& ipc_handle, uint64_t byte_offset, const std::string& device_uuid,
+    uint64_t bytes) {
+  if (ipc_handle.size() != kIpcHandleBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda_ipc_handle has ", ipc_handle.size(),
+                                                   " bytes; a CUDA IPC handle has ",
+                                                   kIpcHandleBytes));
+  }
+  auto device = DeviceByUuid(device_uuid);
+  if (!device.ok()) return device.status();
+  if (cudaError_t err = cudaSetDevice(*device); err != cudaSuccess) {
+    return CudaError("cudaSetDevice", err);
+  }
+  cudaIpcMemHandle_t handle;
+  std::memcpy(&handle, ipc_handle.data(), sizeof(handle));
+  std::unique_ptr<CudaArenaMapping> m(new CudaArenaMapping());
+  m->device_ = *device;
+  m->offset_ = byte_offset;
+  m->size_ = bytes;
+  if (cudaError_t err = cudaIpcOpenMemHandle(&m->base_, handle, cudaIpcMemLazyEnablePeerAccess);
+      err != cudaSuccess) {
+    m->base_ = nullptr;
+    return CudaError("cudaIpcOpenMemHandle", err);
+  }
+  return m;
+}
+
+CudaArenaMapping::~CudaArenaMapping() {
+  if (base_ != nullptr) {
+    cudaSetDevice(device_);
+    cudaIpcCloseMemHandle(base_);
+  }
+}
+
+absl::Status CudaArenaMapping::CopyToHost(uint64_t offset, void* dst, uint64_t bytes) const {
+  if (auto s = CheckRange(offset, bytes, size_); !s.ok()) return s;
+  cudaSetDevice(device_);
+  if (cudaError_t err = cudaMemcpy(dst, static_cast<const char*>(device_ptr()) + offset, bytes,
+                                   cudaMemcpyDeviceToHost);
+      err != cudaSuccess) {
+    return CudaError("cudaMemcpy", err);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaArenaMapping::CopyFromHost(uint64_t offset, const void* src, uint64_t bytes) {
+  if (auto s = CheckRange(offset, bytes, size_); !s.ok()) return s;
+  cudaSetDevice(device_);
+  if (cudaError_t err =
+          cudaMemcpy(static_cast<char*>(device_ptr()) + offset, src, bytes, cudaMemcpyHostToDevice);
+      err != cudaSuccess) {
+    return CudaError("cudaMemcpy", err);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace reasonalloc::gpu
