@@ -1,9 +1,15 @@
 // One compression event through the host shared-memory arenas versus the same event through the
 // inline path (tensors inside the request), against a running server: bytes on the gRPC path,
 // round trip, and its split into engine time (score + allocate + select), in-place compaction and
-// the rest (transport, validation, conversion). Geometries of SmolLM2-135M (B 128) and
-// R1-Distill-Llama-8B (B 512), fp16, snapkv, Δ 128.
+// the rest (transport, validation, conversion). Three paths: managed (the server's kv arena,
+// compacted in place), advisory (the worker's own shared-memory keys and query window, registered
+// with RegisterBuffers; keep masks back in the result arena) and inline. Geometries of
+// SmolLM2-135M and R1-Distill-Llama-8B at B 128 and 512, fp16, snapkv, Δ 128.
 //   bench/arena_bench.sh [build dir]
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -37,7 +43,8 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
-v1::CreateSessionRequest Request(const Geometry& g, v1::MemoryKind memory) {
+v1::CreateSessionRequest Request(const Geometry& g, v1::MemoryKind memory,
+                                 v1::SessionMode mode = v1::SESSION_MODE_MANAGED) {
   v1::CreateSessionRequest r;
   auto* m = r.mutable_model();
   m->set_name(g.name);
@@ -52,9 +59,58 @@ v1::CreateSessionRequest Request(const Geometry& g, v1::MemoryKind memory) {
   r.mutable_budget()->set_window(8);
   r.mutable_scorer()->set_name("snapkv");
   r.set_memory(memory);
+  r.set_mode(mode);
   r.set_lease_seconds(600);
   return r;
 }
+
+// A worker-owned shared-memory object holding one contiguous fp16 array, registered as `kind`.
+struct WorkerBuffer {
+  WorkerBuffer(const std::string& tag, std::vector<int64_t> shape) : shape(std::move(shape)) {
+    name = "/arena-bench-" + std::to_string(::getpid()) + "-" + tag;
+    count = 1;
+    for (int64_t x : this->shape) count *= x;
+    ::shm_unlink(name.c_str());
+    const int fd = ::shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(count * 2)) != 0) std::abort();
+    void* p =
+        ::mmap(nullptr, static_cast<size_t>(count * 2), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    ::close(fd);
+    if (p == MAP_FAILED) std::abort();
+    data = static_cast<uint16_t*>(p);
+  }
+  ~WorkerBuffer() {
+    ::munmap(data, static_cast<size_t>(count * 2));
+    ::shm_unlink(name.c_str());
+  }
+  v1::ArenaDescriptor Describe(const std::string& kind, const std::string& array) const {
+    v1::ArenaDescriptor d;
+    d.set_kind(kind);
+    d.set_memory(v1::MEMORY_KIND_HOST_SHM);
+    d.set_shm_name(name);
+    d.set_byte_length(static_cast<uint64_t>(count * 2));
+    d.set_layout_version(1);
+    auto* a = d.add_arrays();
+    a->set_name(array);
+    a->set_dtype(v1::DTYPE_FLOAT16);
+    int64_t stride = 1;
+    std::vector<int64_t> strides(shape.size());
+    for (size_t i = shape.size(); i-- > 0;) {
+      strides[i] = stride;
+      stride *= shape[i];
+    }
+    for (size_t i = 0; i < shape.size(); ++i) {
+      a->add_shape(shape[i]);
+      a->add_strides(strides[i]);
+    }
+    a->set_byte_length(static_cast<uint64_t>(count * 2));
+    return d;
+  }
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t count = 0;
+  uint16_t* data = nullptr;
+};
 
 struct Sample {
   double round_trip_us, engine_us, compact_us;
@@ -166,16 +222,41 @@ int Run() {
   const int events = absl::GetFlag(FLAGS_events);
   std::mt19937 rng(3);
   std::normal_distribution<float> normal;
-  for (const Geometry& g : {Geometry{"smollm2-135m", 30, 9, 3, 64, 128},
-                            Geometry{"r1-distill-llama-8b", 32, 32, 8, 128, 512}}) {
+  for (const Geometry& g :
+       {Geometry{"smollm2-135m", 30, 9, 3, 64, 128}, Geometry{"smollm2-135m", 30, 9, 3, 64, 512},
+        Geometry{"r1-distill-llama-8b", 32, 32, 8, 128, 128},
+        Geometry{"r1-distill-llama-8b", 32, 32, 8, 128, 512}}) {
     const int n = g.budget + 128;  // every event sees B + Δ rows per head and evicts Δ
     auto shm = c.CreateSession(Request(g, v1::MEMORY_KIND_HOST_SHM));
+    auto adv = c.CreateSession(Request(g, v1::MEMORY_KIND_HOST_SHM, v1::SESSION_MODE_ADVISORY));
     auto inl = c.CreateSession(Request(g, v1::MEMORY_KIND_INLINE));
-    if (!shm.ok() || !inl.ok()) {
-      std::fprintf(stderr, "arena_bench: %s %s\n", shm.status().ToString().c_str(),
-                   inl.status().ToString().c_str());
+    if (!shm.ok() || !adv.ok() || !inl.ok()) {
+      std::fprintf(stderr, "arena_bench: %s %s %s\n", shm.status().ToString().c_str(),
+                   adv.status().ToString().c_str(), inl.status().ToString().c_str());
       return 1;
     }
+    // The advisory worker's own keys and query window, registered once.
+    WorkerBuffer adv_keys("keys", {g.layers, g.hkv, n, g.d});
+    WorkerBuffer adv_queries("q", {g.layers, g.hq, 8, g.d});
+    for (WorkerBuffer* b : {&adv_keys, &adv_queries}) {
+      for (int64_t i = 0; i < b->count; ++i) b->data[i] = FloatToHalf(normal(rng));
+    }
+    {
+      v1::RegisterBuffersRequest reg;
+      reg.set_session_id(adv->session().session_id());
+      *reg.add_buffers() = adv_keys.Describe("keys", "k");
+      *reg.add_buffers() = adv_queries.Describe("query_window", "q");
+      grpc::ClientContext ctx;
+      v1::RegisterBuffersResponse out;
+      if (const grpc::Status st = c.stub().RegisterBuffers(&ctx, reg, &out); !st.ok()) {
+        std::fprintf(stderr, "arena_bench: RegisterBuffers: %s\n", st.error_message().c_str());
+        return 1;
+      }
+    }
+    auto adv_result = MappedArena::Map(adv->session().arenas(0));
+    if (!adv_result.ok()) return 1;
+    int32_t* adv_len = (*adv_result)->As<int32_t>("len");
+    const int32_t* adv_capacity = (*adv_result)->As<int32_t>("capacity");
     std::unique_ptr<MappedArena> kv, ring, result;
     for (const auto& d : shm->session().arenas()) {
       auto m = MappedArena::Map(d);
@@ -213,8 +294,29 @@ int Run() {
     fill(inline_request.mutable_inline_tensors()->mutable_values(), {g.layers, g.hkv, n, g.d});
     inline_request.set_omit_keep_mask(true);
 
-    std::vector<Sample> managed, inline_path;
+    std::vector<Sample> managed, advisory, inline_path;
     for (int e = 0; e < events + 3; ++e) {
+      {
+        for (int64_t i = 0; i < heads; ++i) adv_len[i] = adv_capacity[i];
+        v1::CompressRequest r;
+        r.set_session_id(adv->session().session_id());
+        r.set_step(e);
+        const auto t0 = std::chrono::steady_clock::now();
+        auto got = c.Compress(r);
+        const double us =
+            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0)
+                .count();
+        if (!got.ok()) {
+          std::fprintf(stderr, "arena_bench: advisory: %s\n", got.status().ToString().c_str());
+          return 1;
+        }
+        const auto& tm = got->timings();
+        if (e >= 3) {
+          advisory.push_back(
+              {us, (tm.score_seconds() + tm.allocate_seconds() + tm.select_seconds()) * 1e6,
+               tm.compact_seconds() * 1e6, r.ByteSizeLong() + got->ByteSizeLong()});
+        }
+      }
       // Managed: every head is full again (the worker appended Δ tokens since the last event).
       for (int64_t i = 0; i < heads; ++i) len[i] = capacity[i];
       v1::CompressRequest r;
@@ -252,12 +354,16 @@ int Run() {
     std::printf("%s (L %d, Hq %d, Hkv %d, d %d, B %d, N %d, fp16, snapkv), medians of %d events:\n",
                 g.name, g.layers, g.hq, g.hkv, g.d, g.budget, n, events);
     Report("managed", managed);
+    Report("advisory", advisory);
     Report("inline", inline_path);
-    std::vector<double> m, i;
+    std::vector<double> m, a, i;
     for (const auto& x : managed) m.push_back(x.round_trip_us);
+    for (const auto& x : advisory) a.push_back(x.round_trip_us);
     for (const auto& x : inline_path) i.push_back(x.round_trip_us);
-    std::printf("  inline / managed round trip: %.2fx\n", Median(i) / Median(m));
+    std::printf("  inline / managed round trip: %.2fx, inline / advisory: %.2fx\n",
+                Median(i) / Median(m), Median(i) / Median(a));
     (void)c.CloseSession(shm->session().session_id());
+    (void)c.CloseSession(adv->session().session_id());
     (void)c.CloseSession(inl->session().session_id());
   }
   return Concurrent(c);

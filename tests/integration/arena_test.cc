@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/mapped_arena.h"
+#include "client/session_view.h"
 #include "core/dtype.h"
 #include "tests/integration/server_process.h"
 
@@ -271,6 +272,59 @@ TEST(HostArenas, H2oDecodeLoopFromWindowQueriesMatchesInlineBitForBit) {
 TEST(HostArenas, H2oDecodeLoopWithWorkerAttentionMatchesInlineBitForBit) {
   int uneven = -1;
   RunDecodeLoop("h2o", "adakv", 1000, &uneven, /*attention=*/true);
+}
+
+// The C++ client's typed view: Append writes where the layout says, and after Compress the kept
+// rows read back through key_row/value_row in ascending position order, with their keep bits.
+TEST(HostArenas, SessionViewAppendsAndReadsBackTheCompactedRows) {
+  auto server = ServerProcess::Start();
+  ASSERT_TRUE(server.ok()) << server.status();
+  Client& c = (*server)->client();
+  auto created = c.CreateSession(Request("uniform", v1::MEMORY_KIND_HOST_SHM, "snapkv"));
+  ASSERT_TRUE(created.ok()) << created.status();
+  auto view = SessionView::Map(created->session());
+  ASSERT_TRUE(view.ok()) << view.status();
+  SessionView& s = **view;
+  // Token t of head i: every element of K is t + 1000 i, of V the negative (exact in fp16).
+  auto token = [](int i, int t, float sign) { return FloatToHalf(sign * (t + 1000.0f * i)); };
+  const int steps = kB + kDelta;
+  for (int t = 0; t < steps; ++t) {
+    std::vector<uint16_t> k(kHeads * kD), v(kHeads * kD), q(size_t{kL} * kHq * kD);
+    for (int i = 0; i < kHeads; ++i) {
+      std::fill_n(k.begin() + i * kD, kD, token(i, t, 1));
+      std::fill_n(v.begin() + i * kD, kD, token(i, t, -1));
+    }
+    for (size_t j = 0; j < q.size(); ++j) q[j] = FloatToHalf(0.01f * static_cast<float>(j + t));
+    ASSERT_TRUE(s.Append(t, k.data(), v.data(), q.data()).ok());
+    EXPECT_EQ(s.query_slot<uint16_t>(1, 3, t)[2], q[(kHq + 3) * kD + 2]);
+  }
+  std::vector<uint16_t> full(kHeads * kD), qfull(size_t{kL} * kHq * kD);
+  const absl::Status refused = s.Append(steps, full.data(), full.data(), qfull.data());
+  EXPECT_EQ(refused.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(s.length(0, 0), steps);  // nothing written by the refused call
+  EXPECT_EQ(s.epoch(), 0u);
+
+  v1::CompressRequest r;
+  r.set_session_id(created->session().session_id());
+  r.set_step(steps - 1);
+  ASSERT_TRUE(c.Compress(r).ok());
+  EXPECT_EQ(s.epoch(), 1u);
+  for (int l = 0; l < kL; ++l) {
+    for (int h = 0; h < kHkv; ++h) {
+      const int i = l * kHkv + h;
+      ASSERT_EQ(s.length(l, h), kB);
+      EXPECT_EQ(s.budget(l, h), kB);
+      int row = 0;
+      for (int position = 0; position < steps; ++position) {
+        if (!s.kept(l, h, position)) continue;
+        EXPECT_EQ(s.key_row<uint16_t>(l, h, row)[kD - 1], token(i, position, 1));
+        EXPECT_EQ(s.value_row<uint16_t>(l, h, row)[0], token(i, position, -1));
+        ++row;
+      }
+      EXPECT_EQ(row, kB);
+      for (int w = steps - kWindow; w < steps; ++w) EXPECT_TRUE(s.kept(l, h, w));  // the window
+    }
+  }
 }
 
 TEST(HostArenas, BadUseIsRefusedWithTheFieldNamed) {
