@@ -589,8 +589,13 @@ TEST(Server, WatchMetricsFansOutWithFiltersAndNeverBlocksOnAStalledWatcher) {
     auto body = testing::HttpGet(server->client().GetServerInfo()->metrics_address(), "/metrics");
     return body.ok() && body->find("reasonalloc_watchers 4") != std::string::npos;
   }));
-  // A sixth stream is over --max_watchers (the fifth is still free).
+  // A sixth stream is over --max_watchers (the fifth is still free). The fifth must be subscribed
+  // before the sixth arrives: two streams started together may be served in either order.
   Watch fifth(*server, all);
+  ASSERT_TRUE(WaitFor([&] {
+    auto body = testing::HttpGet(server->client().GetServerInfo()->metrics_address(), "/metrics");
+    return body.ok() && body->find("reasonalloc_watchers 5") != std::string::npos;
+  }));
   Watch sixth(*server, all);
   EXPECT_EQ(sixth.Finish().error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
   fifth.Stop();

@@ -89,9 +89,14 @@ class Session:
         self.Hkv, self.d = info.model.num_kv_heads, info.model.head_dim
         self.window = info.budget.window
         self._arenas = {d.kind: _Arena(d) for d in info.arenas}
-        if self._arenas:
-            kv, ring, res = (self._arenas[k].arrays for k in ("kv", "query_ring", "result"))
+        if "kv" in self._arenas:  # managed: the server's K/V arena and query ring
+            kv, ring = self._arenas["kv"].arrays, self._arenas["query_ring"].arrays
             self.k, self.v, self.queries = kv["k"], kv["v"], ring["q"]
+        if "h2o_acc" in self._arenas:  # h2o: the worker may hand over per-step attention here
+            acc = self._arenas["h2o_acc"].arrays
+            self.attention, self.attention_present = acc["attention"], acc["present"]
+        if "result" in self._arenas:  # every shared-memory session, advisory ones included
+            res = self._arenas["result"].arrays
             self.len, self.offset, self.capacity = res["len"], res["offset"], res["capacity"]
             self.budgets, self.keep_mask, self._epoch = res["budget"], res["keep_mask"], res["epoch"]
 
@@ -141,6 +146,50 @@ class Session:
         return _call(self.client.stub.KeepAlive,
                      sidecar_pb2.KeepAliveRequest(session_id=self.id, lease_seconds=lease_seconds),
                      self.client.timeout, self.token)
+
+    def register_buffers(self, keys_name, keys_shape, queries_name, keys_strides=None,
+                         keys_offset=0, keys_bytes=None, queries_bytes=None):
+        """Advisory sessions: registers the worker's own shared-memory objects (names as given to
+        shm_open, e.g. "/my-keys") holding keys [L, Hkv, N, d] (strides in elements, contiguous by
+        default) and the query window [L, Hq, window, d], both in the session's dtype."""
+        item = np.dtype(_DTYPES[self.dtype][1]).itemsize
+        code = _DTYPES[self.dtype][0]
+
+        def contiguous(shape):
+            strides, acc = [], 1
+            for n in reversed(shape):
+                strides.insert(0, acc)
+                acc *= n
+            return strides, acc
+
+        kstrides, kcount = contiguous(keys_shape)
+        kstrides = list(keys_strides or kstrides)
+        kextent = (sum((n - 1) * st for n, st in zip(keys_shape, kstrides)) + 1) * item
+        qshape = [self.L, self.Hq, self.window, self.d]
+        qstrides, qcount = contiguous(qshape)
+        kbytes = keys_bytes or keys_offset + kextent
+        qbytes = queries_bytes or qcount * item
+        buffers = [
+            types_pb2.ArenaDescriptor(
+                kind="keys", memory=types_pb2.MEMORY_KIND_HOST_SHM, shm_name=keys_name,
+                byte_length=kbytes, layout_version=1,
+                arrays=[types_pb2.ArrayDescriptor(name="k", dtype=code, shape=list(keys_shape),
+                                                  strides=kstrides, byte_offset=keys_offset,
+                                                  byte_length=kbytes - keys_offset)]),
+            types_pb2.ArenaDescriptor(
+                kind="query_window", memory=types_pb2.MEMORY_KIND_HOST_SHM, shm_name=queries_name,
+                byte_length=qbytes, layout_version=1,
+                arrays=[types_pb2.ArrayDescriptor(name="q", dtype=code, shape=qshape,
+                                                  strides=qstrides, byte_length=qbytes)])]
+        return _call(self.client.stub.RegisterBuffers,
+                     sidecar_pb2.RegisterBuffersRequest(session_id=self.id, buffers=buffers),
+                     self.client.timeout, self.token)
+
+    def kept(self, layer, head):
+        """Pre-event positions head (layer, head) kept at the last event, from the keep mask."""
+        words = self.keep_mask[layer * self.Hkv + head]
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+        return np.flatnonzero(bits)
 
     def close(self):
         for a in self._arenas.values():

@@ -101,3 +101,71 @@ def test_errors_name_the_field(client):
     with pytest.raises(SidecarError) as e:
         client.session(dict(MODEL, num_kv_heads=3), B)
     assert "num_kv_heads" in e.value.details
+
+
+def _shm_array(name, shape):
+    """A worker-owned shared-memory object as a NumPy fp16 array (the worker's own KV buffers)."""
+    import mmap
+    path = "/dev/shm/" + name.lstrip("/")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        size = int(np.prod(shape)) * 2
+        os.ftruncate(fd, size)
+        mm = mmap.mmap(fd, size, mmap.MAP_SHARED)
+    finally:
+        os.close(fd)
+    return np.frombuffer(mm, dtype=np.float16).reshape(shape), path
+
+
+def test_advisory_loop_keeps_what_inline_keeps(client):
+    """Advisory session over shared memory: the worker's own keys and query window, registered
+    once; after each event the keep mask equals the inline advisory decision, and the worker
+    compacts its own buffer by it."""
+    rng = np.random.default_rng(5)
+    rows = HKV * B + DELTA  # adakv may give one head the whole layer's budget
+    tag = f"/py-advisory-{os.getpid()}"
+    keys, kpath = _shm_array(tag + "-k", (L, HKV, rows, D))
+    queries, qpath = _shm_array(tag + "-q", (L, HQ, W, D))
+    try:
+        with client.session(MODEL, B, "rkv", "adakv", window=W, buffer=DELTA, managed=False,
+                            softmax_all_keys=True) as adv, \
+                client.session(MODEL, B, "rkv", "adakv", window=W, buffer=DELTA, managed=False,
+                               memory="inline", softmax_all_keys=True) as inline:
+            assert [a.kind for a in adv.info.arenas] == ["result"]
+            adv.register_buffers(tag + "-k", (L, HKV, rows, D), tag + "-q")
+            lengths = np.zeros(L * HKV, np.int32)
+            history = []
+            events = 0
+            for step in range(1, 400):
+                k = rng.standard_normal((L, HKV, D)).astype(np.float16)
+                q = rng.standard_normal((L, HQ, D)).astype(np.float16)
+                for i in range(L * HKV):
+                    l, h = divmod(i, HKV)
+                    keys[l, h, lengths[i]] = k[l, h]
+                lengths += 1
+                adv.len[:] = lengths
+                queries[:, :, step % W] = q
+                history = (history + [q])[-W:]
+                if step % DELTA != 2 or step < DELTA:
+                    continue
+                got = adv.compress(step)
+                assert got.ByteSize() < 1024
+                n = int(lengths.max())
+                window = np.stack(history, axis=2)
+                want = inline.compress_inline(step, window, keys[:, :, :n].copy(),
+                                              lengths=lengths).decision
+                at = 0
+                for i in range(L * HKV):
+                    l, h = divmod(i, HKV)
+                    kept = list(want.kept_indices[at:at + want.kept_lengths[i]])
+                    at += want.kept_lengths[i]
+                    assert list(adv.kept(l, h)) == kept
+                    assert adv.len[i] == len(kept) and adv.budgets[i] == want.budgets[i]
+                    keys[l, h, :len(kept)] = keys[l, h, kept]  # the worker compacts its own cache
+                    lengths[i] = len(kept)
+                events += 1
+            assert events > 40
+    finally:
+        del keys, queries
+        os.unlink(kpath)
+        os.unlink(qpath)
