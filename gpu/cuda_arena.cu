@@ -28,6 +28,18 @@ absl::Status CheckRange(uint64_t offset, uint64_t bytes, uint64_t size) {
   return absl::OkStatus();
 }
 
+// A bounds-checked synchronous copy between `base` (device memory of `size` bytes on `device`) at
+// `offset` and host memory.
+absl::Status Copy(int device, void* base, uint64_t size, uint64_t offset, void* host,
+                  uint64_t bytes, cudaMemcpyKind kind) {
+  if (auto s = CheckRange(offset, bytes, size); !s.ok()) return s;
+  cudaSetDevice(device);
+  char* dev = static_cast<char*>(base) + offset;
+  const cudaError_t err = kind == cudaMemcpyDeviceToHost ? cudaMemcpy(host, dev, bytes, kind)
+                                                         : cudaMemcpy(dev, host, bytes, kind);
+  return err == cudaSuccess ? absl::OkStatus() : CudaError("cudaMemcpy", err);
+}
+
 // The device whose UUID is `uuid`, or NOT_FOUND.
 absl::StatusOr<int> DeviceByUuid(const std::string& uuid) {
   int count = 0;
@@ -82,25 +94,11 @@ CudaArena::~CudaArena() {
 }
 
 absl::Status CudaArena::CopyToHost(uint64_t offset, void* dst, uint64_t bytes) const {
-  if (auto s = CheckRange(offset, bytes, size_); !s.ok()) return s;
-  cudaSetDevice(device_);
-  if (cudaError_t err =
-          cudaMemcpy(dst, static_cast<const char*>(ptr_) + offset, bytes, cudaMemcpyDeviceToHost);
-      err != cudaSuccess) {
-    return CudaError("cudaMemcpy", err);
-  }
-  return absl::OkStatus();
+  return Copy(device_, ptr_, size_, offset, dst, bytes, cudaMemcpyDeviceToHost);
 }
 
 absl::Status CudaArena::CopyFromHost(uint64_t offset, const void* src, uint64_t bytes) {
-  if (auto s = CheckRange(offset, bytes, size_); !s.ok()) return s;
-  cudaSetDevice(device_);
-  if (cudaError_t err =
-          cudaMemcpy(static_cast<char*>(ptr_) + offset, src, bytes, cudaMemcpyHostToDevice);
-      err != cudaSuccess) {
-    return CudaError("cudaMemcpy", err);
-  }
-  return absl::OkStatus();
+  return Copy(device_, ptr_, size_, offset, const_cast<void*>(src), bytes, cudaMemcpyHostToDevice);
 }
 
 absl::StatusOr<std::unique_ptr<CudaArenaMapping>> CudaArenaMapping::Open(
@@ -138,25 +136,12 @@ CudaArenaMapping::~CudaArenaMapping() {
 }
 
 absl::Status CudaArenaMapping::CopyToHost(uint64_t offset, void* dst, uint64_t bytes) const {
-  if (auto s = CheckRange(offset, bytes, size_); !s.ok()) return s;
-  cudaSetDevice(device_);
-  if (cudaError_t err = cudaMemcpy(dst, static_cast<const char*>(device_ptr()) + offset, bytes,
-                                   cudaMemcpyDeviceToHost);
-      err != cudaSuccess) {
-    return CudaError("cudaMemcpy", err);
-  }
-  return absl::OkStatus();
+  return Copy(device_, device_ptr(), size_, offset, dst, bytes, cudaMemcpyDeviceToHost);
 }
 
 absl::Status CudaArenaMapping::CopyFromHost(uint64_t offset, const void* src, uint64_t bytes) {
-  if (auto s = CheckRange(offset, bytes, size_); !s.ok()) return s;
-  cudaSetDevice(device_);
-  if (cudaError_t err =
-          cudaMemcpy(static_cast<char*>(device_ptr()) + offset, src, bytes, cudaMemcpyHostToDevice);
-      err != cudaSuccess) {
-    return CudaError("cudaMemcpy", err);
-  }
-  return absl::OkStatus();
+  return Copy(device_, device_ptr(), size_, offset, const_cast<void*>(src), bytes,
+              cudaMemcpyHostToDevice);
 }
 
 }  // namespace reasonalloc::gpu

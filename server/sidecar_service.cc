@@ -105,8 +105,14 @@ absl::StatusOr<std::shared_ptr<Session>> SidecarService::Use(const grpc::ServerC
                                                              SessionRegistry::Renew renew) {
   auto caller = Identify(context);
   if (!caller.ok()) return caller.status();
+  return Use(*caller, id, renew);
+}
+
+absl::StatusOr<std::shared_ptr<Session>> SidecarService::Use(const Caller& caller,
+                                                             const std::string& id,
+                                                             SessionRegistry::Renew renew) {
   return registry_->Get(id, renew, [&caller](const Session& session) {
-    return session.Authorize(caller->peer, caller->tokens);
+    return session.Authorize(caller.peer, caller.tokens);
   });
 }
 
@@ -377,7 +383,7 @@ grpc::Status SidecarService::RegisterBuffers(grpc::ServerContext* context,
   auto run = [&]() -> absl::Status {
     auto caller = Identify(context);
     if (!caller.ok()) return caller.status();
-    auto session = Use(context, request->session_id(), SessionRegistry::Renew::kYes);
+    auto session = Use(*caller, request->session_id(), SessionRegistry::Renew::kYes);
     if (!session.ok()) return session.status();
     SessionArenas* arenas = (*session)->arenas();
     if (arenas == nullptr || !arenas->advisory()) {

@@ -109,6 +109,8 @@ class SidecarService final : public v1::KvSidecar::Service {
   // The session `id` if the caller may use it (Session::Authorize); renews its lease on kYes.
   absl::StatusOr<std::shared_ptr<Session>> Use(const grpc::ServerContext* context,
                                                const std::string& id, SessionRegistry::Renew renew);
+  absl::StatusOr<std::shared_ptr<Session>> Use(const Caller& caller, const std::string& id,
+                                               SessionRegistry::Renew renew);
   void FillSessionInfo(const Session& session, v1::SessionInfo* out) const;
   void UpdatePoolGauges();
 

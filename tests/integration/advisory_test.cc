@@ -18,40 +18,22 @@
 #include "client/mapped_arena.h"
 #include "core/dtype.h"
 #include "tests/integration/server_process.h"
+#include "tests/integration/shm_test_common.h"
 
 namespace reasonalloc {
 namespace {
 
 using ::testing::HasSubstr;
 using testing::ServerProcess;
-
-constexpr int kL = 2, kHq = 4, kHkv = 2, kD = 8, kWindow = 4, kB = 16, kDelta = 8;
-constexpr int kHeads = kL * kHkv;
-constexpr int kRows = 40;  // rows per head in the worker's keys buffer (≥ B + Δ)
-constexpr int kHeadStride = kRows * kD + 16;  // padded: the described strides are honoured
+using namespace shm_test;  // NOLINT: the shared geometry and helpers
 
 v1::CreateSessionRequest Request(const std::string& scorer, const std::string& allocator,
                                  v1::MemoryKind memory) {
-  v1::CreateSessionRequest r;
-  auto* m = r.mutable_model();
-  m->set_name("advisory-test");
-  m->set_num_layers(kL);
-  m->set_num_q_heads(kHq);
-  m->set_num_kv_heads(kHkv);
-  m->set_head_dim(kD);
-  m->set_dtype(v1::DTYPE_FLOAT16);
-  m->set_max_context(4096);
-  r.mutable_budget()->set_budget(kB);
-  r.mutable_budget()->set_buffer(kDelta);
-  r.mutable_budget()->set_window(kWindow);
-  r.mutable_scorer()->set_name(scorer);
-  r.mutable_scorer()->set_softmax_all_keys(true);
-  r.mutable_allocator()->set_name(allocator);
-  r.set_mode(v1::SESSION_MODE_ADVISORY);
-  r.set_memory(memory);
-  r.set_lease_seconds(600);
-  return r;
+  return ShmTestRequest("advisory-test", scorer, allocator, memory, v1::SESSION_MODE_ADVISORY);
 }
+
+constexpr int kRows = 40;  // rows per head in the worker's keys buffer (≥ B + Δ)
+constexpr int kHeadStride = kRows * kD + 16;  // padded: the described strides are honoured
 
 // A shared-memory object the worker owns, unlinked at the end.
 struct WorkerBuffer {
@@ -79,40 +61,35 @@ struct WorkerBuffer {
 constexpr size_t kKeyBytes = size_t{kL} * kHkv * kHeadStride * 2;
 constexpr size_t kQueryBytes = size_t{kL} * kHq * kWindow * kD * 2;
 
-v1::ArenaDescriptor KeysDescriptor(const WorkerBuffer& b) {
+// One worker buffer holding one fp16 array.
+v1::ArenaDescriptor Describe(const WorkerBuffer& b, const char* kind, const char* array,
+                             std::vector<int64_t> shape, std::vector<int64_t> strides,
+                             uint64_t bytes) {
   v1::ArenaDescriptor d;
-  d.set_kind("keys");
+  d.set_kind(kind);
   d.set_memory(v1::MEMORY_KIND_HOST_SHM);
   d.set_shm_name(b.name);
-  d.set_byte_length(kKeyBytes);
+  d.set_byte_length(bytes);
   d.set_layout_version(1);
   auto* a = d.add_arrays();
-  a->set_name("k");
+  a->set_name(array);
   a->set_dtype(v1::DTYPE_FLOAT16);
-  for (int64_t s : {kL, kHkv, kRows, kD}) a->add_shape(s);
-  for (int64_t s : {int64_t{kHkv} * kHeadStride, int64_t{kHeadStride}, int64_t{kD}, int64_t{1}}) {
-    a->add_strides(s);
-  }
+  for (int64_t s : shape) a->add_shape(s);
+  for (int64_t s : strides) a->add_strides(s);
   a->set_byte_offset(0);
-  a->set_byte_length(kKeyBytes);
+  a->set_byte_length(bytes);
   return d;
 }
 
+v1::ArenaDescriptor KeysDescriptor(const WorkerBuffer& b) {
+  return Describe(b, "keys", "k", {kL, kHkv, kRows, kD},
+                  {int64_t{kHkv} * kHeadStride, int64_t{kHeadStride}, int64_t{kD}, int64_t{1}},
+                  kKeyBytes);
+}
+
 v1::ArenaDescriptor QueriesDescriptor(const WorkerBuffer& b) {
-  v1::ArenaDescriptor d;
-  d.set_kind("query_window");
-  d.set_memory(v1::MEMORY_KIND_HOST_SHM);
-  d.set_shm_name(b.name);
-  d.set_byte_length(kQueryBytes);
-  d.set_layout_version(1);
-  auto* a = d.add_arrays();
-  a->set_name("q");
-  a->set_dtype(v1::DTYPE_FLOAT16);
-  for (int64_t s : {kL, kHq, kWindow, kD}) a->add_shape(s);
-  for (int64_t s : {kHq * kWindow * kD, kWindow * kD, kD, 1}) a->add_strides(s);
-  a->set_byte_offset(0);
-  a->set_byte_length(kQueryBytes);
-  return d;
+  return Describe(b, "query_window", "q", {kL, kHq, kWindow, kD},
+                  {kHq * kWindow * kD, kWindow * kD, kD, 1}, kQueryBytes);
 }
 
 absl::Status Register(Client& c, const std::string& id, const v1::ArenaDescriptor& keys,
@@ -127,14 +104,6 @@ absl::Status Register(Client& c, const std::string& id, const v1::ArenaDescripto
   const grpc::Status s = c.stub().RegisterBuffers(&ctx, r, &out);
   return s.ok() ? absl::OkStatus()
                 : absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message());
-}
-
-v1::Tensor F16Tensor(std::vector<int64_t> shape, const std::vector<uint16_t>& v) {
-  v1::Tensor t;
-  t.set_dtype(v1::DTYPE_FLOAT16);
-  for (int64_t s : shape) t.add_shape(s);
-  t.set_data(std::string(reinterpret_cast<const char*>(v.data()), v.size() * 2));
-  return t;
 }
 
 void RunAdvisoryLoop(const std::string& scorer, const std::string& allocator, int steps,
@@ -220,14 +189,7 @@ void RunAdvisoryLoop(const std::string& scorer, const std::string& allocator, in
                 kin.begin() + static_cast<int64_t>(i * n_max * kD));
       it->add_lengths(static_cast<int32_t>(k[static_cast<size_t>(i)].size() / kD));
     }
-    std::vector<uint16_t> window(size_t{kL} * kHq * kWindow * kD);
-    for (int lq = 0; lq < kL * kHq; ++lq) {
-      for (int w = 0; w < kWindow; ++w) {
-        std::copy_n(history[static_cast<size_t>(w)].begin() + lq * kD, kD,
-                    window.begin() + (lq * kWindow + w) * kD);
-      }
-    }
-    *it->mutable_query_window() = F16Tensor({kL, kHq, kWindow, kD}, window);
+    *it->mutable_query_window() = QueryWindow(history);
     *it->mutable_keys() = F16Tensor({kL, kHkv, static_cast<int64_t>(n_max), kD}, kin);
     auto want = c.Compress(inline_request);
     ASSERT_TRUE(want.ok()) << want.status();

@@ -17,38 +17,18 @@
 #include "client/session_view.h"
 #include "core/dtype.h"
 #include "tests/integration/server_process.h"
+#include "tests/integration/shm_test_common.h"
 
 namespace reasonalloc {
 namespace {
 
 using ::testing::HasSubstr;
 using testing::ServerProcess;
-
-constexpr int kL = 2, kHq = 4, kHkv = 2, kD = 8, kWindow = 4, kB = 16, kDelta = 8;
-constexpr int kHeads = kL * kHkv;
+using namespace shm_test;  // NOLINT: the shared geometry and helpers
 
 v1::CreateSessionRequest Request(const std::string& allocator, v1::MemoryKind memory,
                                  const std::string& scorer = "rkv") {
-  v1::CreateSessionRequest r;
-  auto* m = r.mutable_model();
-  m->set_name("arena-test");
-  m->set_num_layers(kL);
-  m->set_num_q_heads(kHq);
-  m->set_num_kv_heads(kHkv);
-  m->set_head_dim(kD);
-  m->set_dtype(v1::DTYPE_FLOAT16);
-  m->set_max_context(4096);
-  r.mutable_budget()->set_budget(kB);
-  r.mutable_budget()->set_buffer(kDelta);
-  r.mutable_budget()->set_window(kWindow);
-  r.mutable_scorer()->set_name(scorer);
-  // Causal window softmax: each window row sees a different prefix, so the ring's order matters.
-  r.mutable_scorer()->set_softmax_all_keys(true);
-  r.mutable_allocator()->set_name(allocator);
-  r.set_mode(v1::SESSION_MODE_MANAGED);
-  r.set_memory(memory);
-  r.set_lease_seconds(600);
-  return r;
+  return ShmTestRequest("arena-test", scorer, allocator, memory, v1::SESSION_MODE_MANAGED);
 }
 
 struct Arenas {
@@ -67,14 +47,6 @@ Arenas MapAll(const v1::SessionInfo& info) {
     if (d.kind() == "h2o_acc") a.h2o = std::move(m).value();
   }
   return a;
-}
-
-v1::Tensor F16Tensor(std::vector<int64_t> shape, const std::vector<uint16_t>& v) {
-  v1::Tensor t;
-  t.set_dtype(v1::DTYPE_FLOAT16);
-  for (int64_t s : shape) t.add_shape(s);
-  t.set_data(std::string(reinterpret_cast<const char*>(v.data()), v.size() * 2));
-  return t;
 }
 
 // Counts in *uneven the events that gave the heads unequal budgets (moved head regions). With
@@ -185,15 +157,8 @@ void RunDecodeLoop(const std::string& scorer, const std::string& allocator, int 
                 vin.begin() + static_cast<int64_t>(i * n_max * kD));
       it->add_lengths(static_cast<int32_t>(k[static_cast<size_t>(i)].size() / kD));
     }
-    std::vector<uint16_t> window(size_t{kL} * kHq * kWindow * kD);
-    for (int lq = 0; lq < kL * kHq; ++lq) {
-      for (int w = 0; w < kWindow; ++w) {
-        std::copy_n(history[static_cast<size_t>(w)].begin() + lq * kD, kD,
-                    window.begin() + (lq * kWindow + w) * kD);
-      }
-    }
     const auto nm = static_cast<int64_t>(n_max);
-    *it->mutable_query_window() = F16Tensor({kL, kHq, kWindow, kD}, window);
+    *it->mutable_query_window() = QueryWindow(history);
     *it->mutable_keys() = F16Tensor({kL, kHkv, nm, kD}, kin);
     *it->mutable_values() = F16Tensor({kL, kHkv, nm, kD}, vin);
     if (attention) {
