@@ -1,0 +1,261 @@
+#include "worker/driver.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+
+namespace reasonalloc::worker {
+namespace {
+
+double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// The step's batch index b is active sequence slots[b].
+class SlotStore : public KvStore {
+ public:
+  SlotStore(KvBackend* base, const std::vector<int>* slots) : base_(base), slots_(slots) {}
+  int Length(int b, int l, int h) const override { return base_->Length(Slot(b), l, h); }
+  float* KeyRow(int b, int l, int h, int row) override { return base_->KeyRow(Slot(b), l, h, row); }
+  float* ValueRow(int b, int l, int h, int row) override {
+    return base_->ValueRow(Slot(b), l, h, row);
+  }
+
+ private:
+  int Slot(int b) const { return (*slots_)[static_cast<size_t>(b)]; }
+  KvBackend* base_;
+  const std::vector<int>* slots_;
+};
+
+}  // namespace
+
+std::string Policy::Name() const {
+  std::string name = absl::StrCat(scorer, "/", allocator);
+  if (allocator == "reasonalloc") absl::StrAppend(&name, "-", reasonalloc_mode);
+  return name;
+}
+
+absl::StatusOr<v1::CreateSessionRequest> SessionRequest(const ModelConfig& config,
+                                                        const std::string& model_name,
+                                                        const Policy& policy) {
+  v1::CreateSessionRequest r;
+  auto* m = r.mutable_model();
+  m->set_name(model_name);
+  m->set_num_layers(config.layers);
+  m->set_num_q_heads(config.q_heads);
+  m->set_num_kv_heads(config.kv_heads);
+  m->set_head_dim(config.head_dim);
+  m->set_dtype(v1::DTYPE_FLOAT32);
+  m->set_max_context(config.context);
+  r.mutable_budget()->set_budget(policy.budget);
+  r.mutable_budget()->set_buffer(policy.buffer);
+  r.mutable_budget()->set_window(policy.window);
+  r.mutable_scorer()->set_name(policy.scorer);
+  auto* a = r.mutable_allocator();
+  a->set_name(policy.allocator);
+  a->set_profile(policy.profile);
+  if (policy.allocator == "reasonalloc") {
+    if (policy.reasonalloc_mode == "layer") {
+      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_LAYER);
+    } else if (policy.reasonalloc_mode == "head") {
+      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_HEAD);
+    } else if (policy.reasonalloc_mode == "full") {
+      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_FULL);
+    } else {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--mode \"", policy.reasonalloc_mode, "\" is not one of layer, head, full"));
+    }
+  }
+  r.set_mode(v1::SESSION_MODE_MANAGED);
+  r.set_memory(v1::MEMORY_KIND_HOST_SHM);
+  r.set_lease_seconds(600);
+  return r;
+}
+
+absl::StatusOr<std::unique_ptr<SidecarBackend>> SidecarBackend::Open(Client* client,
+                                                                     const ModelConfig& config,
+                                                                     const std::string& model_name,
+                                                                     const Policy& policy,
+                                                                     int batch) {
+  auto request = SessionRequest(config, model_name, policy);
+  if (!request.ok()) return request.status();
+  std::unique_ptr<SidecarBackend> backend(new SidecarBackend());
+  backend->client_ = client;
+  backend->config_ = config;
+  for (int b = 0; b < batch; ++b) {
+    auto created = client->CreateSession(*request);
+    if (!created.ok()) return created.status();
+    backend->ids_.push_back(created->session().session_id());
+    auto view = SessionView::Map(created->session());
+    if (!view.ok()) return view.status();
+    backend->views_.push_back(*std::move(view));
+  }
+  return backend;
+}
+
+SidecarBackend::~SidecarBackend() {
+  views_.clear();
+  for (const std::string& id : ids_) (void)client_->CloseSession(id);
+}
+
+absl::Status SidecarBackend::BeforeStep(int slot, int64_t step) {
+  const SessionView& view = *views_[static_cast<size_t>(slot)];
+  bool full = false;
+  for (int l = 0; l < config_.layers && !full; ++l) {
+    for (int h = 0; h < config_.kv_heads && !full; ++h) {
+      full = view.length(l, h) >= view.capacity(l, h);
+    }
+  }
+  if (!full) return absl::OkStatus();
+  v1::CompressRequest request;
+  request.set_session_id(ids_[static_cast<size_t>(slot)]);
+  request.set_step(step - 1);
+  request.set_omit_keep_mask(true);
+  const double t0 = Now();
+  auto response = client_->Compress(request);
+  compress_seconds_ += Now() - t0;
+  if (!response.ok()) {
+    return absl::Status(response.status().code(), absl::StrCat("Compress at step ", step - 1, ": ",
+                                                               response.status().message()));
+  }
+  ++events_;
+  return absl::OkStatus();
+}
+
+absl::Status SidecarBackend::Commit(int slot, int64_t step, const float* keys, const float* values,
+                                    const float* queries) {
+  return views_[static_cast<size_t>(slot)]->Append(step, keys, values, queries);
+}
+
+int64_t SidecarBackend::Bytes(int slot) const {
+  const SessionView& view = *views_[static_cast<size_t>(slot)];
+  int64_t rows = 0;
+  for (int l = 0; l < config_.layers; ++l) {
+    for (int h = 0; h < config_.kv_heads; ++h) rows += view.length(l, h);
+  }
+  return rows * config_.head_dim * 2 * static_cast<int64_t>(sizeof(float));
+}
+
+std::vector<double> SidecarBackend::LayerBudgets(int slot) const {
+  const SessionView& view = *views_[static_cast<size_t>(slot)];
+  std::vector<double> out(static_cast<size_t>(config_.layers), 0.0);
+  for (int l = 0; l < config_.layers; ++l) {
+    for (int h = 0; h < config_.kv_heads; ++h) out[static_cast<size_t>(l)] += view.budget(l, h);
+    out[static_cast<size_t>(l)] /= config_.kv_heads;
+  }
+  return out;
+}
+
+int32_t Sample(const float* logits, int vocab, float temperature, std::mt19937_64* rng) {
+  if (temperature <= 0) {
+    int32_t best = 0;
+    for (int32_t i = 1; i < vocab; ++i) {
+      if (logits[i] > logits[best]) best = i;
+    }
+    return best;
+  }
+  const float mx = *std::max_element(logits, logits + vocab);
+  std::vector<double> p(static_cast<size_t>(vocab));
+  double sum = 0;
+  for (int i = 0; i < vocab; ++i) {
+    p[static_cast<size_t>(i)] = std::exp((logits[i] - mx) / temperature);
+    sum += p[static_cast<size_t>(i)];
+  }
+  double u = std::uniform_real_distribution<double>(0.0, sum)(*rng);
+  for (int i = 0; i < vocab; ++i) {
+    u -= p[static_cast<size_t>(i)];
+    if (u <= 0) return i;
+  }
+  return vocab - 1;
+}
+
+absl::StatusOr<RunResult> Run(const Model& model, KvBackend* kv,
+                              const std::vector<std::vector<int32_t>>& prompts,
+                              const RunOptions& options) {
+  const ModelConfig& c = model.config();
+  const int batch = static_cast<int>(prompts.size());
+  for (int b = 0; b < batch; ++b) {
+    if (prompts[static_cast<size_t>(b)].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("prompt ", b, " is empty"));
+    }
+    for (int32_t t : prompts[static_cast<size_t>(b)]) {
+      if (t < 0 || t >= c.vocab) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("prompt ", b, ": token ", t, " out of range"));
+      }
+    }
+  }
+  if (options.max_new_tokens < 1) return absl::InvalidArgumentError("max_new_tokens must be ≥ 1");
+  RunResult result;
+  result.generated.resize(static_cast<size_t>(batch));
+  result.peak_bytes.assign(static_cast<size_t>(batch), 0);
+  result.final_bytes.assign(static_cast<size_t>(batch), 0);
+  std::vector<int64_t> pos(static_cast<size_t>(batch), 0);
+  std::vector<int32_t> next(static_cast<size_t>(batch));
+  std::vector<bool> done(static_cast<size_t>(batch), false);
+  std::mt19937_64 rng(options.seed);
+  StepOutputs out;
+  const size_t kv_row = static_cast<size_t>(c.layers) * c.kv_heads * c.head_dim;
+  const size_t q_row = static_cast<size_t>(c.layers) * c.embd;
+  for (int b = 0; b < batch; ++b) next[static_cast<size_t>(b)] = prompts[static_cast<size_t>(b)][0];
+  const double t0 = Now();
+  while (true) {
+    std::vector<int> slots;
+    std::vector<int32_t> tokens;
+    std::vector<int64_t> positions;
+    for (int b = 0; b < batch; ++b) {
+      if (done[static_cast<size_t>(b)]) continue;
+      if (auto s = kv->BeforeStep(b, pos[static_cast<size_t>(b)]); !s.ok()) return s;
+      slots.push_back(b);
+      tokens.push_back(next[static_cast<size_t>(b)]);
+      positions.push_back(pos[static_cast<size_t>(b)]);
+    }
+    if (slots.empty()) break;
+    SlotStore store(kv, &slots);
+    model.Step(tokens, positions, &store, &out);
+    result.tokens += static_cast<int64_t>(slots.size());
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const int b = slots[i];
+      const size_t ub = static_cast<size_t>(b);
+      const int64_t step = pos[ub];
+      if (auto s = kv->Commit(b, step, out.keys.data() + i * kv_row, out.values.data() + i * kv_row,
+                              out.queries.data() + i * q_row);
+          !s.ok()) {
+        return s;
+      }
+      if (options.after_step) {
+        if (auto s = options.after_step(b, step, out.queries.data() + i * q_row); !s.ok()) return s;
+      }
+      result.peak_bytes[ub] = std::max(result.peak_bytes[ub], kv->Bytes(b));
+      ++pos[ub];
+      const auto& prompt = prompts[ub];
+      if (pos[ub] < static_cast<int64_t>(prompt.size())) {
+        next[ub] = prompt[static_cast<size_t>(pos[ub])];
+        continue;
+      }
+      const float* logits = out.logits.data() + i * static_cast<size_t>(c.vocab);
+      const int index = static_cast<int>(result.generated[ub].size());
+      if (options.on_logits) options.on_logits(b, index, logits);
+      const int32_t chosen = Sample(logits, c.vocab, options.temperature, &rng);
+      result.generated[ub].push_back(chosen);
+      int32_t fed = chosen;
+      if (!options.forced.empty()) {
+        const auto& forced = options.forced[ub];
+        fed = static_cast<size_t>(index) < forced.size() ? forced[static_cast<size_t>(index)] : -1;
+      }
+      const bool eos = options.stop_at_eos && options.forced.empty() && chosen == options.eos;
+      if (eos || index + 1 >= options.max_new_tokens || fed < 0) {
+        done[ub] = true;
+        result.final_bytes[ub] = kv->Bytes(b);
+        continue;
+      }
+      next[ub] = fed;
+    }
+  }
+  result.seconds = Now() - t0;
+  return result;
+}
+
+}  // namespace reasonalloc::worker

@@ -1,0 +1,388 @@
+// reasonalloc-worker: the project's reference inference worker (a Llama GGUF model on the CPU)
+// decoding through the sidecar or with the full cache.
+//
+//   reasonalloc-worker generate  --prompt TEXT [--full_cache | --target unix:///...] [policy flags]
+//   reasonalloc-worker calibrate --target T --prompts FILE --out deploy/profiles/NAME.json
+//   reasonalloc-worker tokenize  --text TEXT [--chat]
+//   reasonalloc-worker logits    --tokens 1,2,3 --out logits.npy
+#include <google/protobuf/util/json_util.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
+#include "core/cli_args.h"
+#include "core/npy.h"
+#include "worker/driver.h"
+#include "worker/model_files.h"
+#include "worker/tokenizer.h"
+
+ABSL_FLAG(std::string, model, "", "GGUF file (default: $REASONALLOC_MODEL, then the setup cache)");
+ABSL_FLAG(std::string, target, "", "Sidecar address (unix:///path or host:port)");
+ABSL_FLAG(bool, full_cache, false, "generate: keep every token (no sidecar)");
+ABSL_FLAG(std::string, prompt, "", "generate: the user's message (the chat template is applied)");
+ABSL_FLAG(std::string, prompts, "", "File of prompts, one per line (\\n stands for a newline)");
+ABSL_FLAG(int, batch, 1, "generate: decode this many copies of --prompt at once");
+ABSL_FLAG(int, max_tokens, 256, "Tokens to generate per sequence");
+ABSL_FLAG(double, temperature, 0, "0 = greedy");
+ABSL_FLAG(uint64_t, seed, 0, "Sampling seed");
+ABSL_FLAG(bool, ignore_eos, false, "Keep generating past the end-of-turn token");
+ABSL_FLAG(std::string, scorer, "rkv", "snapkv | h2o | streaming | rkv");
+ABSL_FLAG(std::string, allocator, "reasonalloc", "uniform | pyramid | adakv | reasonalloc");
+ABSL_FLAG(std::string, mode, "full", "reasonalloc: layer | head | full");
+ABSL_FLAG(std::string, profile, "", "Layer profile name (empty = the model name)");
+ABSL_FLAG(std::string, model_name, "smollm2-135m-instruct", "Model name given to the sidecar");
+ABSL_FLAG(int, budget, 64, "Tokens kept per head (mean)");
+ABSL_FLAG(int, buffer, 64, "Δ: decode steps between compression events");
+ABSL_FLAG(int, window, 8, "α: observation window");
+ABSL_FLAG(std::string, text, "", "tokenize: the text");
+ABSL_FLAG(bool, chat, false, "tokenize: apply the chat template");
+ABSL_FLAG(std::string, tokens, "", "logits: comma-separated token ids");
+ABSL_FLAG(std::string, out, "", "logits: .npy output; calibrate: profile JSON output");
+ABSL_FLAG(double, rho, 0.93, "calibrate: attention-mass fraction ρ");
+ABSL_FLAG(int, stride, 16, "calibrate: measure every stride-th step");
+ABSL_FLAG(bool, json, false, "generate: print a JSON summary line");
+
+namespace reasonalloc::worker {
+namespace {
+
+int Fail(const absl::Status& status) {
+  std::cerr << "reasonalloc-worker: " << status << "\n";
+  return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+}
+
+struct Loaded {
+  std::unique_ptr<GgufFile> file;
+  std::unique_ptr<Model> model;
+  std::unique_ptr<Tokenizer> tokenizer;
+};
+
+absl::StatusOr<Loaded> Load(bool with_model) {
+  auto path = ResolveModelPath(absl::GetFlag(FLAGS_model));
+  if (!path.ok()) return path.status();
+  Loaded l;
+  auto file = GgufFile::Open(*path);
+  if (!file.ok()) return file.status();
+  l.file = *std::move(file);
+  auto tok = Tokenizer::FromGguf(*l.file);
+  if (!tok.ok()) return tok.status();
+  l.tokenizer = *std::move(tok);
+  if (with_model) {
+    auto model = Model::Load(*l.file);
+    if (!model.ok()) return model.status();
+    l.model = *std::move(model);
+  }
+  return l;
+}
+
+absl::StatusOr<std::unique_ptr<Client>> Connect() {
+  const std::string target = absl::GetFlag(FLAGS_target);
+  if (target.empty()) return absl::InvalidArgumentError("--target is required (or --full_cache)");
+  Client::Options options;
+  options.target = target;
+  options.timeout = absl::Seconds(120);
+  return Client::Connect(options);
+}
+
+Policy PolicyFromFlags() {
+  Policy p;
+  p.scorer = absl::GetFlag(FLAGS_scorer);
+  p.allocator = absl::GetFlag(FLAGS_allocator);
+  p.reasonalloc_mode = absl::GetFlag(FLAGS_mode);
+  p.profile = absl::GetFlag(FLAGS_profile);
+  p.budget = absl::GetFlag(FLAGS_budget);
+  p.buffer = absl::GetFlag(FLAGS_buffer);
+  p.window = absl::GetFlag(FLAGS_window);
+  return p;
+}
+
+absl::StatusOr<std::vector<std::string>> PromptsFromFlags() {
+  std::vector<std::string> prompts;
+  if (!absl::GetFlag(FLAGS_prompts).empty()) {
+    auto p = ReadPrompts(absl::GetFlag(FLAGS_prompts));
+    if (!p.ok()) return p.status();
+    prompts = *std::move(p);
+  } else if (!absl::GetFlag(FLAGS_prompt).empty()) {
+    for (int b = 0; b < absl::GetFlag(FLAGS_batch); ++b)
+      prompts.push_back(absl::GetFlag(FLAGS_prompt));
+  }
+  if (prompts.empty()) return absl::InvalidArgumentError("--prompt or --prompts is required");
+  if (absl::GetFlag(FLAGS_batch) < 1) return absl::InvalidArgumentError("--batch must be ≥ 1");
+  return prompts;
+}
+
+int Generate() {
+  auto prompts = PromptsFromFlags();
+  if (!prompts.ok()) return Fail(prompts.status());
+  auto loaded = Load(true);
+  if (!loaded.ok()) return Fail(loaded.status());
+  const ModelConfig& config = loaded->model->config();
+  std::vector<std::vector<int32_t>> ids;
+  for (const std::string& p : *prompts)
+    ids.push_back(loaded->tokenizer->Encode(loaded->tokenizer->ChatPrompt(p)));
+  RunOptions options;
+  options.max_new_tokens = absl::GetFlag(FLAGS_max_tokens);
+  options.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
+  options.seed = absl::GetFlag(FLAGS_seed);
+  options.stop_at_eos = !absl::GetFlag(FLAGS_ignore_eos);
+  options.eos = loaded->tokenizer->eos();
+  std::unique_ptr<Client> client;
+  std::unique_ptr<KvBackend> backend;
+  SidecarBackend* sidecar = nullptr;
+  const Policy policy = PolicyFromFlags();
+  if (absl::GetFlag(FLAGS_full_cache)) {
+    backend = std::make_unique<FullCacheBackend>(config, static_cast<int>(ids.size()));
+  } else {
+    auto c = Connect();
+    if (!c.ok()) return Fail(c.status());
+    client = *std::move(c);
+    auto s = SidecarBackend::Open(client.get(), config, absl::GetFlag(FLAGS_model_name), policy,
+                                  static_cast<int>(ids.size()));
+    if (!s.ok()) return Fail(s.status());
+    sidecar = s->get();
+    backend = *std::move(s);
+  }
+  auto result = Run(*loaded->model, backend.get(), ids, options);
+  if (!result.ok()) return Fail(result.status());
+  const bool json = absl::GetFlag(FLAGS_json);
+  int64_t generated = 0;
+  for (size_t b = 0; b < ids.size(); ++b) {
+    generated += static_cast<int64_t>(result->generated[b].size());
+    if (!json && (b == 0 || ids.size() <= 4)) {
+      std::cout << "--- sequence " << b << " (" << ids[b].size() << " prompt tokens, "
+                << result->generated[b].size() << " generated)\n"
+                << loaded->tokenizer->Decode(result->generated[b]) << "\n";
+    }
+  }
+  // The full cache of the same sequence: every position's K and V, fp32.
+  const int64_t row_bytes = int64_t{config.layers} * config.kv_heads * config.head_dim * 2 * 4;
+  const int64_t full_bytes = (static_cast<int64_t>(ids[0].size()) +
+                              static_cast<int64_t>(result->generated[0].size()) - 1) *
+                             row_bytes;
+  const double tps = static_cast<double>(result->tokens) / result->seconds;
+  if (json) {
+    std::string gen = absl::StrJoin(result->generated[0], ",");
+    std::cout << "{\"policy\":\"" << (sidecar ? policy.Name() : "full")
+              << "\",\"budget\":" << (sidecar ? policy.budget : 0) << ",\"batch\":" << ids.size()
+              << ",\"seconds\":" << result->seconds << ",\"steps\":" << result->tokens
+              << ",\"tokens_per_second\":" << tps
+              << ",\"compress_seconds\":" << (sidecar ? sidecar->compress_seconds() : 0.0)
+              << ",\"events\":" << (sidecar ? sidecar->events() : 0)
+              << ",\"peak_kv_bytes\":" << result->peak_bytes[0]
+              << ",\"full_kv_bytes\":" << full_bytes << ",\"prompt_tokens\":" << ids[0].size()
+              << ",\"generated\":[" << gen << "]";
+    if (sidecar) {
+      std::cout << ",\"layer_budgets\":[" << absl::StrJoin(sidecar->LayerBudgets(0), ",") << "]";
+    }
+    std::cout << "}\n";
+    return 0;
+  }
+  std::printf("--- %s: %lld steps (prompt and generated) in %.2f s = %.1f tokens/s at batch %zu\n",
+              sidecar ? policy.Name().c_str() : "full cache",
+              static_cast<long long>(result->tokens), result->seconds, tps, ids.size());
+  std::printf("KV held (sequence 0): peak %.2f MiB, full cache %.2f MiB (%.1f%%)\n",
+              result->peak_bytes[0] / 1048576.0, full_bytes / 1048576.0,
+              100.0 * static_cast<double>(result->peak_bytes[0]) / static_cast<double>(full_bytes));
+  if (sidecar) {
+    std::printf("sidecar: %lld compression events, %.3f s in Compress (%.1f%% of the run)\n",
+                static_cast<long long>(sidecar->events()), sidecar->compress_seconds(),
+                100.0 * sidecar->compress_seconds() / result->seconds);
+  }
+  (void)generated;
+  return 0;
+}
+
+int Tokenize() {
+  auto loaded = Load(false);
+  if (!loaded.ok()) return Fail(loaded.status());
+  std::string text = absl::GetFlag(FLAGS_text);
+  if (absl::GetFlag(FLAGS_chat)) text = loaded->tokenizer->ChatPrompt(text);
+  std::cout << absl::StrJoin(loaded->tokenizer->Encode(text), ",") << "\n";
+  return 0;
+}
+
+int Logits() {
+  std::vector<int32_t> tokens;
+  for (absl::string_view s : absl::StrSplit(absl::GetFlag(FLAGS_tokens), ',', absl::SkipEmpty())) {
+    int32_t t;
+    if (!absl::SimpleAtoi(s, &t))
+      return Fail(
+          absl::InvalidArgumentError(absl::StrCat("--tokens: \"", s, "\" is not an integer")));
+    tokens.push_back(t);
+  }
+  if (tokens.empty()) return Fail(absl::InvalidArgumentError("--tokens is required"));
+  if (absl::GetFlag(FLAGS_out).empty())
+    return Fail(absl::InvalidArgumentError("--out is required"));
+  auto loaded = Load(true);
+  if (!loaded.ok()) return Fail(loaded.status());
+  const ModelConfig& config = loaded->model->config();
+  for (int32_t t : tokens) {
+    if (t < 0 || t >= config.vocab)
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--tokens: ", t, " is out of range")));
+  }
+  FullCacheBackend cache(config, 1);
+  StepOutputs out;
+  NpyArray array;
+  array.shape = {static_cast<int64_t>(tokens.size()), config.vocab};
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    loaded->model->Step({tokens[i]}, {static_cast<int64_t>(i)}, &cache, &out);
+    (void)cache.Commit(0, static_cast<int64_t>(i), nullptr, nullptr, nullptr);
+    array.data.append(reinterpret_cast<const char*>(out.logits.data()), out.logits.size() * 4);
+  }
+  if (auto s = WriteNpyFile(absl::GetFlag(FLAGS_out), array); !s.ok()) return Fail(s);
+  return 0;
+}
+
+int Calibrate() {
+  auto prompts = PromptsFromFlags();
+  if (!prompts.ok()) return Fail(prompts.status());
+  if (prompts->size() > 8)
+    return Fail(absl::InvalidArgumentError("--prompts: at most 8 probe prompts"));
+  const std::string out_path = absl::GetFlag(FLAGS_out);
+  if (out_path.empty()) return Fail(absl::InvalidArgumentError("--out is required"));
+  const int stride = absl::GetFlag(FLAGS_stride);
+  if (stride < 1) return Fail(absl::InvalidArgumentError("--stride must be ≥ 1"));
+  auto loaded = Load(true);
+  if (!loaded.ok()) return Fail(loaded.status());
+  auto client = Connect();
+  if (!client.ok()) return Fail(client.status());
+  const ModelConfig& c = loaded->model->config();
+  Policy policy = PolicyFromFlags();
+  auto request = SessionRequest(c, absl::GetFlag(FLAGS_model_name), policy);
+  if (!request.ok()) return Fail(request.status());
+  request->set_mode(v1::SESSION_MODE_ADVISORY);
+  request->set_memory(v1::MEMORY_KIND_INLINE);
+  request->mutable_allocator()->set_name("uniform");
+  auto created = (*client)->CreateSession(*request);
+  if (!created.ok()) return Fail(created.status());
+  const std::string id = created->session().session_id();
+  {
+    grpc::ClientContext ctx;
+    (*client)->AttachSessionTokens(&ctx, {id});
+    v1::StartCalibrationRequest start;
+    start.set_session_id(id);
+    start.set_rho(absl::GetFlag(FLAGS_rho));
+    start.set_stride(1);  // the worker chooses the steps; every call it makes is measured
+    v1::CalibrationStatus status;
+    if (auto s = (*client)->stub().StartCalibration(&ctx, start, &status); !s.ok()) {
+      return Fail(absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message()));
+    }
+  }
+  std::vector<std::vector<int32_t>> ids;
+  for (const std::string& p : *prompts)
+    ids.push_back(loaded->tokenizer->Encode(loaded->tokenizer->ChatPrompt(p)));
+  FullCacheBackend cache(c, static_cast<int>(ids.size()));
+  const int window = policy.window;
+  // Each sequence's recent queries, [α][L, Hq, d] as a ring.
+  const size_t q_row = static_cast<size_t>(c.layers) * c.embd;
+  std::vector<std::vector<float>> ring(ids.size(), std::vector<float>(q_row * window));
+  int64_t calls = 0;
+  RunOptions options;
+  options.max_new_tokens = absl::GetFlag(FLAGS_max_tokens);
+  options.eos = loaded->tokenizer->eos();
+  options.stop_at_eos = !absl::GetFlag(FLAGS_ignore_eos);
+  const int64_t d = c.head_dim;
+  options.after_step = [&](int b, int64_t step, const float* q) -> absl::Status {
+    std::vector<float>& r = ring[static_cast<size_t>(b)];
+    std::copy_n(q, q_row, r.begin() + static_cast<std::ptrdiff_t>((step % window) * q_row));
+    if (step + 1 < window || (step + 1) % stride != 0) return absl::OkStatus();
+    v1::CompressRequest req;
+    req.set_session_id(id);
+    req.set_step(calls++);
+    req.set_omit_keep_mask(true);
+    auto* in = req.mutable_inline_tensors();
+    auto* qw = in->mutable_query_window();
+    qw->set_dtype(v1::DTYPE_FLOAT32);
+    for (int64_t s : {int64_t{c.layers}, int64_t{c.q_heads}, int64_t{window}, d}) qw->add_shape(s);
+    std::string* qd = qw->mutable_data();
+    qd->resize(static_cast<size_t>(c.layers) * c.q_heads * window * d * 4);
+    float* qp = reinterpret_cast<float*>(qd->data());
+    for (int l = 0; l < c.layers; ++l) {
+      for (int h = 0; h < c.q_heads; ++h) {
+        for (int w = 0; w < window; ++w) {
+          const int64_t s = step - window + 1 + w;
+          const float* src =
+              r.data() + (s % window) * q_row + (static_cast<size_t>(l) * c.q_heads + h) * d;
+          std::copy_n(src, d, qp + ((static_cast<int64_t>(l) * c.q_heads + h) * window + w) * d);
+        }
+      }
+    }
+    const int64_t n = step + 1;
+    auto* keys = in->mutable_keys();
+    keys->set_dtype(v1::DTYPE_FLOAT32);
+    for (int64_t s : {int64_t{c.layers}, int64_t{c.kv_heads}, n, d}) keys->add_shape(s);
+    std::string* kd = keys->mutable_data();
+    kd->resize(static_cast<size_t>(c.layers) * c.kv_heads * n * d * 4);
+    float* kp = reinterpret_cast<float*>(kd->data());
+    for (int l = 0; l < c.layers; ++l) {
+      for (int h = 0; h < c.kv_heads; ++h) {
+        std::copy_n(cache.KeyRow(b, l, h, 0), n * d,
+                    kp + (static_cast<int64_t>(l) * c.kv_heads + h) * n * d);
+      }
+    }
+    auto resp = (*client)->Compress(req);
+    if (!resp.ok()) return resp.status();
+    return absl::OkStatus();
+  };
+  auto result = Run(*loaded->model, &cache, ids, options);
+  if (!result.ok()) return Fail(result.status());
+  grpc::ClientContext ctx;
+  (*client)->AttachSessionTokens(&ctx, {id});
+  v1::FinishCalibrationRequest finish;
+  finish.set_session_id(id);
+  finish.set_profile_name(absl::GetFlag(FLAGS_model_name));
+  v1::LayerProfile profile;
+  if (auto s = (*client)->stub().FinishCalibration(&ctx, finish, &profile); !s.ok()) {
+    return Fail(absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message()));
+  }
+  (void)(*client)->CloseSession(id);
+  int64_t generated = 0;
+  for (const auto& g : result->generated) generated += static_cast<int64_t>(g.size());
+  profile.set_provenance(absl::StrCat("reasonalloc-worker calibrate: ", ids.size(),
+                                      " probe prompts from ", absl::GetFlag(FLAGS_prompts), ", ",
+                                      generated, " generated tokens (greedy, full cache), ", calls,
+                                      " measurements every ", stride, " steps, window ", window,
+                                      ", rho ", absl::GetFlag(FLAGS_rho)));
+  std::string json;
+  google::protobuf::util::JsonPrintOptions print;
+  print.add_whitespace = true;
+  print.preserve_proto_field_names = true;
+  if (auto s = google::protobuf::util::MessageToJsonString(profile, &json, print); !s.ok()) {
+    return Fail(absl::InternalError(std::string(s.message())));
+  }
+  std::ofstream f(out_path);
+  f << json;
+  if (!f.good()) return Fail(absl::InternalError(absl::StrCat("cannot write ", out_path)));
+  std::printf("calibrated %d layers from %lld measurements; wrote %s\n", profile.demand_size(),
+              static_cast<long long>(calls), out_path.c_str());
+  for (int l = 0; l < profile.demand_size(); ++l) {
+    std::printf("layer %2d  %5.2f  %s\n", l, profile.demand(l),
+                std::string(static_cast<size_t>(profile.demand(l) * 20 + 0.5), '#').c_str());
+  }
+  return 0;
+}
+
+int Main(int argc, char** argv) {
+  const auto spelled = NormalizeFlagSpelling(argc, argv);
+  std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  const std::string command = args.size() > 1 ? args[1] : "";
+  if (command == "generate") return Generate();
+  if (command == "calibrate") return Calibrate();
+  if (command == "tokenize") return Tokenize();
+  if (command == "logits") return Logits();
+  std::cerr << "usage: reasonalloc-worker generate|calibrate|tokenize|logits [flags] (--help)\n";
+  return 2;
+}
+
+}  // namespace
+}  // namespace reasonalloc::worker
+
+int main(int argc, char** argv) { return reasonalloc::worker::Main(argc, argv); }

@@ -1,0 +1,263 @@
+#include "worker/model.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "core/blas.h"
+#include "core/thread_pool.h"
+
+namespace reasonalloc::worker {
+namespace {
+
+void RmsNorm(const float* x, const float* w, int n, float eps, float* out) {
+  double ss = 0;
+  for (int i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float scale = 1.0f / std::sqrt(static_cast<float>(ss / n) + eps);
+  for (int i = 0; i < n; ++i) out[i] = x[i] * scale * w[i];
+}
+
+// Rotates adjacent pairs (x[2i], x[2i+1]) by pos·θ^(−2i/d): llama.cpp's "normal" RoPE, which is
+// what the GGUF conversion's permutation of the Q and K weights expects.
+void Rope(float* x, int d, int64_t pos, const std::vector<float>& inv_freq) {
+  for (int i = 0; i < d / 2; ++i) {
+    const double angle = static_cast<double>(pos) * inv_freq[static_cast<size_t>(i)];
+    const float c = static_cast<float>(std::cos(angle)), s = static_cast<float>(std::sin(angle));
+    const float a = x[2 * i], b = x[2 * i + 1];
+    x[2 * i] = a * c - b * s;
+    x[2 * i + 1] = a * s + b * c;
+  }
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const GgufFile& file) {
+  auto arch = file.GetString("general.architecture");
+  if (!arch.ok()) return arch.status();
+  if (*arch != "llama") {
+    return absl::UnimplementedError(
+        absl::StrCat("general.architecture \"", *arch, "\" is not supported (llama is)"));
+  }
+  std::unique_ptr<Model> m(new Model());
+  ModelConfig& c = m->config_;
+  c.name = file.GetString("general.name").value_or("llama");
+  auto get = [&](const char* key, int* out) -> absl::Status {
+    auto v = file.GetInt(absl::StrCat("llama.", key));
+    if (!v.ok()) return v.status();
+    if (*v <= 0 || *v > (1 << 24)) {
+      return absl::InvalidArgumentError(absl::StrCat("llama.", key, " = ", *v));
+    }
+    *out = static_cast<int>(*v);
+    return absl::OkStatus();
+  };
+  for (auto [key, out] : {std::pair{"block_count", &c.layers},
+                          {"embedding_length", &c.embd},
+                          {"feed_forward_length", &c.ff},
+                          {"attention.head_count", &c.q_heads},
+                          {"attention.head_count_kv", &c.kv_heads},
+                          {"context_length", &c.context}}) {
+    if (auto s = get(key, out); !s.ok()) return s;
+  }
+  if (c.embd % c.q_heads != 0 || c.q_heads % c.kv_heads != 0) {
+    return absl::InvalidArgumentError("head counts do not divide the embedding");
+  }
+  c.head_dim = c.embd / c.q_heads;
+  if (c.head_dim % 2 != 0) return absl::InvalidArgumentError("odd head dimension");
+  c.rope_theta = static_cast<float>(file.GetFloat("llama.rope.freq_base").value_or(10000.0));
+  c.rms_eps =
+      static_cast<float>(file.GetFloat("llama.attention.layer_norm_rms_epsilon").value_or(1e-5));
+  auto embed = file.Tensor("token_embd.weight");
+  if (!embed.ok()) return embed.status();
+  if ((*embed)->dims.size() != 2 || (*embed)->dims[0] != c.embd) {
+    return absl::InvalidArgumentError("token_embd.weight is not [embedding_length, vocab]");
+  }
+  c.vocab = static_cast<int>((*embed)->dims[1]);
+  const int64_t kv_dim = int64_t{c.kv_heads} * c.head_dim;
+  auto load = [&](const std::string& name, std::vector<int64_t> shape,
+                  std::vector<float>* out) -> absl::Status {
+    auto t = file.Dequantize(name, shape);
+    if (!t.ok()) return t.status();
+    *out = std::move(*t);
+    return absl::OkStatus();
+  };
+  if (auto s = load("token_embd.weight", {c.embd, c.vocab}, &m->embed_); !s.ok()) return s;
+  if (auto s = load("output_norm.weight", {c.embd}, &m->output_norm_); !s.ok()) return s;
+  if (file.Tensor("output.weight").ok()) {
+    if (auto s = load("output.weight", {c.embd, c.vocab}, &m->output_); !s.ok()) return s;
+  }
+  m->layers_.resize(static_cast<size_t>(c.layers));
+  for (int l = 0; l < c.layers; ++l) {
+    Layer& L = m->layers_[static_cast<size_t>(l)];
+    const std::string p = absl::StrCat("blk.", l, ".");
+    struct Item {
+      const char* name;
+      std::vector<int64_t> shape;
+      std::vector<float>* out;
+    };
+    const Item items[] = {
+        {"attn_norm.weight", {c.embd}, &L.attn_norm},    {"attn_q.weight", {c.embd, c.embd}, &L.wq},
+        {"attn_k.weight", {c.embd, kv_dim}, &L.wk},      {"attn_v.weight", {c.embd, kv_dim}, &L.wv},
+        {"attn_output.weight", {c.embd, c.embd}, &L.wo}, {"ffn_norm.weight", {c.embd}, &L.ffn_norm},
+        {"ffn_gate.weight", {c.embd, c.ff}, &L.w_gate},  {"ffn_up.weight", {c.embd, c.ff}, &L.w_up},
+        {"ffn_down.weight", {c.ff, c.embd}, &L.w_down},
+    };
+    for (const Item& item : items) {
+      if (auto s = load(p + item.name, item.shape, item.out); !s.ok()) return s;
+    }
+  }
+  m->inv_freq_.resize(static_cast<size_t>(c.head_dim / 2));
+  for (int i = 0; i < c.head_dim / 2; ++i) {
+    m->inv_freq_[static_cast<size_t>(i)] =
+        static_cast<float>(std::pow(static_cast<double>(c.rope_theta), -2.0 * i / c.head_dim));
+  }
+  return m;
+}
+
+void Model::Step(const std::vector<int32_t>& tokens, const std::vector<int64_t>& positions,
+                 KvStore* kv, StepOutputs* out) const {
+  const ModelConfig& c = config_;
+  const int B = static_cast<int>(tokens.size());
+  const int E = c.embd, d = c.head_dim, Hq = c.q_heads, Hkv = c.kv_heads, group = Hq / Hkv;
+  const int kv_dim = Hkv * d;
+  std::vector<float> x(static_cast<size_t>(B) * E), h(x.size()), q(x.size()), attn(x.size()),
+      proj(x.size());
+  std::vector<float> k(static_cast<size_t>(B) * kv_dim), v(k.size());
+  std::vector<float> gate(static_cast<size_t>(B) * c.ff), up(gate.size());
+  out->keys.assign(static_cast<size_t>(B) * c.layers * kv_dim, 0.0f);
+  out->values.assign(out->keys.size(), 0.0f);
+  out->queries.assign(static_cast<size_t>(B) * c.layers * E, 0.0f);
+  for (int b = 0; b < B; ++b) {
+    std::copy_n(embed_.data() + static_cast<size_t>(tokens[static_cast<size_t>(b)]) * E, E,
+                x.data() + static_cast<size_t>(b) * E);
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  ThreadPool& pool = ThreadPool::Shared();
+  for (int l = 0; l < c.layers; ++l) {
+    const Layer& L = layers_[static_cast<size_t>(l)];
+    for (int b = 0; b < B; ++b) {
+      RmsNorm(x.data() + static_cast<size_t>(b) * E, L.attn_norm.data(), E, c.rms_eps,
+              h.data() + static_cast<size_t>(b) * E);
+    }
+    GemmABt(B, E, E, 1.0f, h.data(), L.wq.data(), q.data());
+    GemmABt(B, kv_dim, E, 1.0f, h.data(), L.wk.data(), k.data());
+    GemmABt(B, kv_dim, E, 1.0f, h.data(), L.wv.data(), v.data());
+    // Per (sequence, kv head): RoPE, store the new row, attend with the head's query group.
+    pool.ParallelFor(int64_t{B} * Hkv, [&](int64_t job) {
+      const int b = static_cast<int>(job / Hkv), g = static_cast<int>(job % Hkv);
+      const int64_t pos = positions[static_cast<size_t>(b)];
+      float* kr = k.data() + (static_cast<size_t>(b) * Hkv + g) * d;
+      const float* vr = v.data() + (static_cast<size_t>(b) * Hkv + g) * d;
+      Rope(kr, d, pos, inv_freq_);
+      const int n = kv->Length(b, l, g);
+      std::copy_n(kr, d, kv->KeyRow(b, l, g, n));
+      std::copy_n(vr, d, kv->ValueRow(b, l, g, n));
+      const size_t o = ((static_cast<size_t>(b) * c.layers + l) * Hkv + g) * d;
+      std::copy_n(kr, d, out->keys.data() + o);
+      std::copy_n(vr, d, out->values.data() + o);
+      const float* keys = kv->KeyRow(b, l, g, 0);
+      const float* values = kv->ValueRow(b, l, g, 0);
+      std::vector<float> p(static_cast<size_t>(n) + 1);
+      for (int qh = g * group; qh < (g + 1) * group; ++qh) {
+        float* qr = q.data() + static_cast<size_t>(b) * E + static_cast<size_t>(qh) * d;
+        Rope(qr, d, pos, inv_freq_);
+        std::copy_n(qr, d,
+                    out->queries.data() + ((static_cast<size_t>(b) * c.layers + l) * Hq + qh) * d);
+        float mx = -INFINITY;
+        for (int j = 0; j <= n; ++j) {
+          const float* kj = keys + static_cast<size_t>(j) * d;
+          float s = 0;
+          for (int t = 0; t < d; ++t) s += qr[t] * kj[t];
+          p[static_cast<size_t>(j)] = s * scale;
+          mx = std::max(mx, s * scale);
+        }
+        double sum = 0;
+        for (int j = 0; j <= n; ++j) {
+          p[static_cast<size_t>(j)] = std::exp(p[static_cast<size_t>(j)] - mx);
+          sum += p[static_cast<size_t>(j)];
+        }
+        float* o_row = attn.data() + static_cast<size_t>(b) * E + static_cast<size_t>(qh) * d;
+        std::fill_n(o_row, d, 0.0f);
+        const float inv = static_cast<float>(1.0 / sum);
+        for (int j = 0; j <= n; ++j) {
+          const float w = p[static_cast<size_t>(j)] * inv;
+          const float* vj = values + static_cast<size_t>(j) * d;
+          for (int t = 0; t < d; ++t) o_row[t] += w * vj[t];
+        }
+      }
+    });
+    GemmABt(B, E, E, 1.0f, attn.data(), L.wo.data(), proj.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
+    for (int b = 0; b < B; ++b) {
+      RmsNorm(x.data() + static_cast<size_t>(b) * E, L.ffn_norm.data(), E, c.rms_eps,
+              h.data() + static_cast<size_t>(b) * E);
+    }
+    GemmABt(B, c.ff, E, 1.0f, h.data(), L.w_gate.data(), gate.data());
+    GemmABt(B, c.ff, E, 1.0f, h.data(), L.w_up.data(), up.data());
+    for (size_t i = 0; i < gate.size(); ++i) {
+      const float g = gate[i];
+      gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+    GemmABt(B, E, c.ff, 1.0f, gate.data(), L.w_down.data(), proj.data());
+    for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
+  }
+  for (int b = 0; b < B; ++b) {
+    RmsNorm(x.data() + static_cast<size_t>(b) * E, output_norm_.data(), E, c.rms_eps,
+            h.data() + static_cast<size_t>(b) * E);
+  }
+  out->logits.resize(static_cast<size_t>(B) * c.vocab);
+  GemmABt(B, c.vocab, E, 1.0f, h.data(), output_.empty() ? embed_.data() : output_.data(),
+          out->logits.data());
+}
+
+FullCache::FullCache(const ModelConfig& config, int batch)
+    : layers_(config.layers), kv_heads_(config.kv_heads), d_(config.head_dim) {
+  const size_t heads = static_cast<size_t>(batch) * layers_ * kv_heads_;
+  k_.resize(heads);
+  v_.resize(heads);
+  len_.assign(heads, 0);
+}
+
+int FullCache::Length(int b, int layer, int kv_head) const { return len_[Head(b, layer, kv_head)]; }
+
+void FullCache::Ensure(size_t head, int rows) {
+  const size_t need = static_cast<size_t>(rows) * d_;
+  if (k_[head].size() < need) {
+    const size_t grown = std::max(need, 2 * k_[head].size());
+    k_[head].resize(grown);
+    v_[head].resize(grown);
+  }
+}
+
+float* FullCache::KeyRow(int b, int layer, int kv_head, int row) {
+  const size_t head = Head(b, layer, kv_head);
+  Ensure(head, row + 1);
+  return k_[head].data() + static_cast<size_t>(row) * d_;
+}
+
+float* FullCache::ValueRow(int b, int layer, int kv_head, int row) {
+  const size_t head = Head(b, layer, kv_head);
+  Ensure(head, row + 1);
+  return v_[head].data() + static_cast<size_t>(row) * d_;
+}
+
+void FullCache::Commit(int b) {
+  for (int l = 0; l < layers_; ++l) {
+    for (int h = 0; h < kv_heads_; ++h) ++len_[Head(b, l, h)];
+  }
+}
+
+void FullCache::Reserve(int b, int rows) {
+  for (int l = 0; l < layers_; ++l) {
+    for (int h = 0; h < kv_heads_; ++h) Ensure(Head(b, l, h), rows);
+  }
+}
+
+int64_t FullCache::bytes(int b) const {
+  int64_t rows = 0;
+  for (int l = 0; l < layers_; ++l) {
+    for (int h = 0; h < kv_heads_; ++h) rows += len_[Head(b, l, h)];
+  }
+  return rows * d_ * 2 * static_cast<int64_t>(sizeof(float));
+}
+
+}  // namespace reasonalloc::worker
