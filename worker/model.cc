@@ -29,6 +29,25 @@ void Rope(float* x, int d, int64_t pos, const std::vector<float>& inv_freq) {
   }
 }
 
+// y[m × n] = x[m × k] · w[n × k]ᵀ, the n output rows split over the shared pool (core's BLAS runs
+// single-threaded): each part computes its rows of yᵀ = w · xᵀ, then y is transposed back.
+void MatMul(const float* x, int m, const float* w, int n, int k, float* y) {
+  ThreadPool& pool = ThreadPool::Shared();
+  const int parts = std::min<int>(pool.size(), std::max(1, n / 64));
+  std::vector<float> yt(static_cast<size_t>(n) * m);
+  pool.ParallelFor(parts, [&](int64_t part) {
+    const int n0 = static_cast<int>(int64_t{n} * part / parts);
+    const int n1 = static_cast<int>(int64_t{n} * (part + 1) / parts);
+    GemmABt(n1 - n0, m, k, 1.0f, w + static_cast<size_t>(n0) * k, x,
+            yt.data() + static_cast<size_t>(n0) * m);
+  });
+  for (int i = 0; i < m; ++i) {
+    for (int j = 0; j < n; ++j) {
+      y[static_cast<size_t>(i) * n + j] = yt[static_cast<size_t>(j) * m + i];
+    }
+  }
+}
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const GgufFile& file) {
@@ -138,9 +157,9 @@ void Model::Step(const std::vector<int32_t>& tokens, const std::vector<int64_t>&
       RmsNorm(x.data() + static_cast<size_t>(b) * E, L.attn_norm.data(), E, c.rms_eps,
               h.data() + static_cast<size_t>(b) * E);
     }
-    GemmABt(B, E, E, 1.0f, h.data(), L.wq.data(), q.data());
-    GemmABt(B, kv_dim, E, 1.0f, h.data(), L.wk.data(), k.data());
-    GemmABt(B, kv_dim, E, 1.0f, h.data(), L.wv.data(), v.data());
+    MatMul(h.data(), B, L.wq.data(), E, E, q.data());
+    MatMul(h.data(), B, L.wk.data(), kv_dim, E, k.data());
+    MatMul(h.data(), B, L.wv.data(), kv_dim, E, v.data());
     // Per (sequence, kv head): RoPE, store the new row, attend with the head's query group.
     pool.ParallelFor(int64_t{B} * Hkv, [&](int64_t job) {
       const int b = static_cast<int>(job / Hkv), g = static_cast<int>(job % Hkv);
@@ -185,19 +204,19 @@ void Model::Step(const std::vector<int32_t>& tokens, const std::vector<int64_t>&
         }
       }
     });
-    GemmABt(B, E, E, 1.0f, attn.data(), L.wo.data(), proj.data());
+    MatMul(attn.data(), B, L.wo.data(), E, E, proj.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
     for (int b = 0; b < B; ++b) {
       RmsNorm(x.data() + static_cast<size_t>(b) * E, L.ffn_norm.data(), E, c.rms_eps,
               h.data() + static_cast<size_t>(b) * E);
     }
-    GemmABt(B, c.ff, E, 1.0f, h.data(), L.w_gate.data(), gate.data());
-    GemmABt(B, c.ff, E, 1.0f, h.data(), L.w_up.data(), up.data());
+    MatMul(h.data(), B, L.w_gate.data(), c.ff, E, gate.data());
+    MatMul(h.data(), B, L.w_up.data(), c.ff, E, up.data());
     for (size_t i = 0; i < gate.size(); ++i) {
       const float g = gate[i];
       gate[i] = g / (1.0f + std::exp(-g)) * up[i];
     }
-    GemmABt(B, E, c.ff, 1.0f, gate.data(), L.w_down.data(), proj.data());
+    MatMul(gate.data(), B, L.w_down.data(), E, c.ff, proj.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
   }
   for (int b = 0; b < B; ++b) {
@@ -205,8 +224,8 @@ void Model::Step(const std::vector<int32_t>& tokens, const std::vector<int64_t>&
             h.data() + static_cast<size_t>(b) * E);
   }
   out->logits.resize(static_cast<size_t>(B) * c.vocab);
-  GemmABt(B, c.vocab, E, 1.0f, h.data(), output_.empty() ? embed_.data() : output_.data(),
-          out->logits.data());
+  MatMul(h.data(), B, output_.empty() ? embed_.data() : output_.data(), c.vocab, E,
+         out->logits.data());
 }
 
 FullCache::FullCache(const ModelConfig& config, int batch)
