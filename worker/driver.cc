@@ -74,17 +74,15 @@ absl::StatusOr<v1::CreateSessionRequest> SessionRequest(const ModelConfig& confi
   return r;
 }
 
-absl::StatusOr<std::unique_ptr<SidecarBackend>> SidecarBackend::Open(Client* client,
-                                                                     const ModelConfig& config,
-                                                                     const std::string& model_name,
-                                                                     const Policy& policy,
-                                                                     int batch) {
-  auto request = SessionRequest(config, model_name, policy);
-  if (!request.ok()) return request.status();
+absl::StatusOr<std::unique_ptr<SidecarBackend>> SidecarBackend::Open(
+    Client* client, const ModelConfig& config, const std::string& model_name,
+    const std::vector<Policy>& policies) {
   std::unique_ptr<SidecarBackend> backend(new SidecarBackend());
   backend->client_ = client;
   backend->config_ = config;
-  for (int b = 0; b < batch; ++b) {
+  for (const Policy& policy : policies) {
+    auto request = SessionRequest(config, model_name, policy);
+    if (!request.ok()) return request.status();
     auto created = client->CreateSession(*request);
     if (!created.ok()) return created.status();
     backend->ids_.push_back(created->session().session_id());
@@ -148,19 +146,26 @@ std::vector<double> SidecarBackend::LayerBudgets(int slot) const {
   return out;
 }
 
-int32_t Sample(const float* logits, int vocab, float temperature, std::mt19937_64* rng) {
+int32_t Sample(const float* logits, int vocab, float temperature, std::mt19937_64* rng,
+               const std::vector<int32_t>& suppress) {
+  auto allowed = [&](int32_t i) {
+    return std::find(suppress.begin(), suppress.end(), i) == suppress.end();
+  };
   if (temperature <= 0) {
-    int32_t best = 0;
-    for (int32_t i = 1; i < vocab; ++i) {
-      if (logits[i] > logits[best]) best = i;
+    int32_t best = -1;
+    for (int32_t i = 0; i < vocab; ++i) {
+      if ((best < 0 || logits[i] > logits[best]) && allowed(i)) best = i;
     }
     return best;
   }
-  const float mx = *std::max_element(logits, logits + vocab);
+  float mx = -INFINITY;
+  for (int32_t i = 0; i < vocab; ++i) {
+    if (allowed(i)) mx = std::max(mx, logits[i]);
+  }
   std::vector<double> p(static_cast<size_t>(vocab));
   double sum = 0;
   for (int i = 0; i < vocab; ++i) {
-    p[static_cast<size_t>(i)] = std::exp((logits[i] - mx) / temperature);
+    p[static_cast<size_t>(i)] = allowed(i) ? std::exp((logits[i] - mx) / temperature) : 0.0;
     sum += p[static_cast<size_t>(i)];
   }
   double u = std::uniform_real_distribution<double>(0.0, sum)(*rng);
@@ -238,7 +243,7 @@ absl::StatusOr<RunResult> Run(const Model& model, KvBackend* kv,
       const float* logits = out.logits.data() + i * static_cast<size_t>(c.vocab);
       const int index = static_cast<int>(result.generated[ub].size());
       if (options.on_logits) options.on_logits(b, index, logits);
-      const int32_t chosen = Sample(logits, c.vocab, options.temperature, &rng);
+      const int32_t chosen = Sample(logits, c.vocab, options.temperature, &rng, options.suppress);
       result.generated[ub].push_back(chosen);
       int32_t fed = chosen;
       if (!options.forced.empty()) {

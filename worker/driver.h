@@ -69,11 +69,12 @@ absl::StatusOr<v1::CreateSessionRequest> SessionRequest(const ModelConfig& confi
 
 class SidecarBackend : public KvBackend {
  public:
-  // Opens one managed host-shm session per sequence (closed again by the destructor).
+  // Opens one managed host-shm session per sequence, sequence b with policies[b] (closed again by
+  // the destructor).
   static absl::StatusOr<std::unique_ptr<SidecarBackend>> Open(Client* client,
                                                               const ModelConfig& config,
                                                               const std::string& model_name,
-                                                              const Policy& policy, int batch);
+                                                              const std::vector<Policy>& policies);
   ~SidecarBackend() override;
 
   int Length(int b, int l, int h) const override { return views_[b]->length(l, h); }
@@ -109,6 +110,8 @@ struct RunOptions {
   uint64_t seed = 0;
   bool stop_at_eos = true;
   int32_t eos = -1;
+  // Tokens never chosen (e.g. the control tokens, to get a trajectory of a fixed length).
+  std::vector<int32_t> suppress;
   // Teacher forcing: forced[b] are the tokens fed after the prompt (the first max_new_tokens − 1
   // of them are used); the model's own choices are still reported.
   std::vector<std::vector<int32_t>> forced;
@@ -131,8 +134,9 @@ absl::StatusOr<RunResult> Run(const Model& model, KvBackend* kv,
                               const std::vector<std::vector<int32_t>>& prompts,
                               const RunOptions& options);
 
-// Greedy or temperature sampling over `vocab` logits.
-int32_t Sample(const float* logits, int vocab, float temperature, std::mt19937_64* rng);
+// Greedy or temperature sampling over `vocab` logits, never choosing a token in `suppress`.
+int32_t Sample(const float* logits, int vocab, float temperature, std::mt19937_64* rng,
+               const std::vector<int32_t>& suppress = {});
 
 }  // namespace reasonalloc::worker
 

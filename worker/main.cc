@@ -34,7 +34,8 @@ ABSL_FLAG(int, batch, 1, "generate: decode this many copies of --prompt at once"
 ABSL_FLAG(int, max_tokens, 256, "Tokens to generate per sequence");
 ABSL_FLAG(double, temperature, 0, "0 = greedy");
 ABSL_FLAG(uint64_t, seed, 0, "Sampling seed");
-ABSL_FLAG(bool, ignore_eos, false, "Keep generating past the end-of-turn token");
+ABSL_FLAG(bool, ignore_eos, false,
+          "Never choose a control token (end of turn, ...): generate exactly --max_tokens");
 ABSL_FLAG(std::string, scorer, "rkv", "snapkv | h2o | streaming | rkv");
 ABSL_FLAG(std::string, allocator, "reasonalloc", "uniform | pyramid | adakv | reasonalloc");
 ABSL_FLAG(std::string, mode, "full", "reasonalloc: layer | head | full");
@@ -134,6 +135,7 @@ int Generate() {
   options.seed = absl::GetFlag(FLAGS_seed);
   options.stop_at_eos = !absl::GetFlag(FLAGS_ignore_eos);
   options.eos = loaded->tokenizer->eos();
+  if (absl::GetFlag(FLAGS_ignore_eos)) options.suppress = loaded->tokenizer->ControlTokens();
   std::unique_ptr<Client> client;
   std::unique_ptr<KvBackend> backend;
   SidecarBackend* sidecar = nullptr;
@@ -144,8 +146,8 @@ int Generate() {
     auto c = Connect();
     if (!c.ok()) return Fail(c.status());
     client = *std::move(c);
-    auto s = SidecarBackend::Open(client.get(), config, absl::GetFlag(FLAGS_model_name), policy,
-                                  static_cast<int>(ids.size()));
+    auto s = SidecarBackend::Open(client.get(), config, absl::GetFlag(FLAGS_model_name),
+                                  std::vector<Policy>(ids.size(), policy));
     if (!s.ok()) return Fail(s.status());
     sidecar = s->get();
     backend = *std::move(s);

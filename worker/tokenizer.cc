@@ -249,6 +249,14 @@ std::string Tokenizer::Decode(const std::vector<int32_t>& ids) const {
   return out;
 }
 
+std::vector<int32_t> Tokenizer::ControlTokens() const {
+  std::vector<int32_t> out;
+  for (size_t i = 0; i < types_.size(); ++i) {
+    if (types_[i] == 3) out.push_back(static_cast<int32_t>(i));
+  }
+  return out;
+}
+
 std::string Tokenizer::ChatPrompt(const std::string& user) const {
   return absl::StrCat("<|im_start|>system\n", system_prompt_, "<|im_end|>\n<|im_start|>user\n",
                       user, "<|im_end|>\n<|im_start|>assistant\n");

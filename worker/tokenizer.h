@@ -32,6 +32,9 @@ class Tokenizer {
   // the opening of the assistant's turn.
   std::string ChatPrompt(const std::string& user) const;
 
+  // Ids of the control tokens (<|im_end|>, <|endoftext|>, ...).
+  std::vector<int32_t> ControlTokens() const;
+
   int32_t vocab_size() const { return static_cast<int32_t>(tokens_.size()); }
   int32_t eos() const { return eos_; }
   int32_t bos() const { return bos_; }
