@@ -55,6 +55,23 @@ ABSL_FLAG(bool, json, false, "generate: print a JSON summary line");
 namespace reasonalloc::worker {
 namespace {
 
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char ch : s) {
+    if (ch == '"' || ch == '\\') {
+      out += '\\';
+      out += static_cast<char>(ch);
+    } else if (ch < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof(buf), "\\u%04x", ch);
+      out += buf;
+    } else {
+      out += static_cast<char>(ch);
+    }
+  }
+  return out + "\"";
+}
+
 int Fail(const absl::Status& status) {
   std::cerr << "reasonalloc-worker: " << status << "\n";
   return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
@@ -180,7 +197,8 @@ int Generate() {
               << ",\"events\":" << (sidecar ? sidecar->events() : 0)
               << ",\"peak_kv_bytes\":" << result->peak_bytes[0]
               << ",\"full_kv_bytes\":" << full_bytes << ",\"prompt_tokens\":" << ids[0].size()
-              << ",\"generated\":[" << gen << "]";
+              << ",\"generated\":[" << gen
+              << "],\"text\":" << JsonString(loaded->tokenizer->Decode(result->generated[0]));
     if (sidecar) {
       std::cout << ",\"layer_budgets\":[" << absl::StrJoin(sidecar->LayerBudgets(0), ",") << "]";
     }
