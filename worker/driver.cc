@@ -90,6 +90,8 @@ absl::StatusOr<std::unique_ptr<SidecarBackend>> SidecarBackend::Open(
     if (!view.ok()) return view.status();
     backend->views_.push_back(*std::move(view));
   }
+  backend->slot_events_.assign(policies.size(), 0);
+  backend->slot_seconds_.assign(policies.size(), 0.0);
   return backend;
 }
 
@@ -113,12 +115,15 @@ absl::Status SidecarBackend::BeforeStep(int slot, int64_t step) {
   request.set_omit_keep_mask(true);
   const double t0 = Now();
   auto response = client_->Compress(request);
-  compress_seconds_ += Now() - t0;
+  const double seconds = Now() - t0;
+  compress_seconds_ += seconds;
+  slot_seconds_[static_cast<size_t>(slot)] += seconds;
   if (!response.ok()) {
     return absl::Status(response.status().code(), absl::StrCat("Compress at step ", step - 1, ": ",
                                                                response.status().message()));
   }
   ++events_;
+  ++slot_events_[static_cast<size_t>(slot)];
   return absl::OkStatus();
 }
 
@@ -154,7 +159,7 @@ int32_t Sample(const float* logits, int vocab, float temperature, std::mt19937_6
   if (temperature <= 0) {
     int32_t best = -1;
     for (int32_t i = 0; i < vocab; ++i) {
-      if ((best < 0 || logits[i] > logits[best]) && allowed(i)) best = i;
+      if ((best < 0 || logits[i] > logits[best]) && allowed(i)) best = i;  // allowed: rarely asked
     }
     return best;
   }

@@ -93,6 +93,9 @@ class SidecarBackend : public KvBackend {
   std::vector<double> LayerBudgets(int slot) const;
   int64_t events() const { return events_; }
   double compress_seconds() const { return compress_seconds_; }
+  // The same for sequence `slot` alone.
+  int64_t events(int slot) const { return slot_events_[static_cast<size_t>(slot)]; }
+  double compress_seconds(int slot) const { return slot_seconds_[static_cast<size_t>(slot)]; }
 
  private:
   SidecarBackend() = default;
@@ -102,6 +105,8 @@ class SidecarBackend : public KvBackend {
   std::vector<std::unique_ptr<SessionView>> views_;
   int64_t events_ = 0;
   double compress_seconds_ = 0;
+  std::vector<int64_t> slot_events_;
+  std::vector<double> slot_seconds_;
 };
 
 struct RunOptions {

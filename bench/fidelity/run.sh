@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The fidelity benchmark end to end: starts a sidecar with the calibrated profiles on a private
+# socket, runs bench/fidelity (every policy × budget against the full cache, teacher-forced and
+# free-running) and writes the table, CSV files and plots into bench/results/.
+#   bench/fidelity/run.sh [BUILD_DIR] [extra fidelity flags...]
+# Needs scripts/setup and a build (cmake --build BUILD_DIR --target fidelity reasonalloc-server).
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+build=${1:-$root/build}
+shift || true
+out=$root/bench/results
+mkdir -p "$out"
+work=$(mktemp -d "${TMPDIR:-/tmp}/reasonalloc-fidelity-XXXXXX")
+cleanup() {
+  if [[ -n ${pid:-} ]] && kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid"; wait "$pid" || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+"$build/server/reasonalloc-server" --listen "unix://$work/s.sock" --metrics_address 127.0.0.1:0 \
+  --profile_dir "$root/deploy/profiles" --max_arena_bytes $((8 << 30)) 2>"$work/server.log" &
+pid=$!
+for _ in $(seq 200); do
+  "$build/client/reasonalloc" health --target "unix://$work/s.sock" >/dev/null 2>&1 && break
+  sleep 0.05
+done
+start=$(date +%s)
+(cd "$root" && "$build/bench/fidelity" --target "unix://$work/s.sock" --out_dir "$out" "$@")
+echo "fidelity: $(($(date +%s) - start)) s in all"
+"$root/.venv/bin/python" "$root/bench/fidelity/report.py" "$out" "$root/deploy/profiles/smollm2-135m-instruct.json"
