@@ -5,6 +5,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "core/thread_pool.h"
 
 namespace reasonalloc::worker {
 namespace {
@@ -226,6 +227,20 @@ absl::StatusOr<RunResult> Run(const Model& model, KvBackend* kv,
     SlotStore store(kv, &slots);
     model.Step(tokens, positions, &store, &out);
     result.tokens += static_cast<int64_t>(slots.size());
+    if (options.on_logits) {
+      // Sequences whose last prompt token (or a generated one) was just fed.
+      std::vector<size_t> predicting;
+      for (size_t i = 0; i < slots.size(); ++i) {
+        const size_t ub = static_cast<size_t>(slots[i]);
+        if (pos[ub] + 1 >= static_cast<int64_t>(prompts[ub].size())) predicting.push_back(i);
+      }
+      ThreadPool::Shared().ParallelFor(static_cast<int64_t>(predicting.size()), [&](int64_t k) {
+        const size_t i = predicting[static_cast<size_t>(k)];
+        const size_t ub = static_cast<size_t>(slots[i]);
+        options.on_logits(slots[i], static_cast<int>(result.generated[ub].size()),
+                          out.logits.data() + i * static_cast<size_t>(c.vocab));
+      });
+    }
     for (size_t i = 0; i < slots.size(); ++i) {
       const int b = slots[i];
       const size_t ub = static_cast<size_t>(b);
@@ -247,15 +262,15 @@ absl::StatusOr<RunResult> Run(const Model& model, KvBackend* kv,
       }
       const float* logits = out.logits.data() + i * static_cast<size_t>(c.vocab);
       const int index = static_cast<int>(result.generated[ub].size());
-      if (options.on_logits) options.on_logits(b, index, logits);
       const int32_t chosen = Sample(logits, c.vocab, options.temperature, &rng, options.suppress);
       result.generated[ub].push_back(chosen);
       int32_t fed = chosen;
-      if (!options.forced.empty()) {
-        const auto& forced = options.forced[ub];
-        fed = static_cast<size_t>(index) < forced.size() ? forced[static_cast<size_t>(index)] : -1;
+      const bool forced = !options.forced.empty() && !options.forced[ub].empty();
+      if (forced) {
+        const auto& f = options.forced[ub];
+        fed = static_cast<size_t>(index) < f.size() ? f[static_cast<size_t>(index)] : -1;
       }
-      const bool eos = options.stop_at_eos && options.forced.empty() && chosen == options.eos;
+      const bool eos = options.stop_at_eos && !forced && chosen == options.eos;
       if (eos || index + 1 >= options.max_new_tokens || fed < 0) {
         done[ub] = true;
         result.final_bytes[ub] = kv->Bytes(b);

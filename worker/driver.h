@@ -118,9 +118,11 @@ struct RunOptions {
   // Tokens never chosen (e.g. the control tokens, to get a trajectory of a fixed length).
   std::vector<int32_t> suppress;
   // Teacher forcing: forced[b] are the tokens fed after the prompt (the first max_new_tokens − 1
-  // of them are used); the model's own choices are still reported.
+  // of them are used); the model's own choices are still reported. Empty (or forced[b] empty):
+  // sequence b feeds its own choices.
   std::vector<std::vector<int32_t>> forced;
-  // Called with the logits that predict generated token `index` of sequence `b`.
+  // Called with the logits that predict generated token `index` of sequence `b`; the calls of one
+  // step run in parallel on the shared pool, so the callback must be thread-safe across sequences.
   std::function<void(int b, int index, const float* logits)> on_logits;
   // Called after each committed step of sequence `b` (position `step`) with its queries
   // [L, Hq, d].

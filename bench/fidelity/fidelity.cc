@@ -181,13 +181,13 @@ int Main(int argc, char** argv) {
   // 1. The full-cache trajectories and their log-probabilities.
   const size_t V = static_cast<size_t>(mc.vocab);
   std::vector<float> full_lp(static_cast<size_t>(P) * N * V);
-  std::vector<float> lp;
   FullCacheBackend full(mc, P);
   RunOptions ro;
   ro.max_new_tokens = N;
   ro.stop_at_eos = false;
   ro.suppress = suppress;
   ro.on_logits = [&](int b, int index, const float* logits) {
+    thread_local std::vector<float> lp;
     LogSoftmax(logits, mc.vocab, &lp);
     std::copy(lp.begin(), lp.end(), full_lp.begin() + (static_cast<size_t>(b) * N + index) * V);
   };
@@ -211,21 +211,17 @@ int Main(int argc, char** argv) {
   const double t_grid = Now();
   int64_t grid_steps = 0;
   const int group = std::max(1, absl::GetFlag(FLAGS_group));
-  // Batches of --group configurations (×P prompts each); teacher-forced and free-running
-  // configurations in separate batches, since teacher forcing is per batch.
+  // Batches of --group configurations (×P prompts each); a batch may mix teacher-forced and
+  // free-running configurations (forcing is per sequence).
   std::vector<std::vector<size_t>> batches;
-  for (int free_pass = 0; free_pass < 2; ++free_pass) {
+  for (size_t ci = 0; ci < configs.size(); ci += static_cast<size_t>(group)) {
     std::vector<size_t> batch;
-    for (size_t ci = 0; ci < configs.size(); ++ci) {
-      if (configs[ci].free_running != (free_pass == 1)) continue;
-      batch.push_back(ci);
-      if (static_cast<int>(batch.size()) == group)
-        batches.push_back(std::move(batch)), batch.clear();
+    for (size_t k = ci; k < std::min(configs.size(), ci + static_cast<size_t>(group)); ++k) {
+      batch.push_back(k);
     }
-    if (!batch.empty()) batches.push_back(std::move(batch));
+    batches.push_back(std::move(batch));
   }
   for (const std::vector<size_t>& batch : batches) {
-    const int free_pass = configs[batch[0]].free_running ? 1 : 0;
     {
       std::vector<Policy> policies;
       std::vector<size_t> slot_config;
@@ -235,7 +231,8 @@ int Main(int argc, char** argv) {
           policies.push_back(configs[ci].policy);
           slot_config.push_back(ci);
           slot_prompt.push_back(ids[static_cast<size_t>(b)]);
-          slot_forced.push_back(ref->generated[static_cast<size_t>(b)]);
+          slot_forced.push_back(configs[ci].free_running ? std::vector<int32_t>{}
+                                                         : ref->generated[static_cast<size_t>(b)]);
         }
       }
       if (policies.empty()) continue;
@@ -243,24 +240,23 @@ int Main(int argc, char** argv) {
           SidecarBackend::Open(client->get(), mc, absl::GetFlag(FLAGS_model_name), policies);
       if (!backend.ok()) return Fail(backend.status());
       std::vector<SeqStats> stats(policies.size());
-      std::vector<float> clp;
       RunOptions o;
       o.max_new_tokens = N;
       o.stop_at_eos = false;
       o.suppress = suppress;
-      if (free_pass == 0) o.forced = slot_forced;
+      o.forced = slot_forced;
       o.on_logits = [&](int s, int index, const float* logits) {
         const int b = s % P;
         SeqStats& st = stats[static_cast<size_t>(s)];
         const int32_t want = ref->generated[static_cast<size_t>(b)][static_cast<size_t>(index)];
-        if (free_pass == 1) return;
+        if (configs[slot_config[static_cast<size_t>(s)]].free_running) return;
+        thread_local std::vector<float> clp;
         LogSoftmax(logits, mc.vocab, &clp);
         const float* f = full_lp.data() + (static_cast<size_t>(b) * N + index) * V;
         double kl = 0;
-        for (size_t v = 0; v < V; ++v) kl += std::exp(static_cast<double>(f[v])) * (f[v] - clp[v]);
+        for (size_t v = 0; v < V; ++v) kl += std::exp(f[v]) * (f[v] - clp[v]);
         st.kl_sum += std::max(0.0, kl);
-        std::mt19937_64 unused;
-        const bool same = Sample(logits, mc.vocab, 0, &unused, suppress) == want;
+        const bool same = Sample(logits, mc.vocab, 0, nullptr, suppress) == want;
         st.agree += same ? 1 : 0;
         if (!same && st.first_divergence < 0) st.first_divergence = index;
         ++st.positions;
@@ -272,8 +268,8 @@ int Main(int argc, char** argv) {
       std::fprintf(stderr,
                    "configs %zu..%zu%s: %zu sequences, %.1f s (%.1f tokens/s), %lld events, %.1f s "
                    "in Compress\n",
-                   batch.front(), batch.back(), free_pass ? " (free running)" : "", policies.size(),
-                   Now() - t0, static_cast<double>(result->tokens) / result->seconds,
+                   batch.front(), batch.back(), "", policies.size(), Now() - t0,
+                   static_cast<double>(result->tokens) / result->seconds,
                    static_cast<long long>((*backend)->events()), (*backend)->compress_seconds());
       for (size_t s = 0; s < policies.size(); ++s) {
         const Config& c = configs[slot_config[s]];
@@ -281,6 +277,7 @@ int Main(int argc, char** argv) {
         SeqStats& st = stats[s];
         const auto& gen = result->generated[s];
         const auto& want = ref->generated[static_cast<size_t>(b)];
+        const int free_pass = c.free_running ? 1 : 0;
         if (free_pass == 1) {
           st.free_agree = 0;
           for (size_t i = 0; i < gen.size() && i < want.size(); ++i) {
