@@ -58,9 +58,9 @@ def test_logits_match_an_independent_numpy_forward_pass(tmp_path):
     assert (got.argmax(-1) == want.argmax(-1)).all()
 
 
-def test_tokenizer_matches_hugging_face_tokenizers():
+def hf_tokenizer():
     from gguf import GGUFReader
-    from tokenizers import Tokenizer, models, pre_tokenizers, AddedToken
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     r = GGUFReader(MODEL)
     tokens = r.fields["tokenizer.ggml.tokens"].contents()
@@ -70,7 +70,13 @@ def test_tokenizer_matches_hugging_face_tokenizers():
     hf.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens([AddedToken(t, special=True) for t, k in zip(tokens, types) if k == 3])
+    return hf
+
+
+def test_tokenizer_matches_hugging_face_tokenizers():
+    hf = hf_tokenizer()
     texts = [
         PROMPT,
         "It's 12:30 -- they'll arrive at 1,250.75 km/h!  Double  spaces\tand\ttabs.\n\nNew paragraph",
@@ -83,11 +89,27 @@ def test_tokenizer_matches_hugging_face_tokenizers():
         assert tokenize(text) == hf.encode(text, add_special_tokens=False).ids, repr(text)
 
 
-def test_greedy_decoding_is_deterministic():
-    runs = [json.loads(worker("generate", "--full_cache", f"--prompt={PROMPT}", "--max_tokens=24",
-                              "--json").stdout) for _ in range(2)]
+def generate_json(*args):
+    out = worker("generate", *args, "--json").stdout
+    return json.loads(out)
+
+
+def test_greedy_decoding_is_deterministic_and_decodes_like_hugging_face():
+    runs = [generate_json("--full_cache", f"--prompt={PROMPT}", "--max_tokens=24")
+            for _ in range(2)]
     assert runs[0]["generated"] == runs[1]["generated"]
     assert len(runs[0]["generated"]) > 0
+    assert runs[0]["text"] == hf_tokenizer().decode(runs[0]["generated"], skip_special_tokens=False)
+
+
+def test_temperature_sampling_is_reproducible_for_a_seed():
+    common = ["--full_cache", f"--prompt={PROMPT}", "--max_tokens=16", "--temperature=1.0",
+              "--ignore_eos"]
+    a = generate_json(*common, "--seed=1")["generated"]
+    b = generate_json(*common, "--seed=1")["generated"]
+    c = generate_json(*common, "--seed=2")["generated"]
+    assert a == b
+    assert a != c
 
 
 @pytest.fixture(scope="module")
