@@ -198,7 +198,17 @@ absl::StatusOr<RunResult> Run(const Model& model, KvBackend* kv,
       }
     }
   }
-  if (options.max_new_tokens < 1) return absl::InvalidArgumentError("max_new_tokens must be ≥ 1");
+  if (options.max_new_tokens < 1) return absl::InvalidArgumentError("--max_tokens must be ≥ 1");
+  if (options.temperature < 0) return absl::InvalidArgumentError("--temperature must be ≥ 0");
+  for (int b = 0; b < batch; ++b) {
+    const int64_t total =
+        static_cast<int64_t>(prompts[static_cast<size_t>(b)].size()) + options.max_new_tokens;
+    if (total > c.context) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt ", b, ": ", prompts[static_cast<size_t>(b)].size(), " tokens + --max_tokens ",
+          options.max_new_tokens, " exceed the model's context of ", c.context, " tokens"));
+    }
+  }
   RunResult result;
   result.generated.resize(static_cast<size_t>(batch));
   result.peak_bytes.assign(static_cast<size_t>(batch), 0);

@@ -399,9 +399,12 @@ absl::Status GgufFile::Parse() {
         return absl::InvalidArgumentError(absl::StrCat(
             "tensor ", tensor.name, ": row of ", tensor.row_length(), " is not whole blocks"));
       }
-      // Up to 4 dims of ≤ 2^32 each could overflow; bound the element count first.
-      if (tensor.elements() <= 0 || tensor.elements() > (int64_t{1} << 40)) {
-        return absl::InvalidArgumentError(absl::StrCat("tensor ", tensor.name, ": too large"));
+      // Up to 4 dims of ≤ 2^32 each could overflow: multiply with a bound.
+      int64_t elements = 1;
+      for (int64_t d : tensor.dims) {
+        if (__builtin_mul_overflow(elements, d, &elements) || elements > (int64_t{1} << 40)) {
+          return absl::InvalidArgumentError(absl::StrCat("tensor ", tensor.name, ": too large"));
+        }
       }
       tensor.bytes = static_cast<uint64_t>(tensor.elements() / block_elems) * block_bytes;
       if (offsets[t] > size_ || data_start > size_ - offsets[t] ||

@@ -123,6 +123,7 @@ Policy PolicyFromFlags() {
 }
 
 absl::StatusOr<std::vector<std::string>> PromptsFromFlags() {
+  if (absl::GetFlag(FLAGS_batch) < 1) return absl::InvalidArgumentError("--batch must be ≥ 1");
   std::vector<std::string> prompts;
   if (!absl::GetFlag(FLAGS_prompts).empty()) {
     auto p = ReadPrompts(absl::GetFlag(FLAGS_prompts));
@@ -133,7 +134,6 @@ absl::StatusOr<std::vector<std::string>> PromptsFromFlags() {
       prompts.push_back(absl::GetFlag(FLAGS_prompt));
   }
   if (prompts.empty()) return absl::InvalidArgumentError("--prompt or --prompts is required");
-  if (absl::GetFlag(FLAGS_batch) < 1) return absl::InvalidArgumentError("--batch must be ≥ 1");
   return prompts;
 }
 

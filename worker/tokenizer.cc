@@ -114,7 +114,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& f
   for (size_t i = 0; i < t->tokens_.size(); ++i) {
     t->ids_.emplace(t->tokens_[i], static_cast<int32_t>(i));
     // 3 = control, 4 = user-defined: written literally in text.
-    if (t->types_[i] == 3 || t->types_[i] == 4) t->specials_.push_back(t->tokens_[i]);
+    if ((t->types_[i] == 3 || t->types_[i] == 4) && !t->tokens_[i].empty()) {
+      t->specials_.push_back(t->tokens_[i]);
+    }
   }
   std::sort(t->specials_.begin(), t->specials_.end(),
             [](const std::string& a, const std::string& b) { return a.size() > b.size(); });

@@ -175,3 +175,16 @@ def test_bad_model_files_are_errors_that_say_why(tmp_path):
     p = subprocess.run([WORKER, "tokenize", "--text=x", f"--model={tmp_path}"],
                        capture_output=True, text=True)
     assert p.returncode != 0 and "not a regular file" in p.stderr
+
+
+def test_bad_flags_are_errors_naming_the_flag():
+    for args, flag in [(["--max_tokens=9000"], "--max_tokens"), (["--max_tokens=0"], "--max_tokens"),
+                       (["--batch=0"], "--batch"), (["--temperature=-1"], "--temperature")]:
+        p = worker("generate", "--full_cache", "--prompt=hi", *args, check=False)
+        assert p.returncode == 2 and flag in p.stderr, (args, p.stderr)
+    p = worker("generate", "--prompt=hi", check=False)
+    assert p.returncode == 2 and "--target" in p.stderr
+    p = worker("logits", "--tokens=1,x", "--out=/dev/null", check=False)
+    assert p.returncode == 2 and "--tokens" in p.stderr
+    p = worker("logits", "--tokens=99999999", "--out=/dev/null", check=False)
+    assert p.returncode == 2 and "out of range" in p.stderr
