@@ -103,9 +103,11 @@ def main():
             ev = np.mean(col(key, "events"))
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {kl[0]:.3f} [{kl[1]:.3f}, {kl[2]:.3f}] | "
                          f"{top[0]:.3f} [{top[1]:.3f}, {top[2]:.3f}] | {fd:.0f} | {kv:.3f} | {ev:.1f} |")
-            summary.append(dict(policy=key[0], budget=key[1], delta=key[2], kl=kl[0], kl_lo=kl[1],
-                                kl_hi=kl[2], top1=top[0], top1_lo=top[1], top1_hi=top[2],
-                                first_divergence=fd, free_agreement="", kv_fraction=kv))
+            if key[2] != delta_main:  # the Δ of the grid is already in the summary
+                summary.append(dict(policy=key[0], budget=key[1], delta=key[2], kl=kl[0],
+                                    kl_lo=kl[1], kl_hi=kl[2], top1=top[0], top1_lo=top[1],
+                                    top1_hi=top[2], first_divergence=fd, free_agreement="",
+                                    kv_fraction=kv))
     # The paper's claim at the two smallest budgets, paired over prompts.
     lines.append("\nPaired comparisons of KL over prompts (mean difference; share of bootstrap "
                  "means below zero, i.e. the first policy lower):\n")
