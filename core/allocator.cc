@@ -50,98 +50,28 @@ class PyramidAllocator final : public Allocator {
   }
 };
 
-// AdaKV (§3.3): the heads of a layer compete in one pool of candidate scores; each head gets its
-// share of the pool's top picks, softened by the floor a.
-class AdaKvAllocator final : public Allocator {
+// Both head-wise allocators count each layer's pool (CountLayerPool) and route from the counts
+// (RouteFromPoolCounts), the same path the CUDA backend takes with counts made on the GPU.
+class PoolCountAllocator final : public Allocator {
  public:
   absl::Status Allocate(const AllocationInputs& in, std::span<int32_t> budgets) const override {
     const SessionConfig& c = *in.config;
-    const int heads = c.model.num_kv_heads;
-    const int window = c.budget.window;
-    const double a = c.allocator.adakv_floor;
-    const int64_t cap = c.budget.budget - window;
-    const int64_t total = heads * cap;
-    for (int l = 0; l < c.model.num_layers; ++l) {
-      const size_t first = At(l) * At(heads);
-      std::span<int32_t> layer = budgets.subspan(first, At(heads));
-      std::vector<int64_t> candidates(At(heads));
-      std::vector<std::pair<int, int>> pool;  // (head, token)
-      for (int h = 0; h < heads; ++h) {
-        candidates[At(h)] = Candidates(in.lengths[first + At(h)], window);
-        for (int64_t j = 0; j < candidates[At(h)]; ++j) pool.emplace_back(h, static_cast<int>(j));
-      }
-      if (static_cast<int64_t>(pool.size()) <= total) {
-        // Every candidate fits: each head keeps all it has.
-        for (int h = 0; h < heads; ++h)
-          layer[At(h)] = static_cast<int32_t>(window + candidates[At(h)]);
-        continue;
-      }
-      // Top `total` of the pool; ties to the lower head, then the lower token.
-      auto score = [&](const std::pair<int, int>& p) {
-        return in.scores[first + At(p.first)][At(p.second)];
-      };
-      auto better = [&](const std::pair<int, int>& p, const std::pair<int, int>& q) {
-        const float sp = score(p), sq = score(q);
-        if (sp != sq) return sp > sq;
-        return p < q;
-      };
-      std::nth_element(pool.begin(), pool.begin() + total, pool.end(), better);
-      std::vector<double> x(At(heads), a * static_cast<double>(cap));
-      for (int64_t k = 0; k < total; ++k) x[At(pool[At(k)].first)] += 1 - a;
-      RouteLayer(x, total, candidates, x, window, layer);
-    }
-    return absl::OkStatus();
-  }
-};
-
-// ReasonAlloc (§3.4): the offline layer wave, then online routing toward the heads that hold many
-// of the layer's high-utility tokens.
-class ReasonAllocAllocator final : public Allocator {
- public:
-  absl::Status Allocate(const AllocationInputs& in, std::span<int32_t> budgets) const override {
-    const SessionConfig& c = *in.config;
-    const AllocatorConfig& ac = c.allocator;
-    const int heads = c.model.num_kv_heads;
-    const int window = c.budget.window;
-    auto layers = LayerBudgets(c, in.layer_demand);
-    if (!layers.ok()) return layers.status();
-    if (ac.reasonalloc_mode != ReasonAllocMode::kHead &&
-        ac.reasonalloc_mode != ReasonAllocMode::kFull) {
-      FillLayers(*layers, heads, budgets);
+    if (!UsesPoolCounts(c)) {
+      // reasonalloc without head routing: the layer wave (or uniform layers) only.
+      auto layers = LayerBudgets(c, in.layer_demand);
+      if (!layers.ok()) return layers.status();
+      FillLayers(*layers, c.model.num_kv_heads, budgets);
       return absl::OkStatus();
     }
-    for (int l = 0; l < c.model.num_layers; ++l) {
-      const size_t first = At(l) * At(heads);
-      const int64_t cap = (*layers)[At(l)] - window;
-      const int64_t total = heads * cap;
-      std::vector<float> pool;
-      std::vector<int64_t> candidates(At(heads));
-      for (int h = 0; h < heads; ++h) {
-        const auto& s = in.scores[first + At(h)];
-        candidates[At(h)] = static_cast<int64_t>(s.size());
-        pool.insert(pool.end(), s.begin(), s.end());
-      }
-      // tau: the total-th largest score of the layer (−inf when the layer has fewer candidates).
-      float tau = -INFINITY;
-      if (static_cast<int64_t>(pool.size()) >= total) {
-        std::nth_element(pool.begin(), pool.begin() + (total - 1), pool.end(),
-                         std::greater<float>());
-        tau = pool[At(total - 1)];
-      }
-      std::vector<double> r(At(heads)), w(At(heads));
-      for (int h = 0; h < heads; ++h) {
-        const auto& s = in.scores[first + At(h)];
-        r[At(h)] = static_cast<double>(
-            std::count_if(s.begin(), s.end(), [tau](float v) { return v >= tau; }));
-        w[At(h)] = std::pow(r[At(h)] + 1e-6, ac.head_exponent);
-      }
-      auto shares = Robustify(r, total, ac.head_exponent, ac.head_floor * static_cast<double>(cap),
-                              static_cast<double>(total));
-      if (!shares.ok()) return shares.status();
-      const std::vector<double> x(shares->begin(), shares->end());
-      RouteLayer(x, total, candidates, w, window, budgets.subspan(first, At(heads)));
+    auto k = PoolSizes(c, in.layer_demand);
+    if (!k.ok()) return k.status();
+    const size_t heads = At(c.model.num_kv_heads);
+    std::vector<int64_t> greater(in.scores.size()), equal(in.scores.size());
+    for (size_t l = 0; l < k->size(); ++l) {
+      CountLayerPool(in.scores.subspan(l * heads, heads), (*k)[l], greater.data() + l * heads,
+                     equal.data() + l * heads);
     }
-    return absl::OkStatus();
+    return RouteFromPoolCounts(c, in.lengths, in.layer_demand, greater, equal, budgets);
   }
 };
 
@@ -185,11 +115,110 @@ absl::StatusOr<std::vector<int32_t>> LayerBudgets(const SessionConfig& c,
   return out;
 }
 
+bool UsesPoolCounts(const SessionConfig& c) {
+  return c.allocator.name == "adakv" || (c.allocator.name == "reasonalloc" &&
+                                         (c.allocator.reasonalloc_mode == ReasonAllocMode::kHead ||
+                                          c.allocator.reasonalloc_mode == ReasonAllocMode::kFull));
+}
+
+absl::StatusOr<std::vector<int64_t>> PoolSizes(const SessionConfig& c,
+                                               std::span<const double> layer_demand) {
+  const int64_t heads = c.model.num_kv_heads;
+  std::vector<int64_t> k(At(c.model.num_layers), heads * (c.budget.budget - c.budget.window));
+  if (c.allocator.name == "reasonalloc") {
+    auto layers = LayerBudgets(c, layer_demand);
+    if (!layers.ok()) return layers.status();
+    for (size_t l = 0; l < k.size(); ++l) k[l] = heads * ((*layers)[l] - c.budget.window);
+  }
+  return k;
+}
+
+void CountLayerPool(std::span<const std::vector<float>> scores, int64_t k, int64_t* greater,
+                    int64_t* equal) {
+  std::vector<float> pool;
+  for (const auto& s : scores) pool.insert(pool.end(), s.begin(), s.end());
+  if (static_cast<int64_t>(pool.size()) <= k) {
+    for (size_t h = 0; h < scores.size(); ++h) {
+      greater[h] = static_cast<int64_t>(scores[h].size());
+      equal[h] = 0;
+    }
+    return;
+  }
+  // tau: the k-th largest score of the layer.
+  std::nth_element(pool.begin(), pool.begin() + (k - 1), pool.end(), std::greater<float>());
+  const float tau = pool[At(k - 1)];
+  for (size_t h = 0; h < scores.size(); ++h) {
+    greater[h] =
+        std::count_if(scores[h].begin(), scores[h].end(), [tau](float v) { return v > tau; });
+    equal[h] = std::count(scores[h].begin(), scores[h].end(), tau);
+  }
+}
+
+absl::Status RouteFromPoolCounts(const SessionConfig& c, std::span<const int32_t> lengths,
+                                 std::span<const double> layer_demand,
+                                 std::span<const int64_t> greater, std::span<const int64_t> equal,
+                                 std::span<int32_t> budgets) {
+  const AllocatorConfig& ac = c.allocator;
+  const int heads = c.model.num_kv_heads;
+  const int window = c.budget.window;
+  auto k = PoolSizes(c, layer_demand);
+  if (!k.ok()) return k.status();
+  for (int l = 0; l < c.model.num_layers; ++l) {
+    const size_t first = At(l) * At(heads);
+    std::span<int32_t> layer = budgets.subspan(first, At(heads));
+    const int64_t total = (*k)[At(l)];
+    const int64_t cap = total / heads;
+    std::vector<int64_t> candidates(At(heads));
+    int64_t pool = 0;
+    for (int h = 0; h < heads; ++h) {
+      candidates[At(h)] = Candidates(lengths[first + At(h)], window);
+      pool += candidates[At(h)];
+    }
+    if (ac.name == "adakv") {
+      // AdaKV (§3.3): the heads compete in one pool of candidate scores; each head gets its share
+      // of the pool's top `total` picks (ties to the lower head, then the lower token), softened by
+      // the floor a.
+      if (pool <= total) {
+        // Every candidate fits: each head keeps all it has.
+        for (int h = 0; h < heads; ++h) {
+          layer[At(h)] = static_cast<int32_t>(window + candidates[At(h)]);
+        }
+        continue;
+      }
+      const double a = ac.adakv_floor;
+      int64_t ties_left = total;
+      for (int h = 0; h < heads; ++h) ties_left -= greater[first + At(h)];
+      std::vector<double> x(At(heads), a * static_cast<double>(cap));
+      for (int h = 0; h < heads; ++h) {
+        const int64_t ties = std::clamp<int64_t>(ties_left, 0, equal[first + At(h)]);
+        ties_left -= ties;
+        x[At(h)] += (1 - a) * static_cast<double>(greater[first + At(h)] + ties);
+      }
+      RouteLayer(x, total, candidates, x, window, layer);
+      continue;
+    }
+    // ReasonAlloc (§3.4): route toward the heads holding many of the layer's tokens at or above
+    // tau, the total-th largest score (every candidate when the layer has no more than total).
+    std::vector<double> r(At(heads)), w(At(heads));
+    for (int h = 0; h < heads; ++h) {
+      r[At(h)] = static_cast<double>(greater[first + At(h)] + equal[first + At(h)]);
+      w[At(h)] = std::pow(r[At(h)] + 1e-6, ac.head_exponent);
+    }
+    auto shares = Robustify(r, total, ac.head_exponent, ac.head_floor * static_cast<double>(cap),
+                            static_cast<double>(total));
+    if (!shares.ok()) return shares.status();
+    const std::vector<double> x(shares->begin(), shares->end());
+    RouteLayer(x, total, candidates, w, window, layer);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<Allocator>> MakeAllocator(const AllocatorConfig& config) {
   if (config.name == "uniform") return std::make_unique<UniformAllocator>();
   if (config.name == "pyramid") return std::make_unique<PyramidAllocator>();
-  if (config.name == "adakv") return std::make_unique<AdaKvAllocator>();
-  if (config.name == "reasonalloc") return std::make_unique<ReasonAllocAllocator>();
+  if (config.name == "adakv" || config.name == "reasonalloc") {
+    return std::make_unique<PoolCountAllocator>();
+  }
   return absl::UnimplementedError(
       absl::StrCat("allocator.name \"", config.name, "\" is not implemented in this build yet"));
 }

@@ -31,6 +31,25 @@ struct AllocationInputs {
 absl::StatusOr<std::vector<int32_t>> LayerBudgets(const SessionConfig& config,
                                                   std::span<const double> layer_demand);
 
+// Head-wise allocators (adakv, reasonalloc with head routing) see the scores only through counts
+// over each layer's pooled candidates: with τ the k-th largest score of the layer's pool (k =
+// PoolSizes()[l], the layer's selectable total), greater[h] counts head h's candidates above τ and
+// equal[h] those equal to τ; when the pool holds at most k candidates, greater[h] is all of head
+// h's candidates and equal[h] is 0. The CPU counts from its scores (CountLayerPool), the CUDA
+// backend on the GPU; both route through RouteFromPoolCounts, so equal counts give equal budgets.
+bool UsesPoolCounts(const SessionConfig& config);
+// k per layer ([L]); only meaningful when UsesPoolCounts.
+absl::StatusOr<std::vector<int64_t>> PoolSizes(const SessionConfig& config,
+                                               std::span<const double> layer_demand);
+// Counts one layer: `scores` holds the layer's Hkv heads' candidate scores.
+void CountLayerPool(std::span<const std::vector<float>> scores, int64_t k, int64_t* greater,
+                    int64_t* equal);
+// Budgets ([L * Hkv]) from the counts ([L * Hkv] each).
+absl::Status RouteFromPoolCounts(const SessionConfig& config, std::span<const int32_t> lengths,
+                                 std::span<const double> layer_demand,
+                                 std::span<const int64_t> greater, std::span<const int64_t> equal,
+                                 std::span<int32_t> budgets);
+
 class Allocator {
  public:
   virtual ~Allocator() = default;

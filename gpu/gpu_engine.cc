@@ -1,0 +1,518 @@
+#include "gpu/gpu_engine.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <mutex>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "core/allocator.h"
+#include "core/selector.h"
+#include "gpu/gpu_launch.h"
+
+namespace reasonalloc::gpu {
+namespace {
+
+namespace k = launch;
+
+absl::Status CudaStatus(const char* what, cudaError_t err) {
+  if (err == cudaSuccess) return absl::OkStatus();
+  cudaGetLastError();
+  const std::string msg = absl::StrCat(what, ": ", cudaGetErrorString(err));
+  if (err == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(msg);
+  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver ||
+      err == cudaErrorInvalidDevice) {
+    return absl::FailedPreconditionError(msg);
+  }
+  return absl::InternalError(msg);
+}
+
+#define RA_CUDA(call)                                             \
+  do {                                                            \
+    if (auto _s = CudaStatus(#call, (call)); !_s.ok()) return _s; \
+  } while (0)
+
+double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// A grow-only device buffer.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  ~DeviceBuffer() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  absl::Status Reserve(size_t bytes) {
+    if (bytes <= size_) return absl::OkStatus();
+    if (ptr_ != nullptr) cudaFree(ptr_);
+    ptr_ = nullptr;
+    size_ = 0;
+    RA_CUDA(cudaMalloc(&ptr_, bytes));
+    size_ = bytes;
+    return absl::OkStatus();
+  }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t size_ = 0;
+};
+
+}  // namespace
+
+struct GpuEngine::Impl {
+  int device = 0;
+  SessionConfig config;
+  std::vector<double> layer_demand;
+  std::unique_ptr<Engine> cpu;  // validation (CheckInputs) and the layer budgets
+  std::unique_ptr<Allocator> allocator;
+  std::vector<int64_t> pool_k;  // [L] when the allocator routes from pool counts
+  cudaStream_t stream = nullptr;
+  bool accumulated_given = false;  // h2o: this batch carries accumulators
+  std::mutex mu;
+
+  DeviceBuffer heads, logits, importance, scores, overflow, inv, rowsum, partner, partner_value,
+      column, pool_k_dev, greater, equal, budgets, offsets, kept, kept_lengths, mask, gather;
+
+  // The last batch, for LastScores, LastKeepMask and GatherKept.
+  std::vector<std::vector<int32_t>> last_lengths;
+  std::vector<int64_t> last_n_max;
+  std::vector<int64_t> last_max_kept;
+  long long last_stride = 0;
+  int last_words = 0;
+
+  ~Impl() {
+    if (stream != nullptr) {
+      cudaSetDevice(device);
+      cudaStreamDestroy(stream);
+    }
+  }
+
+  absl::Status LaunchScoring(long long num_heads, long long stride);
+  absl::StatusOr<std::vector<Decision>> Compress(std::span<const DeviceEventInputs> events);
+};
+
+absl::Status GpuEngine::Impl::LaunchScoring(long long num_heads, long long stride) {
+  const ModelGeometry& m = config.model;
+  const ScorerConfig& sc = config.scorer;
+  k::ScoringParams p;
+  p.elem = m.dtype == DType::kFloat16    ? k::Elem::kF16
+           : m.dtype == DType::kBFloat16 ? k::Elem::kBF16
+                                         : k::Elem::kF32;
+  p.group = m.group_size();
+  p.window = config.budget.window;
+  p.head_dim = m.head_dim;
+  p.sinks = config.budget.sinks;
+  p.lambda = static_cast<float>(sc.lambda);
+  p.threshold = static_cast<float>(sc.threshold);
+  if (sc.name == "streaming") {
+    p.scorer = k::Scorer::kStreaming;
+  } else if (sc.name == "h2o") {
+    // With a carried accumulator the scores are a copy; without one (one-shot) they are the
+    // window's group-mean causal attention summed over the window (core/h2o.h): the mean-scores
+    // path with softmax over all keys, row weight 1 and no pooling.
+    p.scorer = accumulated_given ? k::Scorer::kH2oAccumulated : k::Scorer::kH2oWindow;
+    p.all_keys = true;
+    p.reduce = k::kReduceNone;
+    p.row_weight = 1.0f;
+    p.pool_kernel = 1;
+    p.pool_max = true;
+  } else {
+    p.scorer = sc.name == "rkv" ? k::Scorer::kRkv : k::Scorer::kSnapKv;
+    p.all_keys = sc.softmax_all_keys;
+    p.reduce = sc.gqa_reduce == GqaReduce::kMeanScores ? k::kReduceNone
+               : sc.gqa_reduce == GqaReduce::kMean     ? k::kReduceMean
+                                                       : k::kReduceMax;
+    p.row_weight = 1.0f / static_cast<float>(p.window);
+    p.pool_kernel = sc.pool_kernel;
+    p.pool_max = sc.pool_kind == PoolKind::kMax;
+  }
+  k::ScoringBuffers b;
+  b.scores = scores.as<float>();
+  b.overflow = overflow.as<int>();
+  b.logits = logits.as<float>();
+  b.importance = importance.as<float>();
+  b.inv_norm = inv.as<float>();
+  b.rowsum = rowsum.as<double>();
+  b.partner = partner.as<int>();
+  b.partner_value = partner_value.as<float>();
+  b.column = column.as<double>();
+  return CudaStatus("scoring kernels",
+                    k::Scoring(p, heads.as<k::HeadDesc>(), num_heads, stride, b, stream));
+}
+
+absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
+    std::span<const DeviceEventInputs> events) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const ModelGeometry& m = config.model;
+  const int window = config.budget.window;
+  const int group = m.group_size();
+  const int d = m.head_dim;
+  const long long hl = m.num_heads_total();
+  const size_t esize = DTypeSize(m.dtype);
+  if (events.empty()) return absl::InvalidArgumentError("events is empty");
+  long long stride = 1;
+  bool acc_given = false;
+  for (size_t e = 0; e < events.size(); ++e) {
+    const DeviceEventInputs& ev = events[e];
+    if (ev.keys == nullptr || ev.query_window == nullptr) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("events[", e, "]: keys and query_window must be device pointers"));
+    }
+    if (ev.n_max <= 0 || ev.n_max > kMaxContext) {
+      return absl::InvalidArgumentError(absl::StrCat("events[", e, "].n_max = ", ev.n_max,
+                                                     " is out of range [1, ", kMaxContext, "]"));
+    }
+    CompressInputs ci;
+    ci.n_max = ev.n_max;
+    ci.lengths = ev.lengths;
+    if (auto s = cpu->CheckInputs(ci); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("events[", e, "]: ", s.message()));
+    }
+    if (e > 0 && (ev.accumulated != nullptr) != acc_given) {
+      return absl::InvalidArgumentError(
+          "events: either every event carries an h2o accumulator or none does");
+    }
+    acc_given = ev.accumulated != nullptr;
+    stride = std::max<long long>(stride, ev.n_max);
+  }
+  if (static_cast<long long>(m.num_kv_heads) * stride >= (1ll << 31)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model.num_kv_heads × n_max = ", static_cast<long long>(m.num_kv_heads) * stride,
+        " exceeds the CUDA backend's 2^31 candidates per layer"));
+  }
+  accumulated_given = acc_given;
+  const long long num_events = static_cast<long long>(events.size());
+  const long long num_heads = num_events * hl;
+  RA_CUDA(cudaSetDevice(device));
+
+  // Head descriptors.
+  std::vector<k::HeadDesc> hd(static_cast<size_t>(num_heads));
+  for (long long e = 0; e < num_events; ++e) {
+    const DeviceEventInputs& ev = events[static_cast<size_t>(e)];
+    for (long long head = 0; head < hl; ++head) {
+      const long long l = head / m.num_kv_heads, h = head % m.num_kv_heads;
+      k::HeadDesc& x = hd[static_cast<size_t>(e * hl + head)];
+      x.queries = static_cast<const unsigned char*>(ev.query_window) +
+                  ((l * m.num_q_heads + h * group) * window) * d * static_cast<long long>(esize);
+      x.keys = static_cast<const unsigned char*>(ev.keys) +
+               head * ev.n_max * d * static_cast<long long>(esize);
+      x.accumulated = ev.accumulated != nullptr ? ev.accumulated + head * ev.n_max : nullptr;
+      x.n = ev.lengths[static_cast<size_t>(head)];
+    }
+  }
+  const ScorerConfig& sc = config.scorer;
+  const bool h2o_one_shot = sc.name == "h2o" && !acc_given;
+  const bool logit_scorer = sc.name == "snapkv" || sc.name == "rkv" || h2o_one_shot;
+  const long long rows =
+      (h2o_one_shot || sc.gqa_reduce == GqaReduce::kMeanScores) ? 1ll * group * window : window;
+  const size_t hs = static_cast<size_t>(num_heads) * static_cast<size_t>(stride);
+  if (auto s = heads.Reserve(sizeof(k::HeadDesc) * hd.size()); !s.ok()) return s;
+  if (auto s = scores.Reserve(sizeof(float) * hs); !s.ok()) return s;
+  if (auto s = overflow.Reserve(sizeof(int) * static_cast<size_t>(num_heads)); !s.ok()) return s;
+  if (logit_scorer) {
+    if (auto s = logits.Reserve(sizeof(float) * hs * static_cast<size_t>(rows)); !s.ok()) return s;
+    if (auto s = importance.Reserve(sizeof(float) * hs); !s.ok()) return s;
+  }
+  if (sc.name == "rkv") {
+    if (auto s = inv.Reserve(sizeof(float) * hs); !s.ok()) return s;
+    if (auto s = rowsum.Reserve(sizeof(double) * hs); !s.ok()) return s;
+    if (auto s = partner.Reserve(sizeof(int) * hs); !s.ok()) return s;
+    if (auto s = partner_value.Reserve(sizeof(float) * hs); !s.ok()) return s;
+    if (auto s = column.Reserve(sizeof(double) * hs); !s.ok()) return s;
+  }
+  RA_CUDA(cudaMemcpyAsync(heads.as<void>(), hd.data(), sizeof(k::HeadDesc) * hd.size(),
+                          cudaMemcpyHostToDevice, stream));
+  RA_CUDA(cudaMemsetAsync(overflow.as<void>(), 0, sizeof(int) * static_cast<size_t>(num_heads),
+                          stream));
+
+  auto t = std::chrono::steady_clock::now();
+  if (auto s = LaunchScoring(num_heads, stride); !s.ok()) return s;
+
+  // Pool counts for head-wise allocators, then one sync to read them with the overflow flags.
+  const bool counts = UsesPoolCounts(config);
+  std::vector<long long> greater_h, equal_h;
+  if (counts) {
+    if (auto s = pool_k_dev.Reserve(sizeof(long long) * pool_k.size()); !s.ok()) return s;
+    if (auto s = greater.Reserve(sizeof(long long) * static_cast<size_t>(num_heads)); !s.ok())
+      return s;
+    if (auto s = equal.Reserve(sizeof(long long) * static_cast<size_t>(num_heads)); !s.ok())
+      return s;
+    std::vector<long long> pk(pool_k.begin(), pool_k.end());
+    RA_CUDA(cudaMemcpyAsync(pool_k_dev.as<void>(), pk.data(), sizeof(long long) * pk.size(),
+                            cudaMemcpyHostToDevice, stream));
+    RA_CUDA(k::LayerPool(heads.as<k::HeadDesc>(), num_events, m.num_layers, m.num_kv_heads, window,
+                         stride, scores.as<float>(), pool_k_dev.as<long long>(),
+                         greater.as<long long>(), equal.as<long long>(), stream));
+    greater_h.resize(static_cast<size_t>(num_heads));
+    equal_h.resize(static_cast<size_t>(num_heads));
+    RA_CUDA(cudaMemcpyAsync(greater_h.data(), greater.as<void>(),
+                            sizeof(long long) * greater_h.size(), cudaMemcpyDeviceToHost, stream));
+    RA_CUDA(cudaMemcpyAsync(equal_h.data(), equal.as<void>(), sizeof(long long) * equal_h.size(),
+                            cudaMemcpyDeviceToHost, stream));
+  }
+  std::vector<int> overflow_h(static_cast<size_t>(num_heads));
+  RA_CUDA(cudaMemcpyAsync(overflow_h.data(), overflow.as<void>(), sizeof(int) * overflow_h.size(),
+                          cudaMemcpyDeviceToHost, stream));
+  RA_CUDA(cudaStreamSynchronize(stream));
+  const double score_seconds = SecondsSince(t);
+  for (long long gh = 0; gh < num_heads; ++gh) {
+    if (overflow_h[static_cast<size_t>(gh)] != 0) {
+      const long long head = gh % hl;
+      return absl::InvalidArgumentError(
+          absl::StrCat("events[", gh / hl,
+                       "]: query_window and keys: attention logits overflow float32 in layer ",
+                       head / m.num_kv_heads, ", kv head ", head % m.num_kv_heads,
+                       " (input magnitudes too large)"));
+    }
+  }
+
+  // Budgets on the host, from the counts (the CPU engine's routing).
+  t = std::chrono::steady_clock::now();
+  std::vector<Decision> out(static_cast<size_t>(num_events));
+  std::vector<int> budgets_h(static_cast<size_t>(num_heads));
+  std::vector<long long> offsets_h(static_cast<size_t>(num_heads) + 1, 0);
+  std::vector<int> kept_lengths_h(static_cast<size_t>(num_heads));
+  const std::vector<std::vector<float>> no_scores(static_cast<size_t>(hl));
+  for (long long e = 0; e < num_events; ++e) {
+    Decision& dec = out[static_cast<size_t>(e)];
+    dec.num_layers = m.num_layers;
+    dec.num_kv_heads = m.num_kv_heads;
+    dec.budgets.assign(static_cast<size_t>(hl), 0);
+    const auto lengths = events[static_cast<size_t>(e)].lengths;
+    if (counts) {
+      std::vector<int64_t> g(greater_h.begin() + e * hl, greater_h.begin() + (e + 1) * hl);
+      std::vector<int64_t> q(equal_h.begin() + e * hl, equal_h.begin() + (e + 1) * hl);
+      if (auto s = RouteFromPoolCounts(config, lengths, layer_demand, g, q, dec.budgets); !s.ok()) {
+        return s;
+      }
+    } else {
+      AllocationInputs ai{&config, lengths, no_scores, layer_demand};
+      if (auto s = allocator->Allocate(ai, dec.budgets); !s.ok()) return s;
+    }
+    dec.kept_lengths.assign(static_cast<size_t>(hl), 0);
+    dec.head_offsets.assign(static_cast<size_t>(hl) + 1, 0);
+    for (long long head = 0; head < hl; ++head) {
+      const int n = lengths[static_cast<size_t>(head)];
+      const int b = dec.budgets[static_cast<size_t>(head)];
+      const int kept = KeptCount(n, b);
+      const size_t gh = static_cast<size_t>(e * hl + head);
+      budgets_h[gh] = b;
+      kept_lengths_h[gh] = kept;
+      offsets_h[gh + 1] = offsets_h[gh] + kept;
+      dec.kept_lengths[static_cast<size_t>(head)] = kept;
+      dec.head_offsets[static_cast<size_t>(head) + 1] =
+          dec.head_offsets[static_cast<size_t>(head)] + kept;
+      dec.evicted_tokens += n - kept;
+    }
+  }
+  const double allocate_seconds = SecondsSince(t);
+
+  // Selection: kept indices and the keep bitmask.
+  t = std::chrono::steady_clock::now();
+  const int words = WordsPerHead(stride);
+  const size_t total_kept = static_cast<size_t>(offsets_h.back());
+  if (auto s = budgets.Reserve(sizeof(int) * budgets_h.size()); !s.ok()) return s;
+  if (auto s = offsets.Reserve(sizeof(long long) * offsets_h.size()); !s.ok()) return s;
+  if (auto s = kept_lengths.Reserve(sizeof(int) * kept_lengths_h.size()); !s.ok()) return s;
+  if (auto s = kept.Reserve(sizeof(int) * std::max<size_t>(1, total_kept)); !s.ok()) return s;
+  const size_t mask_bytes = sizeof(uint64_t) * static_cast<size_t>(num_heads) * words;
+  if (auto s = mask.Reserve(mask_bytes); !s.ok()) return s;
+  RA_CUDA(cudaMemcpyAsync(budgets.as<void>(), budgets_h.data(), sizeof(int) * budgets_h.size(),
+                          cudaMemcpyHostToDevice, stream));
+  RA_CUDA(cudaMemcpyAsync(offsets.as<void>(), offsets_h.data(),
+                          sizeof(long long) * offsets_h.size(), cudaMemcpyHostToDevice, stream));
+  RA_CUDA(cudaMemcpyAsync(kept_lengths.as<void>(), kept_lengths_h.data(),
+                          sizeof(int) * kept_lengths_h.size(), cudaMemcpyHostToDevice, stream));
+  RA_CUDA(cudaMemsetAsync(mask.as<void>(), 0, mask_bytes, stream));
+  RA_CUDA(k::Select(heads.as<k::HeadDesc>(), num_heads, window, stride, scores.as<float>(),
+                    budgets.as<int>(), offsets.as<long long>(), words, kept.as<int>(),
+                    mask.as<unsigned long long>(), stream));
+  std::vector<int32_t> kept_h(total_kept);
+  if (total_kept > 0) {
+    RA_CUDA(cudaMemcpyAsync(kept_h.data(), kept.as<void>(), sizeof(int32_t) * total_kept,
+                            cudaMemcpyDeviceToHost, stream));
+  }
+  RA_CUDA(cudaStreamSynchronize(stream));
+  const double select_seconds = SecondsSince(t);
+  const double total_seconds = SecondsSince(t0);
+
+  last_lengths.clear();
+  last_n_max.clear();
+  last_max_kept.clear();
+  for (long long e = 0; e < num_events; ++e) {
+    Decision& dec = out[static_cast<size_t>(e)];
+    const auto begin = kept_h.begin() + offsets_h[static_cast<size_t>(e * hl)];
+    dec.kept_indices.assign(begin, begin + dec.head_offsets.back());
+    dec.seconds.score = score_seconds;
+    dec.seconds.allocate = allocate_seconds;
+    dec.seconds.select = select_seconds;
+    dec.seconds.total = total_seconds;
+    const auto& ev = events[static_cast<size_t>(e)];
+    last_lengths.emplace_back(ev.lengths.begin(), ev.lengths.end());
+    last_n_max.push_back(ev.n_max);
+    last_max_kept.push_back(dec.max_kept());
+  }
+  last_stride = stride;
+  last_words = words;
+  return out;
+}
+
+GpuEngine::GpuEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+GpuEngine::~GpuEngine() = default;
+
+const SessionConfig& GpuEngine::config() const { return impl_->config; }
+int GpuEngine::device() const { return impl_->device; }
+
+absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(int device,
+                                                             const SessionConfig& config,
+                                                             std::vector<double> layer_demand) {
+  auto cpu = Engine::Create(config, layer_demand);
+  if (!cpu.ok()) return cpu.status();
+  auto allocator = MakeAllocator(config.allocator);
+  if (!allocator.ok()) return allocator.status();
+  auto impl = std::make_unique<Impl>();
+  impl->device = device;
+  impl->config = config;
+  impl->cpu = std::move(cpu).value();
+  impl->allocator = std::move(allocator).value();
+  if (UsesPoolCounts(config)) {
+    auto pk = PoolSizes(config, layer_demand);
+    if (!pk.ok()) return pk.status();
+    impl->pool_k = std::move(pk).value();
+  }
+  impl->layer_demand = std::move(layer_demand);
+  int count = 0;
+  RA_CUDA(cudaGetDeviceCount(&count));
+  if (device < 0 || device >= count) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("CUDA device ", device, " does not exist (", count, " visible)"));
+  }
+  RA_CUDA(cudaSetDevice(device));
+  RA_CUDA(cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking));
+  return std::unique_ptr<GpuEngine>(new GpuEngine(std::move(impl)));
+}
+
+absl::StatusOr<std::vector<Decision>> GpuEngine::CompressBatch(
+    std::span<const DeviceEventInputs> events) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  return impl_->Compress(events);
+}
+
+absl::StatusOr<std::vector<std::vector<std::vector<float>>>> GpuEngine::LastScores() {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  Impl& x = *impl_;
+  if (x.last_lengths.empty()) return absl::FailedPreconditionError("no batch has run yet");
+  const long long hl = x.config.model.num_heads_total();
+  const int window = x.config.budget.window;
+  std::vector<float> all(x.last_lengths.size() * static_cast<size_t>(hl) *
+                         static_cast<size_t>(x.last_stride));
+  RA_CUDA(cudaSetDevice(x.device));
+  RA_CUDA(cudaMemcpy(all.data(), x.scores.as<void>(), sizeof(float) * all.size(),
+                     cudaMemcpyDeviceToHost));
+  std::vector<std::vector<std::vector<float>>> out(x.last_lengths.size());
+  for (size_t e = 0; e < out.size(); ++e) {
+    out[e].resize(static_cast<size_t>(hl));
+    for (long long head = 0; head < hl; ++head) {
+      const int cand = std::max(0, x.last_lengths[e][static_cast<size_t>(head)] - window);
+      const float* s = all.data() + (static_cast<long long>(e) * hl + head) * x.last_stride;
+      out[e][static_cast<size_t>(head)].assign(s, s + cand);
+    }
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<uint64_t>> GpuEngine::LastKeepMask(int e) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  Impl& x = *impl_;
+  if (e < 0 || e >= static_cast<int>(x.last_lengths.size())) {
+    return absl::OutOfRangeError(absl::StrCat("event ", e, " is not in the last batch"));
+  }
+  const long long hl = x.config.model.num_heads_total();
+  std::vector<uint64_t> dev(static_cast<size_t>(hl) * x.last_words);
+  RA_CUDA(cudaSetDevice(x.device));
+  RA_CUDA(cudaMemcpy(dev.data(),
+                     x.mask.as<uint64_t>() + static_cast<long long>(e) * hl * x.last_words,
+                     sizeof(uint64_t) * dev.size(), cudaMemcpyDeviceToHost));
+  const int words = WordsPerHead(x.last_n_max[static_cast<size_t>(e)]);
+  std::vector<uint64_t> out(static_cast<size_t>(hl) * words);
+  for (long long head = 0; head < hl; ++head) {
+    std::copy_n(dev.data() + head * x.last_words, words, out.data() + head * words);
+  }
+  return out;
+}
+
+absl::Status GpuEngine::GatherKept(std::span<const DeviceGatherTarget> targets, size_t row_bytes) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  Impl& x = *impl_;
+  if (targets.size() != x.last_lengths.size()) {
+    return absl::InvalidArgumentError(absl::StrCat("targets has ", targets.size(),
+                                                   " entries; the last batch had ",
+                                                   x.last_lengths.size(), " events"));
+  }
+  if (row_bytes == 0) return absl::InvalidArgumentError("row_bytes must be positive");
+  std::vector<k::GatherDesc> g(targets.size());
+  int64_t rows = 1;
+  for (size_t e = 0; e < targets.size(); ++e) {
+    if (targets[e].src == nullptr || targets[e].dst == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("targets[", e, "]: src and dst are required"));
+    }
+    if (targets[e].max_kept < x.last_max_kept[e]) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("targets[", e, "].max_kept = ", targets[e].max_kept, " is below the ",
+                       x.last_max_kept[e], " rows a head keeps"));
+    }
+    g[e].src = static_cast<const unsigned char*>(targets[e].src);
+    g[e].dst = static_cast<unsigned char*>(targets[e].dst);
+    g[e].n_max = x.last_n_max[e];
+    g[e].max_kept = targets[e].max_kept;
+    rows = std::max(rows, targets[e].max_kept);
+  }
+  RA_CUDA(cudaSetDevice(x.device));
+  if (auto s = x.gather.Reserve(sizeof(k::GatherDesc) * g.size()); !s.ok()) return s;
+  RA_CUDA(cudaMemcpyAsync(x.gather.as<void>(), g.data(), sizeof(k::GatherDesc) * g.size(),
+                          cudaMemcpyHostToDevice, x.stream));
+  const long long hl = x.config.model.num_heads_total();
+  RA_CUDA(k::Gather(x.gather.as<k::GatherDesc>(), static_cast<long long>(g.size()), hl, rows,
+                    x.kept.as<int>(), x.offsets.as<long long>(), x.kept_lengths.as<int>(),
+                    static_cast<long long>(row_bytes), x.stream));
+  RA_CUDA(cudaStreamSynchronize(x.stream));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<void*> GpuEngine::Allocate(uint64_t bytes) {
+  RA_CUDA(cudaSetDevice(impl_->device));
+  void* p = nullptr;
+  RA_CUDA(cudaMalloc(&p, std::max<uint64_t>(bytes, 1)));
+  return p;
+}
+
+absl::Status GpuEngine::Free(void* ptr) {
+  RA_CUDA(cudaSetDevice(impl_->device));
+  RA_CUDA(cudaFree(ptr));
+  return absl::OkStatus();
+}
+
+absl::Status GpuEngine::Upload(void* dst, const void* src, uint64_t bytes) {
+  RA_CUDA(cudaSetDevice(impl_->device));
+  RA_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+  return absl::OkStatus();
+}
+
+absl::Status GpuEngine::Download(void* dst, const void* src, uint64_t bytes) {
+  RA_CUDA(cudaSetDevice(impl_->device));
+  RA_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+  return absl::OkStatus();
+}
+
+}  // namespace reasonalloc::gpu

@@ -1,0 +1,91 @@
+// The CUDA compute backend: one compression event per session, batched over sessions and layers,
+// with the decisions of the CPU engine (core/engine.h). Plain C++ header (no CUDA types); without
+// the CUDA backend, or without a GPU, Create says why.
+//
+// An event is a handful of launches on the engine's stream: the scorer's kernels (window logits
+// with the GQA reduction; softmax, window mean and pooling; for rkv the normalised-key Gram rows
+// with the retain-last partner, then the column means and the mix), the pooled per-layer threshold
+// of head-wise allocators (radix select), per-head top-k with ties to the lower index (radix select
+// plus a block scan) writing the kept indices and the keep bitmask, and, in managed mode, the
+// compaction gather. The allocators' integer routing runs on the host from per-head counts made on
+// the GPU (RouteFromPoolCounts, the CPU engine's own path), so equal counts give equal budgets.
+//
+// Scores differ from the CPU's by float rounding only (different summation order, device expf);
+// decisions are identical except where two candidates' scores lie within that rounding of each
+// other (tests/gpu/gpu_engine_test.cc measures and bounds it).
+#ifndef REASONALLOC_GPU_GPU_ENGINE_H_
+#define REASONALLOC_GPU_GPU_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/dtype.h"
+#include "core/engine.h"
+#include "core/session_config.h"
+
+namespace reasonalloc::gpu {
+
+// One session's event. Pointers are device memory on the engine's device, in `dtype` (the
+// session's model.dtype); `lengths` is host memory.
+struct DeviceEventInputs {
+  const void* query_window = nullptr;  // [L, Hq, window, d]
+  const void* keys = nullptr;          // [L, Hkv, n_max, d]
+  int64_t n_max = 0;
+  std::span<const int32_t> lengths;  // [L * Hkv]
+  // h2o: the accumulated attention, fp32 [L, Hkv, n_max]; null = the window's attention (one-shot)
+  const float* accumulated = nullptr;
+};
+
+// Managed mode: where the compaction writes each session's kept rows.
+struct DeviceGatherTarget {
+  const void* src = nullptr;  // [L, Hkv, n_max, row_bytes]
+  void* dst = nullptr;        // [L, Hkv, max_kept, row_bytes]; must not overlap src
+  int64_t max_kept = 0;
+};
+
+class GpuEngine {
+ public:
+  // An engine for `config` on CUDA device `device`.
+  static absl::StatusOr<std::unique_ptr<GpuEngine>> Create(int device, const SessionConfig& config,
+                                                           std::vector<double> layer_demand = {});
+  ~GpuEngine();
+  GpuEngine(const GpuEngine&) = delete;
+  GpuEngine& operator=(const GpuEngine&) = delete;
+
+  const SessionConfig& config() const;
+  int device() const;
+
+  // One event per element of `events`, all with this engine's configuration, in one set of
+  // launches. Checks what Engine::CheckInputs checks, per event, naming the event's index.
+  // Thread-safe (events on one engine run one batch at a time).
+  absl::StatusOr<std::vector<Decision>> CompressBatch(std::span<const DeviceEventInputs> events);
+
+  // After CompressBatch: the candidate scores of the last batch, [events][L * Hkv][n - window],
+  // copied to the host (tests compare them with the CPU scorer's).
+  absl::StatusOr<std::vector<std::vector<std::vector<float>>>> LastScores();
+  // After CompressBatch: the keep bitmask the last batch wrote on the device for event `e`, copied
+  // to the host, [L * Hkv][WordsPerHead(n_max)] (the layout of BuildKeepMask).
+  absl::StatusOr<std::vector<uint64_t>> LastKeepMask(int e);
+  // After CompressBatch: gathers each event's kept rows of `targets[e].src` to `targets[e].dst`
+  // (rows of `row_bytes`) on the device, rows past a head's kept length zeroed, and waits for it.
+  absl::Status GatherKept(std::span<const DeviceGatherTarget> targets, size_t row_bytes);
+
+  // Copies between host and device memory on the engine's device (tests and benchmarks).
+  absl::StatusOr<void*> Allocate(uint64_t bytes);
+  absl::Status Free(void* ptr);
+  absl::Status Upload(void* dst, const void* src, uint64_t bytes);
+  absl::Status Download(void* dst, const void* src, uint64_t bytes);
+
+  struct Impl;
+
+ private:
+  explicit GpuEngine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace reasonalloc::gpu
+
+#endif  // REASONALLOC_GPU_GPU_ENGINE_H_
