@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <mutex>
 #include <utility>
 
@@ -68,6 +69,12 @@ class DeviceBuffer {
   size_t size_ = 0;
 };
 
+launch::Elem Elem(DType dtype) {
+  return dtype == DType::kFloat16    ? launch::Elem::kF16
+         : dtype == DType::kBFloat16 ? launch::Elem::kBF16
+                                     : launch::Elem::kF32;
+}
+
 }  // namespace
 
 struct GpuEngine::Impl {
@@ -82,7 +89,8 @@ struct GpuEngine::Impl {
   std::mutex mu;
 
   DeviceBuffer heads, logits, importance, scores, overflow, inv, rowsum, partner, partner_value,
-      column, pool_k_dev, greater, equal, budgets, offsets, kept, kept_lengths, mask, gather;
+      column, pool_k_dev, greater, equal, budgets, offsets, kept, kept_lengths, mask, gather, bad,
+      row_lists, scratch;
 
   // The last batch, for LastScores, LastKeepMask and GatherKept.
   std::vector<std::vector<int32_t>> last_lengths;
@@ -106,9 +114,7 @@ absl::Status GpuEngine::Impl::LaunchScoring(long long num_heads, long long strid
   const ModelGeometry& m = config.model;
   const ScorerConfig& sc = config.scorer;
   k::ScoringParams p;
-  p.elem = m.dtype == DType::kFloat16    ? k::Elem::kF16
-           : m.dtype == DType::kBFloat16 ? k::Elem::kBF16
-                                         : k::Elem::kF32;
+  p.elem = Elem(m.dtype);
   p.group = m.group_size();
   p.window = config.budget.window;
   p.head_dim = m.head_dim;
@@ -163,6 +169,7 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
   if (events.empty()) return absl::InvalidArgumentError("events is empty");
   long long stride = 1;
   bool acc_given = false;
+  bool check_finite = false;
   for (size_t e = 0; e < events.size(); ++e) {
     const DeviceEventInputs& ev = events[e];
     if (ev.keys == nullptr || ev.query_window == nullptr) {
@@ -179,6 +186,24 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
     if (auto s = cpu->CheckInputs(ci); !s.ok()) {
       return absl::Status(s.code(), absl::StrCat("events[", e, "]: ", s.message()));
     }
+    if (!ev.head_row_offsets.empty()) {
+      if (static_cast<long long>(ev.head_row_offsets.size()) != hl) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("events[", e, "].head_row_offsets has ", ev.head_row_offsets.size(),
+                         " entries; expected num_layers * num_kv_heads = ", hl));
+      }
+      for (int64_t o : ev.head_row_offsets) {
+        if (o < 0) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("events[", e, "].head_row_offsets holds a negative row ", o));
+        }
+      }
+    }
+    if (ev.ring_start < 0 || ev.ring_start >= window) {
+      return absl::InvalidArgumentError(absl::StrCat("events[", e, "].ring_start = ", ev.ring_start,
+                                                     " is outside [0, window ", window, ")"));
+    }
+    check_finite |= ev.check_finite;
     if (e > 0 && (ev.accumulated != nullptr) != acc_given) {
       return absl::InvalidArgumentError(
           "events: either every event carries an h2o accumulator or none does");
@@ -205,10 +230,14 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
       k::HeadDesc& x = hd[static_cast<size_t>(e * hl + head)];
       x.queries = static_cast<const unsigned char*>(ev.query_window) +
                   ((l * m.num_q_heads + h * group) * window) * d * static_cast<long long>(esize);
-      x.keys = static_cast<const unsigned char*>(ev.keys) +
-               head * ev.n_max * d * static_cast<long long>(esize);
-      x.accumulated = ev.accumulated != nullptr ? ev.accumulated + head * ev.n_max : nullptr;
+      const long long row0 = ev.head_row_offsets.empty()
+                                 ? head * ev.n_max
+                                 : ev.head_row_offsets[static_cast<size_t>(head)];
+      x.keys =
+          static_cast<const unsigned char*>(ev.keys) + row0 * d * static_cast<long long>(esize);
+      x.accumulated = ev.accumulated != nullptr ? ev.accumulated + row0 : nullptr;
       x.n = ev.lengths[static_cast<size_t>(head)];
+      x.ring_start = ev.ring_start;
     }
   }
   const ScorerConfig& sc = config.scorer;
@@ -237,6 +266,13 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
                           stream));
 
   auto t = std::chrono::steady_clock::now();
+  if (check_finite) {
+    if (auto s = bad.Reserve(sizeof(int) * static_cast<size_t>(num_heads)); !s.ok()) return s;
+    RA_CUDA(
+        cudaMemsetAsync(bad.as<void>(), 0, sizeof(int) * static_cast<size_t>(num_heads), stream));
+    RA_CUDA(k::CheckFinite(Elem(m.dtype), heads.as<k::HeadDesc>(), num_heads, group, window, d,
+                           bad.as<int>(), stream));
+  }
   if (auto s = LaunchScoring(num_heads, stride); !s.ok()) return s;
 
   // Pool counts for head-wise allocators, then one sync to read them with the overflow flags.
@@ -264,8 +300,22 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
   std::vector<int> overflow_h(static_cast<size_t>(num_heads));
   RA_CUDA(cudaMemcpyAsync(overflow_h.data(), overflow.as<void>(), sizeof(int) * overflow_h.size(),
                           cudaMemcpyDeviceToHost, stream));
+  std::vector<int> bad_h(check_finite ? static_cast<size_t>(num_heads) : 0);
+  if (check_finite) {
+    RA_CUDA(cudaMemcpyAsync(bad_h.data(), bad.as<void>(), sizeof(int) * bad_h.size(),
+                            cudaMemcpyDeviceToHost, stream));
+  }
   RA_CUDA(cudaStreamSynchronize(stream));
   const double score_seconds = SecondsSince(t);
+  for (size_t gh = 0; gh < bad_h.size(); ++gh) {
+    if (bad_h[gh] != 0) {
+      const long long head = static_cast<long long>(gh) % hl;
+      return absl::InvalidArgumentError(
+          absl::StrCat("events[", static_cast<long long>(gh) / hl,
+                       "]: keys or query_window hold NaN or Inf in layer ", head / m.num_kv_heads,
+                       ", kv head ", head % m.num_kv_heads));
+    }
+  }
   for (long long gh = 0; gh < num_heads; ++gh) {
     if (overflow_h[static_cast<size_t>(gh)] != 0) {
       const long long head = gh % hl;
@@ -488,6 +538,73 @@ absl::Status GpuEngine::GatherKept(std::span<const DeviceGatherTarget> targets, 
                     static_cast<long long>(row_bytes), x.stream));
   RA_CUDA(cudaStreamSynchronize(x.stream));
   return absl::OkStatus();
+}
+
+absl::Status GpuEngine::CompactInPlace(const Decision& decision,
+                                       std::span<const int64_t> old_offsets,
+                                       std::span<const int64_t> new_offsets, size_t row_bytes,
+                                       void* k, void* v) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  Impl& x = *impl_;
+  const size_t heads = decision.kept_lengths.size();
+  if (old_offsets.size() != heads || new_offsets.size() != heads || row_bytes == 0) {
+    return absl::InvalidArgumentError("CompactInPlace: offsets must have one entry per head");
+  }
+  const size_t total = decision.kept_indices.size();
+  if (total == 0) return absl::OkStatus();
+  // Kept rows to the scratch (in head order), then to their new regions.
+  std::vector<long long> lists(4 * total);
+  long long* gather_src = lists.data();
+  long long* gather_dst = lists.data() + total;
+  long long* scatter_src = lists.data() + 2 * total;
+  long long* scatter_dst = lists.data() + 3 * total;
+  size_t t = 0;
+  for (size_t i = 0; i < heads; ++i) {
+    long long r = 0;
+    for (int32_t j : decision.Kept(static_cast<int64_t>(i))) {
+      gather_src[t] = old_offsets[i] + j;
+      gather_dst[t] = static_cast<long long>(t);
+      scatter_src[t] = static_cast<long long>(t);
+      scatter_dst[t] = new_offsets[i] + r++;
+      ++t;
+    }
+  }
+  RA_CUDA(cudaSetDevice(x.device));
+  if (auto s = x.row_lists.Reserve(sizeof(long long) * lists.size()); !s.ok()) return s;
+  if (auto s = x.scratch.Reserve(row_bytes * total); !s.ok()) return s;
+  RA_CUDA(cudaMemcpyAsync(x.row_lists.as<void>(), lists.data(), sizeof(long long) * lists.size(),
+                          cudaMemcpyHostToDevice, x.stream));
+  const long long* d_lists = x.row_lists.as<long long>();
+  const long long n = static_cast<long long>(total);
+  const long long rb = static_cast<long long>(row_bytes);
+  for (void* base : {k, v}) {
+    auto* b = static_cast<unsigned char*>(base);
+    RA_CUDA(k::CopyRows(b, x.scratch.as<unsigned char>(), d_lists, d_lists + n, n, rb, x.stream));
+    RA_CUDA(k::CopyRows(x.scratch.as<unsigned char>(), b, d_lists + 2 * n, d_lists + 3 * n, n, rb,
+                        x.stream));
+  }
+  RA_CUDA(cudaStreamSynchronize(x.stream));
+  return absl::OkStatus();
+}
+
+absl::Status GpuEngine::WaitIpcEvent(const std::string& handle) {
+  if (handle.size() != sizeof(cudaIpcEventHandle_t)) {
+    return absl::InvalidArgumentError(absl::StrCat("cuda_event_handle has ", handle.size(),
+                                                   " bytes; a cudaIpcEventHandle_t has ",
+                                                   sizeof(cudaIpcEventHandle_t)));
+  }
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  RA_CUDA(cudaSetDevice(impl_->device));
+  cudaIpcEventHandle_t h;
+  std::memcpy(&h, handle.data(), sizeof(h));
+  cudaEvent_t event = nullptr;
+  if (cudaError_t err = cudaIpcOpenEventHandle(&event, h); err != cudaSuccess) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("cuda_event_handle: cudaIpcOpenEventHandle: ", cudaGetErrorString(err)));
+  }
+  const cudaError_t err = cudaStreamWaitEvent(impl_->stream, event, 0);
+  cudaEventDestroy(event);
+  return CudaStatus("cudaStreamWaitEvent", err);
 }
 
 absl::StatusOr<void*> GpuEngine::Allocate(uint64_t bytes) {

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -37,6 +38,13 @@ struct DeviceEventInputs {
   std::span<const int32_t> lengths;  // [L * Hkv]
   // h2o: the accumulated attention, fp32 [L, Hkv, n_max]; null = the window's attention (one-shot)
   const float* accumulated = nullptr;
+  // Managed arenas (core/arena_layout.h): keys (and the accumulator) are rows [rows, d] with head i
+  // starting at row head_row_offsets[i] instead of i·n_max; empty = the dense layout above.
+  std::span<const int64_t> head_row_offsets;
+  // The query window is a ring: window row a (oldest first) is slot (ring_start + a) mod window.
+  int ring_start = 0;
+  // Check every live key and window query for NaN/Inf first (INVALID_ARGUMENT naming the head).
+  bool check_finite = false;
 };
 
 // Managed mode: where the compaction writes each session's kept rows.
@@ -72,6 +80,17 @@ class GpuEngine {
   // After CompressBatch: gathers each event's kept rows of `targets[e].src` to `targets[e].dst`
   // (rows of `row_bytes`) on the device, rows past a head's kept length zeroed, and waits for it.
   absl::Status GatherKept(std::span<const DeviceGatherTarget> targets, size_t row_bytes);
+
+  // Managed arenas: after CompressBatch of one event whose keys used head_row_offsets, moves each
+  // head's kept rows of `k` and `v` ([rows, row_bytes] on the device) from old_offsets[i] +
+  // kept position to new_offsets[i] onward, in place (through a device scratch), and waits.
+  absl::Status CompactInPlace(const Decision& decision, std::span<const int64_t> old_offsets,
+                              std::span<const int64_t> new_offsets, size_t row_bytes, void* k,
+                              void* v);
+
+  // Makes the engine's stream wait for a cudaIpcEventHandle_t (64 bytes) another process recorded:
+  // the worker's writes are ordered before the next batch's reads.
+  absl::Status WaitIpcEvent(const std::string& handle);
 
   // Copies between host and device memory on the engine's device (tests and benchmarks).
   absl::StatusOr<void*> Allocate(uint64_t bytes);

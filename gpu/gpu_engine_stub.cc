@@ -33,6 +33,11 @@ absl::StatusOr<std::vector<uint64_t>> GpuEngine::LastKeepMask(int) { return NotB
 absl::Status GpuEngine::GatherKept(std::span<const DeviceGatherTarget>, size_t) {
   return NotBuilt();
 }
+absl::Status GpuEngine::CompactInPlace(const Decision&, std::span<const int64_t>,
+                                       std::span<const int64_t>, size_t, void*, void*) {
+  return NotBuilt();
+}
+absl::Status GpuEngine::WaitIpcEvent(const std::string&) { return NotBuilt(); }
 absl::StatusOr<void*> GpuEngine::Allocate(uint64_t) { return NotBuilt(); }
 absl::Status GpuEngine::Free(void*) { return NotBuilt(); }
 absl::Status GpuEngine::Upload(void*, const void*, uint64_t) { return NotBuilt(); }

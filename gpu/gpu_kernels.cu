@@ -191,7 +191,7 @@ __global__ void __launch_bounds__(kBlock)
   for (int a = warp; a < window; a += kWarps) {
     float red = 0.0f;
     for (int g = 0; g < group; ++g) {
-      const S* qr = q + (static_cast<long long>(g) * window + a) * d;
+      const S* qr = q + (static_cast<long long>(g) * window + (a + h.ring_start) % window) * d;
       float dot = 0.0f;
       for (int k = 0; k < d; ++k) dot = fmaf(L::Load(qr + k), kr[k], dot);
       dot *= scale;
@@ -572,6 +572,43 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// NaN/Inf in a head's live keys or its group's window queries. Grid: heads.
+template <typename L>
+__global__ void __launch_bounds__(kBlock)
+    FiniteKernel(const HeadDesc* heads, int group, int window, int d, int* bad) {
+  __shared__ int sh[kWarps];
+  const long long gh = blockIdx.x;
+  const HeadDesc h = heads[gh];
+  using S = typename L::Storage;
+  const S* k = static_cast<const S*>(h.keys);
+  const S* q = static_cast<const S*>(h.queries);
+  int found = 0;
+  const long long key_elems = static_cast<long long>(h.n) * d;
+  for (long long i = threadIdx.x; i < key_elems; i += kBlock) found |= !isfinite(L::Load(k + i));
+  const long long q_elems = static_cast<long long>(group) * window * d;
+  for (long long i = threadIdx.x; i < q_elems; i += kBlock) found |= !isfinite(L::Load(q + i));
+  found = BlockSum(found, sh);
+  if (threadIdx.x == 0 && found != 0) bad[gh] = 1;
+}
+
+// Row copies by index lists. Grid: rows (sliced by the launcher).
+__global__ void CopyRowsKernel(const unsigned char* src, unsigned char* dst,
+                               const long long* src_rows, const long long* dst_rows,
+                               long long count, long long row_bytes, long long t0) {
+  const long long t = t0 + blockIdx.x;
+  if (t >= count) return;
+  const unsigned char* from = src + src_rows[t] * row_bytes;
+  unsigned char* to = dst + dst_rows[t] * row_bytes;
+  if (row_bytes % 4 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0 &&
+      reinterpret_cast<uintptr_t>(dst) % 4 == 0) {
+    for (long long i = threadIdx.x; i < row_bytes / 4; i += blockDim.x) {
+      reinterpret_cast<uint32_t*>(to)[i] = reinterpret_cast<const uint32_t*>(from)[i];
+    }
+  } else {
+    for (long long i = threadIdx.x; i < row_bytes; i += blockDim.x) to[i] = from[i];
+  }
+}
+
 // Compaction: each head's kept rows of its event's src gathered to the start of the head in dst,
 // rows past its kept length zeroed. Grid: (heads, row blocks).
 __global__ void GatherKernel(const GatherDesc* events, long long heads_per_event, const int* kept,
@@ -703,6 +740,39 @@ cudaError_t Select(const HeadDesc* heads, long long num_heads, int window, long 
                    int* kept, unsigned long long* mask, cudaStream_t stream) {
   k::SelectKernel<<<static_cast<unsigned>(num_heads), k::kBlock, 0, stream>>>(
       heads, window, stride, scores, budgets, offsets, words, kept, mask);
+  return cudaGetLastError();
+}
+
+cudaError_t CheckFinite(Elem elem, const HeadDesc* heads, long long num_heads, int group,
+                        int window, int head_dim, int* bad, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(num_heads);
+  switch (elem) {
+    case Elem::kF16:
+      k::FiniteKernel<k::F16>
+          <<<blocks, k::kBlock, 0, stream>>>(heads, group, window, head_dim, bad);
+      break;
+    case Elem::kBF16:
+      k::FiniteKernel<k::BF16>
+          <<<blocks, k::kBlock, 0, stream>>>(heads, group, window, head_dim, bad);
+      break;
+    case Elem::kF32:
+    default:
+      k::FiniteKernel<k::F32>
+          <<<blocks, k::kBlock, 0, stream>>>(heads, group, window, head_dim, bad);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t CopyRows(const unsigned char* src, unsigned char* dst, const long long* src_rows,
+                     const long long* dst_rows, long long count, long long row_bytes,
+                     cudaStream_t stream) {
+  constexpr long long kMaxGridX = 1ll << 30;
+  for (long long t0 = 0; t0 < count; t0 += kMaxGridX) {
+    const unsigned blocks = static_cast<unsigned>(std::min(kMaxGridX, count - t0));
+    k::CopyRowsKernel<<<blocks, 128, 0, stream>>>(src, dst, src_rows, dst_rows, count, row_bytes,
+                                                  t0);
+  }
   return cudaGetLastError();
 }
 

@@ -15,7 +15,7 @@ struct HeadDesc {
   const void* keys = nullptr;          // [n_max, d]
   const float* accumulated = nullptr;  // [n_max] (h2o) or null
   int n = 0;                           // live tokens
-  int pad = 0;
+  int ring_start = 0;                  // window row a is query slot (ring_start + a) mod window
 };
 
 struct GatherDesc {
@@ -69,6 +69,16 @@ cudaError_t LayerPool(const HeadDesc* heads, long long num_events, int num_layer
 cudaError_t Select(const HeadDesc* heads, long long num_heads, int window, long long stride,
                    const float* scores, const int* budgets, const long long* offsets, int words,
                    int* kept, unsigned long long* mask, cudaStream_t stream);
+
+// Per head: bad[head] = 1 when a live key row or a window query of the head's group holds NaN or
+// Inf (bad zeroed by the caller).
+cudaError_t CheckFinite(Elem elem, const HeadDesc* heads, long long num_heads, int group,
+                        int window, int head_dim, int* bad, cudaStream_t stream);
+
+// dst row dst_rows[t] = src row src_rows[t] for t < count (rows of row_bytes).
+cudaError_t CopyRows(const unsigned char* src, unsigned char* dst, const long long* src_rows,
+                     const long long* dst_rows, long long count, long long row_bytes,
+                     cudaStream_t stream);
 
 // Compaction of the kept rows of each event's src into its dst.
 cudaError_t Gather(const GatherDesc* events, long long num_events, long long heads_per_event,

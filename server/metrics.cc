@@ -40,7 +40,7 @@ const char* CodeName(int code) {
 
 }  // namespace
 
-Metrics::Metrics(absl::string_view backend)
+Metrics::Metrics(absl::string_view backend, absl::string_view device, absl::string_view driver)
     : registry_(std::make_shared<prometheus::Registry>()),
       requests_(prometheus::BuildCounter()
                     .Name("reasonalloc_requests_total")
@@ -115,7 +115,11 @@ Metrics::Metrics(absl::string_view backend)
       .Name("reasonalloc_build_info")
       .Help("Build facts as labels; the value is always 1")
       .Register(*registry_)
-      .Add({{"version", kVersion}, {"revision", kGitRevision}, {"backend", std::string(backend)}})
+      .Add({{"version", kVersion},
+            {"revision", kGitRevision},
+            {"backend", std::string(backend)},
+            {"device", std::string(device)},
+            {"driver", std::string(driver)}})
       .Set(1);
 }
 

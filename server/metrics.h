@@ -28,7 +28,9 @@ namespace reasonalloc {
 
 class Metrics {
  public:
-  explicit Metrics(absl::string_view backend);
+  // `device` and `driver` label reasonalloc_build_info (the CPU model, or the GPU and its driver).
+  explicit Metrics(absl::string_view backend, absl::string_view device = "",
+                   absl::string_view driver = "");
 
   // Starts the HTTP endpoint on host:port (port 0 picks a free port). Returns the bound host:port.
   absl::StatusOr<std::string> Serve(const std::string& address);

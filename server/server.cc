@@ -99,10 +99,18 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
           "device \"", options.device, "\": ", probe.devices.size(), " CUDA device(s) visible",
           probe.reason.empty() ? "" : absl::StrCat(" (", probe.reason, ")")));
     }
-    return absl::UnimplementedError(absl::StrCat(
-        "device \"", options.device, "\" (", probe.devices[static_cast<size_t>(index)].name,
-        ") was found, but the CUDA compute backend is not implemented in this build yet; use "
-        "--device cpu"));
+    const gpu::DeviceInfo& dev = probe.devices[static_cast<size_t>(index)];
+    if (dev.compute_major < 8) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("device \"", options.device, "\" (", dev.name, ") has compute capability ",
+                       dev.compute_major, ".", dev.compute_minor,
+                       "; the CUDA backend is built for 8.0 and 9.0"));
+    }
+    so.backend = "cuda";
+    so.device_name = dev.name;
+    so.device_uuid = dev.uuid;
+    so.driver_version = gpu::FormatDriverVersion(probe.driver_version);
+    so.cuda_device = index;
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("device \"", options.device, "\" is not cpu or cuda:N"));
@@ -144,7 +152,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     spdlog::warn("removed {} shared-memory arena(s) left by a server that is no longer running",
                  stale);
   }
-  s.metrics_ = std::make_unique<Metrics>(so.backend);
+  s.metrics_ = std::make_unique<Metrics>(so.backend, so.device_name, so.driver_version);
   SessionRegistry::Options ro;
   ro.capacity_bytes = options.max_arena_bytes;
   ro.max_sessions = options.max_sessions;

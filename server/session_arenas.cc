@@ -66,32 +66,36 @@ uint64_t* SessionArenas::Uint64(const char* name) const {
   return reinterpret_cast<uint64_t*>(result_->data() + layout_.result.Get(name).byte_offset);
 }
 
+void DescribeArena(const Arena& arena, const ArenaLayout& layout, DType model_dtype,
+                   google::protobuf::RepeatedPtrField<v1::ArenaDescriptor>* out) {
+  v1::ArenaDescriptor* d = out->Add();
+  d->set_kind(layout.kind);
+  arena.DescribeMemory(d);
+  d->set_layout_version(kLayoutVersion);
+  for (const ArrayLayout& a : layout.arrays) {
+    v1::ArrayDescriptor* ad = d->add_arrays();
+    ad->set_name(a.name);
+    ad->set_dtype(ArrayDType(a.type, model_dtype));
+    int64_t stride = 1;
+    std::vector<int64_t> strides(a.shape.size());
+    for (size_t i = a.shape.size(); i-- > 0;) {
+      strides[i] = stride;
+      stride *= a.shape[i];
+    }
+    for (size_t i = 0; i < a.shape.size(); ++i) {
+      ad->add_shape(a.shape[i]);
+      ad->add_strides(strides[i]);
+    }
+    ad->set_byte_offset(a.byte_offset);
+    ad->set_byte_length(a.byte_length);
+  }
+}
+
 void SessionArenas::Describe(google::protobuf::RepeatedPtrField<v1::ArenaDescriptor>* out) const {
   for (auto [arena, layout] :
        {std::pair{kv_.get(), &layout_.kv}, std::pair{ring_.get(), &layout_.query_ring},
         std::pair{result_.get(), &layout_.result}, std::pair{h2o_.get(), &layout_.h2o_acc}}) {
-    if (arena == nullptr) continue;
-    v1::ArenaDescriptor* d = out->Add();
-    d->set_kind(layout->kind);
-    arena->DescribeMemory(d);
-    d->set_layout_version(kLayoutVersion);
-    for (const ArrayLayout& a : layout->arrays) {
-      v1::ArrayDescriptor* ad = d->add_arrays();
-      ad->set_name(a.name);
-      ad->set_dtype(ArrayDType(a.type, config_.model.dtype));
-      int64_t stride = 1;
-      std::vector<int64_t> strides(a.shape.size());
-      for (size_t i = a.shape.size(); i-- > 0;) {
-        strides[i] = stride;
-        stride *= a.shape[i];
-      }
-      for (size_t i = 0; i < a.shape.size(); ++i) {
-        ad->add_shape(a.shape[i]);
-        ad->add_strides(strides[i]);
-      }
-      ad->set_byte_offset(a.byte_offset);
-      ad->set_byte_length(a.byte_length);
-    }
+    if (arena != nullptr) DescribeArena(*arena, *layout, config_.model.dtype, out);
   }
 }
 

@@ -20,6 +20,7 @@
 #include "core/engine.h"
 #include "core/session_config.h"
 #include "reasonalloc/v1/types.pb.h"
+#include "server/arena.h"
 #include "server/external_buffers.h"
 #include "server/host_arena.h"
 
@@ -35,6 +36,10 @@ struct ArenaInputs {
   int64_t n_max = 0;
   CompressInputs view() const { return {query_window, keys, n_max, lengths, {}}; }
 };
+
+// Appends the descriptor of one arena (memory from `arena`, arrays from `layout`).
+void DescribeArena(const Arena& arena, const ArenaLayout& layout, DType model_dtype,
+                   google::protobuf::RepeatedPtrField<v1::ArenaDescriptor>* out);
 
 class SessionArenas {
  public:

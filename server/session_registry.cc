@@ -52,6 +52,16 @@ SessionArenas* Session::arenas() const {
   return arenas_.get();
 }
 
+void Session::AttachCudaArenas(std::unique_ptr<CudaSessionArenas> arenas) {
+  absl::MutexLock lock(&mu_);
+  cuda_arenas_ = std::move(arenas);
+}
+
+CudaSessionArenas* Session::cuda_arenas() const {
+  absl::MutexLock lock(&mu_);
+  return cuda_arenas_.get();
+}
+
 Session::Session(std::string id, std::shared_ptr<const Engine> engine, uint64_t reserved,
                  std::string client_tag, absl::Duration lease, std::string profile,
                  PeerIdentity owner)

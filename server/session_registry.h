@@ -34,6 +34,7 @@
 #include "core/h2o.h"
 #include "core/layer_profile.h"
 #include "core/session_config.h"
+#include "server/cuda_session_arenas.h"
 #include "server/peer.h"
 #include "server/session_arenas.h"
 
@@ -129,6 +130,9 @@ class Session {
   // through them.
   void AttachArenas(std::unique_ptr<SessionArenas> arenas) ABSL_LOCKS_EXCLUDED(mu_);
   SessionArenas* arenas() const ABSL_LOCKS_EXCLUDED(mu_);
+  // CUDA arenas (MEMORY_KIND_CUDA_IPC sessions on a --device cuda:N server), likewise.
+  void AttachCudaArenas(std::unique_ptr<CudaSessionArenas> arenas) ABSL_LOCKS_EXCLUDED(mu_);
+  CudaSessionArenas* cuda_arenas() const ABSL_LOCKS_EXCLUDED(mu_);
   // The h2o accumulator (null for other scorers); only the holder of the compress guard uses it.
   H2oAccumulator* h2o() { return h2o_.get(); }
 
@@ -149,6 +153,7 @@ class Session {
   std::atomic<bool> busy_{false};
   std::unique_ptr<H2oAccumulator> h2o_;
   std::unique_ptr<SessionArenas> arenas_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<CudaSessionArenas> cuda_arenas_ ABSL_GUARDED_BY(mu_);
   mutable absl::Mutex mu_;
   std::shared_ptr<const Engine> engine_ ABSL_GUARDED_BY(mu_);
   uint64_t reserved_ ABSL_GUARDED_BY(mu_);

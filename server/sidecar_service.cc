@@ -147,6 +147,9 @@ void SidecarService::FillSessionInfo(const Session& session, v1::SessionInfo* ou
   if (const SessionArenas* arenas = session.arenas(); arenas != nullptr) {
     out->set_memory(v1::MEMORY_KIND_HOST_SHM);
     arenas->Describe(out->mutable_arenas());
+  } else if (const CudaSessionArenas* cuda = session.cuda_arenas(); cuda != nullptr) {
+    out->set_memory(v1::MEMORY_KIND_CUDA_IPC);
+    cuda->Describe(out->mutable_arenas());
   } else {
     out->set_memory(v1::MEMORY_KIND_INLINE);
   }
@@ -197,6 +200,7 @@ grpc::Status SidecarService::GetServerInfo(grpc::ServerContext* context,
   out->add_dtypes(v1::DTYPE_BFLOAT16);
   out->add_memory_kinds(v1::MEMORY_KIND_INLINE);
   out->add_memory_kinds(v1::MEMORY_KIND_HOST_SHM);
+  if (options_.cuda_device >= 0) out->add_memory_kinds(v1::MEMORY_KIND_CUDA_IPC);
   out->set_layout_version(1);
   {
     absl::MutexLock lock(&mu_);
@@ -217,6 +221,7 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
     if (!caller.ok()) return caller.status();
     if (draining_.load()) return absl::UnavailableError("the server is draining");
     bool host_shm = false;
+    bool cuda_ipc = false;
     switch (request->memory()) {
       case v1::MEMORY_KIND_UNSPECIFIED:
       case v1::MEMORY_KIND_INLINE:
@@ -225,9 +230,14 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
         host_shm = true;
         break;
       case v1::MEMORY_KIND_CUDA_IPC:
-        return absl::UnimplementedError(absl::StrCat(
-            "memory = ", v1::MemoryKind_Name(request->memory()),
-            ": shared arenas are not implemented in this build yet; use MEMORY_KIND_INLINE"));
+        if (options_.cuda_device < 0) {
+          return absl::FailedPreconditionError(absl::StrCat(
+              "memory = MEMORY_KIND_CUDA_IPC needs a server started with --device cuda:N; this "
+              "one computes on ",
+              options_.backend));
+        }
+        cuda_ipc = true;
+        break;
       default:
         return absl::InvalidArgumentError(absl::StrCat(
             "memory = ", static_cast<int>(request->memory()), " is not a known MemoryKind"));
@@ -269,9 +279,18 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
                                "\": uniform layer budgets (PutProfile or --profile-dir adds one)");
       }
     }
+    const std::vector<double> layer_demand = demand;
     auto session = registry_->Create(*config, request->client_tag(), *lease, std::move(demand),
                                      profile_name, caller->peer);
     if (!session.ok()) return session.status();
+    if (cuda_ipc) {
+      auto arenas = CudaSessionArenas::Create(*config, options_.cuda_device, layer_demand);
+      if (!arenas.ok()) {
+        (void)registry_->Close((*session)->id());
+        return arenas.status();
+      }
+      (*session)->AttachCudaArenas(std::move(arenas).value());
+    }
     if (host_shm) {
       auto arenas = SessionArenas::Create(*config);
       if (!arenas.ok()) {
@@ -363,11 +382,11 @@ grpc::Status SidecarService::UpdateBudget(grpc::ServerContext* context,
                                           v1::SessionInfo* response) {
   auto current = Use(context, request->session_id(), SessionRegistry::Renew::kNo);
   if (!current.ok()) return Finish("UpdateBudget", current.status());
-  if ((*current)->arenas() != nullptr) {
+  if ((*current)->arenas() != nullptr || (*current)->cuda_arenas() != nullptr) {
     return Finish("UpdateBudget",
                   absl::FailedPreconditionError(
-                      "budget cannot change on a MEMORY_KIND_HOST_SHM session (its arenas are "
-                      "sized by it); create a new session"));
+                      "budget cannot change on a MEMORY_KIND_HOST_SHM or MEMORY_KIND_CUDA_IPC "
+                      "session (its arenas are sized by it); create a new session"));
   }
   auto session = registry_->UpdateBudget(request->session_id(), request->budget());
   if (session.ok()) {
@@ -425,6 +444,9 @@ absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
   if (auto s = session.CheckStep(request.step()); !s.ok()) return s;
   if (SessionArenas* arenas = session.arenas(); arenas != nullptr) {
     return DoCompressArenas(context, request, session, *arenas, response, t0);
+  }
+  if (CudaSessionArenas* cuda = session.cuda_arenas(); cuda != nullptr) {
+    return DoCompressCuda(context, request, session, *cuda, response, t0);
   }
   if (!request.has_inline_tensors()) {
     return absl::InvalidArgumentError(
@@ -582,6 +604,45 @@ absl::Status SidecarService::DoCompressArenas(grpc::ServerContext* context,
   return absl::OkStatus();
 }
 
+absl::Status SidecarService::DoCompressCuda(grpc::ServerContext*,
+                                            const v1::CompressRequest& request, Session& session,
+                                            CudaSessionArenas& arenas,
+                                            v1::CompressResponse* response,
+                                            std::chrono::steady_clock::time_point t0) {
+  if (request.has_inline_tensors()) {
+    return absl::FailedPreconditionError(
+        "inline_tensors must be empty for a MEMORY_KIND_CUDA_IPC session: the worker writes keys, "
+        "values, queries and lengths into the session's arenas");
+  }
+  if (options_.testing_compress_delay > absl::ZeroDuration()) {
+    absl::SleepFor(options_.testing_compress_delay);
+  }
+  auto decision = arenas.Compress(request.step(), request.cuda_event_handle());
+  if (!decision.ok()) return decision.status();
+  if (auto s = arenas.CheckFits(*decision); !s.ok()) return s;
+  const Session::CommitResult committed = session.Commit(request.step(), *decision);
+  const auto tc = std::chrono::steady_clock::now();
+  if (auto s = arenas.Apply(*decision, committed.epoch); !s.ok()) {
+    // The session advanced but its arenas may be half written: a device fault.
+    return absl::InternalError(
+        absl::StrCat("writing the decision to the CUDA arenas failed: ", s.message()));
+  }
+  decision->seconds.compact =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+  decision->seconds.total =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  response->set_session_id(session.id());
+  response->set_step(request.step());
+  response->set_epoch(committed.epoch);
+  v1::Decision* d = response->mutable_decision();
+  d->set_num_layers(decision->num_layers);
+  d->set_num_kv_heads(decision->num_kv_heads);
+  d->set_evicted_tokens(decision->evicted_tokens);
+  TimingsToProto(decision->seconds, response->mutable_timings());
+  RecordEvent(session, request.step(), committed, *decision);
+  return absl::OkStatus();
+}
+
 void SidecarService::RecordEvent(const Session& session, int64_t step,
                                  const Session::CommitResult& committed, const Decision& decision) {
   const SessionConfig& config = session.engine()->config();
@@ -638,9 +699,10 @@ grpc::Status SidecarService::StartCalibration(grpc::ServerContext* context,
     if (!session.ok()) return session.status();
     const double rho = request->rho() == 0 ? 0.93 : request->rho();
     const int stride = request->stride() == 0 ? 16 : request->stride();
-    if ((*session)->arenas() != nullptr) {
+    if ((*session)->arenas() != nullptr || (*session)->cuda_arenas() != nullptr) {
       return absl::UnimplementedError(
-          "calibration of a MEMORY_KIND_HOST_SHM session is not implemented in this build yet "
+          "calibration of a MEMORY_KIND_HOST_SHM or MEMORY_KIND_CUDA_IPC session is not "
+          "implemented in this build yet "
           "(the full cache outgrows its arenas); calibrate with a MEMORY_KIND_INLINE session");
     }
     if (auto s = (*session)->StartCalibration(rho, stride); !s.ok()) return s;

@@ -27,6 +27,7 @@ class SidecarService final : public v1::KvSidecar::Service {
     std::string device_name;
     std::string device_uuid;
     std::string driver_version;
+    int cuda_device = -1;  // --device cuda:N: N; MEMORY_KIND_CUDA_IPC sessions live there
     uint64_t max_message_bytes = 0;
     int max_watchers = 8;
     size_t watch_queue = 1024;  // events buffered per watcher before it drops
@@ -96,6 +97,10 @@ class SidecarService final : public v1::KvSidecar::Service {
                                 Session& session, SessionArenas& arenas,
                                 v1::CompressResponse* response,
                                 std::chrono::steady_clock::time_point t0);
+  absl::Status DoCompressCuda(grpc::ServerContext* context, const v1::CompressRequest& request,
+                              Session& session, CudaSessionArenas& arenas,
+                              v1::CompressResponse* response,
+                              std::chrono::steady_clock::time_point t0);
   absl::Status DoCompress(grpc::ServerContext* context, const v1::CompressRequest& request,
                           v1::CompressResponse* response);
   grpc::Status Finish(absl::string_view method, const absl::Status& status);

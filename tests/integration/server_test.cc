@@ -358,8 +358,8 @@ TEST(Server, BadCreateSessionRequestsNameTheField) {
        absl::StatusCode::kInvalidArgument, "lease_seconds"},
       {"unknown mode", [](auto& r) { r.set_mode(static_cast<v1::SessionMode>(9)); },
        absl::StatusCode::kInvalidArgument, "mode"},
-      {"CUDA IPC not built yet", [](auto& r) { r.set_memory(v1::MEMORY_KIND_CUDA_IPC); },
-       absl::StatusCode::kUnimplemented, "memory"},
+      {"CUDA IPC on a cpu server", [](auto& r) { r.set_memory(v1::MEMORY_KIND_CUDA_IPC); },
+       absl::StatusCode::kFailedPrecondition, "--device cuda:N"},
   };
   for (const BadCreate& bad : cases) {
     auto r = SessionRequest();

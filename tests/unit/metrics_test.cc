@@ -65,7 +65,7 @@ TEST(Metrics, NamesTypesAndLabelSetsArePinned) {
       {"reasonalloc_sessions", {"gauge", {}}},
       {"reasonalloc_arena_bytes", {"gauge", {"state"}}},
       {"reasonalloc_kv_tokens", {"gauge", {"state"}}},
-      {"reasonalloc_build_info", {"gauge", {"version", "revision", "backend"}}},
+      {"reasonalloc_build_info", {"gauge", {"version", "revision", "backend", "device", "driver"}}},
   };
   EXPECT_EQ(got, want);
 }

@@ -1,0 +1,171 @@
+#include "server/cuda_session_arenas.h"
+
+#include <algorithm>
+
+#include "absl/strings/str_cat.h"
+#include "server/session_arenas.h"
+
+namespace reasonalloc {
+
+CudaSessionArenas::CudaSessionArenas(const SessionConfig& config, int device)
+    : config_(config), device_(device), layout_(MakeSessionLayout(config)) {}
+
+absl::StatusOr<std::unique_ptr<CudaSessionArenas>> CudaSessionArenas::Create(
+    const SessionConfig& config, int device, std::vector<double> layer_demand) {
+  if (!config.managed) {
+    return absl::UnimplementedError(
+        "mode = SESSION_MODE_ADVISORY with memory = MEMORY_KIND_CUDA_IPC is not implemented in "
+        "this build yet; use a managed session");
+  }
+  if (config.scorer.name == "h2o") {
+    return absl::UnimplementedError(
+        "scorer.name \"h2o\" with memory = MEMORY_KIND_CUDA_IPC is not implemented in this build "
+        "yet (its accumulator is carried on the host); use MEMORY_KIND_HOST_SHM or "
+        "MEMORY_KIND_INLINE");
+  }
+  std::unique_ptr<CudaSessionArenas> a(new CudaSessionArenas(config, device));
+  for (auto [arena, layout] :
+       {std::pair{&a->kv_, &a->layout_.kv}, std::pair{&a->ring_, &a->layout_.query_ring},
+        std::pair{&a->result_, &a->layout_.result}}) {
+    auto created = DeviceArena::Create(device, layout->bytes);
+    if (!created.ok()) return created.status();
+    *arena = std::move(created).value();
+  }
+  auto engine = gpu::GpuEngine::Create(device, config, std::move(layer_demand));
+  if (!engine.ok()) return engine.status();
+  a->engine_ = std::move(engine).value();
+  const int64_t heads = config.model.num_heads_total();
+  const std::vector<int32_t> budgets(static_cast<size_t>(heads), config.budget.budget);
+  HeadRegions(budgets, config.budget.buffer, &a->offsets_, &a->capacities_);
+  if (auto s = a->WriteResult("offset", a->offsets_.data(), a->offsets_.size() * sizeof(int64_t));
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = a->WriteResult("capacity", a->capacities_.data(),
+                              a->capacities_.size() * sizeof(int32_t));
+      !s.ok()) {
+    return s;
+  }
+  if (auto s = a->WriteResult("budget", budgets.data(), budgets.size() * sizeof(int32_t));
+      !s.ok()) {
+    return s;
+  }
+  return a;
+}
+
+uint64_t CudaSessionArenas::bytes() const {
+  return layout_.kv.bytes + layout_.query_ring.bytes + layout_.result.bytes;
+}
+
+void CudaSessionArenas::Describe(
+    google::protobuf::RepeatedPtrField<v1::ArenaDescriptor>* out) const {
+  DescribeArena(*kv_, layout_.kv, config_.model.dtype, out);
+  DescribeArena(*ring_, layout_.query_ring, config_.model.dtype, out);
+  DescribeArena(*result_, layout_.result, config_.model.dtype, out);
+}
+
+absl::Status CudaSessionArenas::WriteResult(const char* name, const void* data, size_t bytes) {
+  return result_->cuda().CopyFromHost(layout_.result.Get(name).byte_offset, data, bytes);
+}
+
+absl::StatusOr<Decision> CudaSessionArenas::Compress(int64_t step,
+                                                     const std::string& event_handle) {
+  const ModelGeometry& m = config_.model;
+  const int64_t heads = m.num_heads_total();
+  const int window = config_.budget.window;
+  if (!event_handle.empty()) {
+    if (auto s = engine_->WaitIpcEvent(event_handle); !s.ok()) return s;
+  }
+  std::vector<int32_t> lengths(static_cast<size_t>(heads));
+  if (auto s = result_->cuda().CopyToHost(layout_.result.Get("len").byte_offset, lengths.data(),
+                                          lengths.size() * sizeof(int32_t));
+      !s.ok()) {
+    return s;
+  }
+  int64_t n_max = 1;
+  for (int64_t i = 0; i < heads; ++i) {
+    const int32_t n = lengths[static_cast<size_t>(i)];
+    const int32_t cap = capacities_[static_cast<size_t>(i)];
+    if (n < 0 || n > cap) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("result arena \"len\"[", i, "] (layer ", i / m.num_kv_heads, ", kv head ",
+                       i % m.num_kv_heads, ") = ", n, " is outside [0, capacity ", cap,
+                       "]; a head may grow by at most buffer = ", config_.budget.buffer,
+                       " tokens between events"));
+    }
+    n_max = std::max<int64_t>(n_max, n);
+  }
+  gpu::DeviceEventInputs in;
+  in.keys =
+      static_cast<const unsigned char*>(kv_->cuda().device_ptr()) + layout_.kv.Get("k").byte_offset;
+  in.query_window = static_cast<const unsigned char*>(ring_->cuda().device_ptr()) +
+                    layout_.query_ring.Get("q").byte_offset;
+  in.n_max = n_max;
+  in.lengths = lengths;
+  in.head_row_offsets = offsets_;
+  in.ring_start = static_cast<int>((((step - window + 1) % window) + window) % window);
+  in.check_finite = true;
+  auto decisions = engine_->CompressBatch(std::span<const gpu::DeviceEventInputs>(&in, 1));
+  if (!decisions.ok()) {
+    // The engine names events[0]; a session has one.
+    const std::string msg(decisions.status().message());
+    const std::string prefix = "events[0]: ";
+    return absl::Status(
+        decisions.status().code(),
+        absl::StrCat("arenas: ", msg.rfind(prefix, 0) == 0 ? msg.substr(prefix.size()) : msg));
+  }
+  return std::move((*decisions)[0]);
+}
+
+absl::Status CudaSessionArenas::CheckFits(const Decision& decision) const {
+  int64_t rows = 0;
+  for (size_t i = 0; i < decision.budgets.size(); ++i) {
+    const int64_t cap = int64_t{decision.budgets[i]} + config_.budget.buffer;
+    if (cap > int64_t{layout_.words} * 64 || decision.kept_lengths[i] > decision.budgets[i]) {
+      return absl::InternalError(absl::StrCat("head ", i, ": budget ", decision.budgets[i],
+                                              " does not fit the arena layout"));
+    }
+    rows += cap;
+  }
+  if (rows > layout_.rows) {
+    return absl::InternalError(
+        absl::StrCat("head regions need ", rows, " rows; the kv arena has ", layout_.rows));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status CudaSessionArenas::Apply(const Decision& decision, uint64_t epoch) {
+  std::vector<int64_t> offsets;
+  std::vector<int32_t> capacities;
+  HeadRegions(decision.budgets, config_.budget.buffer, &offsets, &capacities);
+  const size_t row_bytes =
+      DTypeSize(config_.model.dtype) * static_cast<size_t>(config_.model.head_dim);
+  auto* kv = static_cast<unsigned char*>(kv_->cuda().device_ptr());
+  if (auto s = engine_->CompactInPlace(decision, offsets_, offsets, row_bytes,
+                                       kv + layout_.kv.Get("k").byte_offset,
+                                       kv + layout_.kv.Get("v").byte_offset);
+      !s.ok()) {
+    return s;
+  }
+  offsets_ = std::move(offsets);
+  capacities_ = std::move(capacities);
+  const size_t heads = decision.budgets.size();
+  std::vector<uint64_t> mask(heads * static_cast<size_t>(layout_.words), 0);
+  for (size_t i = 0; i < heads; ++i) {
+    uint64_t* w = mask.data() + i * static_cast<size_t>(layout_.words);
+    for (int32_t j : decision.Kept(static_cast<int64_t>(i))) w[j / 64] |= uint64_t{1} << (j % 64);
+  }
+  for (auto [name, data, bytes] :
+       {std::tuple<const char*, const void*, size_t>{"len", decision.kept_lengths.data(),
+                                                     heads * sizeof(int32_t)},
+        {"offset", offsets_.data(), heads * sizeof(int64_t)},
+        {"capacity", capacities_.data(), heads * sizeof(int32_t)},
+        {"budget", decision.budgets.data(), heads * sizeof(int32_t)},
+        {"keep_mask", mask.data(), mask.size() * sizeof(uint64_t)},
+        {"epoch", &epoch, sizeof(epoch)}}) {
+    if (auto s = WriteResult(name, data, bytes); !s.ok()) return s;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace reasonalloc
