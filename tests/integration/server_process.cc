@@ -27,7 +27,11 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(const Option
   p->socket_path_ = p->dir_ + "/sidecar.sock";
   p->log_path_ = p->dir_ + "/server.log";
 
-  std::vector<std::string> argv = {REASONALLOC_SERVER_BINARY};
+  // REASONALLOC_TEST_SERVER_BINARY overrides the build tree's binary (tests/gpu/device_check.sh
+  // runs prebuilt tests from a bundle elsewhere).
+  const char* binary = std::getenv("REASONALLOC_TEST_SERVER_BINARY");
+  std::vector<std::string> argv = {
+      binary != nullptr && *binary != '\0' ? binary : REASONALLOC_SERVER_BINARY};
   if (options.pass_listen) argv.push_back("--listen=" + p->target());
   argv.push_back("--metrics_address=127.0.0.1:0");
   for (const auto& a : options.args) argv.push_back(a);
