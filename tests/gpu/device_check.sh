@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of the CUDA backend, in one run of under 8 minutes: finds the GPU, builds for it,
 # runs the GPU tests (GPU vs CPU on 240 configurations, the Llama-8B geometry, CUDA IPC between
-# two processes), the event benchmark and the same event in plain PyTorch, and prints a summary
+# two processes, the server's CUDA arena backend), the event benchmark and the same event in plain PyTorch, and prints a summary
 # with the ratios. Output also goes to ${OUT:-build-gpu}/device_check.log and the benchmark JSON.
 #
 #   tests/gpu/device_check.sh                 build here (needs scripts/setup's dependencies);
@@ -37,19 +37,29 @@ if [[ -n ${REASONALLOC_GPU_BUNDLE:-} ]]; then
   export LD_LIBRARY_PATH="$bundle/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   bin_tests=$bundle/bin/gpu_tests
   bin_bench=$bundle/bin/gpu_event_bench
+  bin_server_unit=$bundle/bin/server_unit_tests
   export REASONALLOC_TEST_SERVER_BINARY=$bundle/bin/reasonalloc-server
 else
-  echo "== build (build-gpu, CMAKE_CUDA_ARCHITECTURES=$cap)"
-  cmake -S . -B build-gpu -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_CUDA_ARCHITECTURES="$cap" \
-    -DREASONALLOC_CUDA=ON >/dev/null || exit 1
-  cmake --build build-gpu --target gpu_tests gpu_event_bench reasonalloc-server || exit 1
+  echo "== build (preset gpu, CMAKE_CUDA_ARCHITECTURES=$cap)"
+  for tool in cmake ninja protoc grpc_cpp_plugin; do
+    command -v "$tool" >/dev/null || {
+      echo "device_check: $tool is missing; run scripts/setup, or use a bundle (scripts/gpu-bundle)"
+      exit 2
+    }
+  done
+  cmake --preset gpu -DCMAKE_CUDA_ARCHITECTURES="$cap" >/dev/null || exit 1
+  cmake --build build-gpu -j "$(nproc)" \
+    --target gpu_tests gpu_event_bench reasonalloc-server server_unit_tests || exit 1
   bin_tests=build-gpu/tests/gpu_tests
   bin_bench=build-gpu/bench/gpu_event_bench
+  bin_server_unit=build-gpu/tests/server_unit_tests
 fi
 echo "build or unpack: $(($(date +%s) - start)) s"
 
 echo "== GPU tests"
 "$bin_tests" --gtest_color=no 2>&1 | tee "$out/gpu_tests.log" | grep -E '^\[ +(OK|FAILED|SKIPPED|PASSED) |GPU vs CPU|Llama-8B|no GPU'
+[[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+"$bin_server_unit" --gtest_color=no --gtest_filter='ArenaBackends.*' 2>&1 | tail -3
 [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 
 echo "== event benchmark (CUDA backend)"
