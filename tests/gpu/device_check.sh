@@ -59,11 +59,17 @@ echo "build or unpack: $(($(date +%s) - start)) s"
 echo "== GPU tests"
 "$bin_tests" --gtest_color=no 2>&1 | tee "$out/gpu_tests.log" | grep -E '^\[ +(OK|FAILED|SKIPPED|PASSED) |GPU vs CPU|Llama-8B|no GPU'
 [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+if grep -q 'SKIPPED \] \(GpuEngineTest\|CudaIpcDecodeLoop\)' "$out/gpu_tests.log"; then
+  echo "device_check: nvidia-smi sees a GPU but the GPU tests skipped (see above)"
+  status=1
+fi
 "$bin_server_unit" --gtest_color=no --gtest_filter='ArenaBackends.*' 2>&1 | tail -3
 [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 
 echo "== event benchmark (CUDA backend)"
+rm -f "$out/gpu_event.json"
 timeout 240 "$bin_bench" --batches 1,64 --reps 20 --json "$out/gpu_event.json" || status=1
+[[ -s $out/gpu_event.json ]] || status=1
 
 echo "== the same event in plain PyTorch"
 PYTHONUNBUFFERED=1 timeout 150 python3 bench/torch_gpu_event.py --batches 1,64 --reps 20 \
