@@ -37,7 +37,15 @@ absl::Status Copy(int device, void* base, uint64_t size, uint64_t offset, void* 
   char* dev = static_cast<char*>(base) + offset;
   const cudaError_t err = kind == cudaMemcpyDeviceToHost ? cudaMemcpy(host, dev, bytes, kind)
                                                          : cudaMemcpy(dev, host, bytes, kind);
-  return err == cudaSuccess ? absl::OkStatus() : CudaError("cudaMemcpy", err);
+  if (err != cudaSuccess) return CudaError("cudaMemcpy", err);
+  // A copy from pageable memory may return once staged, before its DMA lands; the other process
+  // (and the sidecar's non-blocking streams) must see the bytes once this returns.
+  if (kind == cudaMemcpyHostToDevice) {
+    if (cudaError_t sync = cudaStreamSynchronize(nullptr); sync != cudaSuccess) {
+      return CudaError("cudaStreamSynchronize", sync);
+    }
+  }
+  return absl::OkStatus();
 }
 
 // The device whose UUID is `uuid`, or NOT_FOUND.

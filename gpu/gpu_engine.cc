@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <utility>
@@ -75,6 +76,9 @@ launch::Elem Elem(DType dtype) {
                                      : launch::Elem::kF32;
 }
 
+// Scratch for the window logits of one scoring launch (1 GiB); bigger batches are scored in chunks.
+constexpr long long kLogitsBytes = 1ll << 30;
+
 }  // namespace
 
 struct GpuEngine::Impl {
@@ -107,6 +111,13 @@ struct GpuEngine::Impl {
   }
 
   absl::Status LaunchScoring(long long num_heads, long long stride);
+  // Heads per scoring launch: all of them unless their window logits would pass kLogitsBytes.
+  long long LogitsChunk(long long num_heads, long long stride) const {
+    const long long per_head = logit_rows * stride * static_cast<long long>(sizeof(float));
+    return std::clamp(logits_bytes / std::max(1ll, per_head), 1ll, std::max(1ll, num_heads));
+  }
+  long long logit_rows = 0;  // window, or G·window (mean_scores, one-shot h2o)
+  long long logits_bytes = kLogitsBytes;
   absl::StatusOr<std::vector<Decision>> Compress(std::span<const DeviceEventInputs> events);
 };
 
@@ -143,18 +154,30 @@ absl::Status GpuEngine::Impl::LaunchScoring(long long num_heads, long long strid
     p.pool_kernel = sc.pool_kernel;
     p.pool_max = sc.pool_kind == PoolKind::kMax;
   }
-  k::ScoringBuffers b;
-  b.scores = scores.as<float>();
-  b.overflow = overflow.as<int>();
-  b.logits = logits.as<float>();
-  b.importance = importance.as<float>();
-  b.inv_norm = inv.as<float>();
-  b.rowsum = rowsum.as<double>();
-  b.partner = partner.as<int>();
-  b.partner_value = partner_value.as<float>();
-  b.column = column.as<double>();
-  return CudaStatus("scoring kernels",
-                    k::Scoring(p, heads.as<k::HeadDesc>(), num_heads, stride, b, stream));
+  // Heads go through in chunks whose logits fit the scratch (LogitsChunk); the per-head arrays
+  // are offset, the logits reused.
+  const long long chunk = LogitsChunk(num_heads, stride);
+  for (long long h0 = 0; h0 < num_heads; h0 += chunk) {
+    const long long at = h0 * stride;
+    k::ScoringBuffers b;
+    b.scores = scores.as<float>() + at;
+    b.overflow = overflow.as<int>() + h0;
+    b.logits = logits.as<float>();
+    b.importance = importance.as<float>() == nullptr ? nullptr : importance.as<float>() + at;
+    if (sc.name == "rkv") {
+      b.inv_norm = inv.as<float>() + at;
+      b.rowsum = rowsum.as<double>() + at;
+      b.partner = partner.as<int>() + h0 * stride;
+      b.partner_value = partner_value.as<float>() + at;
+      b.column = column.as<double>() + at;
+    }
+    if (cudaError_t err = k::Scoring(p, heads.as<k::HeadDesc>() + h0,
+                                     std::min(chunk, num_heads - h0), stride, b, stream);
+        err != cudaSuccess) {
+      return CudaStatus("scoring kernels", err);
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
@@ -217,6 +240,11 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
         " exceeds the CUDA backend's 2^31 candidates per layer"));
   }
   accumulated_given = acc_given;
+  // From here on the device buffers change: a batch that fails leaves no "last batch" behind.
+  last_lengths.clear();
+  last_n_max.clear();
+  last_max_kept.clear();
+  last_stride = 0;
   const long long num_events = static_cast<long long>(events.size());
   const long long num_heads = num_events * hl;
   RA_CUDA(cudaSetDevice(device));
@@ -249,8 +277,13 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
   if (auto s = heads.Reserve(sizeof(k::HeadDesc) * hd.size()); !s.ok()) return s;
   if (auto s = scores.Reserve(sizeof(float) * hs); !s.ok()) return s;
   if (auto s = overflow.Reserve(sizeof(int) * static_cast<size_t>(num_heads)); !s.ok()) return s;
+  logit_rows = logit_scorer ? rows : 0;
   if (logit_scorer) {
-    if (auto s = logits.Reserve(sizeof(float) * hs * static_cast<size_t>(rows)); !s.ok()) return s;
+    const long long chunk = LogitsChunk(num_heads, stride);
+    if (auto s = logits.Reserve(sizeof(float) * static_cast<size_t>(chunk * rows * stride));
+        !s.ok()) {
+      return s;
+    }
     if (auto s = importance.Reserve(sizeof(float) * hs); !s.ok()) return s;
   }
   if (sc.name == "rkv") {
@@ -308,7 +341,8 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
   RA_CUDA(cudaStreamSynchronize(stream));
   const double score_seconds = SecondsSince(t);
   for (size_t gh = 0; gh < bad_h.size(); ++gh) {
-    if (bad_h[gh] != 0) {
+    // Only events that asked for the check are judged by it.
+    if (bad_h[gh] != 0 && events[gh / static_cast<size_t>(hl)].check_finite) {
       const long long head = static_cast<long long>(gh) % hl;
       return absl::InvalidArgumentError(
           absl::StrCat("events[", static_cast<long long>(gh) / hl,
@@ -442,6 +476,10 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(int device,
     impl->pool_k = std::move(pk).value();
   }
   impl->layer_demand = std::move(layer_demand);
+  // Tests shrink the logits scratch to exercise chunked scoring.
+  if (const char* v = std::getenv("REASONALLOC_GPU_LOGITS_BYTES"); v != nullptr) {
+    impl->logits_bytes = std::max(1ll, std::atoll(v));
+  }
   int count = 0;
   RA_CUDA(cudaGetDeviceCount(&count));
   if (device < 0 || device >= count) {
@@ -449,6 +487,15 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(int device,
         absl::StrCat("CUDA device ", device, " does not exist (", count, " visible)"));
   }
   RA_CUDA(cudaSetDevice(device));
+  // The logits kernel holds a tile of 32 keys of head_dim floats in shared memory.
+  int smem_optin = 0;
+  RA_CUDA(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const long long smem = 4ll * 32 * (config.model.head_dim + 1);
+  if (config.scorer.name != "streaming" && smem > smem_optin) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "model.head_dim = ", config.model.head_dim, " needs ", smem,
+        " bytes of shared memory per block on the CUDA backend; this GPU allows ", smem_optin));
+  }
   RA_CUDA(cudaStreamCreateWithFlags(&impl->stream, cudaStreamNonBlocking));
   return std::unique_ptr<GpuEngine>(new GpuEngine(std::move(impl)));
 }
@@ -620,15 +667,21 @@ absl::Status GpuEngine::Free(void* ptr) {
   return absl::OkStatus();
 }
 
+// On the engine's (non-blocking) stream and waited for: a plain cudaMemcpy from pageable memory
+// may return before its DMA lands, and nothing would order it before the next batch's kernels.
 absl::Status GpuEngine::Upload(void* dst, const void* src, uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
   RA_CUDA(cudaSetDevice(impl_->device));
-  RA_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+  RA_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, impl_->stream));
+  RA_CUDA(cudaStreamSynchronize(impl_->stream));
   return absl::OkStatus();
 }
 
 absl::Status GpuEngine::Download(void* dst, const void* src, uint64_t bytes) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
   RA_CUDA(cudaSetDevice(impl_->device));
-  RA_CUDA(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+  RA_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, impl_->stream));
+  RA_CUDA(cudaStreamSynchronize(impl_->stream));
   return absl::OkStatus();
 }
 

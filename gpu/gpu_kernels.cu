@@ -209,6 +209,10 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
+// (One-shot h2o, heads with 0 < n <= window: the CPU still computes those rows' softmax and fails
+// on overflowing logits; here such heads have no candidates and are skipped, so no error is
+// raised for them.)
+//
 // Softmax of each window row (over the candidates, or causally over all keys), scaled by
 // `row_weight` and summed over the window, then 1-D pooling (stride 1, padding kernel/2; max
 // ignores the padding, avg counts it as zeros). With kReduceNone each query head of the group is

@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 #include <random>
@@ -450,6 +451,20 @@ TEST_F(GpuEngineTest, LlamaGeometryEventAtBatchFour) {
   RunCase(k, &tally);
   std::cout << "Llama-8B geometry, 4 sessions: " << tally.heads << " heads, rounding ties "
             << tally.rounding_ties << ", budget ties " << tally.budget_ties << "\n";
+}
+
+// A logits scratch smaller than one batch: heads are scored in chunks, with the same results.
+TEST_F(GpuEngineTest, ChunkedScoringMatchesTheCpuEngine) {
+  ::setenv("REASONALLOC_GPU_LOGITS_BYTES", "200000", 1);
+  Tally tally;
+  std::vector<Case> cases = Cases();
+  for (size_t i = 0; i < cases.size(); i += 7) {
+    RunCase(cases[i], &tally);
+    if (HasFatalFailure()) break;
+  }
+  ::unsetenv("REASONALLOC_GPU_LOGITS_BYTES");
+  std::cout << "chunked scoring: " << tally.configs << " configurations, " << tally.heads
+            << " heads\n";
 }
 
 TEST_F(GpuEngineTest, RejectsBadInputsNamingThem) {
