@@ -56,6 +56,8 @@ absl::StatusOr<std::unique_ptr<CudaSessionView>> CudaSessionView::Map(const v1::
                       v->budget_at_, v->mask_at_, v->epoch_at_}) {
     if (at == UINT64_MAX) return absl::InvalidArgumentError("the arenas lack an array of layout 1");
   }
+  if (v->words_ == 0)
+    return absl::InvalidArgumentError("the result arena's keep_mask has no words");
   const auto& m = info.model();
   v->layers_ = m.num_layers();
   v->hkv_ = m.num_kv_heads();
@@ -107,10 +109,11 @@ absl::Status CudaSessionView::Append(int64_t step, const void* keys, const void*
   const auto* v = static_cast<const unsigned char*>(values);
   const auto* q = static_cast<const unsigned char*>(queries);
   const int64_t slot = ((step % window_) + window_) % window_;
+  std::vector<int32_t> len = len_;  // committed to len_ once the device holds it
   for (int l = 0; l < layers_; ++l) {
     for (int h = 0; h < hkv_; ++h) {
       const size_t i = Head(l, h);
-      const uint64_t row = static_cast<uint64_t>((offset_[i] + len_[i]) * row_);
+      const uint64_t row = static_cast<uint64_t>((offset_[i] + len[i]) * row_);
       const size_t src = i * static_cast<size_t>(row_);
       if (auto s = kv_->CopyFromHost(k_ + row, k + src, static_cast<uint64_t>(row_)); !s.ok()) {
         return s;
@@ -118,7 +121,7 @@ absl::Status CudaSessionView::Append(int64_t step, const void* keys, const void*
       if (auto s = kv_->CopyFromHost(v_ + row, v + src, static_cast<uint64_t>(row_)); !s.ok()) {
         return s;
       }
-      ++len_[i];
+      ++len[i];
     }
     for (int h = 0; h < hq_; ++h) {
       const int64_t lq = int64_t{l} * hq_ + h;
@@ -130,7 +133,11 @@ absl::Status CudaSessionView::Append(int64_t step, const void* keys, const void*
       }
     }
   }
-  return result_->CopyFromHost(len_at_, len_.data(), len_.size() * sizeof(int32_t));
+  if (auto s = result_->CopyFromHost(len_at_, len.data(), len.size() * sizeof(int32_t)); !s.ok()) {
+    return s;
+  }
+  len_ = std::move(len);
+  return absl::OkStatus();
 }
 
 absl::Status CudaSessionView::ReadKeyRow(int layer, int kv_head, int row, void* out) const {

@@ -5,8 +5,9 @@
 // Export: one cudaMalloc base allocation per arena, exported with cudaIpcGetMemHandle. A descriptor
 // carries the 64 handle bytes, the arena's byte offset inside the exported allocation (0 here; the
 // worker side honours any offset) and the UUID of the device holding it. Lifetime belongs to the
-// server: the memory is freed when the CudaArena is destroyed (CloseSession, lease expiry); a
-// worker still mapping it keeps its mapping valid until it closes it (CUDA's IPC semantics).
+// server: the memory is freed when the CudaArena is destroyed (CloseSession, lease expiry). CUDA
+// leaves freeing an exported allocation that another process still has open undefined, so the
+// worker closes its mapping (CudaArenaMapping's destructor) before it ends the session.
 #ifndef REASONALLOC_GPU_CUDA_ARENA_H_
 #define REASONALLOC_GPU_CUDA_ARENA_H_
 

@@ -646,11 +646,12 @@ absl::Status GpuEngine::WaitIpcEvent(const std::string& handle) {
   std::memcpy(&h, handle.data(), sizeof(h));
   cudaEvent_t event = nullptr;
   if (cudaError_t err = cudaIpcOpenEventHandle(&event, h); err != cudaSuccess) {
+    cudaGetLastError();  // not sticky: leave no error for this thread's next launch
     return absl::InvalidArgumentError(
         absl::StrCat("cuda_event_handle: cudaIpcOpenEventHandle: ", cudaGetErrorString(err)));
   }
   const cudaError_t err = cudaStreamWaitEvent(impl_->stream, event, 0);
-  cudaEventDestroy(event);
+  if (cudaEventDestroy(event) != cudaSuccess) cudaGetLastError();
   return CudaStatus("cudaStreamWaitEvent", err);
 }
 

@@ -76,9 +76,12 @@ absl::StatusOr<Decision> CudaSessionArenas::Compress(int64_t step,
   if (!event_handle.empty()) {
     if (auto s = engine_->WaitIpcEvent(event_handle); !s.ok()) return s;
   }
+  // Read on the engine's stream, after the worker's event when one was given.
   std::vector<int32_t> lengths(static_cast<size_t>(heads));
-  if (auto s = result_->cuda().CopyToHost(layout_.result.Get("len").byte_offset, lengths.data(),
-                                          lengths.size() * sizeof(int32_t));
+  if (auto s = engine_->Download(lengths.data(),
+                                 static_cast<const unsigned char*>(result_->cuda().device_ptr()) +
+                                     layout_.result.Get("len").byte_offset,
+                                 lengths.size() * sizeof(int32_t));
       !s.ok()) {
     return s;
   }
@@ -134,7 +137,7 @@ absl::Status CudaSessionArenas::CheckFits(const Decision& decision) const {
   return absl::OkStatus();
 }
 
-absl::Status CudaSessionArenas::Apply(const Decision& decision, uint64_t epoch) {
+absl::Status CudaSessionArenas::Compact(const Decision& decision) {
   std::vector<int64_t> offsets;
   std::vector<int32_t> capacities;
   HeadRegions(decision.budgets, config_.budget.buffer, &offsets, &capacities);
@@ -149,6 +152,10 @@ absl::Status CudaSessionArenas::Apply(const Decision& decision, uint64_t epoch) 
   }
   offsets_ = std::move(offsets);
   capacities_ = std::move(capacities);
+  return absl::OkStatus();
+}
+
+absl::Status CudaSessionArenas::Publish(const Decision& decision, uint64_t epoch) {
   const size_t heads = decision.budgets.size();
   std::vector<uint64_t> mask(heads * static_cast<size_t>(layout_.words), 0);
   for (size_t i = 0; i < heads; ++i) {

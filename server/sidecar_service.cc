@@ -620,15 +620,17 @@ absl::Status SidecarService::DoCompressCuda(grpc::ServerContext*,
   auto decision = arenas.Compress(request.step(), request.cuda_event_handle());
   if (!decision.ok()) return decision.status();
   if (auto s = arenas.CheckFits(*decision); !s.ok()) return s;
-  const Session::CommitResult committed = session.Commit(request.step(), *decision);
   const auto tc = std::chrono::steady_clock::now();
-  if (auto s = arenas.Apply(*decision, committed.epoch); !s.ok()) {
-    // The session advanced but its arenas may be half written: a device fault.
+  // Compaction can fail (GPU memory for its scratch) and then leaves the session as it was.
+  if (auto s = arenas.Compact(*decision); !s.ok()) return s;
+  decision->seconds.compact =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+  const Session::CommitResult committed = session.Commit(request.step(), *decision);
+  if (auto s = arenas.Publish(*decision, committed.epoch); !s.ok()) {
+    // Only a device fault gets here: the rows moved but the result block could not be written.
     return absl::InternalError(
         absl::StrCat("writing the decision to the CUDA arenas failed: ", s.message()));
   }
-  decision->seconds.compact =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
   decision->seconds.total =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   response->set_session_id(session.id());

@@ -15,6 +15,7 @@
 
 #include "client/cuda_session_view.h"
 #include "core/dtype.h"
+#include "gpu/cuda_arena.h"
 #include "gpu/device_probe.h"
 #include "tests/integration/server_process.h"
 #include "tests/integration/shm_test_common.h"
@@ -199,15 +200,36 @@ TEST(CudaIpcDecodeLoop, BadUseIsRefusedNamingTheField) {
   auto bad = c.Compress(r);
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(bad.status().message().find("cuda_event_handle"), std::string::npos) << bad.status();
-  // "len" beyond a head's capacity, written by a misbehaving worker.
-  auto view = CudaSessionView::Map(s->session());
-  ASSERT_TRUE(view.ok()) << view.status();
-  std::vector<uint16_t> zeros(size_t{kL} * kHq * kD, 0);
-  for (int t = 0; t < kB + kDelta; ++t) {
-    ASSERT_TRUE((*view)->Append(t, zeros.data(), zeros.data(), zeros.data()).ok());
+  // The view refuses to overfill a head.
+  {
+    auto view = CudaSessionView::Map(s->session());
+    ASSERT_TRUE(view.ok()) << view.status();
+    std::vector<uint16_t> zeros(size_t{kL} * kHq * kD, 0);
+    for (int t = 0; t < kB + kDelta; ++t) {
+      ASSERT_TRUE((*view)->Append(t, zeros.data(), zeros.data(), zeros.data()).ok());
+    }
+    EXPECT_EQ((*view)->Append(kB + kDelta, zeros.data(), zeros.data(), zeros.data()).code(),
+              absl::StatusCode::kFailedPrecondition);
   }
-  EXPECT_EQ((*view)->Append(kB + kDelta, zeros.data(), zeros.data(), zeros.data()).code(),
-            absl::StatusCode::kFailedPrecondition);
+  // A misbehaving worker writes "len" beyond a head's capacity straight into the result arena: the
+  // server refuses the event, naming the array and the head, and touches nothing.
+  for (const auto& d : s->session().arenas()) {
+    if (d.kind() != "result") continue;
+    auto raw = gpu::CudaArenaMapping::Open(d.cuda_ipc_handle(), d.cuda_byte_offset(),
+                                           d.device_uuid(), d.byte_length());
+    ASSERT_TRUE(raw.ok()) << raw.status();
+    uint64_t len_at = 0;
+    for (const auto& a : d.arrays()) {
+      if (a.name() == "len") len_at = a.byte_offset();
+    }
+    const int32_t too_many = kB + kDelta + 1;
+    ASSERT_TRUE((*raw)->CopyFromHost(len_at + sizeof(int32_t), &too_many, sizeof(too_many)).ok());
+  }
+  r.set_cuda_event_handle("");
+  r.set_step(kB + kDelta - 1);
+  auto refused = c.Compress(r);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
+  EXPECT_NE(refused.status().message().find("\"len\"[1]"), std::string::npos) << refused.status();
 }
 
 }  // namespace
