@@ -634,6 +634,14 @@ absl::Status GpuEngine::CompactInPlace(const Decision& decision,
   return absl::OkStatus();
 }
 
+absl::Status GpuEngine::ReserveCompaction(int64_t rows, size_t row_bytes) {
+  std::lock_guard<std::mutex> lock(impl_->mu);
+  RA_CUDA(cudaSetDevice(impl_->device));
+  const size_t n = static_cast<size_t>(std::max<int64_t>(rows, 1));
+  if (auto s = impl_->row_lists.Reserve(4 * sizeof(long long) * n); !s.ok()) return s;
+  return impl_->scratch.Reserve(row_bytes * n);
+}
+
 absl::Status GpuEngine::WaitIpcEvent(const std::string& handle) {
   if (handle.size() != sizeof(cudaIpcEventHandle_t)) {
     return absl::InvalidArgumentError(absl::StrCat("cuda_event_handle has ", handle.size(),

@@ -88,6 +88,10 @@ class GpuEngine {
                               std::span<const int64_t> new_offsets, size_t row_bytes, void* k,
                               void* v);
 
+  // Reserves CompactInPlace's scratch for up to `rows` kept rows of `row_bytes`, so that later
+  // compactions of that size allocate nothing (and cannot fail for memory).
+  absl::Status ReserveCompaction(int64_t rows, size_t row_bytes);
+
   // Makes the engine's stream wait for a cudaIpcEventHandle_t (64 bytes) another process recorded:
   // the worker's writes are ordered before the next batch's reads.
   absl::Status WaitIpcEvent(const std::string& handle);

@@ -38,6 +38,7 @@ absl::Status GpuEngine::CompactInPlace(const Decision&, std::span<const int64_t>
   return NotBuilt();
 }
 absl::Status GpuEngine::WaitIpcEvent(const std::string&) { return NotBuilt(); }
+absl::Status GpuEngine::ReserveCompaction(int64_t, size_t) { return NotBuilt(); }
 absl::StatusOr<void*> GpuEngine::Allocate(uint64_t) { return NotBuilt(); }
 absl::Status GpuEngine::Free(void*) { return NotBuilt(); }
 absl::Status GpuEngine::Upload(void*, const void*, uint64_t) { return NotBuilt(); }

@@ -34,6 +34,13 @@ absl::StatusOr<std::unique_ptr<CudaSessionArenas>> CudaSessionArenas::Create(
   auto engine = gpu::GpuEngine::Create(device, config, std::move(layer_demand));
   if (!engine.ok()) return engine.status();
   a->engine_ = std::move(engine).value();
+  // Compaction's scratch up front: an event never needs GPU memory it might not get.
+  if (auto s = a->engine_->ReserveCompaction(
+          a->layout_.rows,
+          DTypeSize(config.model.dtype) * static_cast<size_t>(config.model.head_dim));
+      !s.ok()) {
+    return s;
+  }
   const int64_t heads = config.model.num_heads_total();
   const std::vector<int32_t> budgets(static_cast<size_t>(heads), config.budget.budget);
   HeadRegions(budgets, config.budget.buffer, &a->offsets_, &a->capacities_);

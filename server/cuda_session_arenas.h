@@ -42,9 +42,9 @@ class CudaSessionArenas {
   // newest slots (steps step − α + 1 .. step).
   absl::StatusOr<Decision> Compress(int64_t step, const std::string& event_handle);
   absl::Status CheckFits(const Decision& decision) const;
-  // Compacts K and V in place on the GPU into the new head regions: the fallible part (scratch
-  // allocation), run before the session commits the event. Its scratch is reserved before any row
-  // moves, so a failure leaves the arenas as they were.
+  // Compacts K and V in place on the GPU into the new head regions, before the session commits the
+  // event (its scratch is reserved at creation; a device fault here leaves the session as it
+  // was).
   absl::Status Compact(const Decision& decision);
   // After the commit: writes len, offset, capacity, budget, keep_mask and finally epoch.
   absl::Status Publish(const Decision& decision, uint64_t epoch);
