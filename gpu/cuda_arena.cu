@@ -4,21 +4,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "gpu/cuda_arena.h"
+#include "gpu/cuda_status.h"
 #include "gpu/device_probe.h"
 
 namespace reasonalloc::gpu {
 namespace {
-
-absl::Status CudaError(const char* what, cudaError_t err) {
-  cudaGetLastError();  // clear the sticky-free error state of the runtime
-  const std::string msg = absl::StrCat(what, ": ", cudaGetErrorString(err));
-  if (err == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(msg);
-  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver ||
-      err == cudaErrorInvalidDevice) {
-    return absl::FailedPreconditionError(msg);
-  }
-  return absl::InternalError(msg);
-}
 
 absl::Status CheckRange(uint64_t offset, uint64_t bytes, uint64_t size) {
   if (offset > size || bytes > size - offset) {
@@ -37,12 +27,12 @@ absl::Status Copy(int device, void* base, uint64_t size, uint64_t offset, void* 
   char* dev = static_cast<char*>(base) + offset;
   const cudaError_t err = kind == cudaMemcpyDeviceToHost ? cudaMemcpy(host, dev, bytes, kind)
                                                          : cudaMemcpy(dev, host, bytes, kind);
-  if (err != cudaSuccess) return CudaError("cudaMemcpy", err);
+  if (err != cudaSuccess) return CudaStatus("cudaMemcpy", err);
   // A copy from pageable memory may return once staged, before its DMA lands; the other process
   // (and the sidecar's non-blocking streams) must see the bytes once this returns.
   if (kind == cudaMemcpyHostToDevice) {
     if (cudaError_t sync = cudaStreamSynchronize(nullptr); sync != cudaSuccess) {
-      return CudaError("cudaStreamSynchronize", sync);
+      return CudaStatus("cudaStreamSynchronize", sync);
     }
   }
   return absl::OkStatus();
@@ -52,7 +42,7 @@ absl::Status Copy(int device, void* base, uint64_t size, uint64_t offset, void* 
 absl::StatusOr<int> DeviceByUuid(const std::string& uuid) {
   int count = 0;
   if (cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess) {
-    return CudaError("cudaGetDeviceCount", err);
+    return CudaStatus("cudaGetDeviceCount", err);
   }
   for (int i = 0; i < count; ++i) {
     cudaDeviceProp prop{};
@@ -68,27 +58,27 @@ absl::StatusOr<int> DeviceByUuid(const std::string& uuid) {
 absl::StatusOr<std::unique_ptr<CudaArena>> CudaArena::Create(int device, uint64_t bytes) {
   if (bytes == 0) return absl::InvalidArgumentError("a CUDA arena needs at least one byte");
   if (cudaError_t err = cudaSetDevice(device); err != cudaSuccess) {
-    return CudaError("cudaSetDevice", err);
+    return CudaStatus("cudaSetDevice", err);
   }
   std::unique_ptr<CudaArena> a(new CudaArena());
   a->device_ = device;
   a->size_ = bytes;
   if (cudaError_t err = cudaMalloc(&a->ptr_, bytes); err != cudaSuccess) {
     a->ptr_ = nullptr;
-    return CudaError("cudaMalloc", err);
+    return CudaStatus("cudaMalloc", err);
   }
   if (cudaError_t err = cudaMemset(a->ptr_, 0, bytes); err != cudaSuccess) {
-    return CudaError("cudaMemset", err);
+    return CudaStatus("cudaMemset", err);
   }
   cudaIpcMemHandle_t handle;
   if (cudaError_t err = cudaIpcGetMemHandle(&handle, a->ptr_); err != cudaSuccess) {
-    return CudaError("cudaIpcGetMemHandle", err);
+    return CudaStatus("cudaIpcGetMemHandle", err);
   }
   static_assert(sizeof(handle) == kIpcHandleBytes);
   a->handle_.assign(reinterpret_cast<const char*>(&handle), sizeof(handle));
   cudaDeviceProp prop{};
   if (cudaError_t err = cudaGetDeviceProperties(&prop, device); err != cudaSuccess) {
-    return CudaError("cudaGetDeviceProperties", err);
+    return CudaStatus("cudaGetDeviceProperties", err);
   }
   a->uuid_ = FormatGpuUuid(reinterpret_cast<const unsigned char*>(prop.uuid.bytes));
   return a;
@@ -120,7 +110,7 @@ absl::StatusOr<std::unique_ptr<CudaArenaMapping>> CudaArenaMapping::Open(
   auto device = DeviceByUuid(device_uuid);
   if (!device.ok()) return device.status();
   if (cudaError_t err = cudaSetDevice(*device); err != cudaSuccess) {
-    return CudaError("cudaSetDevice", err);
+    return CudaStatus("cudaSetDevice", err);
   }
   cudaIpcMemHandle_t handle;
   std::memcpy(&handle, ipc_handle.data(), sizeof(handle));
@@ -131,7 +121,7 @@ absl::StatusOr<std::unique_ptr<CudaArenaMapping>> CudaArenaMapping::Open(
   if (cudaError_t err = cudaIpcOpenMemHandle(&m->base_, handle, cudaIpcMemLazyEnablePeerAccess);
       err != cudaSuccess) {
     m->base_ = nullptr;
-    return CudaError("cudaIpcOpenMemHandle", err);
+    return CudaStatus("cudaIpcOpenMemHandle", err);
   }
   return m;
 }

@@ -13,24 +13,13 @@
 #include "absl/strings/str_cat.h"
 #include "core/allocator.h"
 #include "core/selector.h"
+#include "gpu/cuda_status.h"
 #include "gpu/gpu_launch.h"
 
 namespace reasonalloc::gpu {
 namespace {
 
 namespace k = launch;
-
-absl::Status CudaStatus(const char* what, cudaError_t err) {
-  if (err == cudaSuccess) return absl::OkStatus();
-  cudaGetLastError();
-  const std::string msg = absl::StrCat(what, ": ", cudaGetErrorString(err));
-  if (err == cudaErrorMemoryAllocation) return absl::ResourceExhaustedError(msg);
-  if (err == cudaErrorNoDevice || err == cudaErrorInsufficientDriver ||
-      err == cudaErrorInvalidDevice) {
-    return absl::FailedPreconditionError(msg);
-  }
-  return absl::InternalError(msg);
-}
 
 #define RA_CUDA(call)                                             \
   do {                                                            \

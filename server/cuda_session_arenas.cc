@@ -128,20 +128,7 @@ absl::StatusOr<Decision> CudaSessionArenas::Compress(int64_t step,
 }
 
 absl::Status CudaSessionArenas::CheckFits(const Decision& decision) const {
-  int64_t rows = 0;
-  for (size_t i = 0; i < decision.budgets.size(); ++i) {
-    const int64_t cap = int64_t{decision.budgets[i]} + config_.budget.buffer;
-    if (cap > int64_t{layout_.words} * 64 || decision.kept_lengths[i] > decision.budgets[i]) {
-      return absl::InternalError(absl::StrCat("head ", i, ": budget ", decision.budgets[i],
-                                              " does not fit the arena layout"));
-    }
-    rows += cap;
-  }
-  if (rows > layout_.rows) {
-    return absl::InternalError(
-        absl::StrCat("head regions need ", rows, " rows; the kv arena has ", layout_.rows));
-  }
-  return absl::OkStatus();
+  return CheckRegionsFit(decision, config_.budget.buffer, layout_);
 }
 
 absl::Status CudaSessionArenas::Compact(const Decision& decision) {
@@ -164,11 +151,7 @@ absl::Status CudaSessionArenas::Compact(const Decision& decision) {
 
 absl::Status CudaSessionArenas::Publish(const Decision& decision, uint64_t epoch) {
   const size_t heads = decision.budgets.size();
-  std::vector<uint64_t> mask(heads * static_cast<size_t>(layout_.words), 0);
-  for (size_t i = 0; i < heads; ++i) {
-    uint64_t* w = mask.data() + i * static_cast<size_t>(layout_.words);
-    for (int32_t j : decision.Kept(static_cast<int64_t>(i))) w[j / 64] |= uint64_t{1} << (j % 64);
-  }
+  const std::vector<uint64_t> mask = ResultKeepMask(decision, layout_.words);
   for (auto [name, data, bytes] :
        {std::tuple<const char*, const void*, size_t>{"len", decision.kept_lengths.data(),
                                                      heads * sizeof(int32_t)},

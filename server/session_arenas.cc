@@ -188,21 +188,35 @@ absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step) {
   return in;
 }
 
-absl::Status SessionArenas::CheckFits(const Decision& decision) const {
+absl::Status CheckRegionsFit(const Decision& decision, int buffer, const SessionLayout& layout) {
   int64_t rows = 0;
   for (size_t i = 0; i < decision.budgets.size(); ++i) {
-    const int64_t cap = int64_t{decision.budgets[i]} + config_.budget.buffer;
-    if (cap > int64_t{layout_.words} * 64 || decision.kept_lengths[i] > decision.budgets[i]) {
+    const int64_t cap = int64_t{decision.budgets[i]} + buffer;
+    if (cap > int64_t{layout.words} * 64 || decision.kept_lengths[i] > decision.budgets[i]) {
       return absl::InternalError(absl::StrCat("head ", i, ": budget ", decision.budgets[i],
                                               " does not fit the arena layout"));
     }
     rows += cap;
   }
-  if (rows > layout_.rows) {
+  if (rows > layout.rows) {
     return absl::InternalError(
-        absl::StrCat("head regions need ", rows, " rows; the kv arena has ", layout_.rows));
+        absl::StrCat("head regions need ", rows, " rows; the kv arena has ", layout.rows));
   }
   return absl::OkStatus();
+}
+
+std::vector<uint64_t> ResultKeepMask(const Decision& decision, int words) {
+  const size_t heads = decision.kept_lengths.size();
+  std::vector<uint64_t> mask(heads * static_cast<size_t>(words), 0);
+  for (size_t i = 0; i < heads; ++i) {
+    uint64_t* w = mask.data() + i * static_cast<size_t>(words);
+    for (int32_t j : decision.Kept(static_cast<int64_t>(i))) w[j / 64] |= uint64_t{1} << (j % 64);
+  }
+  return mask;
+}
+
+absl::Status SessionArenas::CheckFits(const Decision& decision) const {
+  return CheckRegionsFit(decision, config_.budget.buffer, layout_);
 }
 
 void SessionArenas::Apply(const Decision& decision, uint64_t epoch) {
@@ -218,7 +232,6 @@ void SessionArenas::Apply(const Decision& decision, uint64_t epoch) {
   }
   offsets_ = std::move(offsets);
   capacities_ = std::move(capacities);
-  const size_t heads = decision.budgets.size();
   std::copy(decision.kept_lengths.begin(), decision.kept_lengths.end(), Int32("len"));
   if (!advisory()) std::copy(offsets_.begin(), offsets_.end(), Int64("offset"));
   std::copy(capacities_.begin(), capacities_.end(), Int32("capacity"));
@@ -231,12 +244,8 @@ void SessionArenas::Apply(const Decision& decision, uint64_t epoch) {
         *reinterpret_cast<uint64_t*>(h2o_->data() + layout_.h2o_acc.Get("present").byte_offset))
         .store(0, std::memory_order_relaxed);
   }
-  uint64_t* mask = Uint64("keep_mask");
-  std::fill(mask, mask + heads * static_cast<size_t>(layout_.words), 0);
-  for (size_t i = 0; i < heads; ++i) {
-    uint64_t* w = mask + i * static_cast<size_t>(layout_.words);
-    for (int32_t j : decision.Kept(static_cast<int64_t>(i))) w[j / 64] |= uint64_t{1} << (j % 64);
-  }
+  const std::vector<uint64_t> mask = ResultKeepMask(decision, layout_.words);
+  std::copy(mask.begin(), mask.end(), Uint64("keep_mask"));
   std::atomic_ref<uint64_t>(*Uint64("epoch")).store(epoch, std::memory_order_release);
 }
 

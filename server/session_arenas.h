@@ -37,6 +37,12 @@ struct ArenaInputs {
   CompressInputs view() const { return {query_window, keys, n_max, lengths, {}}; }
 };
 
+// Whether a decision's head regions (budget + buffer rows each) fit the session's layout: the kv
+// arena's rows and the keep mask's words. Host and CUDA arenas check before committing.
+absl::Status CheckRegionsFit(const Decision& decision, int buffer, const SessionLayout& layout);
+// The result block's keep_mask: [heads, words] bits of the kept pre-event positions.
+std::vector<uint64_t> ResultKeepMask(const Decision& decision, int words);
+
 // Appends the descriptor of one arena (memory from `arena`, arrays from `layout`).
 void DescribeArena(const Arena& arena, const ArenaLayout& layout, DType model_dtype,
                    google::protobuf::RepeatedPtrField<v1::ArenaDescriptor>* out);

@@ -591,16 +591,7 @@ absl::Status SidecarService::DoCompressArenas(grpc::ServerContext* context,
       std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
   decision->seconds.total =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  // The decision itself is in the result arena: the answer stays a few dozen bytes.
-  response->set_session_id(session.id());
-  response->set_step(request.step());
-  response->set_epoch(committed.epoch);
-  v1::Decision* d = response->mutable_decision();
-  d->set_num_layers(decision->num_layers);
-  d->set_num_kv_heads(decision->num_kv_heads);
-  d->set_evicted_tokens(decision->evicted_tokens);
-  TimingsToProto(decision->seconds, response->mutable_timings());
-  RecordEvent(session, request.step(), committed, *decision);
+  AnswerArenaEvent(session, request.step(), committed, *decision, response);
   return absl::OkStatus();
 }
 
@@ -633,16 +624,23 @@ absl::Status SidecarService::DoCompressCuda(grpc::ServerContext*,
   }
   decision->seconds.total =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  AnswerArenaEvent(session, request.step(), committed, *decision, response);
+  return absl::OkStatus();
+}
+
+void SidecarService::AnswerArenaEvent(Session& session, int64_t step,
+                                      const Session::CommitResult& committed,
+                                      const Decision& decision, v1::CompressResponse* response) {
+  // The decision itself is in the result arena: the answer stays a few dozen bytes.
   response->set_session_id(session.id());
-  response->set_step(request.step());
+  response->set_step(step);
   response->set_epoch(committed.epoch);
   v1::Decision* d = response->mutable_decision();
-  d->set_num_layers(decision->num_layers);
-  d->set_num_kv_heads(decision->num_kv_heads);
-  d->set_evicted_tokens(decision->evicted_tokens);
-  TimingsToProto(decision->seconds, response->mutable_timings());
-  RecordEvent(session, request.step(), committed, *decision);
-  return absl::OkStatus();
+  d->set_num_layers(decision.num_layers);
+  d->set_num_kv_heads(decision.num_kv_heads);
+  d->set_evicted_tokens(decision.evicted_tokens);
+  TimingsToProto(decision.seconds, response->mutable_timings());
+  RecordEvent(session, step, committed, decision);
 }
 
 void SidecarService::RecordEvent(const Session& session, int64_t step,

@@ -91,6 +91,9 @@ class SidecarService final : public v1::KvSidecar::Service {
                        grpc::ServerWriter<v1::MetricsEvent>* writer);
   void PublishEvent(const Session& session, int64_t step, uint64_t epoch, const Decision& decision);
   // Metrics and WatchMetrics of a committed event.
+  // The answer of a committed shared-memory or CUDA arena event (the decision is in the arena).
+  void AnswerArenaEvent(Session& session, int64_t step, const Session::CommitResult& committed,
+                        const Decision& decision, v1::CompressResponse* response);
   void RecordEvent(const Session& session, int64_t step, const Session::CommitResult& committed,
                    const Decision& decision);
   absl::Status DoCompressArenas(grpc::ServerContext* context, const v1::CompressRequest& request,

@@ -23,7 +23,6 @@
 namespace reasonalloc {
 namespace {
 
-using shm_test::F16Tensor;
 using shm_test::kB;
 using shm_test::kD;
 using shm_test::kDelta;
@@ -32,7 +31,6 @@ using shm_test::kHkv;
 using shm_test::kHq;
 using shm_test::kL;
 using shm_test::kWindow;
-using shm_test::QueryWindow;
 using testing::ServerProcess;
 
 bool HaveGpu(std::string* why) {
@@ -98,25 +96,8 @@ void DecodeLoop(const std::string& scorer, const std::string& allocator) {
       ASSERT_TRUE(s.Refresh().ok());
       ASSERT_EQ(s.epoch(), got->epoch());
 
-      size_t n_max = 0;
-      for (const auto& h : k) n_max = std::max(n_max, h.size() / kD);
-      std::vector<uint16_t> kin(kHeads * n_max * kD), vin(kHeads * n_max * kD);
-      v1::CompressRequest inline_request;
-      inline_request.set_session_id(inl->session().session_id());
-      inline_request.set_step(step);
-      auto* it = inline_request.mutable_inline_tensors();
-      for (int i = 0; i < kHeads; ++i) {
-        std::copy(k[static_cast<size_t>(i)].begin(), k[static_cast<size_t>(i)].end(),
-                  kin.begin() + static_cast<int64_t>(i * n_max * kD));
-        std::copy(v[static_cast<size_t>(i)].begin(), v[static_cast<size_t>(i)].end(),
-                  vin.begin() + static_cast<int64_t>(i * n_max * kD));
-        it->add_lengths(static_cast<int32_t>(k[static_cast<size_t>(i)].size() / kD));
-      }
-      const auto nm = static_cast<int64_t>(n_max);
-      *it->mutable_query_window() = QueryWindow(history);
-      *it->mutable_keys() = F16Tensor({kL, kHkv, nm, kD}, kin);
-      *it->mutable_values() = F16Tensor({kL, kHkv, nm, kD}, vin);
-      auto want = c.Compress(inline_request);
+      auto want =
+          c.Compress(shm_test::InlineEvent(inl->session().session_id(), step, k, v, history));
       ASSERT_TRUE(want.ok()) << want.status();
       const v1::Decision& dw = want->decision();
       EXPECT_EQ(got->decision().evicted_tokens(), dw.evicted_tokens());

@@ -177,21 +177,8 @@ void RunAdvisoryLoop(const std::string& scorer, const std::string& allocator, in
     ASSERT_EQ(std::atomic_ref<const uint64_t>(*epoch).load(std::memory_order_acquire),
               got->epoch());
 
-    size_t n_max = 0;
-    for (const auto& h : k) n_max = std::max(n_max, h.size() / kD);
-    std::vector<uint16_t> kin(kHeads * n_max * kD);
-    v1::CompressRequest inline_request;
-    inline_request.set_session_id(inl->session().session_id());
-    inline_request.set_step(step);
-    auto* it = inline_request.mutable_inline_tensors();
-    for (int i = 0; i < kHeads; ++i) {
-      std::copy(k[static_cast<size_t>(i)].begin(), k[static_cast<size_t>(i)].end(),
-                kin.begin() + static_cast<int64_t>(i * n_max * kD));
-      it->add_lengths(static_cast<int32_t>(k[static_cast<size_t>(i)].size() / kD));
-    }
-    *it->mutable_query_window() = QueryWindow(history);
-    *it->mutable_keys() = F16Tensor({kL, kHkv, static_cast<int64_t>(n_max), kD}, kin);
-    auto want = c.Compress(inline_request);
+    auto want =
+        c.Compress(shm_test::InlineEvent(inl->session().session_id(), step, k, {}, history));
     ASSERT_TRUE(want.ok()) << want.status();
     const v1::Decision& dw = want->decision();
     EXPECT_EQ(got->decision().evicted_tokens(), dw.evicted_tokens());

@@ -3,6 +3,7 @@
 #ifndef REASONALLOC_TESTS_INTEGRATION_SHM_TEST_COMMON_H_
 #define REASONALLOC_TESTS_INTEGRATION_SHM_TEST_COMMON_H_
 
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <string>
@@ -60,6 +61,33 @@ inline v1::Tensor QueryWindow(const std::deque<std::vector<uint16_t>>& history) 
     }
   }
   return F16Tensor({kL, kHq, kWindow, kD}, window);
+}
+
+// The same event as an inline Compress request: each head's rows so far (fp16 bits, [n, d]; `v`
+// may be empty for advisory sessions) padded to the longest, and the query window of `history`.
+inline v1::CompressRequest InlineEvent(const std::string& session_id, int64_t step,
+                                       const std::vector<std::vector<uint16_t>>& k,
+                                       const std::vector<std::vector<uint16_t>>& v,
+                                       const std::deque<std::vector<uint16_t>>& history) {
+  size_t n_max = 0;
+  for (const auto& h : k) n_max = std::max(n_max, h.size() / kD);
+  std::vector<uint16_t> kin(kHeads * n_max * kD), vin(v.empty() ? 0 : kHeads * n_max * kD);
+  v1::CompressRequest r;
+  r.set_session_id(session_id);
+  r.set_step(step);
+  auto* it = r.mutable_inline_tensors();
+  for (size_t i = 0; i < k.size(); ++i) {
+    std::copy(k[i].begin(), k[i].end(), kin.begin() + static_cast<int64_t>(i * n_max * kD));
+    if (!v.empty()) {
+      std::copy(v[i].begin(), v[i].end(), vin.begin() + static_cast<int64_t>(i * n_max * kD));
+    }
+    it->add_lengths(static_cast<int32_t>(k[i].size() / kD));
+  }
+  const auto nm = static_cast<int64_t>(n_max);
+  *it->mutable_query_window() = QueryWindow(history);
+  *it->mutable_keys() = F16Tensor({kL, kHkv, nm, kD}, kin);
+  if (!v.empty()) *it->mutable_values() = F16Tensor({kL, kHkv, nm, kD}, vin);
+  return r;
 }
 
 }  // namespace reasonalloc::shm_test
