@@ -96,13 +96,7 @@ absl::StatusOr<Decision> CudaSessionArenas::Compress(int64_t step,
   for (int64_t i = 0; i < heads; ++i) {
     const int32_t n = lengths[static_cast<size_t>(i)];
     const int32_t cap = capacities_[static_cast<size_t>(i)];
-    if (n < 0 || n > cap) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("result arena \"len\"[", i, "] (layer ", i / m.num_kv_heads, ", kv head ",
-                       i % m.num_kv_heads, ") = ", n, " is outside [0, capacity ", cap,
-                       "]; a head may grow by at most buffer = ", config_.budget.buffer,
-                       " tokens between events"));
-    }
+    if (auto s = CheckHeadLength(config_, i, n, cap); !s.ok()) return s;
     n_max = std::max<int64_t>(n_max, n);
   }
   gpu::DeviceEventInputs in;

@@ -121,13 +121,7 @@ absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step) {
           "result arena \"len\"[", i, "] = ", n,
           " is more rows than the registered keys hold (N = ", external_->key_rows(), ")"));
     }
-    if (n < 0 || n > cap) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("result arena \"len\"[", i, "] (layer ", i / m.num_kv_heads, ", kv head ",
-                       i % m.num_kv_heads, ") = ", n, " is outside [0, capacity ", cap,
-                       "]; a head may grow by at most buffer = ", config_.budget.buffer,
-                       " tokens between events"));
-    }
+    if (auto s = CheckHeadLength(config_, i, n, cap); !s.ok()) return s;
     in.n_max = std::max<int64_t>(in.n_max, n);
   }
   if (keys_.size() < static_cast<size_t>(heads * in.n_max * d)) {
@@ -186,6 +180,16 @@ absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step) {
     }
   }
   return in;
+}
+
+absl::Status CheckHeadLength(const SessionConfig& config, int64_t head, int32_t n,
+                             int32_t capacity) {
+  if (n >= 0 && n <= capacity) return absl::OkStatus();
+  const int hkv = config.model.num_kv_heads;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "result arena \"len\"[", head, "] (layer ", head / hkv, ", kv head ", head % hkv, ") = ", n,
+      " is outside [0, capacity ", capacity,
+      "]; a head may grow by at most buffer = ", config.budget.buffer, " tokens between events"));
 }
 
 absl::Status CheckRegionsFit(const Decision& decision, int buffer, const SessionLayout& layout) {

@@ -37,6 +37,9 @@ struct ArenaInputs {
   CompressInputs view() const { return {query_window, keys, n_max, lengths, {}}; }
 };
 
+// The worker's "len" of one head, read from the result block: in [0, its capacity].
+absl::Status CheckHeadLength(const SessionConfig& config, int64_t head, int32_t n,
+                             int32_t capacity);
 // Whether a decision's head regions (budget + buffer rows each) fit the session's layout: the kv
 // arena's rows and the keep mask's words. Host and CUDA arenas check before committing.
 absl::Status CheckRegionsFit(const Decision& decision, int buffer, const SessionLayout& layout);
