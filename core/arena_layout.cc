@@ -99,6 +99,7 @@ void CompactInPlace(const Decision& decision, std::span<const int64_t> old_offse
                     std::span<const int64_t> new_offsets, size_t row_bytes, unsigned char* k,
                     unsigned char* v, std::vector<unsigned char>* scratch) {
   const size_t kept_rows = decision.kept_indices.size();
+  if (kept_rows == 0) return;  // nothing moves (and an empty scratch has no data pointer)
   scratch->resize(2 * kept_rows * row_bytes);
   unsigned char* sk = scratch->data();
   unsigned char* sv = sk + kept_rows * row_bytes;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
@@ -48,6 +49,13 @@ absl::StatusOr<std::vector<int64_t>> Robustify(std::span<const double> demand, i
   const size_t n = demand.size();
   const double t = static_cast<double>(total);
   if (n == 0) return std::vector<int64_t>{};
+  for (size_t i = 0; i < n; ++i) {
+    // A non-finite demand would make the weights (and the rounding below) meaningless.
+    if (!std::isfinite(demand[i])) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("robustify: demand[", i, "] = ", demand[i], " is not finite"));
+    }
+  }
   if (!(lo <= hi) || static_cast<double>(n) * lo > t + 1e-9 ||
       static_cast<double>(n) * hi < t - 1e-9) {
     return absl::InvalidArgumentError(
@@ -55,7 +63,10 @@ absl::StatusOr<std::vector<int64_t>> Robustify(std::span<const double> demand, i
                      static_cast<double>(n) * lo, ", ", static_cast<double>(n) * hi, "]"));
   }
   std::vector<double> w(n);
-  for (size_t i = 0; i < n; ++i) w[i] = std::pow(std::max(0.0, demand[i]) + 1e-6, p);
+  for (size_t i = 0; i < n; ++i) {
+    w[i] = std::pow(std::max(0.0, demand[i]) + 1e-6, p);
+    if (!std::isfinite(w[i])) w[i] = std::numeric_limits<double>::max();
+  }
   auto sum_at = [&](double lambda) {
     double s = 0;
     for (size_t i = 0; i < n; ++i) s += std::clamp(lambda * w[i], lo, hi);

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <new>
 
 #include "absl/strings/str_cat.h"
 #include "core/h2o.h"
@@ -77,10 +78,79 @@ absl::Status Engine::CheckInputs(const CompressInputs& in) const {
         "inline_tensors.keys: this event needs ", work, " multiply-adds, above the limit of ",
         kMaxEventWork, "; send fewer tokens or a smaller query window"));
   }
+  if (in.max_event_bytes > 0) {
+    const uint64_t bytes = EventBytes(in);
+    if (bytes > in.max_event_bytes) {
+      int32_t longest = 0;
+      for (int32_t n : in.lengths) longest = std::max(longest, n);
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "inline_tensors.keys: this event needs ", bytes, " bytes of scratch (", heads,
+          " heads, the longest N = ", longest, " tokens, query window ", config_.budget.window,
+          " × group ", m.group_size(), "), above the server's --max_event_bytes ",
+          in.max_event_bytes, "; send fewer tokens per head"));
+    }
+  }
   return absl::OkStatus();
 }
 
+uint64_t Engine::EventBytes(const CompressInputs& in) const {
+  const ModelGeometry& m = config_.model;
+  const int64_t heads = m.num_heads_total();
+  const int window = config_.budget.window;
+  uint64_t per_event = 0;   // scores, kept indices, selection and pooling
+  uint64_t per_thread = 0;  // the largest head's scorer scratch
+  int64_t work = 0;
+  uint64_t largest_layer = 0;  // candidates of one layer (the allocator's pooled threshold)
+  uint64_t layer = 0;
+  for (int64_t head = 0; head < heads; ++head) {
+    HeadInputs hi;
+    hi.n = in.lengths[static_cast<size_t>(head)];
+    hi.group = m.group_size();
+    hi.window = window;
+    hi.head_dim = m.head_dim;
+    hi.sinks = config_.budget.sinks;
+    const uint64_t n = static_cast<uint64_t>(std::max(0, hi.n));
+    const uint64_t cand = static_cast<uint64_t>(std::max(0, hi.n - window));
+    // A score per candidate and, at most, every row kept.
+    per_event += cand * sizeof(float) + n * sizeof(int32_t);
+    // The selector's (score, index) order and mark per candidate.
+    per_thread = std::max<uint64_t>(
+        per_thread, static_cast<uint64_t>(scorer_->ScratchBytes(hi)) + cand * (8 + 1));
+    work += scorer_->Work(hi);
+    layer += cand;
+    if ((head + 1) % m.num_kv_heads == 0) {
+      largest_layer = std::max(largest_layer, layer);
+      layer = 0;
+    }
+  }
+  per_event += largest_layer * sizeof(float);
+  if (config_.scorer.name == "h2o" && in.accumulated == nullptr) {
+    // The one-shot accumulator [L, Hkv, n_max] and its logits tile.
+    per_event += static_cast<uint64_t>(heads) * static_cast<uint64_t>(in.n_max) * sizeof(float);
+    const int n = static_cast<int>(in.n_max);
+    per_thread = std::max<uint64_t>(per_thread, static_cast<uint64_t>(H2oChunkRows(n, window)) *
+                                                    static_cast<uint64_t>(n) * sizeof(float));
+  }
+  const uint64_t threads =
+      work >= kParallelWork && heads > 1
+          ? static_cast<uint64_t>(std::min<int64_t>(heads, ThreadPool::Shared().size()))
+          : 1;
+  return per_event + threads * per_thread;
+}
+
 absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
+  // Memory is bounded before the event (max_event_bytes), but the process may still be short of
+  // it: the caller gets RESOURCE_EXHAUSTED, never an exception.
+  try {
+    return Run(in);
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        "inline_tensors.keys: the server ran out of memory while scoring this event; send fewer "
+        "tokens per head or retry later");
+  }
+}
+
+absl::StatusOr<Decision> Engine::Run(const CompressInputs& in) const {
   const ModelGeometry& m = config_.model;
   const int64_t heads = m.num_heads_total();
   const int window = config_.budget.window;

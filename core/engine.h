@@ -32,6 +32,10 @@ struct CompressInputs {
   // h2o: the attention accumulated per token, [L, Hkv, n_max] (H2oAccumulator::Prepare). When null
   // an h2o event scores the attention of the whole query window, as at a session's first event.
   const float* accumulated = nullptr;
+  // Most bytes of scratch the event may allocate (scores, per-thread scorer scratch, selection,
+  // the one-shot h2o accumulator); 0 = no limit. Checked from the shapes before anything is
+  // allocated (Engine::EventBytes).
+  uint64_t max_event_bytes = 0;
 };
 
 // Most multiply-adds one event may cost; beyond it Compress is RESOURCE_EXHAUSTED before any work,
@@ -73,11 +77,15 @@ class Engine {
   // Lengths in range and the event's work within kMaxEventWork (Compress checks it too; callers
   // that prepare per-event state first, like the h2o accumulator, check before).
   absl::Status CheckInputs(const CompressInputs& in) const;
+  // Bytes of scratch Compress allocates for these inputs, from their shapes: what
+  // CompressInputs::max_event_bytes bounds.
+  uint64_t EventBytes(const CompressInputs& in) const;
   absl::StatusOr<Decision> Compress(const CompressInputs& in) const;
 
  private:
   Engine(SessionConfig config, std::unique_ptr<Scorer> scorer, std::unique_ptr<Allocator> allocator,
          std::vector<double> layer_demand);
+  absl::StatusOr<Decision> Run(const CompressInputs& in) const;
 
   SessionConfig config_;
   std::unique_ptr<Scorer> scorer_;

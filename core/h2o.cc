@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/blas.h"
+#include "core/scratch.h"
 #include "core/softmax.h"
 #include "core/thread_pool.h"
 
@@ -17,22 +18,36 @@ bool AddWindowAttention(const float* queries, const float* keys, int n, int grou
   const int rows = window - first_row;
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
   const float inv_group = 1.0f / static_cast<float>(group);
+  // The new rows are taken a tile at a time, so that the logits stay within the scoring tile.
+  const int chunk = H2oChunkRows(n, rows);
   thread_local std::vector<float> logits;
-  if (logits.size() < static_cast<size_t>(rows) * static_cast<size_t>(n)) {
-    logits.resize(static_cast<size_t>(rows) * static_cast<size_t>(n));
-  }
-  for (int g = 0; g < group; ++g) {
-    // The group's new rows against every key in one GEMM; each row then masks its future.
-    const float* q = queries + (static_cast<int64_t>(g) * window + first_row) * head_dim;
-    GemmABt(rows, n, head_dim, scale, q, keys, logits.data());
-    for (int r = 0; r < rows; ++r) {
-      const int len = n - window + first_row + r + 1;  // the query's position + 1
-      float* row = logits.data() + static_cast<size_t>(r) * static_cast<size_t>(n);
-      if (!SoftmaxInPlace(row, len, inv_group)) return false;
-      for (int j = 0; j < len; ++j) acc[j] += row[j];
+  float* block = Sized(logits, static_cast<size_t>(chunk) * static_cast<size_t>(n));
+  bool ok = true;
+  for (int g = 0; g < group && ok; ++g) {
+    for (int r0 = 0; r0 < rows && ok; r0 += chunk) {
+      const int count = std::min(chunk, rows - r0);
+      // The group's new rows against every key in one GEMM; each row then masks its future.
+      const float* q = queries + (static_cast<int64_t>(g) * window + first_row + r0) * head_dim;
+      GemmABt(count, n, head_dim, scale, q, keys, block);
+      for (int r = 0; r < count; ++r) {
+        const int len = n - window + first_row + r0 + r + 1;  // the query's position + 1
+        float* row = block + static_cast<size_t>(r) * static_cast<size_t>(n);
+        if (!SoftmaxInPlace(row, len, inv_group)) {
+          ok = false;
+          break;
+        }
+        for (int j = 0; j < len; ++j) acc[j] += row[j];
+      }
     }
   }
-  return true;
+  TrimScratch(logits);
+  return ok;
+}
+
+int H2oChunkRows(int n, int rows) {
+  if (n <= 0 || rows <= 0) return 1;
+  return static_cast<int>(std::clamp<size_t>(
+      ScoreTileBytes() / (static_cast<size_t>(n) * sizeof(float)), 1, static_cast<size_t>(rows)));
 }
 
 H2oAccumulator::H2oAccumulator(const ModelGeometry& model, int window)

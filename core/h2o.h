@@ -54,6 +54,9 @@ class H2oAccumulator {
 // false when the logits overflow fp32.
 bool AddWindowAttention(const float* queries, const float* keys, int n, int group, int window,
                         int head_dim, int first_row, float* acc);
+// Window rows AddWindowAttention scores per GEMM for a head of n tokens (its logits are
+// rows × n floats, within the scoring tile of scratch.h).
+int H2oChunkRows(int n, int rows);
 
 }  // namespace reasonalloc
 

@@ -26,11 +26,15 @@ CalibrationAccumulator::CalibrationAccumulator(const ModelGeometry& model, int w
       sum_(static_cast<size_t>(model.num_layers), 0.0),
       samples_(static_cast<size_t>(model.num_layers), 0) {}
 
-void CalibrationAccumulator::Observe(const CompressInputs& in) {
+bool CalibrationAccumulator::Observe(const CompressInputs& in) {
   const int group = model_.group_size();
   const int d = model_.head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   std::vector<float> logits, mean;
+  // Added to the totals only once every head is measured: a cancelled event leaves no trace.
+  std::vector<double> sum(sum_.size(), 0.0);
+  std::vector<int64_t> samples(samples_.size(), 0);
+  int64_t unpolled = 0;
   for (int l = 0; l < model_.num_layers; ++l) {
     for (int h = 0; h < model_.num_kv_heads; ++h) {
       const int64_t head = int64_t{l} * model_.num_kv_heads + h;
@@ -39,6 +43,11 @@ void CalibrationAccumulator::Observe(const CompressInputs& in) {
       const float* keys = in.keys + head * in.n_max * d;
       mean.assign(static_cast<size_t>(n), 0.0f);
       for (int g = 0; g < group; ++g) {
+        unpolled += int64_t{n} * d;
+        if (in.cancelled && unpolled >= in.cancel_poll_work) {
+          unpolled = 0;
+          if (in.cancelled()) return false;
+        }
         const float* q =
             in.query_window +
             ((int64_t{l} * model_.num_q_heads + int64_t{h} * group + g) * window_ + (window_ - 1)) *
@@ -60,10 +69,15 @@ void CalibrationAccumulator::Observe(const CompressInputs& in) {
               static_cast<float>(logits[static_cast<size_t>(j)] / z / group);
         }
       }
-      sum_[static_cast<size_t>(l)] += static_cast<double>(KRho(mean, rho_));
-      ++samples_[static_cast<size_t>(l)];
+      sum[static_cast<size_t>(l)] += static_cast<double>(KRho(mean, rho_));
+      ++samples[static_cast<size_t>(l)];
     }
   }
+  for (size_t l = 0; l < sum.size(); ++l) {
+    sum_[l] += sum[l];
+    samples_[l] += samples[l];
+  }
+  return true;
 }
 
 absl::StatusOr<std::vector<double>> CalibrationAccumulator::Demand() const {
@@ -85,16 +99,23 @@ absl::StatusOr<std::vector<double>> NormaliseDemand(std::span<const double> dema
     return absl::InvalidArgumentError(
         absl::StrCat(field, " has ", demand.size(), " entries; model.num_layers is ", num_layers));
   }
-  double sum = 0;
+  double max = 0;
   for (size_t l = 0; l < demand.size(); ++l) {
     if (!std::isfinite(demand[l]) || demand[l] < 0) {
       return absl::InvalidArgumentError(
           absl::StrCat(field, "[", l, "] = ", demand[l], " is not a finite non-negative number"));
     }
-    sum += demand[l];
+    max = std::max(max, demand[l]);
   }
-  if (!(sum > 0)) return absl::InvalidArgumentError(absl::StrCat(field, " is all zero"));
+  if (!(max > 0)) return absl::InvalidArgumentError(absl::StrCat(field, " is all zero"));
+  // Scaled by the largest entry first, so that neither a denormal nor a near-overflow input
+  // reaches the mean: every scaled entry is in [0, 1] and their sum in [1, L].
   std::vector<double> out(demand.begin(), demand.end());
+  double sum = 0;
+  for (double& v : out) {
+    v /= max;
+    sum += v;
+  }
   for (double& v : out) v *= static_cast<double>(num_layers) / sum;
   return out;
 }

@@ -24,7 +24,9 @@ int64_t KRho(std::span<const float> attention, double rho);
 class CalibrationAccumulator {
  public:
   CalibrationAccumulator(const ModelGeometry& model, int window, double rho);
-  void Observe(const CompressInputs& in);
+  // Adds one measurement per head. Polls in.cancelled between heads (every
+  // in.cancel_poll_work multiply-adds) and, when it fires, adds nothing and returns false.
+  bool Observe(const CompressInputs& in);
   double rho() const { return rho_; }
   const std::vector<int64_t>& samples() const { return samples_; }
   // Mean k_ρ per layer, normalised to mean 1. FailedPrecondition when a layer has no sample.

@@ -36,6 +36,10 @@ class Scorer {
   // Multiply-adds ScoreHead spends on one head of n tokens (the engine bounds the work of an
   // event).
   virtual int64_t Work(const HeadInputs&) const { return 0; }
+  // Bytes of per-thread scratch ScoreHead needs for one head, computed from the shapes alone (the
+  // engine bounds the memory of an event before anything is allocated). Scratch beyond
+  // kRetainedScratchBytes (scratch.h) is given back when the head is done.
+  virtual int64_t ScratchBytes(const HeadInputs&) const { return 0; }
 };
 
 absl::StatusOr<std::unique_ptr<Scorer>> MakeScorer(const ScorerConfig& config);

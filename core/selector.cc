@@ -4,6 +4,8 @@
 #include <cmath>
 #include <utility>
 
+#include "core/scratch.h"
+
 namespace reasonalloc {
 
 int KeptCount(int n, int budget) { return n <= budget ? n : budget; }
@@ -52,6 +54,8 @@ void SelectHeadInto(std::span<const float> scores, int n, int budget, int window
     if (mark[static_cast<size_t>(j)]) out[r++] = j;
   }
   for (int j = cand; j < n; ++j) out[r++] = j;
+  TrimScratch(order);
+  TrimScratch(mark);
 }
 
 int SelectHead(std::span<const float> scores, int n, int budget, int window,

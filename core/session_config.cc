@@ -1,10 +1,13 @@
 #include "core/session_config.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <array>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "core/arena_layout.h"
 
 namespace reasonalloc {
 namespace {
@@ -150,23 +153,25 @@ int64_t MaxHeadCapacity(const SessionConfig& c) {
 }
 
 ArenaBytes ComputeArenaBytes(const SessionConfig& c) {
-  const ModelGeometry& m = c.model;
-  const uint64_t item = DTypeSize(m.dtype);
-  const uint64_t heads = static_cast<uint64_t>(m.num_heads_total());
-  const uint64_t b = static_cast<uint64_t>(c.budget.budget);
-  const uint64_t delta = static_cast<uint64_t>(c.budget.buffer);
-  // Σ_h (b[l][h] + Δ) is fixed per layer and Σ_l b_l = L·B, so the KV arena holds exactly
-  // L·Hkv·(B+Δ) rows of K and of V, whichever allocator moves budgets around.
-  const uint64_t rows = std::min<uint64_t>(b + delta, static_cast<uint64_t>(m.max_context)) * heads;
+  // Exactly what a MEMORY_KIND_HOST_SHM session creates (server/session_arenas.cc): one shared
+  // memory object per arena of the layout, each occupying whole pages of /dev/shm. Advisory
+  // sessions only get the result block (the worker's own buffers hold K, V and queries).
+  const SessionLayout layout = MakeSessionLayout(c);
+  static const uint64_t page = [] {
+    const long p = ::sysconf(_SC_PAGESIZE);
+    return p > 0 ? static_cast<uint64_t>(p) : uint64_t{4096};
+  }();
+  auto pages = [](uint64_t bytes) {
+    if (bytes == 0) return uint64_t{0};
+    return (bytes + page - 1) / page * page;
+  };
   ArenaBytes out;
-  if (c.managed) out.kv = 2 * rows * static_cast<uint64_t>(m.head_dim) * item;
-  out.query_ring = static_cast<uint64_t>(m.num_layers) * static_cast<uint64_t>(m.num_q_heads) *
-                   static_cast<uint64_t>(c.budget.window) * static_cast<uint64_t>(m.head_dim) *
-                   item;
-  const uint64_t cap = static_cast<uint64_t>(MaxHeadCapacity(c));
-  if (c.scorer.name == "h2o") out.accumulator = heads * cap * sizeof(float);
-  const uint64_t words = (cap + 63) / 64;
-  out.result = heads * (2 * sizeof(int32_t) + words * sizeof(uint64_t)) + sizeof(uint64_t);
+  out.result = pages(layout.result.bytes);
+  if (c.managed) {
+    out.kv = pages(layout.kv.bytes);
+    out.query_ring = pages(layout.query_ring.bytes);
+    out.accumulator = pages(layout.h2o_acc.bytes);
+  }
   return out;
 }
 

@@ -94,8 +94,11 @@ absl::Status ValidateGeometry(const ModelGeometry& model);
 absl::Status ValidateBudget(const BudgetConfig& budget, const ModelGeometry& model);
 absl::Status ValidateSessionConfig(const SessionConfig& config);
 
-// Bytes a session reserves against the server's arena pool: the KV arena (managed mode), the
-// query-window ring, the H2O accumulator (h2o scorer) and the result block, following DESIGN.md §2.
+// Bytes a session reserves against the server's arena pool: the shared-memory objects a
+// MEMORY_KIND_HOST_SHM session of this configuration creates, each rounded up to whole pages (what
+// /dev/shm charges): the KV arena, the query-window ring and the H2O accumulator (managed mode;
+// h2o scorer) and the result block. Other sessions reserve the same, so that a pool sized for
+// shared-memory sessions bounds them all.
 struct ArenaBytes {
   uint64_t kv = 0;
   uint64_t query_ring = 0;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <exception>
 #include <memory>
 
 namespace reasonalloc {
@@ -47,11 +48,17 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t)>& fn) 
     std::atomic<int64_t> done{0};
     std::mutex mu;
     std::condition_variable cv;
+    std::exception_ptr error;  // the first exception of any index, rethrown to the caller
   };
   auto state = std::make_shared<Shared>();
   auto drain = [state, n, &fn] {
     for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      fn(i);
+      try {
+        fn(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        if (!state->error) state->error = std::current_exception();
+      }
       if (state->done.fetch_add(1) + 1 == n) {
         std::lock_guard<std::mutex> lock(state->mu);
         state->cv.notify_all();
@@ -68,6 +75,7 @@ void ThreadPool::ParallelFor(int64_t n, const std::function<void(int64_t)>& fn) 
   drain();
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->done.load() == n; });
+  if (state->error) std::rethrow_exception(state->error);
 }
 
 }  // namespace reasonalloc

@@ -25,7 +25,9 @@ class ThreadPool {
   static ThreadPool& Shared();
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
-  // Calls fn(i) for i in [0, n), spread over the pool and the caller.
+  // Calls fn(i) for i in [0, n), spread over the pool and the caller. An exception thrown by fn
+  // (std::bad_alloc, say) never ends a worker: every index still runs, and the first exception is
+  // rethrown on the calling thread once all are done.
   void ParallelFor(int64_t n, const std::function<void(int64_t)>& fn);
 
  private:

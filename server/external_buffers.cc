@@ -150,7 +150,9 @@ absl::StatusOr<std::unique_ptr<ExternalBuffers>> ExternalBuffers::Open(
     }
     arr.byte_offset = a.byte_offset();
     arr.shm_name = name;
-    arr.fd = ::shm_open(name.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW, 0);
+    // O_NONBLOCK: a FIFO (or a device) planted under the name must not block the open; anything
+    // but a regular file is refused below, before a byte is read.
+    arr.fd = ::shm_open(name.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK, 0);
     if (arr.fd < 0) {
       const int e = errno;
       const std::string msg = absl::StrCat(field, ".shm_name \"", name, "\": ", std::strerror(e));
@@ -161,7 +163,8 @@ absl::StatusOr<std::unique_ptr<ExternalBuffers>> ExternalBuffers::Open(
     struct stat st {};
     if (::fstat(arr.fd, &st) != 0 || !S_ISREG(st.st_mode)) {
       return absl::InvalidArgumentError(
-          absl::StrCat(field, ".shm_name \"", name, "\" is not a shared-memory object"));
+          absl::StrCat(field, ".shm_name \"", name,
+                       "\" is not a regular shared-memory object (a FIFO, socket or device?)"));
     }
     if (st.st_uid != caller.uid) {
       return absl::PermissionDeniedError(absl::StrCat(field, ".shm_name \"", name,

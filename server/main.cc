@@ -3,7 +3,9 @@
 // Every flag can also come from the environment as REASONALLOC_<FLAG IN UPPER CASE> (e.g.
 // REASONALLOC_LISTEN); a flag on the command line wins over the environment.
 #include <fcntl.h>
+#include <malloc.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -54,6 +56,15 @@ ABSL_FLAG(double, drain_timeout_seconds, 10,
           "On SIGTERM/SIGINT: how long in-flight calls may finish before they are cancelled");
 ABSL_FLAG(std::string, log_level, "",
           "trace|debug|info|warn|error|critical|off (default: SPDLOG_LEVEL, else info)");
+ABSL_FLAG(uint64_t, max_event_bytes, 0,
+          "Most scratch bytes one compression event may allocate (scores, logits and similarity "
+          "tiles, selection); a bigger event is RESOURCE_EXHAUSTED naming the dimension. 0 = an "
+          "eighth of physical memory, at least 256 MiB");
+ABSL_FLAG(int32_t, max_profiles, 1024, "Most layer profiles held (loaded and put)");
+ABSL_FLAG(int32_t, max_connections_per_uid, 64,
+          "Unix-socket connections one uid may hold open at once; more are closed at accept");
+ABSL_FLAG(double, max_connection_idle_seconds, 300,
+          "Close a connection (Unix socket or TCP) that has had no call in flight for this long");
 ABSL_FLAG(double, testing_compress_delay_ms, 0,
           "For tests only: sleep this long inside every Compress");
 
@@ -105,11 +116,38 @@ int main(int argc, char** argv) {
   sigaction(SIGTERM, &action, nullptr);
   sigaction(SIGINT, &action, nullptr);
   signal(SIGPIPE, SIG_IGN);
+  // Blocks of 1 MiB and more are mapped and unmapped on their own, so that the scratch of a large
+  // event goes back to the kernel when it is freed (glibc's adaptive threshold would otherwise
+  // keep it in a heap the process never shrinks).
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
+  // Every connection is a descriptor: take the hard limit, not the shell's soft default.
+  if (rlimit nofile{};
+      getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur < nofile.rlim_max) {
+    nofile.rlim_cur = nofile.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &nofile);
+  }
 
-  if (!ApplyEnvironment({"listen", "socket_mode", "allow_uid", "tcp_listen", "metrics_address",
-                         "device", "max_arena_bytes", "max_sessions", "max_threads", "max_watchers",
-                         "watch_queue", "profile_dir", "max_message_bytes", "default_lease_seconds",
-                         "max_lease_seconds", "drain_timeout_seconds", "log_level"})) {
+  if (!ApplyEnvironment({"listen",
+                         "socket_mode",
+                         "allow_uid",
+                         "tcp_listen",
+                         "metrics_address",
+                         "device",
+                         "max_arena_bytes",
+                         "max_sessions",
+                         "max_threads",
+                         "max_watchers",
+                         "watch_queue",
+                         "profile_dir",
+                         "max_message_bytes",
+                         "default_lease_seconds",
+                         "max_lease_seconds",
+                         "drain_timeout_seconds",
+                         "log_level",
+                         "max_event_bytes",
+                         "max_profiles",
+                         "max_connections_per_uid",
+                         "max_connection_idle_seconds"})) {
     return 2;
   }
   // Debian's Abseil checks every Mutex acquisition against a lock graph; the tests keep that check,
@@ -165,13 +203,18 @@ int main(int argc, char** argv) {
                    &options.default_lease},
         std::tuple{"max_lease_seconds", absl::GetFlag(FLAGS_max_lease_seconds), &options.max_lease},
         std::tuple{"drain_timeout_seconds", absl::GetFlag(FLAGS_drain_timeout_seconds),
-                   &options.drain_timeout}}) {
+                   &options.drain_timeout},
+        std::tuple{"max_connection_idle_seconds", absl::GetFlag(FLAGS_max_connection_idle_seconds),
+                   &options.max_connection_idle}}) {
     if (!(value > 0) || value > 1e7) {
       std::cerr << "reasonalloc-server: --" << flag << " = " << value << " must be in (0, 1e7]\n";
       return 2;
     }
     *out = absl::Seconds(value);
   }
+  options.max_event_bytes = absl::GetFlag(FLAGS_max_event_bytes);
+  options.max_profiles = absl::GetFlag(FLAGS_max_profiles);
+  options.max_connections_per_uid = absl::GetFlag(FLAGS_max_connections_per_uid);
   options.testing_compress_delay =
       absl::Milliseconds(absl::GetFlag(FLAGS_testing_compress_delay_ms));
 

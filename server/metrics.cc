@@ -125,7 +125,12 @@ Metrics::Metrics(absl::string_view backend, absl::string_view device, absl::stri
 
 absl::StatusOr<std::string> Metrics::Serve(const std::string& address) {
   try {
-    exposer_ = std::make_unique<prometheus::Exposer>(address, /*num_threads=*/1);
+    // Several threads and a short request timeout: an idle or slow connection (a port scanner, a
+    // stuck client) holds one thread for at most the timeout, and the others keep answering
+    // scrapes. No keep-alive, so a scraper's connection never parks on a thread between scrapes.
+    exposer_ = std::make_unique<prometheus::Exposer>(
+        std::vector<std::string>{"listening_ports", address, "num_threads", "8",
+                                 "request_timeout_ms", "2000", "enable_keep_alive", "no"});
   } catch (const std::exception& e) {
     return absl::InvalidArgumentError(
         absl::StrCat("metrics_address \"", address, "\" cannot be served: ", e.what()));

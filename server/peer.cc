@@ -8,6 +8,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -77,8 +78,25 @@ UnixListener::~UnixListener() {
   ::close(wake_fd_);
 }
 
-void UnixListener::Start(grpc::Server* server, PeerTable* peers) {
-  thread_ = std::thread([this, server, peers] { Loop(server, peers); });
+void UnixListener::Start(grpc::Server* server, PeerTable* peers, Admission admission) {
+  thread_ = std::thread(
+      [this, server, peers, admission = std::move(admission)] { Loop(server, peers, admission); });
+}
+
+int UnixListener::OpenConnections(uint32_t uid) {
+  // gRPC closes a connection's descriptor when the connection ends; a number reused since then
+  // names another file (or another socket), which the inode tells apart.
+  int count = 0;
+  for (auto it = open_.begin(); it != open_.end();) {
+    struct stat st {};
+    if (::fstat(it->fd, &st) != 0 || st.st_dev != it->dev || st.st_ino != it->ino) {
+      it = open_.erase(it);
+      continue;
+    }
+    count += it->uid == uid ? 1 : 0;
+    ++it;
+  }
+  return count;
 }
 
 void UnixListener::Stop() {
@@ -92,7 +110,7 @@ void UnixListener::Stop() {
   fd_ = -1;
 }
 
-void UnixListener::Loop(grpc::Server* server, PeerTable* peers) {
+void UnixListener::Loop(grpc::Server* server, PeerTable* peers, const Admission& admission) {
   pollfd fds[2] = {{fd_, POLLIN, 0}, {wake_fd_, POLLIN, 0}};
   for (;;) {
     const int ready = ::poll(fds, 2, -1);
@@ -121,6 +139,27 @@ void UnixListener::Loop(grpc::Server* server, PeerTable* peers) {
       peer.pid = cred.pid;
     } else {
       spdlog::warn("unix listener: SO_PEERCRED: {}", std::strerror(errno));
+    }
+    if (peer.local) {
+      const auto& allowed = admission.allow_uids;
+      if (!allowed.empty() && peer.uid != ::geteuid() &&
+          std::find(allowed.begin(), allowed.end(), peer.uid) == allowed.end()) {
+        spdlog::debug("unix listener: uid {} is not in --allow_uid: connection closed", peer.uid);
+        ::close(conn);
+        refused_.fetch_add(1);
+        continue;
+      }
+      if (OpenConnections(peer.uid) >= admission.max_per_uid) {
+        spdlog::warn(
+            "unix listener: uid {} already holds {} connections (--max_connections_per_uid): "
+            "connection closed",
+            peer.uid, admission.max_per_uid);
+        ::close(conn);
+        refused_.fetch_add(1);
+        continue;
+      }
+      struct stat st {};
+      if (::fstat(conn, &st) == 0) open_.push_back({conn, peer.uid, st.st_dev, st.st_ino});
     }
     peers->Set(conn, peer);
     accepted_.fetch_add(1);

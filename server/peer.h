@@ -47,6 +47,14 @@ class PeerTable {
   absl::flat_hash_map<int, PeerIdentity> peers_ ABSL_GUARDED_BY(mu_);
 };
 
+// Who may connect to the Unix socket: a uid outside `allow_uids` (when not empty; the server's own
+// uid is always allowed) is closed at accept, before gRPC sees a byte, and so is a uid already
+// holding `max_per_uid` open connections.
+struct UnixAdmission {
+  std::vector<uint32_t> allow_uids;
+  int max_per_uid = 64;
+};
+
 class UnixListener {
  public:
   // Creates the socket at `path` with `mode` (never looser for a moment: the umask is set while it
@@ -56,15 +64,28 @@ class UnixListener {
   UnixListener(const UnixListener&) = delete;
   UnixListener& operator=(const UnixListener&) = delete;
 
-  // Accepts on a thread of its own until Stop, handing every connection to `server`.
-  void Start(grpc::Server* server, PeerTable* peers);
+  using Admission = UnixAdmission;
+  // Accepts on a thread of its own until Stop, handing every admitted connection to `server`.
+  void Start(grpc::Server* server, PeerTable* peers, Admission admission = {});
+  uint64_t refused() const { return refused_.load(); }
   // Stops accepting and closes the listening socket (idempotent).
   void Stop();
   uint64_t accepted() const { return accepted_.load(); }
 
  private:
   UnixListener(int fd, int wake_fd) : fd_(fd), wake_fd_(wake_fd) {}
-  void Loop(grpc::Server* server, PeerTable* peers);
+  void Loop(grpc::Server* server, PeerTable* peers, const Admission& admission);
+  // Open connections per uid, pruned of those gRPC has closed since (by descriptor and inode).
+  int OpenConnections(uint32_t uid);
+
+  struct Open {
+    int fd;
+    uint32_t uid;
+    dev_t dev;
+    ino_t ino;
+  };
+  std::vector<Open> open_;  // the accept thread's only
+  std::atomic<uint64_t> refused_{0};
 
   int fd_;
   int wake_fd_;  // eventfd that ends the accept loop

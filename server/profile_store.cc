@@ -12,9 +12,7 @@
 #include "proto/json.h"
 
 namespace reasonalloc {
-namespace {
-
-bool ValidName(const std::string& name) {
+bool ProfileStore::ValidName(const std::string& name) {
   if (name.empty() || name.size() > 128 || name[0] == '.') return false;
   for (char c : name) {
     if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.')
@@ -23,7 +21,12 @@ bool ValidName(const std::string& name) {
   return true;
 }
 
-}  // namespace
+std::string ProfileStore::OwnerOf(const PeerIdentity* caller) {
+  if (caller == nullptr) return "server";
+  if (!caller->local) return "tcp";
+  if (caller->uid == 0 || caller->uid == ::geteuid()) return "server";
+  return absl::StrCat("uid ", caller->uid);
+}
 
 absl::StatusOr<v1::LayerProfile> ProfileStore::Validate(v1::LayerProfile p,
                                                         absl::string_view field) {
@@ -42,6 +45,14 @@ absl::StatusOr<v1::LayerProfile> ProfileStore::Validate(v1::LayerProfile p,
     return absl::InvalidArgumentError(absl::StrCat(
         field,
         ".model needs num_q_heads, num_kv_heads and head_dim (the geometry it was measured on)"));
+  }
+  if (p.provenance().size() > 4096) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ".provenance is ", p.provenance().size(),
+                                                   " bytes long; at most 4096 allowed"));
+  }
+  if (p.model().name().size() > 256) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        field, ".model.name is ", p.model().name().size(), " bytes long; at most 256 allowed"));
   }
   if (!(p.rho() > 0 && p.rho() <= 1)) {
     return absl::InvalidArgumentError(
@@ -92,8 +103,9 @@ absl::Status ProfileStore::CheckGeometry(const v1::LayerProfile& p, const ModelG
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::unique_ptr<ProfileStore>> ProfileStore::Open(const std::string& dir) {
-  std::unique_ptr<ProfileStore> store(new ProfileStore(dir));
+absl::StatusOr<std::unique_ptr<ProfileStore>> ProfileStore::Open(const std::string& dir,
+                                                                 Limits limits) {
+  std::unique_ptr<ProfileStore> store(new ProfileStore(dir, limits));
   if (dir.empty()) return store;
   std::error_code ec;
   if (!std::filesystem::is_directory(dir, ec)) {
@@ -111,7 +123,13 @@ absl::StatusOr<std::unique_ptr<ProfileStore>> ProfileStore::Open(const std::stri
       return absl::InvalidArgumentError(absl::StrCat(entry.path().string(), ": profile name \"",
                                                      p->name(), "\" is used by another file"));
     }
+    p->set_owner("server");
     store->profiles_[p->name()] = *std::move(p);
+  }
+  if (static_cast<int>(store->profiles_.size()) > limits.max_profiles) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("profile_dir \"", dir, "\" holds ", store->profiles_.size(),
+                     " profiles; --max_profiles is ", limits.max_profiles));
   }
   if (ec) return absl::InternalError(absl::StrCat("profile_dir \"", dir, "\": ", ec.message()));
   return store;
@@ -134,16 +152,39 @@ std::vector<v1::LayerProfile> ProfileStore::List() const {
   return out;
 }
 
-absl::Status ProfileStore::Put(v1::LayerProfile profile, bool overwrite, bool save) {
+absl::Status ProfileStore::Put(v1::LayerProfile profile, bool overwrite, bool save,
+                               const PeerIdentity* caller) {
   auto p = Validate(std::move(profile), "profile");
   if (!p.ok()) return p.status();
   if (save && dir_.empty()) {
     return absl::FailedPreconditionError("save: the server has no --profile-dir to save into");
   }
+  const std::string owner = OwnerOf(caller);
+  if (save && caller != nullptr && caller->local && owner != "server") {
+    return absl::PermissionDeniedError(absl::StrCat(
+        "save: only the server's uid or root may write into --profile-dir; this call comes from ",
+        caller->Describe()));
+  }
+  p->set_owner(owner);
   absl::MutexLock lock(&mu_);
-  if (!overwrite && profiles_.count(p->name()) != 0) {
-    return absl::AlreadyExistsError(
-        absl::StrCat("profile.name \"", p->name(), "\" exists; set overwrite to replace it"));
+  auto existing = profiles_.find(p->name());
+  if (existing != profiles_.end()) {
+    if (!overwrite) {
+      return absl::AlreadyExistsError(
+          absl::StrCat("profile.name \"", p->name(), "\" exists; set overwrite to replace it"));
+    }
+    const std::string& held = existing->second.owner();
+    if (owner != "server" && held != owner) {
+      return absl::PermissionDeniedError(absl::StrCat(
+          "profile.name \"", p->name(), "\" belongs to ", held,
+          "; only its owner, the server's uid or root may replace it (this call comes from ",
+          caller != nullptr ? caller->Describe() : std::string("the server"),
+          "); put it under another name"));
+    }
+  } else if (static_cast<int>(profiles_.size()) >= limits_.max_profiles) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("profile.name \"", p->name(), "\": the server holds its maximum of ",
+                     limits_.max_profiles, " profiles (--max_profiles)"));
   }
   if (save) {
     // Write beside the target and rename, so that a reader never sees half a file.

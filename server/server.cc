@@ -12,6 +12,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <thread>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -55,6 +56,14 @@ std::string CpuModelName() {
 
 }  // namespace
 
+uint64_t DefaultMaxEventBytes() {
+  const long pages = ::sysconf(_SC_PHYS_PAGES);
+  const long page = ::sysconf(_SC_PAGESIZE);
+  const uint64_t physical =
+      pages > 0 && page > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) : 0;
+  return std::max<uint64_t>(physical / 8, uint64_t{256} << 20);
+}
+
 absl::StatusOr<std::string> UnixSocketPath(const std::string& target, absl::string_view field) {
   std::string path;
   if (absl::StartsWith(target, "unix://")) {
@@ -84,6 +93,8 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   so.max_watchers = options.max_watchers;
   so.watch_queue = static_cast<size_t>(std::max(1, options.watch_queue));
   so.testing_compress_delay = options.testing_compress_delay;
+  so.max_event_bytes =
+      options.max_event_bytes == 0 ? DefaultMaxEventBytes() : options.max_event_bytes;
   if (options.device == "cpu") {
     so.backend = "cpu";
     so.device_name = CpuModelName();
@@ -115,7 +126,27 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     return absl::InvalidArgumentError(
         absl::StrCat("device \"", options.device, "\" is not cpu or cuda:N"));
   }
-  auto profiles = ProfileStore::Open(options.profile_dir);
+  if (options.max_profiles < 1 || options.max_profiles > 1000000) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_profiles = ", options.max_profiles, " is out of range [1, 1000000]"));
+  }
+  if (options.max_connections_per_uid < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_connections_per_uid = ", options.max_connections_per_uid, " must be at least 1"));
+  }
+  if (options.max_connection_idle < absl::Milliseconds(100)) {
+    return absl::InvalidArgumentError("max_connection_idle_seconds must be at least 0.1");
+  }
+  if (absl::StartsWith(options.tcp_listen, "unix:") ||
+      (!options.tcp_listen.empty() && options.tcp_listen.rfind(':') == std::string::npos)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "tcp_listen \"", options.tcp_listen,
+        "\" is not host:port; Unix sockets are served by --listen (whose peers' credentials the "
+        "server checks)"));
+  }
+  ProfileStore::Limits limits;
+  limits.max_profiles = options.max_profiles;
+  auto profiles = ProfileStore::Open(options.profile_dir, limits);
   if (!profiles.ok()) return profiles.status();
   s.profiles_ = *std::move(profiles);
   if (!options.profile_dir.empty()) {
@@ -210,6 +241,12 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   builder.SetResourceQuota(quota);
   builder.SetMaxReceiveMessageSize(static_cast<int>(options.max_message_bytes));
   builder.SetMaxSendMessageSize(static_cast<int>(options.max_message_bytes));
+  // Connections with no call in flight are closed after this long (Unix socket and TCP alike), so
+  // idle connections cannot pile up until the process runs out of descriptors.
+  builder.AddChannelArgument(
+      GRPC_ARG_MAX_CONNECTION_IDLE_MS,
+      static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(options.max_connection_idle),
+                                         int64_t{1} << 30)));
   int tcp_port = 0;
   if (!options.tcp_listen.empty()) {
     builder.AddListeningPort(options.tcp_listen, grpc::InsecureServerCredentials(), &tcp_port);
@@ -220,7 +257,10 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   if (s.server_ == nullptr) {
     return absl::UnavailableError(absl::StrCat("could not listen on \"", options.tcp_listen, "\""));
   }
-  s.unix_listener_->Start(s.server_.get(), s.peers_.get());
+  UnixListener::Admission admission;
+  admission.allow_uids = options.allow_uids;
+  admission.max_per_uid = options.max_connections_per_uid;
+  s.unix_listener_->Start(s.server_.get(), s.peers_.get(), admission);
   s.listen_addresses_.push_back(absl::StrCat("unix://", s.socket_path_));
   if (!options.tcp_listen.empty()) {
     if (tcp_port == 0) {
@@ -263,8 +303,11 @@ void Server::Drain() {
   service_->SetDraining();
   health_->Shutdown();
   unix_listener_->Stop();
+  // The metrics endpoint takes up to ~1.5 s to stop its threads: it stops while calls drain, so
+  // that the whole drain ends by its deadline plus that, whichever is longer.
+  std::thread stop_metrics([this] { metrics_->StopServing(); });
   server_->Shutdown(absl::ToChronoTime(absl::Now() + options_.drain_timeout));
-  metrics_->StopServing();
+  stop_metrics.join();
   ::unlink(socket_path_.c_str());
   spdlog::info("drained");
 }

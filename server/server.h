@@ -44,7 +44,17 @@ struct ServerOptions {
   absl::Duration max_lease = absl::Hours(24);
   absl::Duration drain_timeout = absl::Seconds(10);
   absl::Duration testing_compress_delay = absl::ZeroDuration();
+  // Most scratch bytes one compression event may allocate; 0 = DefaultMaxEventBytes().
+  uint64_t max_event_bytes = 0;
+  int max_profiles = 1024;  // layer profiles held (PutProfile beyond is RESOURCE_EXHAUSTED)
+  // Unix-socket connections one uid may hold open at once (more are closed at accept).
+  int max_connections_per_uid = 64;
+  // A connection with no call in flight for this long is closed by the server.
+  absl::Duration max_connection_idle = absl::Minutes(5);
 };
+
+// An eighth of the machine's physical memory, at least 256 MiB: what --max_event_bytes 0 means.
+uint64_t DefaultMaxEventBytes();
 
 class Server {
  public:

@@ -173,9 +173,12 @@ bool Session::calibrating() const {
   return calibration_ != nullptr;
 }
 
-void Session::ObserveCalibration(int64_t step, const CompressInputs& in) {
+absl::Status Session::ObserveCalibration(int64_t step, const CompressInputs& in) {
   absl::MutexLock lock(&calib_mu_);
-  if (calibration_ != nullptr && step % calibration_stride_ == 0) calibration_->Observe(in);
+  if (calibration_ != nullptr && step % calibration_stride_ == 0 && !calibration_->Observe(in)) {
+    return absl::CancelledError("the calibration event was cancelled (caller gone or drain)");
+  }
+  return absl::OkStatus();
 }
 
 std::vector<int64_t> Session::CalibrationSamples() const {
@@ -183,7 +186,8 @@ std::vector<int64_t> Session::CalibrationSamples() const {
   return calibration_ ? calibration_->samples() : std::vector<int64_t>{};
 }
 
-absl::StatusOr<Session::Calibration> Session::FinishCalibration() {
+absl::Status Session::FinishCalibration(
+    const std::function<absl::Status(const Calibration&)>& keep) {
   absl::MutexLock lock(&calib_mu_);
   if (calibration_ == nullptr) {
     return absl::FailedPreconditionError(
@@ -191,9 +195,10 @@ absl::StatusOr<Session::Calibration> Session::FinishCalibration() {
   }
   auto demand = calibration_->Demand();
   if (!demand.ok()) return demand.status();
-  Calibration out{calibration_->rho(), *std::move(demand), calibration_->samples()};
+  const Calibration out{calibration_->rho(), *std::move(demand), calibration_->samples()};
+  if (auto s = keep(out); !s.ok()) return s;
   calibration_.reset();
-  return out;
+  return absl::OkStatus();
 }
 
 bool Session::Expired(absl::Time now) const {

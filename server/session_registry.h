@@ -72,15 +72,19 @@ class Session {
   // stride-th step, measures k_rho from the newest query.
   absl::Status StartCalibration(double rho, int stride) ABSL_LOCKS_EXCLUDED(calib_mu_);
   bool calibrating() const ABSL_LOCKS_EXCLUDED(calib_mu_);
-  void ObserveCalibration(int64_t step, const CompressInputs& in) ABSL_LOCKS_EXCLUDED(calib_mu_);
+  // CANCELLED (nothing recorded) when in.cancelled fires during the measurement.
+  absl::Status ObserveCalibration(int64_t step, const CompressInputs& in)
+      ABSL_LOCKS_EXCLUDED(calib_mu_);
   std::vector<int64_t> CalibrationSamples() const ABSL_LOCKS_EXCLUDED(calib_mu_);
   struct Calibration {
     double rho = 0;
     std::vector<double> demand;
     std::vector<int64_t> samples;
   };
-  // Ends calibration and returns its measurements.
-  absl::StatusOr<Calibration> FinishCalibration() ABSL_LOCKS_EXCLUDED(calib_mu_);
+  // Hands the measurements to `keep` (which stores them); calibration ends only when it returns
+  // OK, so a refused store (a bad profile name, say) leaves the session calibrating for a retry.
+  absl::Status FinishCalibration(const std::function<absl::Status(const Calibration&)>& keep)
+      ABSL_LOCKS_EXCLUDED(calib_mu_);
   absl::Time created() const { return created_; }
   std::shared_ptr<const Engine> engine() const ABSL_LOCKS_EXCLUDED(mu_);
   uint64_t reserved_bytes() const ABSL_LOCKS_EXCLUDED(mu_);

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <new>
 #include <numeric>
 #include <set>
 #include <thread>
@@ -45,6 +46,21 @@ absl::StatusOr<std::vector<float>> H2oAttention(const v1::InlineTensors& in,
   std::vector<float> out(raw->data.size() / sizeof(float));
   std::memcpy(out.data(), raw->data.data(), raw->data.size());
   return out;
+}
+
+// Runs one handler body; memory exhaustion anywhere in it (a large reply, a profile, a decision)
+// becomes RESOURCE_EXHAUSTED for this caller instead of ending the process or reaching gRPC as
+// UNKNOWN.
+template <typename F>
+absl::Status Guarded(absl::string_view method, F&& body) {
+  try {
+    return body();
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat(method,
+                     ": the server ran out of memory for this request; send less per call "
+                     "or retry later"));
+  }
 }
 
 }  // namespace
@@ -121,7 +137,9 @@ void SidecarService::UpdatePoolGauges() {
   int64_t capacity_tokens = 0;
   const auto sessions = registry_->List();
   for (const auto& s : sessions) {
-    const SessionConfig& c = s->engine()->config();
+    // The engine is held while its config is read: UpdateBudget may replace it meanwhile.
+    const auto engine = s->engine();
+    const SessionConfig& c = engine->config();
     capacity_tokens += c.model.num_heads_total() * (c.budget.budget + c.budget.buffer);
   }
   metrics_->SetPool(static_cast<int>(sessions.size()), registry_->capacity_bytes(),
@@ -250,6 +268,15 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
     if (!config.ok()) return config.status();
     auto lease = registry_->LeaseFor(request->lease_seconds(), "lease_seconds");
     if (!lease.ok()) return lease.status();
+    if ((host_shm || cuda_ipc) &&
+        int64_t{config->budget.budget} + config->budget.buffer > config->model.max_context) {
+      // A head's arena region holds budget + buffer rows, and positions end at max_context.
+      return absl::InvalidArgumentError(absl::StrCat(
+          "budget.budget + budget.buffer = ", config->budget.budget, " + ", config->budget.buffer,
+          " exceeds model.max_context = ", config->model.max_context,
+          "; an arena session's heads hold budget + buffer rows, so lower budget.buffer or raise "
+          "model.max_context"));
+    }
     if (host_shm && config->scorer.name == "h2o" && !config->managed) {
       return absl::UnimplementedError(
           "scorer.name \"h2o\" with mode = SESSION_MODE_ADVISORY and memory = "
@@ -266,6 +293,12 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
          config->allocator.reasonalloc_mode == ReasonAllocMode::kFull)) {
       const bool named = !config->allocator.profile.empty();
       const std::string name = named ? config->allocator.profile : config->model.name;
+      if (named && !ProfileStore::ValidName(name)) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "allocator.profile \"", name.substr(0, 64),
+            "\" is not a profile name (1-128 characters of letters, digits, '-', '_' and '.', "
+            "not starting with '.')"));
+      }
       auto profile = profiles_->Get(name);
       if (profile.ok()) {
         if (auto s = ProfileStore::CheckGeometry(*profile, config->model); !s.ok()) return s;
@@ -315,7 +348,7 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
         caller->peer.Describe());
     return absl::OkStatus();
   };
-  return Finish("CreateSession", run());
+  return Finish("CreateSession", Guarded("CreateSession", run));
 }
 
 grpc::Status SidecarService::GetSession(grpc::ServerContext* context,
@@ -429,7 +462,7 @@ grpc::Status SidecarService::RegisterBuffers(grpc::ServerContext* context,
     spdlog::info("session {}: buffers registered", request->session_id());
     return absl::OkStatus();
   };
-  return Finish("RegisterBuffers", run());
+  return Finish("RegisterBuffers", Guarded("RegisterBuffers", run));
 }
 
 absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
@@ -476,6 +509,7 @@ absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
 
   CompressInputs inputs = prepared->view();
   inputs.cancelled = [context] { return context != nullptr && context->IsCancelled(); };
+  inputs.max_event_bytes = options_.max_event_bytes;
   std::vector<float> accumulated;
   if (H2oAccumulator* h2o = session.h2o(); h2o != nullptr) {
     if (auto s = engine->CheckInputs(inputs); !s.ok()) return s;
@@ -495,7 +529,8 @@ absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
   if (session.calibrating()) {
     // Full cache while calibrating: measure, evict nothing.
     const auto tc = std::chrono::steady_clock::now();
-    session.ObserveCalibration(request.step(), inputs);
+    if (auto s = engine->CheckInputs(inputs); !s.ok()) return s;
+    if (auto s = session.ObserveCalibration(request.step(), inputs); !s.ok()) return s;
     decision = KeepAll(config.model.num_layers, config.model.num_kv_heads, prepared->lengths);
     decision->seconds.score =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
@@ -570,6 +605,7 @@ absl::Status SidecarService::DoCompressArenas(grpc::ServerContext* context,
   }
   CompressInputs inputs = in->view();
   inputs.cancelled = [context] { return context != nullptr && context->IsCancelled(); };
+  inputs.max_event_bytes = options_.max_event_bytes;
   std::vector<float> accumulated;
   H2oAccumulator* h2o = session.h2o();
   if (h2o != nullptr) {
@@ -645,7 +681,8 @@ void SidecarService::AnswerArenaEvent(Session& session, int64_t step,
 
 void SidecarService::RecordEvent(const Session& session, int64_t step,
                                  const Session::CommitResult& committed, const Decision& decision) {
-  const SessionConfig& config = session.engine()->config();
+  const auto engine = session.engine();  // held: UpdateBudget may replace the session's engine
+  const SessionConfig& config = engine->config();
   metrics_->ObserveCompress(decision.seconds);
   metrics_->ObserveEvent(config.scorer.name, config.allocator.name, config.model.name, decision);
   metrics_->AddKeptTokens(committed.kept_delta);
@@ -655,7 +692,8 @@ void SidecarService::RecordEvent(const Session& session, int64_t step,
 grpc::Status SidecarService::Compress(grpc::ServerContext* context,
                                       const v1::CompressRequest* request,
                                       v1::CompressResponse* response) {
-  return Finish("Compress", DoCompress(context, *request, response));
+  return Finish("Compress",
+                Guarded("Compress", [&] { return DoCompress(context, *request, response); }));
 }
 
 grpc::Status SidecarService::CompressStream(
@@ -666,7 +704,9 @@ grpc::Status SidecarService::CompressStream(
     v1::CompressBatchResult out;
     for (const v1::CompressRequest& request : batch.requests()) {
       v1::CompressResult* result = out.add_results();
-      absl::Status s = DoCompress(context, request, result->mutable_response());
+      absl::Status s = Guarded("CompressStream", [&] {
+        return DoCompress(context, request, result->mutable_response());
+      });
       metrics_->CountRequest("CompressStream.item", static_cast<int>(s.code()));
       if (!s.ok()) {
         result->mutable_error()->set_code(static_cast<int>(s.code()));
@@ -720,29 +760,44 @@ grpc::Status SidecarService::FinishCalibration(grpc::ServerContext* context,
   auto run = [&]() -> absl::Status {
     auto session = Use(context, request->session_id(), SessionRegistry::Renew::kYes);
     if (!session.ok()) return session.status();
+    auto caller = Identify(context);
+    if (!caller.ok()) return caller.status();
     const std::string name =
         request->profile_name().empty() ? (*session)->model().name : request->profile_name();
-    auto calibration = (*session)->FinishCalibration();
-    if (!calibration.ok()) return calibration.status();
+    if (!ProfileStore::ValidName(name)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          request->profile_name().empty() ? "profile_name (empty: the session's model.name) \""
+                                          : "profile_name \"",
+          name.substr(0, 64),
+          "\" must be 1-128 characters of letters, digits, '-', '_' and '.' (not starting with "
+          "'.'); the calibration is kept, retry with a valid name"));
+    }
+    const auto engine = (*session)->engine();
+    const SessionConfig& c = engine->config();
     v1::LayerProfile p;
-    p.set_name(name);
-    const SessionConfig& c = (*session)->engine()->config();
-    v1::BudgetConfig unused_budget;
-    v1::ScorerConfig unused_scorer;
-    v1::AllocatorConfig unused_allocator;
-    SessionConfigToProto(c, p.mutable_model(), &unused_budget, &unused_scorer, &unused_allocator);
-    p.set_rho(calibration->rho);
-    p.mutable_demand()->Assign(calibration->demand.begin(), calibration->demand.end());
-    p.mutable_samples()->Assign(calibration->samples.begin(), calibration->samples.end());
-    p.set_provenance(absl::StrCat("measured by reasonalloc-server ", kVersion, " (", kGitRevision,
-                                  ") in session ", (*session)->id(), " at ",
-                                  absl::FormatTime(absl::Now(), absl::UTCTimeZone())));
-    if (auto s = profiles_->Put(p, /*overwrite=*/true, request->save()); !s.ok()) return s;
-    *response = *profiles_->Get(name);
+    // The profile is stored before calibration ends: a refused store leaves it running.
+    auto keep = [&](const Session::Calibration& calibration) -> absl::Status {
+      p.set_name(name);
+      v1::BudgetConfig unused_budget;
+      v1::ScorerConfig unused_scorer;
+      v1::AllocatorConfig unused_allocator;
+      SessionConfigToProto(c, p.mutable_model(), &unused_budget, &unused_scorer, &unused_allocator);
+      p.set_rho(calibration.rho);
+      p.mutable_demand()->Assign(calibration.demand.begin(), calibration.demand.end());
+      p.mutable_samples()->Assign(calibration.samples.begin(), calibration.samples.end());
+      p.set_provenance(absl::StrCat("measured by reasonalloc-server ", kVersion, " (", kGitRevision,
+                                    ") in session ", (*session)->id(), " at ",
+                                    absl::FormatTime(absl::Now(), absl::UTCTimeZone())));
+      return profiles_->Put(p, /*overwrite=*/true, request->save(), &caller->peer);
+    };
+    if (auto s = (*session)->FinishCalibration(keep); !s.ok()) return s;
+    auto stored = profiles_->Get(name);
+    if (!stored.ok()) return stored.status();
+    *response = *std::move(stored);
     spdlog::info("layer profile \"{}\" calibrated ({} layers)", name, p.demand_size());
     return absl::OkStatus();
   };
-  return Finish("FinishCalibration", run());
+  return Finish("FinishCalibration", Guarded("FinishCalibration", run));
 }
 
 grpc::Status SidecarService::GetProfile(grpc::ServerContext* context,
@@ -757,9 +812,12 @@ grpc::Status SidecarService::GetProfile(grpc::ServerContext* context,
 grpc::Status SidecarService::PutProfile(grpc::ServerContext* context,
                                         const v1::PutProfileRequest* request,
                                         v1::PutProfileResponse*) {
-  if (auto caller = Identify(context); !caller.ok()) return Finish("PutProfile", caller.status());
-  return Finish("PutProfile",
-                profiles_->Put(request->profile(), request->overwrite(), request->save()));
+  auto caller = Identify(context);
+  if (!caller.ok()) return Finish("PutProfile", caller.status());
+  return Finish("PutProfile", Guarded("PutProfile", [&] {
+                  return profiles_->Put(request->profile(), request->overwrite(), request->save(),
+                                        &caller->peer);
+                }));
 }
 
 grpc::Status SidecarService::ListProfiles(grpc::ServerContext* context,

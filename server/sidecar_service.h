@@ -29,6 +29,9 @@ class SidecarService final : public v1::KvSidecar::Service {
     std::string driver_version;
     int cuda_device = -1;  // --device cuda:N: N; MEMORY_KIND_CUDA_IPC sessions live there
     uint64_t max_message_bytes = 0;
+    // Most scratch bytes one compression event may allocate (CompressInputs::max_event_bytes);
+    // 0 = no limit.
+    uint64_t max_event_bytes = 0;
     int max_watchers = 8;
     size_t watch_queue = 1024;  // events buffered per watcher before it drops
     // Connection credentials of Unix-socket peers (null: every peer is credential-less).

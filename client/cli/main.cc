@@ -8,13 +8,18 @@
 //                         [--lengths LEN.npy] --out DIR [--session ID --step N | session flags]
 //   reasonalloc watch     [--target T] [--session ID,...] [--model M] [--pool_interval S]
 //                         [--count N] [--plain]           live WatchMetrics view
+//   reasonalloc profiles  [--target T] [--json]            layer profiles held, with their owners
+//   reasonalloc put-profile [--target T] FILE.json [--overwrite] [--save]
 //   reasonalloc replay    --trace DIR [--scorers ...] [--allocators ...] [--budgets ...] [--csv F]
 //
 // Exit codes: 0 success, 1 the server answered with an error, 2 bad usage or local I/O error.
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -30,6 +35,7 @@
 #include "core/build_info.h"
 #include "core/cli_args.h"
 #include "core/npy.h"
+#include "proto/grpc_status.h"
 #include "proto/json.h"
 
 ABSL_FLAG(std::string, target, "",
@@ -39,6 +45,8 @@ ABSL_FLAG(uint64_t, max_message_bytes, uint64_t{64} << 20, "Largest message sent
 ABSL_FLAG(bool, json, false, "Print the server's answer as JSON");
 ABSL_FLAG(std::string, service, "", "health: the service to check (empty = the server)");
 ABSL_FLAG(std::string, model, "", "sessions, watch: only this model");
+ABSL_FLAG(bool, overwrite, false, "put-profile: replace a profile of the same name");
+ABSL_FLAG(bool, save, false, "put-profile: also write it into the server's --profile_dir");
 // compress
 ABSL_FLAG(std::string, queries, "", "compress: query window .npy [L, Hq, window, d]");
 ABSL_FLAG(std::string, keys, "", "compress: keys .npy [L, Hkv, N, d]");
@@ -162,6 +170,61 @@ int Close(Client& client, const std::vector<char*>& args) {
     std::cout << args[i] << (closed->existed() ? " closed" : " was not open") << "\n";
   }
   return rc;
+}
+
+grpc::ClientContext* WithDeadline(grpc::ClientContext* context) {
+  context->set_deadline(
+      std::chrono::system_clock::now() +
+      std::chrono::milliseconds(static_cast<int64_t>(absl::GetFlag(FLAGS_timeout_seconds) * 1000)));
+  return context;
+}
+
+int Profiles(Client& client) {
+  grpc::ClientContext context;
+  v1::ListProfilesResponse all;
+  const grpc::Status s =
+      client.stub().ListProfiles(WithDeadline(&context), v1::ListProfilesRequest(), &all);
+  if (!s.ok()) return Fail(kServerError, client.options().target, FromGrpcStatus(s));
+  if (absl::GetFlag(FLAGS_json)) {
+    std::cout << ToJson(all);
+    return 0;
+  }
+  std::cout << absl::StrFormat("%-32s  %6s  %5s  %-12s  %s\n", "PROFILE", "LAYERS", "RHO", "OWNER",
+                               "MODEL");
+  for (const auto& p : all.profiles()) {
+    std::cout << absl::StrFormat("%-32s  %6d  %5.2f  %-12s  %s\n", p.name(), p.demand_size(),
+                                 p.rho(), p.owner(), p.model().name());
+  }
+  return 0;
+}
+
+int PutProfile(Client& client, const std::vector<char*>& args) {
+  if (args.size() != 3) {
+    std::cerr << "reasonalloc put-profile: name one FILE.json (a LayerProfile in JSON)\n";
+    return kUsageError;
+  }
+  std::ifstream in(args[2]);
+  if (!in) {
+    return Fail(kUsageError, args[2], absl::NotFoundError("cannot open the file"));
+  }
+  std::stringstream text;
+  text << in.rdbuf();
+  v1::PutProfileRequest request;
+  if (const auto parsed =
+          google::protobuf::util::JsonStringToMessage(text.str(), request.mutable_profile());
+      !parsed.ok()) {
+    return Fail(kUsageError, args[2],
+                absl::InvalidArgumentError(absl::StrCat("not a LayerProfile JSON document: ",
+                                                        std::string(parsed.message()))));
+  }
+  request.set_overwrite(absl::GetFlag(FLAGS_overwrite));
+  request.set_save(absl::GetFlag(FLAGS_save));
+  grpc::ClientContext context;
+  v1::PutProfileResponse response;
+  const grpc::Status s = client.stub().PutProfile(WithDeadline(&context), request, &response);
+  if (!s.ok()) return Fail(kServerError, request.profile().name(), FromGrpcStatus(s));
+  std::cout << "profile " << request.profile().name() << " stored\n";
+  return 0;
 }
 
 absl::StatusOr<NpyArray> ReadInput(absl::Flag<std::string>& flag, absl::string_view name,
@@ -392,7 +455,8 @@ int Run(int argc, char** argv) {
       "  reasonalloc info|health|sessions [--target unix:///path]\n"
       "  reasonalloc close SESSION_ID...\n"
       "  reasonalloc compress --queries Q.npy --keys K.npy [--values V.npy] --out DIR\n"
-      "  reasonalloc watch [--session ID,...] [--model M] [--pool_interval S] [--count N]\n");
+      "  reasonalloc watch [--session ID,...] [--model M] [--pool_interval S] [--count N]\n"
+      "  reasonalloc profiles | put-profile FILE.json [--overwrite] [--save]\n");
   const auto spelled = NormalizeFlagSpelling(argc, argv);
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() < 2) {
@@ -409,8 +473,11 @@ int Run(int argc, char** argv) {
   if (command == "close") return Close(**client, args);
   if (command == "compress") return CompressCommand(**client);
   if (command == "watch") return WatchCommand(**client);
+  if (command == "profiles") return Profiles(**client);
+  if (command == "put-profile") return PutProfile(**client, args);
   std::cerr << "reasonalloc: unknown command \"" << command
-            << "\"; expected info, health, sessions, close, compress, watch or replay\n";
+            << "\"; expected info, health, sessions, close, compress, watch, profiles, "
+               "put-profile or replay\n";
   return kUsageError;
 }
 

@@ -7,9 +7,13 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
 #include <deque>
 #include <random>
 #include <vector>
@@ -99,6 +103,7 @@ absl::Status Register(Client& c, const std::string& id, const v1::ArenaDescripto
   *r.add_buffers() = keys;
   *r.add_buffers() = queries;
   grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   c.AttachSessionTokens(&ctx, {id});
   v1::RegisterBuffersResponse out;
   const grpc::Status s = c.stub().RegisterBuffers(&ctx, r, &out);
@@ -228,6 +233,12 @@ TEST(Advisory, BadDescriptorsAreRefusedWithTheFieldNamed) {
   WorkerBuffer keys("bad-keys", kKeyBytes), queries("bad-q", kQueryBytes);
   const v1::ArenaDescriptor good_k = KeysDescriptor(keys);
   const v1::ArenaDescriptor good_q = QueriesDescriptor(queries);
+  const std::string fifo_name = absl::StrCat("/advisory-test-fifo-", ::getpid());
+  ASSERT_EQ(::mkfifo(("/dev/shm" + fifo_name).c_str(), 0600), 0) << std::strerror(errno);
+  struct RemoveFifo {
+    std::string path;
+    ~RemoveFifo() { ::unlink(path.c_str()); }
+  } remove_fifo{"/dev/shm" + fifo_name};
 
   struct Case {
     const char* what;
@@ -265,6 +276,10 @@ TEST(Advisory, BadDescriptorsAreRefusedWithTheFieldNamed) {
        "buffers[0].kind"},
       {"cuda", [](auto* d) { d->set_memory(v1::MEMORY_KIND_CUDA_IPC); },
        absl::StatusCode::kUnimplemented, "buffers[0].memory"},
+      // A FIFO under the name: opening it must not block (the session would stay wedged with its
+      // compress guard held); it is refused as not a regular object.
+      {"fifo", [&](auto* d) { d->set_shm_name(fifo_name); }, absl::StatusCode::kInvalidArgument,
+       "is not a regular shared-memory object"},
   };
   for (const Case& k : cases) {
     v1::ArenaDescriptor d = good_k;

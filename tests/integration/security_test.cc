@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <fstream>
 #include <string>
 
 #include "absl/strings/str_cat.h"
@@ -210,11 +211,12 @@ TEST_F(ForeignUid, CannotSeeOrUseAnotherUidsSession) {
 TEST_F(ForeignUid, AllowUidRefusesOtherPeers) {
   auto server = StartOpen({"--allow_uid=12345"});
   ASSERT_NE(server, nullptr);
+  // Refused at accept (the connection is closed before gRPC reads a byte), so a refused uid
+  // cannot hold connections open either.
   const auto refused = AsForeign(*server, "info");
   EXPECT_NE(refused.exit_code, 0) << refused.output;
-  EXPECT_THAT(refused.output, HasSubstr("PERMISSION_DENIED"));
-  EXPECT_THAT(refused.output, HasSubstr("peer uid 65534 may not call this server"));
-  EXPECT_THAT(refused.output, HasSubstr("--allow_uid 12345"));
+  EXPECT_THAT(refused.output, HasSubstr("UNAVAILABLE"));
+  EXPECT_THAT(server->Log(), Not(HasSubstr("uid 65534 (pid")));  // no call was ever served
   // The server's own uid is always allowed.
   EXPECT_TRUE(server->client().GetServerInfo().ok());
 
@@ -222,6 +224,47 @@ TEST_F(ForeignUid, AllowUidRefusesOtherPeers) {
   ASSERT_NE(allowed, nullptr);
   const auto ok = AsForeign(*allowed, "info");
   EXPECT_EQ(ok.exit_code, 0) << ok.output;
+}
+
+// A neighbour on a shared sidecar cannot replace the profiles other uids' sessions follow.
+TEST_F(ForeignUid, CannotReplaceAnotherUidsProfile) {
+  auto server = StartOpen();
+  ASSERT_NE(server, nullptr);
+  const std::string file = server->dir() + "/profile.json";
+  auto write = [&](const std::string& name, const char* demand) {
+    std::ofstream out(file, std::ios::trunc);
+    out << R"({"name": ")" << name
+        << R"(", "model": {"num_layers": 2, "num_q_heads": 2, "num_kv_heads": 2, "head_dim": 8},)"
+        << R"( "rho": 0.9, "demand": )" << demand << "}";
+    out.close();
+    ::chmod(file.c_str(), 0644);
+  };
+  write("shared", "[1, 3]");
+  const auto own = RunCommand(
+      absl::StrCat(REASONALLOC_CLI_BINARY, " put-profile ", file, " --target=", server->target()));
+  ASSERT_EQ(own.exit_code, 0) << own.output;
+
+  write("shared", "[3, 1]");
+  const auto overwrite = AsForeign(*server, "put-profile " + file + " --overwrite");
+  EXPECT_NE(overwrite.exit_code, 0) << overwrite.output;
+  EXPECT_THAT(overwrite.output, HasSubstr("PERMISSION_DENIED"));
+  EXPECT_THAT(overwrite.output, HasSubstr("\"shared\" belongs to server"));
+  const auto save = AsForeign(*server, "put-profile " + file + " --save");
+  EXPECT_NE(save.exit_code, 0) << save.output;
+
+  write("mine", "[2, 2]");
+  const auto mine = AsForeign(*server, "put-profile " + file);
+  EXPECT_EQ(mine.exit_code, 0) << mine.output;
+  const auto again = AsForeign(*server, "put-profile " + file + " --overwrite");
+  EXPECT_EQ(again.exit_code, 0) << again.output;  // its own: replaceable by it
+  const auto listed =
+      RunCommand(absl::StrCat(REASONALLOC_CLI_BINARY, " profiles --target=", server->target()));
+  ASSERT_EQ(listed.exit_code, 0) << listed.output;
+  EXPECT_THAT(listed.output, HasSubstr("uid 65534"));
+  // The wave root's sessions use is unchanged.
+  const auto json = RunCommand(
+      absl::StrCat(REASONALLOC_CLI_BINARY, " profiles --json --target=", server->target()));
+  EXPECT_THAT(json.output, HasSubstr("0.5"));  // [1, 3] normalised: 0.5, 1.5
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <functional>
 
@@ -104,16 +105,22 @@ TEST(SessionConfig, KnownButUnimplementedNamesAreUnimplemented) {
   EXPECT_TRUE(AllocatorImplemented("uniform"));
 }
 
-TEST(SessionConfig, ArenaBytesFollowTheLayout) {
+TEST(SessionConfig, ArenaBytesAreTheLayoutsPages) {
   SessionConfig c = Valid();  // L=4 Hq=8 Hkv=2 d=16 fp16, B=64, Δ=128, α=8
+  ASSERT_EQ(::sysconf(_SC_PAGESIZE), 4096);
   const ArenaBytes b = ComputeArenaBytes(c);
-  EXPECT_EQ(b.kv, 2u * 4 * 2 * (64 + 128) * 16 * 2);
-  EXPECT_EQ(b.query_ring, 4u * 8 * 8 * 16 * 2);
+  EXPECT_EQ(b.kv, 2u * 4 * 2 * (64 + 128) * 16 * 2);  // 98304: whole pages already
+  EXPECT_EQ(b.query_ring, 4u * 8 * 8 * 16 * 2);       // 8192
   EXPECT_EQ(b.accumulator, 0u);
-  // len + budget (int32 each) + ceil(192/64) = 3 mask words per head, plus the epoch.
-  EXPECT_EQ(b.result, 8u * (8 + 3 * 8) + 8);
-  c.managed = false;
+  // len, offset, capacity, budget, 3 mask words per head and the epoch: 512 bytes, one page.
+  EXPECT_EQ(b.result, 4096u);
+  c.scorer.name = "h2o";
+  EXPECT_EQ(ComputeArenaBytes(c).accumulator, 8192u);  // 4·2·192 floats + present: two pages
+  c.scorer.name = "snapkv";
+  c.managed = false;  // advisory: only the result block is the server's
   EXPECT_EQ(ComputeArenaBytes(c).kv, 0u);
+  EXPECT_EQ(ComputeArenaBytes(c).query_ring, 0u);
+  EXPECT_EQ(ComputeArenaBytes(c).total(), 4096u);
 }
 
 }  // namespace

@@ -163,7 +163,10 @@ TEST(SessionRegistry, UpdateBudgetReaccounts) {
   ASSERT_TRUE(s.ok());
   auto smaller = reg.UpdateBudget((*s)->id(), 16);
   ASSERT_TRUE(smaller.ok()) << smaller.status();
-  EXPECT_LT(reg.reserved_bytes(), one);
+  SessionConfig at16 = Small();
+  at16.budget.budget = 16;
+  EXPECT_EQ(reg.reserved_bytes(), ComputeArenaBytes(at16).total());
+  EXPECT_LE(reg.reserved_bytes(), one);
   EXPECT_EQ((*s)->engine()->config().budget.budget, 16);
   EXPECT_EQ(reg.UpdateBudget((*s)->id(), 512).status().code(),
             absl::StatusCode::kResourceExhausted);
