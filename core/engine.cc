@@ -54,12 +54,12 @@ absl::Status Engine::CheckInputs(const CompressInputs& in) const {
   const int64_t heads = m.num_heads_total();
   if (static_cast<int64_t>(in.lengths.size()) != heads) {
     return absl::InvalidArgumentError(
-        absl::StrCat("lengths has ", in.lengths.size(),
+        absl::StrCat(in.fields.lengths, " has ", in.lengths.size(),
                      " entries; expected num_layers * num_kv_heads = ", heads));
   }
   for (int64_t i = 0; i < heads; ++i) {
     if (in.lengths[static_cast<size_t>(i)] < 0 || in.lengths[static_cast<size_t>(i)] > in.n_max) {
-      return absl::InvalidArgumentError(absl::StrCat("lengths[", i,
+      return absl::InvalidArgumentError(absl::StrCat(in.fields.lengths, "[", i,
                                                      "] = ", in.lengths[static_cast<size_t>(i)],
                                                      " is out of range [0, ", in.n_max, "]"));
     }
@@ -75,7 +75,7 @@ absl::Status Engine::CheckInputs(const CompressInputs& in) const {
   }
   if (work > kMaxEventWork) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "inline_tensors.keys: this event needs ", work, " multiply-adds, above the limit of ",
+        in.fields.keys, ": this event needs ", work, " multiply-adds, above the limit of ",
         kMaxEventWork, "; send fewer tokens or a smaller query window"));
   }
   if (in.max_event_bytes > 0) {
@@ -84,7 +84,7 @@ absl::Status Engine::CheckInputs(const CompressInputs& in) const {
       int32_t longest = 0;
       for (int32_t n : in.lengths) longest = std::max(longest, n);
       return absl::ResourceExhaustedError(absl::StrCat(
-          "inline_tensors.keys: this event needs ", bytes, " bytes of scratch (", heads,
+          in.fields.keys, ": this event needs ", bytes, " bytes of scratch (", heads,
           " heads, the longest N = ", longest, " tokens, query window ", config_.budget.window,
           " × group ", m.group_size(), "), above the server's --max_event_bytes ",
           in.max_event_bytes, "; send fewer tokens per head"));
@@ -145,8 +145,9 @@ absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
     return Run(in);
   } catch (const std::bad_alloc&) {
     return absl::ResourceExhaustedError(
-        "inline_tensors.keys: the server ran out of memory while scoring this event; send fewer "
-        "tokens per head or retry later");
+        absl::StrCat(in.fields.keys,
+                     ": the server ran out of memory while scoring this event; send fewer tokens "
+                     "per head or retry later"));
   }
 }
 
@@ -200,10 +201,17 @@ absl::StatusOr<Decision> Engine::Run(const CompressInputs& in) const {
   std::vector<char> overflow(static_cast<size_t>(heads), 0);
   std::atomic<int64_t> unpolled_work{0};
   std::atomic<bool> cancelled{false};
+  // Polled by the scorers between the tiles of a long head: one head's scoring can take seconds.
+  const std::function<bool()> stop = [&] {
+    if (cancelled.load(std::memory_order_relaxed)) return true;
+    if (in.cancelled && in.cancelled()) cancelled.store(true);
+    return cancelled.load();
+  };
   auto score_head = [&](int64_t head) {
     if (cancelled.load(std::memory_order_relaxed)) return;
-    const HeadInputs hi = head_inputs(static_cast<int>(head / m.num_kv_heads),
-                                      static_cast<int>(head % m.num_kv_heads));
+    HeadInputs hi = head_inputs(static_cast<int>(head / m.num_kv_heads),
+                                static_cast<int>(head % m.num_kv_heads));
+    hi.stop = &stop;
     const int64_t w = scorer_->Work(hi);
     if (in.cancelled && unpolled_work.fetch_add(w) + w >= in.cancel_poll_work) {
       unpolled_work.store(0);
@@ -227,11 +235,10 @@ absl::StatusOr<Decision> Engine::Run(const CompressInputs& in) const {
   }
   for (int64_t head = 0; head < heads; ++head) {
     if (overflow[static_cast<size_t>(head)]) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "inline_tensors.query_window and inline_tensors.keys: attention logits overflow float32 "
-          "in layer ",
-          head / m.num_kv_heads, ", kv head ", head % m.num_kv_heads,
-          " (input magnitudes too large)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(in.fields.queries, " and ", in.fields.keys,
+                       ": attention logits overflow float32 in layer ", head / m.num_kv_heads,
+                       ", kv head ", head % m.num_kv_heads, " (input magnitudes too large)"));
     }
   }
   out.seconds.score = SecondsSince(t) + one_shot_seconds;

@@ -19,6 +19,17 @@
 
 namespace reasonalloc {
 
+// How a session's inputs are named in error messages: the request fields of an inline event, the
+// arena arrays of a shared-memory one.
+struct InputFields {
+  const char* keys = "inline_tensors.keys";
+  const char* queries = "inline_tensors.query_window";
+  const char* lengths = "inline_tensors.lengths";
+  const char* attention = "inline_tensors.attention";
+};
+inline constexpr InputFields kArenaFields{"kv arena \"k\"", "query_ring arena \"q\"",
+                                          "result arena \"len\"", "h2o_acc arena \"attention\""};
+
 struct CompressInputs {
   const float* query_window = nullptr;  // [L, Hq, window, d]
   const float* keys = nullptr;          // [L, Hkv, n_max, d]
@@ -36,6 +47,7 @@ struct CompressInputs {
   // the one-shot h2o accumulator); 0 = no limit. Checked from the shapes before anything is
   // allocated (Engine::EventBytes).
   uint64_t max_event_bytes = 0;
+  InputFields fields = InputFields();
 };
 
 // Most multiply-adds one event may cost; beyond it Compress is RESOURCE_EXHAUSTED before any work,

@@ -59,13 +59,13 @@ absl::StatusOr<std::vector<float>> H2oAccumulator::Prepare(const CompressInputs&
   const int64_t heads = model_.num_heads_total();
   if (static_cast<int64_t>(in.lengths.size()) != heads) {
     return absl::InvalidArgumentError(
-        absl::StrCat("lengths has ", in.lengths.size(), " entries; expected ", heads));
+        absl::StrCat(in.fields.lengths, " has ", in.lengths.size(), " entries; expected ", heads));
   }
   for (int64_t head = 0; head < heads; ++head) {
     const int64_t n = in.lengths[static_cast<size_t>(head)];
     if (n < carried(head)) {
       return absl::FailedPreconditionError(absl::StrCat(
-          "inline_tensors.lengths[", head, "] = ", n, " is below the ", carried(head),
+          in.fields.lengths, "[", head, "] = ", n, " is below the ", carried(head),
           " tokens the head kept at the last event; an h2o session's heads must start with the "
           "tokens they kept"));
     }
@@ -78,7 +78,7 @@ absl::StatusOr<std::vector<float>> H2oAccumulator::Prepare(const CompressInputs&
       for (int64_t j = 0; j < n; ++j) {
         if (!(a[j] >= 0.0f) || !std::isfinite(a[j])) {
           return absl::InvalidArgumentError(
-              absl::StrCat("inline_tensors.attention: element ", head * in.n_max + j, " is ", a[j],
+              absl::StrCat(in.fields.attention, ": element ", head * in.n_max + j, " is ", a[j],
                            "; accumulated attention must be finite and non-negative"));
         }
       }
@@ -116,10 +116,10 @@ absl::StatusOr<std::vector<float>> H2oAccumulator::Prepare(const CompressInputs&
   }
   for (int64_t head = 0; head < heads; ++head) {
     if (overflow[static_cast<size_t>(head)]) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "inline_tensors.query_window and inline_tensors.keys: attention logits overflow float32 "
-          "in layer ",
-          head / model_.num_kv_heads, ", kv head ", head % model_.num_kv_heads));
+      return absl::InvalidArgumentError(
+          absl::StrCat(in.fields.queries, " and ", in.fields.keys,
+                       ": attention logits overflow float32 in layer ", head / model_.num_kv_heads,
+                       ", kv head ", head % model_.num_kv_heads));
     }
   }
   return acc;

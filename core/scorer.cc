@@ -65,6 +65,8 @@ Scratch& ThreadScratch() {
 
 constexpr size_t kF = sizeof(float);
 
+bool Stopped(const HeadInputs& in) { return in.stop != nullptr && (*in.stop)(); }
+
 // How SnapKV lays out its logits for one head: in one block of G·α rows when it fits the tile,
 // else in chunks of `chunk` window rows per group.
 struct SnapKvPlan {
@@ -206,6 +208,7 @@ class SnapKvScorer final : public Scorer {
       for (int g = 0; g < in.group; ++g) {
         std::fill(importance, importance + cand, 0.0f);
         for (int a0 = 0; a0 < in.window; a0 += chunk) {
+          if (Stopped(in)) return true;
           const int rows = std::min(chunk, in.window - a0);
           GemmABt(rows, cols, d, scale, group_rows(g, a0), in.keys, block);
           for (int r = 0; r < rows; ++r) {
@@ -226,6 +229,7 @@ class SnapKvScorer final : public Scorer {
       const int rows = std::min(chunk, in.window - a0);
       GemmABt(rows, cols, d, scale, group_rows(0, a0), in.keys, block);
       for (int g = 1; g < in.group; ++g) {
+        if (Stopped(in)) return true;
         GemmABt(rows, cols, d, scale, group_rows(g, a0), in.keys, other);
         for (int r = 0; r < rows; ++r) {
           Fold(other + static_cast<size_t>(r) * ucols, visible(a0 + r),
@@ -387,6 +391,7 @@ class RkvScorer final : public Scorer {
       float* tile = Sized(sc.gram, static_cast<size_t>(plan.rows) * un);
       auto from_values = [&](int i) { return below_value[i]; };
       for (int i0 = 0; i0 < n; i0 += plan.rows) {
+        if (Stopped(in)) return true;
         const int i1 = std::min(n, i0 + plan.rows);
         const int width = n - i0;
         const float* block = kn + static_cast<size_t>(i0) * d;

@@ -6,6 +6,7 @@
 #ifndef REASONALLOC_CORE_SCORER_H_
 #define REASONALLOC_CORE_SCORER_H_
 
+#include <functional>
 #include <memory>
 #include <span>
 
@@ -25,6 +26,9 @@ struct HeadInputs {
   int head_dim = 0;
   int sinks = 4;
   const float* accumulated = nullptr;  // [n] h2o: attention accumulated per token (h2o.h)
+  // Polled between the tiles of a long head; when it returns true the scorer returns at once with
+  // its scores unfinished (the engine, which owns the flag, then answers CANCELLED).
+  const std::function<bool()>* stop = nullptr;
 };
 
 class Scorer {

@@ -606,6 +606,10 @@ absl::Status SidecarService::DoCompressArenas(grpc::ServerContext* context,
   CompressInputs inputs = in->view();
   inputs.cancelled = [context] { return context != nullptr && context->IsCancelled(); };
   inputs.max_event_bytes = options_.max_event_bytes;
+  inputs.fields = arenas.advisory()
+                      ? InputFields{"the registered keys", "the registered queries",
+                                    "result arena \"len\"", "h2o_acc arena \"attention\""}
+                      : kArenaFields;
   std::vector<float> accumulated;
   H2oAccumulator* h2o = session.h2o();
   if (h2o != nullptr) {

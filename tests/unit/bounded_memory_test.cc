@@ -90,7 +90,8 @@ TEST(TiledScoring, RkvRowTilesGiveTheWholeMatrixScores) {
   auto k = Normal(size_t{kN} * kD, rng);
   // Near-duplicates, so that retain-last has rows to the left and to the right to find.
   for (int j = 0; j < kN; j += 5) {
-    for (int i = 0; i < kD; ++i) k[static_cast<size_t>(j) * kD + i] = k[i] + 0.01f * static_cast<float>(j);
+    for (int i = 0; i < kD; ++i)
+      k[static_cast<size_t>(j) * kD + i] = k[i] + 0.01f * static_cast<float>(j);
   }
   HeadInputs in{q.data(), k.data(), kN, kGroup, kWindow, kD, 4, nullptr};
   for (double threshold : {0.5, 0.9, -0.2}) {
@@ -172,6 +173,29 @@ TEST(EventBytes, GrowsWithTheLongestHeadNotItsSquare) {
   const double ratio = static_cast<double>(bytes_at(64000)) / static_cast<double>(bytes_at(32000));
   EXPECT_LT(ratio, 2.5);
   EXPECT_GT(ratio, 1.0);
+}
+
+// One head is one unit of work between the engine's cancellation polls; a long one is polled
+// between its tiles too, so a caller that went away (or a drain) stops it part-way.
+TEST(Cancellation, ALongSingleHeadStopsBetweenItsTiles) {
+  for (const char* scorer : {"rkv", "snapkv"}) {
+    SessionConfig c = Config(1, 4, 1, 8, 16, 8, scorer);
+    auto engine = Engine::Create(c);
+    ASSERT_TRUE(engine.ok());
+    std::mt19937 rng(5);
+    constexpr int kN = 4000;
+    const auto q = Normal(size_t{4} * 8 * 8, rng);
+    const auto k = Normal(size_t{kN} * 8, rng);
+    const std::vector<int32_t> lengths = {kN};
+    TileBytes small(4 * kN * sizeof(float));  // a handful of rows per tile
+    int polls = 0;
+    CompressInputs in{q.data(), k.data(), kN, lengths, {}};
+    in.cancel_poll_work = int64_t{1} << 40;  // never between heads: only the tiles poll
+    in.cancelled = [&] { return ++polls >= 3; };
+    auto d = (*engine)->Compress(in);
+    EXPECT_EQ(d.status().code(), absl::StatusCode::kCancelled) << scorer;
+    EXPECT_EQ(polls, 3) << scorer << ": it stopped at the third poll";
+  }
 }
 
 TEST(ThreadPool, AnExceptionReachesTheCallerAndEveryIndexRuns) {
