@@ -249,6 +249,12 @@ int main(int argc, char** argv) {
   (void)!write(g_signal_pipe[1], &wake, 1);
   signal_thread.join();
   if (drainer.joinable()) drainer.join();
+  if ((*server)->forced()) {
+    (*server)->ReleaseSessions();
+    spdlog::info("exit (connections cut at the drain deadline; gRPC teardown skipped)");
+    spdlog::default_logger()->flush();
+    _exit(0);
+  }
   server->reset();
   spdlog::info("exit");
   return 0;

@@ -1,7 +1,12 @@
 #include "server/metrics.h"
 
+#include <netdb.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <exception>
+#include <future>
 
 #include "absl/strings/str_cat.h"
 #include "core/build_info.h"
@@ -141,10 +146,45 @@ absl::StatusOr<std::string> Metrics::Serve(const std::string& address) {
     return absl::InternalError(absl::StrCat("metrics_address \"", address, "\": no port bound"));
   }
   const std::string host = address.substr(0, address.rfind(':'));
+  serving_host_ = host;
+  serving_port_ = ports.front();
   return absl::StrCat(host, ":", ports.front());
 }
 
-void Metrics::StopServing() { exposer_.reset(); }
+namespace {
+
+// Opens and closes one TCP connection to host:port (best effort, never blocks for long).
+void Poke(const std::string& host, int port) {
+  std::string h = host;
+  if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+  if (h.empty() || h == "0.0.0.0" || h == "*") h = "127.0.0.1";
+  if (h == "::") h = "::1";
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (::getaddrinfo(h.c_str(), std::to_string(port).c_str(), &hints, &found) != 0) return;
+  for (addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) continue;
+    (void)::connect(fd, a->ai_addr, a->ai_addrlen);
+    ::close(fd);
+    break;
+  }
+  ::freeaddrinfo(found);
+}
+
+}  // namespace
+
+void Metrics::StopServing() {
+  if (exposer_ == nullptr) return;
+  // civetweb's accept loop polls its sockets in 2 s quanta and checks for a stop only between
+  // them; a connection ends the wait, so the endpoint stops in milliseconds instead of seconds.
+  auto stopping = std::async(std::launch::async,
+                             [exposer = std::move(exposer_)]() mutable { exposer.reset(); });
+  while (stopping.wait_for(std::chrono::milliseconds(20)) != std::future_status::ready) {
+    Poke(serving_host_, serving_port_);
+  }
+}
 
 void Metrics::CountRequest(absl::string_view method, int grpc_code) {
   requests_.Add({{"method", std::string(method)}, {"code", CodeName(grpc_code)}}).Increment();

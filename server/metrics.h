@@ -91,6 +91,8 @@ class Metrics {
   prometheus::Gauge& kv_tokens_capacity_;
   prometheus::Histogram* stage_[5];
   std::unique_ptr<prometheus::Exposer> exposer_;
+  std::string serving_host_;
+  int serving_port_ = 0;
 };
 
 }  // namespace reasonalloc

@@ -83,6 +83,19 @@ void UnixListener::Start(grpc::Server* server, PeerTable* peers, Admission admis
       [this, server, peers, admission = std::move(admission)] { Loop(server, peers, admission); });
 }
 
+int UnixListener::AbortConnections() {
+  int cut = 0;
+  for (const Open& o : open_) {
+    struct stat st {};
+    // Only a descriptor that still is the accepted socket (not a number reused since).
+    if (::fstat(o.fd, &st) == 0 && st.st_dev == o.dev && st.st_ino == o.ino &&
+        ::shutdown(o.fd, SHUT_RDWR) == 0) {
+      ++cut;
+    }
+  }
+  return cut;
+}
+
 int UnixListener::OpenConnections(uint32_t uid) {
   // gRPC closes a connection's descriptor when the connection ends; a number reused since then
   // names another file (or another socket), which the inode tells apart.

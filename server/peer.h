@@ -70,6 +70,10 @@ class UnixListener {
   uint64_t refused() const { return refused_.load(); }
   // Stops accepting and closes the listening socket (idempotent).
   void Stop();
+  // After Stop: shuts down (SHUT_RDWR) every accepted connection gRPC still holds open, so that
+  // writes pending towards a peer that stopped reading fail instead of waiting forever. For the
+  // end of a drain; returns how many connections it cut.
+  int AbortConnections();
   uint64_t accepted() const { return accepted_.load(); }
 
  private:

@@ -8,6 +8,7 @@
 
 #include <grpcpp/server.h>
 
+#include <atomic>
 #include <memory>
 #include <string>
 #include <vector>
@@ -64,6 +65,11 @@ class Server {
   void Start();  // health SERVING
   void Drain();  // idempotent, thread-safe
   void Wait();   // until drained
+  // True when the drain had to cut connections whose peers stopped reading: gRPC's own teardown
+  // (grpc::Server's destructor) may then wait seconds more on them, so the process releases its
+  // sessions (unlinking their shared memory) with ReleaseSessions and ends without it.
+  bool forced() const { return forced_.load(); }
+  void ReleaseSessions();
 
   const std::vector<std::string>& listen_addresses() const { return listen_addresses_; }
   const std::string& metrics_address() const { return metrics_address_; }
@@ -72,6 +78,7 @@ class Server {
   explicit Server(const ServerOptions& options);
 
   ServerOptions options_;
+  std::atomic<bool> forced_{false};
   std::string socket_path_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<ProfileStore> profiles_;

@@ -3,14 +3,17 @@
 // against /dev/shm, the metrics endpoint under idle connections, connection limits and profiles.
 // Under the asan preset the same tests run against the sanitized server.
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <gmock/gmock.h>
 #include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
+#include <spawn.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -133,41 +136,66 @@ uint64_t ServerShmBytes(pid_t pid, int* files = nullptr) {
 }
 
 // The race AddressSanitizer caught: UpdateBudget replaced a session's engine while a Compress
-// on the same session still read its config through a reference to the freed engine.
-TEST(Robustness, RacingCompressAndUpdateBudgetOnOneSession) {
+// on the same session still read its config through a reference to the freed engine. Compress,
+// UpdateBudget and CloseSession (with a new session created in its place) race here.
+TEST(Robustness, RacingCompressUpdateBudgetAndCloseOnOneSession) {
   auto server = MustStart();
   ASSERT_NE(server, nullptr);
   Client& c = server->client();
-  auto created = c.CreateSession(Session(1, 2, 2, 8, 16, 4));
-  ASSERT_TRUE(created.ok()) << created.status();
-  const std::string id = created->session().session_id();
-  std::atomic<int64_t> step{0};
-  std::atomic<bool> stop{false};
   absl::Mutex mu;
+  std::string id;
+  auto create = [&] {
+    auto created = c.CreateSession(Session(1, 2, 2, 8, 16, 4));
+    EXPECT_TRUE(created.ok()) << created.status();
+    absl::MutexLock lock(&mu);
+    id = created.ok() ? created->session().session_id() : "";
+  };
+  auto current = [&] {
+    absl::MutexLock lock(&mu);
+    return id;
+  };
+  create();
+  std::atomic<int64_t> step{0};
+  std::atomic<int> compressed{0};
+  std::atomic<bool> stop{false};
   std::vector<std::string> unexpected;
   auto note = [&](const absl::Status& s, const char* what) {
-    if (s.ok() || s.code() == absl::StatusCode::kFailedPrecondition) return;
+    if (s.ok() || s.code() == absl::StatusCode::kFailedPrecondition ||
+        s.code() == absl::StatusCode::kNotFound) {
+      return;
+    }
     absl::MutexLock lock(&mu);
     unexpected.push_back(absl::StrCat(what, ": ", s.ToString()));
   };
   std::vector<std::thread> threads;
   for (int t = 0; t < 2; ++t) {
     threads.emplace_back([&] {
-      while (!stop.load())
-        note(c.Compress(Event(id, ++step, 1, 2, 2, 8, 4, 40)).status(), "Compress");
+      while (!stop.load()) {
+        const absl::Status s = c.Compress(Event(current(), ++step, 1, 2, 2, 8, 4, 40)).status();
+        compressed += s.ok() ? 1 : 0;
+        note(s, "Compress");
+      }
     });
     threads.emplace_back([&, t] {
-      for (int i = 0; !stop.load(); ++i)
-        note(c.UpdateBudget(id, 16 + (i + t) % 2).status(), "UpdateBudget");
+      for (int i = 0; !stop.load(); ++i) {
+        note(c.UpdateBudget(current(), 16 + (i + t) % 2).status(), "UpdateBudget");
+      }
     });
   }
-  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  threads.emplace_back([&] {
+    while (!stop.load()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      note(c.CloseSession(current()).status(), "CloseSession");
+      create();
+    }
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(2000));
   stop.store(true);
   for (auto& t : threads) t.join();
   EXPECT_TRUE(unexpected.empty()) << unexpected.front();
   EXPECT_TRUE(server->Running());
   EXPECT_TRUE(c.GetServerInfo().ok());
-  EXPECT_GT(step.load(), 10);
+  EXPECT_GT(compressed.load(), 10);
 }
 
 // One rkv event at N 12,000 used to take an N × N similarity matrix (576 MB) that stayed in the
@@ -209,30 +237,63 @@ TEST(Robustness, EventScratchAboveTheLimitIsRefusedNamingTheDimension) {
   EXPECT_TRUE(server->Running());
 }
 
-// A WatchMetrics reader that stops reading fills its stream's flow-control window; the server's
-// writer then blocks. SIGTERM must still end the process by the drain deadline.
-TEST(Robustness, StoppedWatcherDoesNotHoldTheDrain) {
+// A WatchMetrics reader that stops reading: first an in-process stream never read (the client's
+// transport still drains the socket into its flow-control window), then a real process stopped
+// with SIGSTOP (nothing reads the socket; the server's writes stay pending in the kernel). SIGTERM
+// must end the server by the drain deadline plus at most a second in both cases.
+double DrainSecondsWithAStoppedWatcher(bool stop_a_process) {
   auto server = MustStart({"--drain_timeout_seconds=1"});
-  ASSERT_NE(server, nullptr);
+  if (server == nullptr) return -1;
   Client& c = server->client();
   grpc::ClientContext watch_context;
   v1::WatchMetricsRequest watch;
   auto reader = c.stub().WatchMetrics(&watch_context, watch);  // never read
+  pid_t watcher = -1;
+  if (stop_a_process) {
+    const std::string target = "--target=" + server->target();
+    std::vector<char*> argv = {const_cast<char*>(REASONALLOC_CLI_BINARY),
+                               const_cast<char*>("watch"), const_cast<char*>("--plain"),
+                               const_cast<char*>(target.c_str()), nullptr};
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+    posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
+    EXPECT_EQ(posix_spawn(&watcher, argv[0], &actions, nullptr, argv.data(), environ), 0);
+    posix_spawn_file_actions_destroy(&actions);
+    for (int i = 0; i < 100; ++i) {  // until its stream is open
+      auto info = c.GetServerInfo();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      auto body = testing::HttpGet(info->metrics_address(), "/metrics");
+      if (body.ok() && absl::StrContains(*body, "reasonalloc_watchers 2")) break;
+    }
+    ::kill(watcher, SIGSTOP);
+  }
   auto created = c.CreateSession(Session(1, 2, 2, 8, 16, 4));
-  ASSERT_TRUE(created.ok()) << created.status();
-  const std::string id = created->session().session_id();
+  EXPECT_TRUE(created.ok()) << created.status();
+  const std::string id = created.ok() ? created->session().session_id() : "";
   // Enough events to fill the window many times over (each event is ~100 bytes to the watcher).
   for (int step = 1; step <= 4000; ++step) {
-    ASSERT_TRUE(c.Compress(Event(id, step, 1, 2, 2, 8, 4, 24)).ok());
+    EXPECT_TRUE(c.Compress(Event(id, step, 1, 2, 2, 8, 4, 24)).ok());
   }
   const auto t0 = std::chrono::steady_clock::now();
   const int code = server->Stop(SIGTERM, absl::Seconds(20));
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_EQ(code, 0) << server->Log();
-  EXPECT_LE(seconds, 2.0) << "drain with a stopped watcher took " << seconds << " s\n"
-                          << server->Log();
   watch_context.TryCancel();
+  if (watcher > 0) {
+    ::kill(watcher, SIGKILL);
+    ::waitpid(watcher, nullptr, 0);
+  }
+  if (seconds > 2.0) ADD_FAILURE() << server->Log();
+  return seconds;
+}
+
+TEST(Robustness, StoppedWatcherDoesNotHoldTheDrain) {
+  const double unread = DrainSecondsWithAStoppedWatcher(false);
+  EXPECT_LE(unread, 2.0) << "drain with an unread watcher stream took " << unread << " s";
+  const double stopped = DrainSecondsWithAStoppedWatcher(true);
+  EXPECT_LE(stopped, 2.0) << "drain with a SIGSTOPped watcher process took " << stopped << " s";
 }
 
 // A calibrating event does the k_rho measurement on the handler thread; it must stop at the drain
@@ -263,7 +324,7 @@ TEST(Robustness, CalibrationEventStopsAtTheDrainDeadline) {
       std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   event.join();
   EXPECT_EQ(code, 0) << server->Log();
-  EXPECT_LE(seconds, 2.5) << "drain during a calibration event took " << seconds << " s\n"
+  EXPECT_LE(seconds, 2.0) << "drain during a calibration event took " << seconds << " s\n"
                           << server->Log();
 }
 
