@@ -1,6 +1,7 @@
 #include "core/h2o.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
@@ -90,7 +91,14 @@ absl::StatusOr<std::vector<float>> H2oAccumulator::Prepare(const CompressInputs&
   const int group = model_.group_size();
   const int d = model_.head_dim;
   std::vector<char> overflow(static_cast<size_t>(heads), 0);
+  std::atomic<bool> cancelled{false};
   auto fill = [&](int64_t head) {
+    // Polled per head: the window's attention is most of an h2o event.
+    if (cancelled.load(std::memory_order_relaxed)) return;
+    if (in.cancelled && attention == nullptr && in.cancelled()) {
+      cancelled.store(true);
+      return;
+    }
     const int n = in.lengths[static_cast<size_t>(head)];
     float* out = acc.data() + head * in.n_max;
     const auto& kept = carried_[static_cast<size_t>(head)];
@@ -113,6 +121,9 @@ absl::StatusOr<std::vector<float>> H2oAccumulator::Prepare(const CompressInputs&
     ThreadPool::Shared().ParallelFor(heads, fill);
   } else {
     for (int64_t head = 0; head < heads; ++head) fill(head);
+  }
+  if (cancelled.load()) {
+    return absl::CancelledError("the compression event was cancelled (caller gone or drain)");
   }
   for (int64_t head = 0; head < heads; ++head) {
     if (overflow[static_cast<size_t>(head)]) {

@@ -226,6 +226,7 @@ class SnapKvScorer final : public Scorer {
     float* other = Sized(sc.tile, static_cast<size_t>(chunk) * ucols);
     std::fill(importance, importance + cand, 0.0f);
     for (int a0 = 0; a0 < in.window; a0 += chunk) {
+      if (Stopped(in)) return true;
       const int rows = std::min(chunk, in.window - a0);
       GemmABt(rows, cols, d, scale, group_rows(0, a0), in.keys, block);
       for (int g = 1; g < in.group; ++g) {

@@ -17,8 +17,10 @@ size_t ScoreTileBytes();
 // For tests: a smaller tile forces the tiled paths on small inputs. 0 restores the default.
 void SetScoreTileBytesForTesting(size_t bytes);
 
-// Per-thread buffers larger than this are freed when a head is done.
-inline constexpr size_t kRetainedScratchBytes = size_t{4} << 20;
+// Per-thread buffers larger than this are freed when a head is done. As large as the default
+// scoring tile, so that heads scored in one piece, or in tiles, reuse their buffers from head to
+// head; only what grows with a long head's N beyond it (its normalised keys, say) goes back.
+inline constexpr size_t kRetainedScratchBytes = size_t{16} << 20;
 
 template <typename T>
 T* Sized(std::vector<T>& v, size_t n) {

@@ -70,6 +70,17 @@ HostArena::~HostArena() {
   shm_unlink(name_.c_str());
 }
 
+int HostArena::RemoveOwn() {
+  int removed = 0;
+  std::error_code ec;
+  const std::string mine = absl::StrCat(std::string(kNamePrefix).substr(1), getpid(), "-");
+  for (const auto& entry : std::filesystem::directory_iterator("/dev/shm", ec)) {
+    const std::string file = entry.path().filename().string();
+    if (file.rfind(mine, 0) == 0 && shm_unlink(("/" + file).c_str()) == 0) ++removed;
+  }
+  return removed;
+}
+
 int HostArena::RemoveStale() {
   int removed = 0;
   std::error_code ec;

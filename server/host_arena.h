@@ -29,6 +29,9 @@ class HostArena final : public Arena {
 
   // Unlinks arenas left in /dev/shm by a server of this uid that is no longer running (a crash);
   // returns how many were removed.
+  // Unlinks every arena of this process (mapped ones stay usable until unmapped); for an exit that
+  // skips the sessions' destructors. Returns how many.
+  static int RemoveOwn();
   static int RemoveStale();
 
  private:

@@ -166,9 +166,8 @@ void Poke(const std::string& host, int port) {
   for (addrinfo* a = found; a != nullptr; a = a->ai_next) {
     const int fd = ::socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) continue;
-    (void)::connect(fd, a->ai_addr, a->ai_addrlen);
+    (void)::connect(fd, a->ai_addr, a->ai_addrlen);  // every address: one of them is bound
     ::close(fd);
-    break;
   }
   ::freeaddrinfo(found);
 }

@@ -30,6 +30,8 @@ std::string ProfileStore::OwnerOf(const PeerIdentity* caller) {
 
 absl::StatusOr<v1::LayerProfile> ProfileStore::Validate(v1::LayerProfile p,
                                                         absl::string_view field) {
+  // Fields this server does not know would be kept and stored (and bypass the size bounds).
+  p.DiscardUnknownFields();
   if (!ValidName(p.name())) {
     return absl::InvalidArgumentError(
         absl::StrCat(field, ".name \"", p.name().substr(0, 64),
@@ -160,9 +162,11 @@ absl::Status ProfileStore::Put(v1::LayerProfile profile, bool overwrite, bool sa
     return absl::FailedPreconditionError("save: the server has no --profile-dir to save into");
   }
   const std::string owner = OwnerOf(caller);
-  if (save && caller != nullptr && caller->local && owner != "server") {
+  if (save && owner != "server") {
+    // A saved file loads as the server's own at the next start.
     return absl::PermissionDeniedError(absl::StrCat(
-        "save: only the server's uid or root may write into --profile-dir; this call comes from ",
+        "save: only the server's uid or root (over the Unix socket) may write into --profile-dir; "
+        "this call comes from ",
         caller->Describe()));
   }
   p->set_owner(owner);

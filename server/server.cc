@@ -60,9 +60,19 @@ std::string CpuModelName() {
 uint64_t DefaultMaxEventBytes() {
   const long pages = ::sysconf(_SC_PHYS_PAGES);
   const long page = ::sysconf(_SC_PAGESIZE);
-  const uint64_t physical =
+  uint64_t memory =
       pages > 0 && page > 0 ? static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) : 0;
-  return std::max<uint64_t>(physical / 8, uint64_t{256} << 20);
+  // In a container the cgroup's limit, not the host's memory, is what the process may use.
+  for (const char* path :
+       {"/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"}) {
+    std::ifstream in(path);
+    std::string text;
+    uint64_t limit = 0;
+    if (in >> text && absl::SimpleAtoi(text, &limit) && limit > 0) {
+      memory = memory == 0 ? limit : std::min(memory, limit);
+    }
+  }
+  return std::max<uint64_t>(memory / 8, uint64_t{256} << 20);
 }
 
 absl::StatusOr<std::string> UnixSocketPath(const std::string& target, absl::string_view field) {
@@ -138,8 +148,13 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   if (options.max_connection_idle < absl::Milliseconds(100)) {
     return absl::InvalidArgumentError("max_connection_idle_seconds must be at least 0.1");
   }
-  if (absl::StartsWith(options.tcp_listen, "unix:") ||
-      (!options.tcp_listen.empty() && options.tcp_listen.rfind(':') == std::string::npos)) {
+  // host:port, [v6]:port or dns:/ipv4:/ipv6: forms only: anything naming a Unix socket (unix:,
+  // unix-abstract:) would be served without the peer credentials --listen checks.
+  const std::string& tcp = options.tcp_listen;
+  const size_t last_colon = tcp.rfind(':');
+  const bool port_ok = last_colon != std::string::npos && last_colon + 1 < tcp.size() &&
+                       tcp.find_first_not_of("0123456789", last_colon + 1) == std::string::npos;
+  if (!tcp.empty() && (absl::StartsWith(tcp, "unix") || !port_ok)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "tcp_listen \"", options.tcp_listen,
         "\" is not host:port; Unix sockets are served by --listen (whose peers' credentials the "
@@ -326,6 +341,18 @@ void Server::Drain() {
     const int cut = unix_listener_->AbortConnections();
     spdlog::warn("drain deadline passed with calls still held by their connections: cut {}", cut);
     forced_.store(true);
+    // What is still held a second later sits on connections the server cannot cut (a TCP peer that
+    // stopped reading): the process ends without them, its arenas and socket removed first.
+    if (!shut_down.WaitForNotificationWithDeadline(deadline + absl::Seconds(1))) {
+      const int removed = HostArena::RemoveOwn();
+      ::unlink(socket_path_.c_str());
+      spdlog::error(
+          "drain: calls still held 1 s after the deadline; exiting without them ({} arenas "
+          "unlinked)",
+          removed);
+      spdlog::default_logger()->flush();
+      ::_exit(0);
+    }
   }
   shutdown.join();
   stop_metrics.join();

@@ -99,7 +99,7 @@ void SessionArenas::Describe(google::protobuf::RepeatedPtrField<v1::ArenaDescrip
   }
 }
 
-absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step) {
+absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step, uint64_t max_bytes) {
   const ModelGeometry& m = config_.model;
   const int64_t heads = m.num_heads_total();
   const int window = config_.budget.window;
@@ -123,6 +123,15 @@ absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step) {
     }
     if (auto s = CheckHeadLength(config_, i, n, cap); !s.ok()) return s;
     in.n_max = std::max<int64_t>(in.n_max, n);
+  }
+  const uint64_t copy_bytes = static_cast<uint64_t>(heads) * static_cast<uint64_t>(in.n_max) *
+                              static_cast<uint64_t>(d) * sizeof(float);
+  if (max_bytes > 0 && copy_bytes > max_bytes) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("result arena \"len\": the longest head holds ", in.n_max,
+                     " rows; their fp32 copy for ", heads, " heads of d ", d, " is ", copy_bytes,
+                     " bytes, above the server's --max_event_bytes ", max_bytes,
+                     "; compress before heads grow this long"));
   }
   if (keys_.size() < static_cast<size_t>(heads * in.n_max * d)) {
     keys_.resize(static_cast<size_t>(heads * in.n_max * d));

@@ -63,7 +63,9 @@ class SessionArenas {
 
   // The event's inputs: each head's live rows ("len", checked against its capacity) and the α
   // newest queries of the ring (slot s mod α for steps step − α + 1 .. step).
-  absl::StatusOr<ArenaInputs> Read(int64_t step);
+  // `max_bytes` (0 = none) bounds the fp32 copy of the live keys this makes, checked from "len"
+  // before anything is allocated (RESOURCE_EXHAUSTED naming "len").
+  absl::StatusOr<ArenaInputs> Read(int64_t step, uint64_t max_bytes = 0);
   // Checks that the decision's regions fit before anything is committed.
   absl::Status CheckFits(const Decision& decision) const;
   // Managed: compacts K and V in place into the new head regions. Then writes len, offset (0 in

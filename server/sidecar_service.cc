@@ -194,41 +194,43 @@ void SidecarService::FillSessionInfo(const Session& session, v1::SessionInfo* ou
 
 grpc::Status SidecarService::GetServerInfo(grpc::ServerContext* context,
                                            const v1::GetServerInfoRequest*, v1::ServerInfo* out) {
-  if (auto caller = Identify(context); !caller.ok()) {
-    return Finish("GetServerInfo", caller.status());
-  }
-  out->set_version(kVersion);
-  out->set_build(absl::StrCat(kGitRevision, " ", kBuildType, kCudaBuilt ? " +cuda" : "",
-                              " blas=", BlasBackend()));
-  out->set_backend(options_.backend);
-  out->set_device_name(options_.device_name);
-  out->set_device_uuid(options_.device_uuid);
-  out->set_driver_version(options_.driver_version);
-  const uint64_t capacity = registry_->capacity_bytes();
-  out->set_arena_capacity_bytes(capacity);
-  out->set_arena_free_bytes(capacity - registry_->reserved_bytes());
-  for (absl::string_view s : KnownScorers()) {
-    if (ScorerImplemented(s)) out->add_scorers(std::string(s));
-  }
-  for (absl::string_view a : KnownAllocators()) {
-    if (AllocatorImplemented(a)) out->add_allocators(std::string(a));
-  }
-  out->add_dtypes(v1::DTYPE_FLOAT32);
-  out->add_dtypes(v1::DTYPE_FLOAT16);
-  out->add_dtypes(v1::DTYPE_BFLOAT16);
-  out->add_memory_kinds(v1::MEMORY_KIND_INLINE);
-  out->add_memory_kinds(v1::MEMORY_KIND_HOST_SHM);
-  if (options_.cuda_device >= 0) out->add_memory_kinds(v1::MEMORY_KIND_CUDA_IPC);
-  out->set_layout_version(1);
-  {
-    absl::MutexLock lock(&mu_);
-    for (const auto& a : listen_addresses_) out->add_listen_addresses(a);
-    out->set_metrics_address(metrics_address_);
-  }
-  out->set_max_message_bytes(options_.max_message_bytes);
-  out->set_sessions(registry_->size());
-  out->set_uptime_seconds(absl::ToDoubleSeconds(absl::Now() - started_));
-  return Finish("GetServerInfo", absl::OkStatus());
+  return Finish("GetServerInfo", Guarded("GetServerInfo", [&]() -> absl::Status {
+                  if (auto caller = Identify(context); !caller.ok()) {
+                    return caller.status();
+                  }
+                  out->set_version(kVersion);
+                  out->set_build(absl::StrCat(kGitRevision, " ", kBuildType,
+                                              kCudaBuilt ? " +cuda" : "", " blas=", BlasBackend()));
+                  out->set_backend(options_.backend);
+                  out->set_device_name(options_.device_name);
+                  out->set_device_uuid(options_.device_uuid);
+                  out->set_driver_version(options_.driver_version);
+                  const uint64_t capacity = registry_->capacity_bytes();
+                  out->set_arena_capacity_bytes(capacity);
+                  out->set_arena_free_bytes(capacity - registry_->reserved_bytes());
+                  for (absl::string_view s : KnownScorers()) {
+                    if (ScorerImplemented(s)) out->add_scorers(std::string(s));
+                  }
+                  for (absl::string_view a : KnownAllocators()) {
+                    if (AllocatorImplemented(a)) out->add_allocators(std::string(a));
+                  }
+                  out->add_dtypes(v1::DTYPE_FLOAT32);
+                  out->add_dtypes(v1::DTYPE_FLOAT16);
+                  out->add_dtypes(v1::DTYPE_BFLOAT16);
+                  out->add_memory_kinds(v1::MEMORY_KIND_INLINE);
+                  out->add_memory_kinds(v1::MEMORY_KIND_HOST_SHM);
+                  if (options_.cuda_device >= 0) out->add_memory_kinds(v1::MEMORY_KIND_CUDA_IPC);
+                  out->set_layout_version(1);
+                  {
+                    absl::MutexLock lock(&mu_);
+                    for (const auto& a : listen_addresses_) out->add_listen_addresses(a);
+                    out->set_metrics_address(metrics_address_);
+                  }
+                  out->set_max_message_bytes(options_.max_message_bytes);
+                  out->set_sessions(registry_->size());
+                  out->set_uptime_seconds(absl::ToDoubleSeconds(absl::Now() - started_));
+                  return absl::OkStatus();
+                }));
 }
 
 grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
@@ -300,6 +302,15 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
             "not starting with '.')"));
       }
       auto profile = profiles_->Get(name);
+      // The profile named after the model is used only when the server or the caller put it: a
+      // neighbour's profile under that name must not steer this caller's sessions.
+      if (profile.ok() && !named && profile->owner() != "server" &&
+          profile->owner() != ProfileStore::OwnerOf(&caller->peer)) {
+        warning = absl::StrCat("the layer profile \"", name, "\" belongs to ", profile->owner(),
+                               ", not to the server or the caller: uniform layer budgets (name it "
+                               "in allocator.profile to use it)");
+        profile = absl::NotFoundError("not usable");
+      }
       if (profile.ok()) {
         if (auto s = ProfileStore::CheckGeometry(*profile, config->model); !s.ok()) return s;
         demand.assign(profile->demand().begin(), profile->demand().end());
@@ -307,7 +318,7 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
       } else if (named) {
         return absl::FailedPreconditionError(
             absl::StrCat("allocator.profile \"", name.substr(0, 128), "\" is not loaded"));
-      } else {
+      } else if (warning.empty()) {
         warning = absl::StrCat("no layer profile for model \"", name,
                                "\": uniform layer budgets (PutProfile or --profile-dir adds one)");
       }
@@ -354,79 +365,91 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
 grpc::Status SidecarService::GetSession(grpc::ServerContext* context,
                                         const v1::GetSessionRequest* request,
                                         v1::SessionInfo* response) {
-  auto session = Use(context, request->session_id(), SessionRegistry::Renew::kNo);
-  if (session.ok()) FillSessionInfo(**session, response);
-  return Finish("GetSession", session.status());
+  return Finish("GetSession", Guarded("GetSession", [&]() -> absl::Status {
+                  auto session = Use(context, request->session_id(), SessionRegistry::Renew::kNo);
+                  if (session.ok()) FillSessionInfo(**session, response);
+                  return session.status();
+                }));
 }
 
 grpc::Status SidecarService::ListSessions(grpc::ServerContext* context,
                                           const v1::ListSessionsRequest* request,
                                           v1::ListSessionsResponse* response) {
-  auto caller = Identify(context);
-  if (!caller.ok()) return Finish("ListSessions", caller.status());
-  // A Unix-socket peer sees its own uid's sessions; root, the server's uid and credential-less
-  // (TCP) peers see all (without their tokens, which are never listed).
-  const bool sees_all =
-      !caller->peer.local || caller->peer.uid == 0 || caller->peer.uid == ::geteuid();
-  for (const auto& s : registry_->List()) {
-    if (!request->model_name().empty() && s->model().name != request->model_name()) continue;
-    if (!sees_all && !s->OwnedBy(caller->peer)) continue;
-    FillSessionInfo(*s, response->add_sessions());
-  }
-  return Finish("ListSessions", absl::OkStatus());
+  return Finish("ListSessions", Guarded("ListSessions", [&]() -> absl::Status {
+                  auto caller = Identify(context);
+                  if (!caller.ok()) return caller.status();
+                  // A Unix-socket peer sees its own uid's sessions; root, the server's uid and
+                  // credential-less (TCP) peers see all (without their tokens, which are never
+                  // listed).
+                  const bool sees_all = !caller->peer.local || caller->peer.uid == 0 ||
+                                        caller->peer.uid == ::geteuid();
+                  for (const auto& s : registry_->List()) {
+                    if (!request->model_name().empty() && s->model().name != request->model_name())
+                      continue;
+                    if (!sees_all && !s->OwnedBy(caller->peer)) continue;
+                    FillSessionInfo(*s, response->add_sessions());
+                  }
+                  return absl::OkStatus();
+                }));
 }
 
 grpc::Status SidecarService::CloseSession(grpc::ServerContext* context,
                                           const v1::CloseSessionRequest* request,
                                           v1::CloseSessionResponse* response) {
-  // Closing an unknown session is OK (idempotent); closing another's is not.
-  if (auto s = Use(context, request->session_id(), SessionRegistry::Renew::kNo);
-      !s.ok() && s.status().code() != absl::StatusCode::kNotFound) {
-    return Finish("CloseSession", s.status());
-  }
-  auto released = registry_->Close(request->session_id());
-  if (released.ok()) {
-    response->set_existed(*released > 0);
-    response->set_released_bytes(*released);
-  }
-  return Finish("CloseSession", released.status());
+  return Finish("CloseSession", Guarded("CloseSession", [&]() -> absl::Status {
+                  // Closing an unknown session is OK (idempotent); closing another's is not.
+                  if (auto s = Use(context, request->session_id(), SessionRegistry::Renew::kNo);
+                      !s.ok() && s.status().code() != absl::StatusCode::kNotFound) {
+                    return s.status();
+                  }
+                  auto released = registry_->Close(request->session_id());
+                  if (released.ok()) {
+                    response->set_existed(*released > 0);
+                    response->set_released_bytes(*released);
+                  }
+                  return released.status();
+                }));
 }
 
 grpc::Status SidecarService::KeepAlive(grpc::ServerContext* context,
                                        const v1::KeepAliveRequest* request,
                                        v1::KeepAliveResponse* response) {
-  auto run = [&]() -> absl::Status {
-    absl::Duration lease = absl::ZeroDuration();
-    if (request->lease_seconds() != 0) {
-      auto l = registry_->LeaseFor(request->lease_seconds(), "lease_seconds");
-      if (!l.ok()) return l.status();
-      lease = *l;
-    }
-    auto session = Use(context, request->session_id(), SessionRegistry::Renew::kYes);
-    if (!session.ok()) return session.status();
-    response->set_lease_expires_unix_ms(UnixMillis((*session)->Renew(lease)));
-    return absl::OkStatus();
-  };
-  return Finish("KeepAlive", run());
+  return Finish("KeepAlive", Guarded("KeepAlive", [&]() -> absl::Status {
+                  auto run = [&]() -> absl::Status {
+                    absl::Duration lease = absl::ZeroDuration();
+                    if (request->lease_seconds() != 0) {
+                      auto l = registry_->LeaseFor(request->lease_seconds(), "lease_seconds");
+                      if (!l.ok()) return l.status();
+                      lease = *l;
+                    }
+                    auto session =
+                        Use(context, request->session_id(), SessionRegistry::Renew::kYes);
+                    if (!session.ok()) return session.status();
+                    response->set_lease_expires_unix_ms(UnixMillis((*session)->Renew(lease)));
+                    return absl::OkStatus();
+                  };
+                  return run();
+                }));
 }
 
 grpc::Status SidecarService::UpdateBudget(grpc::ServerContext* context,
                                           const v1::UpdateBudgetRequest* request,
                                           v1::SessionInfo* response) {
-  auto current = Use(context, request->session_id(), SessionRegistry::Renew::kNo);
-  if (!current.ok()) return Finish("UpdateBudget", current.status());
-  if ((*current)->arenas() != nullptr || (*current)->cuda_arenas() != nullptr) {
-    return Finish("UpdateBudget",
-                  absl::FailedPreconditionError(
-                      "budget cannot change on a MEMORY_KIND_HOST_SHM or MEMORY_KIND_CUDA_IPC "
-                      "session (its arenas are sized by it); create a new session"));
-  }
-  auto session = registry_->UpdateBudget(request->session_id(), request->budget());
-  if (session.ok()) {
-    FillSessionInfo(**session, response);
-    UpdatePoolGauges();
-  }
-  return Finish("UpdateBudget", session.status());
+  return Finish("UpdateBudget", Guarded("UpdateBudget", [&]() -> absl::Status {
+                  auto current = Use(context, request->session_id(), SessionRegistry::Renew::kNo);
+                  if (!current.ok()) return current.status();
+                  if ((*current)->arenas() != nullptr || (*current)->cuda_arenas() != nullptr) {
+                    return absl::FailedPreconditionError(
+                        "budget cannot change on a MEMORY_KIND_HOST_SHM or MEMORY_KIND_CUDA_IPC "
+                        "session (its arenas are sized by it); create a new session");
+                  }
+                  auto session = registry_->UpdateBudget(request->session_id(), request->budget());
+                  if (session.ok()) {
+                    FillSessionInfo(**session, response);
+                    UpdatePoolGauges();
+                  }
+                  return session.status();
+                }));
 }
 
 grpc::Status SidecarService::RegisterBuffers(grpc::ServerContext* context,
@@ -598,7 +621,7 @@ absl::Status SidecarService::DoCompressArenas(grpc::ServerContext* context,
         "cuda_event_handle must be empty for a MEMORY_KIND_HOST_SHM session");
   }
   const auto engine = session.engine();
-  auto in = arenas.Read(request.step());
+  auto in = arenas.Read(request.step(), options_.max_event_bytes);
   if (!in.ok()) return in.status();
   if (options_.testing_compress_delay > absl::ZeroDuration()) {
     absl::SleepFor(options_.testing_compress_delay);
@@ -738,24 +761,28 @@ grpc::Status SidecarService::CompressStream(
 grpc::Status SidecarService::StartCalibration(grpc::ServerContext* context,
                                               const v1::StartCalibrationRequest* request,
                                               v1::CalibrationStatus* response) {
-  auto run = [&]() -> absl::Status {
-    auto session = Use(context, request->session_id(), SessionRegistry::Renew::kYes);
-    if (!session.ok()) return session.status();
-    const double rho = request->rho() == 0 ? 0.93 : request->rho();
-    const int stride = request->stride() == 0 ? 16 : request->stride();
-    if ((*session)->arenas() != nullptr || (*session)->cuda_arenas() != nullptr) {
-      return absl::UnimplementedError(
-          "calibration of a MEMORY_KIND_HOST_SHM or MEMORY_KIND_CUDA_IPC session is not "
-          "implemented in this build yet "
-          "(the full cache outgrows its arenas); calibrate with a MEMORY_KIND_INLINE session");
-    }
-    if (auto s = (*session)->StartCalibration(rho, stride); !s.ok()) return s;
-    response->set_session_id(request->session_id());
-    const auto samples = (*session)->CalibrationSamples();
-    response->mutable_samples()->Assign(samples.begin(), samples.end());
-    return absl::OkStatus();
-  };
-  return Finish("StartCalibration", run());
+  return Finish(
+      "StartCalibration", Guarded("StartCalibration", [&]() -> absl::Status {
+        auto run = [&]() -> absl::Status {
+          auto session = Use(context, request->session_id(), SessionRegistry::Renew::kYes);
+          if (!session.ok()) return session.status();
+          const double rho = request->rho() == 0 ? 0.93 : request->rho();
+          const int stride = request->stride() == 0 ? 16 : request->stride();
+          if ((*session)->arenas() != nullptr || (*session)->cuda_arenas() != nullptr) {
+            return absl::UnimplementedError(
+                "calibration of a MEMORY_KIND_HOST_SHM or MEMORY_KIND_CUDA_IPC session is not "
+                "implemented in this build yet "
+                "(the full cache outgrows its arenas); calibrate with a MEMORY_KIND_INLINE "
+                "session");
+          }
+          if (auto s = (*session)->StartCalibration(rho, stride); !s.ok()) return s;
+          response->set_session_id(request->session_id());
+          const auto samples = (*session)->CalibrationSamples();
+          response->mutable_samples()->Assign(samples.begin(), samples.end());
+          return absl::OkStatus();
+        };
+        return run();
+      }));
 }
 
 grpc::Status SidecarService::FinishCalibration(grpc::ServerContext* context,
@@ -807,10 +834,12 @@ grpc::Status SidecarService::FinishCalibration(grpc::ServerContext* context,
 grpc::Status SidecarService::GetProfile(grpc::ServerContext* context,
                                         const v1::GetProfileRequest* request,
                                         v1::LayerProfile* response) {
-  if (auto caller = Identify(context); !caller.ok()) return Finish("GetProfile", caller.status());
-  auto p = profiles_->Get(request->name());
-  if (p.ok()) *response = *std::move(p);
-  return Finish("GetProfile", p.status());
+  return Finish("GetProfile", Guarded("GetProfile", [&]() -> absl::Status {
+                  if (auto caller = Identify(context); !caller.ok()) return caller.status();
+                  auto p = profiles_->Get(request->name());
+                  if (p.ok()) *response = *std::move(p);
+                  return p.status();
+                }));
 }
 
 grpc::Status SidecarService::PutProfile(grpc::ServerContext* context,
@@ -827,9 +856,11 @@ grpc::Status SidecarService::PutProfile(grpc::ServerContext* context,
 grpc::Status SidecarService::ListProfiles(grpc::ServerContext* context,
                                           const v1::ListProfilesRequest*,
                                           v1::ListProfilesResponse* response) {
-  if (auto caller = Identify(context); !caller.ok()) return Finish("ListProfiles", caller.status());
-  for (auto& p : profiles_->List()) *response->add_profiles() = std::move(p);
-  return Finish("ListProfiles", absl::OkStatus());
+  return Finish("ListProfiles", Guarded("ListProfiles", [&]() -> absl::Status {
+                  if (auto caller = Identify(context); !caller.ok()) return caller.status();
+                  for (auto& p : profiles_->List()) *response->add_profiles() = std::move(p);
+                  return absl::OkStatus();
+                }));
 }
 
 void SidecarService::PublishEvent(const Session& session, int64_t step, uint64_t epoch,
@@ -861,7 +892,9 @@ void SidecarService::PublishEvent(const Session& session, int64_t step, uint64_t
 grpc::Status SidecarService::WatchMetrics(grpc::ServerContext* context,
                                           const v1::WatchMetricsRequest* request,
                                           grpc::ServerWriter<v1::MetricsEvent>* writer) {
-  return Finish("WatchMetrics", DoWatch(context, *request, writer));
+  return Finish("WatchMetrics", Guarded("WatchMetrics", [&]() -> absl::Status {
+                  return DoWatch(context, *request, writer);
+                }));
 }
 
 absl::Status SidecarService::DoWatch(grpc::ServerContext* context,

@@ -29,6 +29,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "client/mapped_arena.h"
 #include "tests/integration/server_process.h"
 
 namespace reasonalloc {
@@ -498,16 +499,46 @@ TEST(Robustness, IdleAndExcessUnixConnectionsAreClosed) {
 }
 
 TEST(Robustness, TcpListenMustBeHostPort) {
-  testing::ServerProcess::Options o;
-  o.args = {"--tcp_listen=unix:///tmp/not-a-tcp-listener.sock"};
-  o.wait_ready = false;
-  auto server = ServerProcess::Start(o);
-  ASSERT_TRUE(server.ok()) << server.status();
-  auto code = (*server)->WaitExit(absl::Seconds(20));
-  ASSERT_TRUE(code.ok()) << code.status();
-  EXPECT_NE(*code, 0);
-  EXPECT_THAT((*server)->Log(), HasSubstr("tcp_listen \"unix:///tmp/not-a-tcp-listener.sock\" is "
-                                          "not host:port"));
+  for (const std::string bad :
+       {"unix:///tmp/not-a-tcp-listener.sock", "unix-abstract:ra-test", "127.0.0.1"}) {
+    testing::ServerProcess::Options o;
+    o.args = {"--tcp_listen=" + bad};
+    o.wait_ready = false;
+    auto server = ServerProcess::Start(o);
+    ASSERT_TRUE(server.ok()) << server.status();
+    auto code = (*server)->WaitExit(absl::Seconds(20));
+    ASSERT_TRUE(code.ok()) << code.status();
+    EXPECT_NE(*code, 0) << bad;
+    EXPECT_THAT((*server)->Log(), HasSubstr("tcp_listen \"" + bad + "\" is not host:port"));
+  }
+}
+
+// The fp32 copy of a shared-memory session's live keys is bounded like the rest of an event,
+// from "len" before it is allocated.
+TEST(Robustness, ArenaKeyCopyIsBoundedByTheEventLimit) {
+  auto server = MustStart({"--max_event_bytes=1048576"});
+  ASSERT_NE(server, nullptr);
+  v1::CreateSessionRequest r = Session(2, 4, 2, 64, 1000, 8, "snapkv", 4096, 128);
+  r.set_memory(v1::MEMORY_KIND_HOST_SHM);
+  r.set_mode(v1::SESSION_MODE_MANAGED);
+  auto created = server->client().CreateSession(r);
+  ASSERT_TRUE(created.ok()) << created.status();
+  const v1::SessionInfo& info = created->session();
+  const v1::ArenaDescriptor* result = nullptr;
+  for (const auto& a : info.arenas()) result = a.kind() == "result" ? &a : result;
+  ASSERT_NE(result, nullptr);
+  auto mapped = MappedArena::Map(*result);
+  ASSERT_TRUE(mapped.ok()) << mapped.status();
+  int32_t* len = (*mapped)->As<int32_t>("len");
+  for (int i = 0; i < 4; ++i) len[i] = 1100;  // 4 heads × 1100 rows × 64 × 4 bytes = 1.1 MB
+  v1::CompressRequest event;
+  event.set_session_id(info.session_id());
+  event.set_step(1);
+  auto refused = server->client().Compress(event);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("result arena \"len\""));
+  EXPECT_THAT(std::string(refused.status().message()), HasSubstr("--max_event_bytes 1048576"));
+  EXPECT_TRUE(server->Running());
 }
 
 absl::Status PutProfile(Client& c, v1::LayerProfile p, bool overwrite = false) {

@@ -261,6 +261,23 @@ TEST_F(ForeignUid, CannotReplaceAnotherUidsProfile) {
       RunCommand(absl::StrCat(REASONALLOC_CLI_BINARY, " profiles --target=", server->target()));
   ASSERT_EQ(listed.exit_code, 0) << listed.output;
   EXPECT_THAT(listed.output, HasSubstr("uid 65534"));
+  // A profile named after root's model but put by uid 65534 does not steer root's sessions.
+  v1::CreateSessionRequest r;
+  r.mutable_model()->set_name("mine");
+  r.mutable_model()->set_num_layers(2);
+  r.mutable_model()->set_num_q_heads(2);
+  r.mutable_model()->set_num_kv_heads(2);
+  r.mutable_model()->set_head_dim(8);
+  r.mutable_model()->set_dtype(v1::DTYPE_FLOAT16);
+  r.mutable_model()->set_max_context(4096);
+  r.mutable_budget()->set_budget(32);
+  r.mutable_budget()->set_window(4);
+  r.mutable_allocator()->set_name("reasonalloc");
+  auto squatted = server->client().CreateSession(r);
+  ASSERT_TRUE(squatted.ok()) << squatted.status();
+  ASSERT_EQ(squatted->warnings_size(), 1);
+  EXPECT_THAT(squatted->warnings(0), HasSubstr("belongs to uid 65534"));
+  EXPECT_EQ(squatted->session().profile(), "");
   // The wave root's sessions use is unchanged.
   const auto json = RunCommand(
       absl::StrCat(REASONALLOC_CLI_BINARY, " profiles --json --target=", server->target()));

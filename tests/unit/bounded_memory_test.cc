@@ -178,8 +178,9 @@ TEST(EventBytes, GrowsWithTheLongestHeadNotItsSquare) {
 // One head is one unit of work between the engine's cancellation polls; a long one is polled
 // between its tiles too, so a caller that went away (or a drain) stops it part-way.
 TEST(Cancellation, ALongSingleHeadStopsBetweenItsTiles) {
-  for (const char* scorer : {"rkv", "snapkv"}) {
-    SessionConfig c = Config(1, 4, 1, 8, 16, 8, scorer);
+  for (auto [scorer, group] :
+       {std::pair{"rkv", 4}, std::pair{"snapkv", 4}, std::pair{"snapkv", 1}}) {
+    SessionConfig c = Config(1, group, 1, 8, 16, 8, scorer);
     auto engine = Engine::Create(c);
     ASSERT_TRUE(engine.ok());
     std::mt19937 rng(5);
@@ -187,7 +188,7 @@ TEST(Cancellation, ALongSingleHeadStopsBetweenItsTiles) {
     const auto q = Normal(size_t{4} * 8 * 8, rng);
     const auto k = Normal(size_t{kN} * 8, rng);
     const std::vector<int32_t> lengths = {kN};
-    TileBytes small(4 * kN * sizeof(float));  // a handful of rows per tile
+    TileBytes small(static_cast<size_t>(group) * kN * sizeof(float));  // a handful of rows per tile
     int polls = 0;
     CompressInputs in{q.data(), k.data(), kN, lengths, {}};
     in.cancel_poll_work = int64_t{1} << 40;  // never between heads: only the tiles poll

@@ -1,10 +1,14 @@
 #include "server/profile_store.h"
 
 #include <gmock/gmock.h>
+#include <google/protobuf/unknown_field_set.h>
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
+
+#include "absl/strings/str_cat.h"
 
 namespace reasonalloc {
 namespace {
@@ -85,6 +89,55 @@ TEST_F(ProfileStoreTest, PutOverwriteAndSave) {
   EXPECT_EQ((*again)->Get("tiny")->DebugString(), (*store)->Get("tiny")->DebugString());
   auto memory_only = ProfileStore::Open("");
   EXPECT_EQ((*memory_only)->Put(*p, false, true).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+// Owners: the server (and --profile_dir), a Unix-socket uid, or TCP peers; only the owner, the
+// server's uid and root replace a profile, and only the server's side saves.
+TEST_F(ProfileStoreTest, OwnersDecideWhoReplacesAndSaves) {
+  Write("tiny.json", kGood);
+  auto store = ProfileStore::Open(dir_, ProfileLimits{.max_profiles = 3});
+  ASSERT_TRUE(store.ok());
+  EXPECT_EQ((*store)->Get("tiny")->owner(), "server");
+  auto p = ProfileStore::ParseJson(kGood, "test");
+  ASSERT_TRUE(p.ok());
+  const uint32_t other = ::geteuid() == 4242 ? 4343 : 4242;
+  const PeerIdentity neighbour{true, other, other, 1};
+  const PeerIdentity tcp{};
+  const PeerIdentity root{true, 0, 0, 1};
+  const absl::Status denied = (*store)->Put(*p, true, false, &neighbour);
+  EXPECT_EQ(denied.code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_THAT(std::string(denied.message()), HasSubstr("belongs to server"));
+  EXPECT_EQ((*store)->Put(*p, true, false, &tcp).code(), absl::StatusCode::kPermissionDenied);
+  EXPECT_TRUE((*store)->Put(*p, true, false, &root).ok());
+
+  v1::LayerProfile mine = *p;
+  mine.set_name("mine");
+  ASSERT_TRUE((*store)->Put(mine, false, false, &neighbour).ok());
+  EXPECT_EQ((*store)->Get("mine")->owner(), absl::StrCat("uid ", other));
+  EXPECT_TRUE((*store)->Put(mine, true, false, &neighbour).ok());  // its own
+  EXPECT_EQ((*store)->Put(mine, true, false, &tcp).code(), absl::StatusCode::kPermissionDenied);
+  // Saving makes a profile the server's at the next start: the server's side only.
+  v1::LayerProfile saved = *p;
+  saved.set_name("saved");
+  EXPECT_EQ((*store)->Put(saved, false, true, &neighbour).code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ((*store)->Put(saved, false, true, &tcp).code(), absl::StatusCode::kPermissionDenied);
+  // An owner string sent by the client is ignored, and unknown fields are not stored.
+  v1::LayerProfile forged = *p;
+  forged.set_name("forged");
+  forged.set_owner("server");
+  forged.GetReflection()->MutableUnknownFields(&forged)->AddLengthDelimited(999, "padding");
+  ASSERT_TRUE((*store)->Put(forged, false, false, &tcp).ok());
+  EXPECT_EQ((*store)->Get("forged")->owner(), "tcp");
+  EXPECT_EQ((*store)
+                ->Get("forged")
+                ->GetReflection()
+                ->GetUnknownFields(*(*store)->Get("forged"))
+                .field_count(),
+            0);
+  v1::LayerProfile fifth = *p;
+  fifth.set_name("fifth");
+  EXPECT_EQ((*store)->Put(fifth, false, false).code(), absl::StatusCode::kResourceExhausted);
 }
 
 TEST_F(ProfileStoreTest, GeometryMustMatchTheSession) {
