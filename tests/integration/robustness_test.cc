@@ -235,6 +235,14 @@ TEST(Robustness, EventScratchAboveTheLimitIsRefusedNamingTheDimension) {
   EXPECT_THAT(std::string(refused.status().message()), HasSubstr("--max_event_bytes 8388608"));
   // A smaller event on the same session still runs.
   EXPECT_TRUE(c.Compress(Event(id, 2, 1, 2, 2, 1, 4, 600)).ok());
+  // The 2.4 MB snapkv request whose logits block (68 GB per head) killed the server: a 1024-query
+  // group, window 1024, N 32,768, d 1. Tiled it needs ~17 MB per scoring thread.
+  auto wide = c.CreateSession(Session(1, 1024, 2, 1, 1100, 1024, "snapkv", 1 << 20));
+  ASSERT_TRUE(wide.ok()) << wide.status();
+  auto logits = c.Compress(Event(wide->session().session_id(), 1, 1, 1024, 2, 1, 1024, 32768));
+  EXPECT_EQ(logits.status().code(), absl::StatusCode::kResourceExhausted) << logits.status();
+  EXPECT_THAT(std::string(logits.status().message()),
+              HasSubstr("N = 32768 tokens, query window 1024 × group 512"));
   EXPECT_TRUE(server->Running());
 }
 
