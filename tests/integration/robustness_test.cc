@@ -609,6 +609,32 @@ TEST(Robustness, ProfilesAreBoundedAndTheirNumbersStayFinite) {
   EXPECT_THAT(std::string(bad.status().message()), HasSubstr("allocator.profile"));
 }
 
+// A session copies its profile's wave when it is created: replacing the profile later changes
+// new sessions only.
+TEST(Robustness, SessionsKeepTheProfileTheyWereCreatedWith) {
+  auto server = MustStart();
+  ASSERT_NE(server, nullptr);
+  Client& c = server->client();
+  ASSERT_TRUE(PutProfile(c, Profile("wave", {1, 3})).ok());
+  v1::CreateSessionRequest r = Session(2, 2, 2, 8, 64, 4);
+  r.mutable_allocator()->set_name("reasonalloc");
+  r.mutable_allocator()->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_LAYER);
+  r.mutable_allocator()->set_profile("wave");
+  auto first = c.CreateSession(r);
+  ASSERT_TRUE(first.ok()) << first.status();
+  const auto before = first->session().layer_budgets();
+  ASSERT_EQ(before.size(), 2);
+  EXPECT_LT(before[0], before[1]);  // the wave gives layer 1 more
+  ASSERT_TRUE(PutProfile(c, Profile("wave", {3, 1}), /*overwrite=*/true).ok());
+  auto again = c.GetSession(first->session().session_id());
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ(again->layer_budgets(0), before[0]);
+  EXPECT_EQ(again->layer_budgets(1), before[1]);
+  auto second = c.CreateSession(r);
+  ASSERT_TRUE(second.ok());
+  EXPECT_GT(second->session().layer_budgets(0), second->session().layer_budgets(1));
+}
+
 TEST(Robustness, RefusedFinishCalibrationKeepsTheMeasurement) {
   auto server = MustStart();
   ASSERT_NE(server, nullptr);
