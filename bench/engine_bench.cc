@@ -1,5 +1,5 @@
 // CPU cost of one compression event (score + allocate + select), Google Benchmark, for the
-// geometries of ALGORITHMS.md's reference models:
+// geometries of two reference models (the paper's and the reference worker's):
 //   llama8b  DeepSeek-R1-Distill-Llama-8B  L=32 Hq=32 Hkv=8 d=128, B=512, N=640
 //   smollm   SmolLM2-135M                  L=30 Hq=9  Hkv=3 d=64,  B=128, N=256
 //   build/bench/engine_bench --benchmark_repetitions=5 --benchmark_report_aggregates_only=true

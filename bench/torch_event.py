@@ -44,7 +44,7 @@ def redundancy(k):
     mask = s > THRESHOLD
     last = torch.where(mask, torch.arange(n), 0).max(dim=-1, keepdim=True).values
     # R-KV scatters 0 at `last` in every row, so a row without a near-duplicate zeroes S[i, 0];
-    # ALGORITHMS.md 2.4 (and numpy_event.py) only touch rows that have one.
+    # docs/algorithms.md 2.4 (and numpy_event.py) only touch rows that have one.
     s.scatter_(-1, last, s.gather(-1, last) * ~mask.any(dim=-1, keepdim=True))
     return s.mean(dim=-2).softmax(dim=-1)
 

@@ -1,5 +1,5 @@
 // Allocators decide how many tokens each (layer, KV head) keeps at a compression event
-// (ALGORITHMS.md §3).
+// (docs/algorithms.md §3).
 //
 // Invariant: every budget is at least window + 1 before saturation, and Σ budgets = L·Hkv·B
 // exactly, except where head-wise allocators (adakv, reasonalloc head routing) cap a head at the

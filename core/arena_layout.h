@@ -1,6 +1,6 @@
-// Layout version 1 of a managed session's shared arenas (DESIGN.md §2), and the in-place
-// operations on them. Pure arithmetic and memory moves: the server maps the bytes (host shared
-// memory now, CUDA later) and the clients read the same descriptors.
+// Layout version 1 of a managed session's shared arenas (README "Shared-memory data plane"), and
+// the in-place operations on them. Pure arithmetic and memory moves: the server maps the bytes
+// (host shared memory now, CUDA later) and the clients read the same descriptors.
 //
 //   kv          "k" and "v": [rows, d] in the model's dtype, rows = L·Hkv·(B + Δ). Heads are
 //               flattened varlen: head i (= l·Hkv + h) owns rows [offset[i], offset[i] +

@@ -1,4 +1,5 @@
-// Integer budget arithmetic shared by the allocators (ALGORITHMS.md §3, "Common rules" and §3.4).
+// Integer budget arithmetic shared by the allocators (docs/algorithms.md §3, "Common rules" and
+// §3.4).
 //
 // Invariants: RoundPreservingSum returns integers that sum to exactly `total`; Robustify returns
 // values in [lo, hi] (before rounding) that sum to exactly `total`; CapAndRedistribute never gives

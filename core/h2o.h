@@ -1,5 +1,5 @@
-// The per-session state of the h2o scorer (ALGORITHMS.md §2.2): the attention each cached token has
-// accumulated. Kept tokens carry their value through an event; new tokens start at 0.
+// The per-session state of the h2o scorer (docs/algorithms.md §2.2): the attention each cached
+// token has accumulated. Kept tokens carry their value through an event; new tokens start at 0.
 //
 // Each event adds, per head, either the attention the worker summed itself over the decode steps
 // since the last event (InlineTensors.attention, [L, Hkv, N] fp32), or, when the worker sends none,

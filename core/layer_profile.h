@@ -1,5 +1,6 @@
-// Layer profiles, the offline "Reasoning Wave" of ALGORITHMS.md §3.4: how many tokens each layer
-// needs to keep a fraction ρ of the newest query's attention, measured during full-cache decoding.
+// Layer profiles, the offline "Reasoning Wave" of docs/algorithms.md §3.4: how many tokens each
+// layer needs to keep a fraction ρ of the newest query's attention, measured during full-cache
+// decoding.
 //
 // A profile stores the normalised demand D (mean 1 over layers), never budgets, so one profile
 // serves every budget B.

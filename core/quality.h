@@ -1,5 +1,5 @@
-// Quality of a keep decision against the full cache, measured on later queries (ALGORITHMS.md §7):
-// attention-output error ‖o_S − o_full‖ / ‖o_full‖ and attention-mass recall Σ_{j∈S} a[j].
+// Quality of a keep decision against the full cache, measured on later queries (docs/algorithms.md
+// §7): attention-output error ‖o_S − o_full‖ / ‖o_full‖ and attention-mass recall Σ_{j∈S} a[j].
 #ifndef REASONALLOC_CORE_QUALITY_H_
 #define REASONALLOC_CORE_QUALITY_H_
 

@@ -126,7 +126,7 @@ RkvPlan PlanRkv(const HeadInputs& in) {
   return p;
 }
 
-// SnapKV importance in its decode-time form (ALGORITHMS.md §2.1): window queries of the group
+// SnapKV importance in its decode-time form (docs/algorithms.md §2.1): window queries of the group
 // against the keys, softmax, mean over the window, then 1-D pooling. The GQA reduction acts on the
 // logits before the softmax (max, mean: R-KV) or on the pooled per-query-head scores after it
 // (mean_scores: kvpress). The softmax runs over the candidates only (R-KV) or over all keys,
@@ -298,7 +298,7 @@ class SnapKvScorer final : public Scorer {
   ScorerConfig config_;
 };
 
-// R-KV (ALGORITHMS.md §2.4): SnapKV importance minus redundancy among the head's keys,
+// R-KV (docs/algorithms.md §2.4): SnapKV importance minus redundancy among the head's keys,
 // Z = λ·I − (1 − λ)·R, where R is the softmax over all N keys of the mean cosine similarity of each
 // key to the others (the newest near-duplicate of every key excluded from its row), sliced to
 // candidates.
@@ -422,7 +422,7 @@ class RkvScorer final : public Scorer {
   ScorerConfig config_;
 };
 
-// StreamingLLM (ALGORITHMS.md §2.3): sinks rank first, then newer tokens before older ones.
+// StreamingLLM (docs/algorithms.md §2.3): sinks rank first, then newer tokens before older ones.
 // Positions are below 2^24 and exact in fp32; 2^24 itself outranks all of them.
 class StreamingScorer final : public Scorer {
  public:
@@ -436,7 +436,7 @@ class StreamingScorer final : public Scorer {
   }
 };
 
-// H2O (ALGORITHMS.md §2.2): the score is the attention each token has accumulated, which the
+// H2O (docs/algorithms.md §2.2): the score is the attention each token has accumulated, which the
 // engine's caller carries per session (h2o.h).
 class H2oScorer final : public Scorer {
  public:

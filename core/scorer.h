@@ -1,6 +1,6 @@
-// Scorers rank the candidate tokens of one KV head (ALGORITHMS.md §2): a higher score means more
-// worth keeping. Candidates are positions [0, n - window); the last `window` tokens are always kept
-// and never scored.
+// Scorers rank the candidate tokens of one KV head (docs/algorithms.md §2): a higher score means
+// more worth keeping. Candidates are positions [0, n - window); the last `window` tokens are always
+// kept and never scored.
 //
 // Scorers are stateless and thread-safe: the engine calls ScoreHead for many heads concurrently.
 #ifndef REASONALLOC_CORE_SCORER_H_

@@ -1,5 +1,6 @@
-// Per-head selection (ALGORITHMS.md §1, §4): keep the top (b - window) candidates by score, ties to
-// the lower (older) index, plus the last `window` tokens; a head with n <= b keeps everything.
+// Per-head selection (docs/algorithms.md §1, §4): keep the top (b - window) candidates by score,
+// ties to the lower (older) index, plus the last `window` tokens; a head with n <= b keeps
+// everything.
 #ifndef REASONALLOC_CORE_SELECTOR_H_
 #define REASONALLOC_CORE_SELECTOR_H_
 

@@ -126,7 +126,7 @@ absl::Status ValidateSessionConfig(const SessionConfig& c) {
   if (auto s = CheckReal("allocator.layer_exponent", a.layer_exponent, 0.0, 16.0); !s.ok())
     return s;
   if (auto s = CheckReal("allocator.head_exponent", a.head_exponent, 0.0, 16.0); !s.ok()) return s;
-  // robustify needs n·lo ≤ total ≤ n·hi (ALGORITHMS.md §3.4).
+  // robustify needs n·lo ≤ total ≤ n·hi (docs/algorithms.md §3.4).
   if (auto s = CheckReal("allocator.head_floor", a.head_floor, 0.0, 1.0); !s.ok()) return s;
   if (auto s = CheckReal("allocator.clip_low", a.clip_low, 0.0, 1.0); !s.ok()) return s;
   if (auto s = CheckReal("allocator.clip_high", a.clip_high, 1.0, 1e6); !s.ok()) return s;

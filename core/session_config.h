@@ -1,9 +1,9 @@
 // The configuration of one eviction session: model geometry, budgets, scorer and allocator knobs.
 //
-// Defaults are those of ALGORITHMS.md §5. Validate() is the single place where a configuration is
-// judged; every error message names the field as the v1 API spells it (e.g. "model.num_kv_heads")
-// and the bad value. A name the engine knows but this build does not implement yet is
-// Unimplemented, an unknown one is InvalidArgument.
+// Defaults are those of docs/algorithms.md §5. Validate() is the single place where a configuration
+// is judged; every error message names the field as the v1 API spells it (e.g.
+// "model.num_kv_heads") and the bad value. A name the engine knows but this build does not
+// implement yet is Unimplemented, an unknown one is InvalidArgument.
 #ifndef REASONALLOC_CORE_SESSION_CONFIG_H_
 #define REASONALLOC_CORE_SESSION_CONFIG_H_
 

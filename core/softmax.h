@@ -1,4 +1,4 @@
-// The fp32 softmax the scorers share (ALGORITHMS.md §2: "Softmax in fp32").
+// The fp32 softmax the scorers share (docs/algorithms.md §2: "Softmax in fp32").
 #ifndef REASONALLOC_CORE_SOFTMAX_H_
 #define REASONALLOC_CORE_SOFTMAX_H_
 

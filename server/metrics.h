@@ -1,4 +1,4 @@
-// The server's Prometheus metrics (DESIGN.md §6) and their HTTP endpoint.
+// The server's Prometheus metrics (README "Metrics") and their HTTP endpoint.
 //
 // Labels are bounded: method, gRPC code, stage, scorer, allocator, state, reason, layer (< 256) and
 // model (the first 32 model names, then "other"). Never a session id. tests/unit/metrics_test.cc

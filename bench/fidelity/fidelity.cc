@@ -1,5 +1,5 @@
 // The fidelity benchmark: every eviction policy against the full cache, on real reasoning
-// trajectories of the reference worker's model (ALGORITHMS.md §7).
+// trajectories of the reference worker's model (docs/algorithms.md §7).
 //
 // 1. The full cache generates a greedy trajectory of --max_tokens tokens for every prompt (control
 //    tokens suppressed so each has the same length); its log-probabilities are kept.

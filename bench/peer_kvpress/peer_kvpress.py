@@ -21,7 +21,7 @@ cases it also runs the spec's form with GQA mean (on logits) and the softmax ove
 Budget mapping: our B counts the window, like kvpress's n_kept = int(N * (1 - compression_ratio)), so
 compression_ratio = 1 - B/N, nudged down by ulps until compute_n_kept gives B. PyramidKV: kvpress's
 layer budgets run linearly from hi = 2B - lo down to lo = B/beta with the window inside them (hi clipped
-to N - window, lo raised to keep the mean B; uniform when lo < window); ALGORITHMS.md 3.2 keeps the window
+to N - window, lo raised to keep the mean B; uniform when lo < window); docs/algorithms.md 3.2 keeps the window
 outside (b_l = window + x_l, x from base B - window). Both are linear in l with mean B, so they coincide
 when the last layers agree: beta' = (B - window) / (lo - window).
 """
@@ -133,7 +133,7 @@ def kvpress_math(q, k, window, kernel):
 
 
 def spec_pyramid(layers, budget, window, beta):
-    """ALGORITHMS.md 3.2 with the rules of 3: rounding that preserves the sum, floor window + 1."""
+    """docs/algorithms.md 3.2 with the rules of 3: rounding that preserves the sum, floor window + 1."""
     base = budget - window
     lo = base / beta
     hi = 2 * base - lo
@@ -260,7 +260,7 @@ def run_case(a, server, missing, has_window, work, case):
             # = lo (kvpress's lo after its clip of layer 0 to N - window, if any).
             ours_beta = min(1e6, (budget - a.window) / max(lo - a.window, 1e-300))
             flags += ["--allocator", "pyramid", f"--pyramid_beta={ours_beta!r}"]
-            print(f"  ALGORITHMS.md 3.2: beta' {ours_beta!r} gives "
+            print(f"  docs/algorithms.md 3.2: beta' {ours_beta!r} gives "
                   f"{spec_pyramid(a.layers, budget, a.window, ours_beta)}; kvpress's beta {beta:g} itself "
                   f"gives {spec_pyramid(a.layers, budget, a.window, beta)}")
     if missing:

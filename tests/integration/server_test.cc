@@ -937,7 +937,7 @@ TEST(Server, PyramidLayerBudgetsAreReported) {
   r.mutable_allocator()->set_name("pyramid");
   auto created = server->client().CreateSession(r);
   ASSERT_TRUE(created.ok()) << created.status();
-  // base 20, β 20: x = 39, 26.33, 13.67, 1 -> 39, 26, 14, 1 (ALGORITHMS.md §3.2) + window 8.
+  // base 20, β 20: x = 39, 26.33, 13.67, 1 -> 39, 26, 14, 1 (docs/algorithms.md §3.2) + window 8.
   EXPECT_EQ(std::vector<int32_t>(created->session().layer_budgets().begin(),
                                  created->session().layer_budgets().end()),
             (std::vector<int32_t>{47, 34, 22, 9}));

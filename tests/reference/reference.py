@@ -1,4 +1,4 @@
-"""An independent NumPy implementation of the scorers, allocators and selection of ALGORITHMS.md.
+"""An independent NumPy implementation of the scorers, allocators and selection of docs/algorithms.md.
 
 Written from the specification (float64 throughout), not from the C++ engine, so that the two can be
 compared: tests/reference/test_reference.py runs both on random and adversarial configurations.

@@ -1,4 +1,5 @@
-// Allocators against hand-worked cases (ALGORITHMS.md §3) and their invariants on random inputs.
+// Allocators against hand-worked cases (docs/algorithms.md §3) and their invariants on random
+// inputs.
 #include "core/allocator.h"
 
 #include <gmock/gmock.h>

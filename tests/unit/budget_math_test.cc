@@ -1,4 +1,5 @@
-// Hand-worked cases for the allocators' integer arithmetic (ALGORITHMS.md §3 common rules, §3.4).
+// Hand-worked cases for the allocators' integer arithmetic (docs/algorithms.md §3 common rules,
+// §3.4).
 #include "core/budget_math.h"
 
 #include <gmock/gmock.h>

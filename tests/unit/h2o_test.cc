@@ -1,4 +1,4 @@
-// The h2o accumulator (ALGORITHMS.md §2.2) on cases worked out by hand.
+// The h2o accumulator (docs/algorithms.md §2.2) on cases worked out by hand.
 #include "core/h2o.h"
 
 #include <gtest/gtest.h>

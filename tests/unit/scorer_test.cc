@@ -1,5 +1,5 @@
 // Scorers against cases worked out by hand (the expected numbers come from the formulas of
-// ALGORITHMS.md §2, computed in the comments, not from running the implementation).
+// docs/algorithms.md §2, computed in the comments, not from running the implementation).
 #include "core/scorer.h"
 
 #include <gtest/gtest.h>
