@@ -25,7 +25,6 @@ stream's flow-control window and the watcher's queue, sends SIGTERM to the serve
 import argparse
 import csv
 import glob
-import mmap
 import os
 import shutil
 import signal
@@ -41,6 +40,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "client", "python"))
 from reasonalloc import _proto  # noqa: E402
+from reasonalloc.client import _Arena  # noqa: E402
 
 import grpc  # noqa: E402
 
@@ -167,26 +167,17 @@ def tensor(a):
 
 
 class Arenas:
-    """The worker's mapping of a host-shm session's arenas (views are made and dropped per use so
-    that the maps can be closed)."""
+    """The worker's mapping of a host-shm session's arenas, through the Python client's own
+    mapping (reasonalloc.client._Arena): NumPy views by array name."""
 
     def __init__(self, info):
-        self.maps, self.arrays = {}, {}
-        for d in info.arenas:
-            fd = os.open("/dev/shm/" + d.shm_name.lstrip("/"), os.O_RDWR)
-            try:
-                self.maps[d.kind] = mmap.mmap(fd, d.byte_length, mmap.MAP_SHARED)
-            finally:
-                os.close(fd)
-            for a in d.arrays:
-                dt = {1: np.float32, 2: np.float16, 3: np.uint16, 4: np.int32, 5: np.int64,
-                      6: np.uint64}[a.dtype]
-                self.arrays[a.name] = (d.kind, dt, tuple(a.shape), a.byte_offset)
+        self.arenas = [_Arena(d) for d in info.arenas]
 
     def view(self, name):
-        kind, dt, shape, offset = self.arrays[name]
-        return np.frombuffer(self.maps[kind], dtype=dt, count=int(np.prod(shape)),
-                             offset=offset).reshape(shape)
+        for arena in self.arenas:
+            if name in arena.arrays:
+                return arena.arrays[name]
+        raise KeyError(name)
 
     def fill(self, rng, step_queries):
         """Each head gets between its kept rows and its capacity of live rows, random K/V rows
@@ -204,8 +195,8 @@ class Arenas:
             q[...] = rng.standard_normal(q.shape).astype(np.float16)
 
     def close(self):
-        for m in self.maps.values():
-            m.close()
+        for arena in self.arenas:
+            arena.close()
 
 
 def create(stub, rng, cycle, memory, managed):
