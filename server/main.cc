@@ -24,6 +24,7 @@
 #include "absl/synchronization/mutex.h"
 #include "core/build_info.h"
 #include "core/cli_args.h"
+#include "core/cli_help.h"
 #include "server/server.h"
 #include "spdlog/cfg/env.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
@@ -98,10 +99,26 @@ void OnDrainSignal(int sig) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "ReasonAlloc KV-cache sidecar.\n  reasonalloc-server [--listen unix:///path] [--device cpu] "
-      "[--metrics-address 127.0.0.1:9464] ...\nEvery flag may also be set as "
-      "REASONALLOC_<FLAG> in the environment.");
+  const reasonalloc::ProgramHelp help{
+      .program = "reasonalloc-server",
+      .summary =
+          "the ReasonAlloc KV-cache sidecar. Serves the reasonalloc.v1.KvSidecar gRPC API "
+          "(with grpc.health.v1 and reflection) on a Unix socket, and optionally on TCP; "
+          "exports Prometheus metrics on --metrics_address.",
+      .synopses = {"reasonalloc-server [--listen unix:///PATH] [--tcp_listen HOST:PORT] "
+                   "[--device cpu|cuda:N] [--profile_dir DIR] [flags]",
+                   "reasonalloc-server --version"},
+      .commands = {},
+      .sources = {"server/main.cc"},
+      .footer =
+          "Every flag may also be set as REASONALLOC_<FLAG> in the environment "
+          "(REASONALLOC_MAX_ARENA_BYTES=...); the command line wins.\nSIGTERM or SIGINT "
+          "drains: new calls are refused, calls in flight get --drain_timeout_seconds, "
+          "then the sessions' arenas are released and the process exits 0.\nExit "
+          "status: 0 after a drain; not 0 when a flag is wrong or serving fails."};
+  if (const int rc = reasonalloc::MaybePrintHelp(argc, argv, help, std::cout, std::cerr); rc >= 0) {
+    return rc;
+  }
   // SIGTERM/SIGINT go through a self-pipe: libraries start threads before main (OpenBLAS does), so
   // blocking the signals here could not cover every thread, while a handler works whichever thread
   // receives them.

@@ -20,34 +20,43 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/cli_args.h"
+#include "core/cli_help.h"
 #include "core/npy.h"
 #include "worker/driver.h"
 #include "worker/model_files.h"
 #include "worker/tokenizer.h"
 
 ABSL_FLAG(std::string, model, "", "GGUF file (default: $REASONALLOC_MODEL, then the setup cache)");
-ABSL_FLAG(std::string, target, "", "Sidecar address (unix:///path or host:port)");
+ABSL_FLAG(std::string, target, "",
+          "generate, calibrate: sidecar address (unix:///path or host:port)");
 ABSL_FLAG(bool, full_cache, false, "generate: keep every token (no sidecar)");
-ABSL_FLAG(std::string, prompt, "", "generate: the user's message (the chat template is applied)");
-ABSL_FLAG(std::string, prompts, "", "File of prompts, one per line (\\n stands for a newline)");
+ABSL_FLAG(std::string, prompt, "",
+          "generate, calibrate: the user's message (the chat template is applied)");
+ABSL_FLAG(std::string, prompts, "",
+          "generate, calibrate: file of prompts, one per line (\\n stands for a newline)");
 ABSL_FLAG(int, batch, 1, "generate: decode this many copies of --prompt at once");
-ABSL_FLAG(int, max_tokens, 256, "Tokens to generate per sequence");
-ABSL_FLAG(double, temperature, 0, "0 = greedy");
-ABSL_FLAG(uint64_t, seed, 0, "Sampling seed");
+ABSL_FLAG(int, max_tokens, 256, "generate, calibrate: tokens to generate per sequence");
+ABSL_FLAG(double, temperature, 0, "generate: sampling temperature (0 = greedy)");
+ABSL_FLAG(uint64_t, seed, 0, "generate: sampling seed");
 ABSL_FLAG(bool, ignore_eos, false,
-          "Never choose a control token (end of turn, ...): generate exactly --max_tokens");
-ABSL_FLAG(std::string, scorer, "rkv", "snapkv | h2o | streaming | rkv");
-ABSL_FLAG(std::string, allocator, "reasonalloc", "uniform | pyramid | adakv | reasonalloc");
-ABSL_FLAG(std::string, mode, "full", "reasonalloc: layer | head | full");
-ABSL_FLAG(std::string, profile, "", "Layer profile name (empty = the model name)");
-ABSL_FLAG(std::string, model_name, "smollm2-135m-instruct", "Model name given to the sidecar");
-ABSL_FLAG(int, budget, 64, "Tokens kept per head (mean)");
-ABSL_FLAG(int, buffer, 64, "Δ: decode steps between compression events");
-ABSL_FLAG(int, window, 8, "α: observation window");
+          "generate, calibrate: never choose a control token (end of turn, ...): generate exactly "
+          "--max_tokens");
+ABSL_FLAG(std::string, scorer, "rkv", "generate, calibrate: snapkv | h2o | streaming | rkv");
+ABSL_FLAG(std::string, allocator, "reasonalloc",
+          "generate: uniform | pyramid | adakv | reasonalloc");
+ABSL_FLAG(std::string, mode, "full",
+          "generate: the reasonalloc allocator's mode: layer | head | full");
+ABSL_FLAG(std::string, profile, "", "generate: layer profile name (empty = the model name)");
+ABSL_FLAG(std::string, model_name, "smollm2-135m-instruct",
+          "generate, calibrate: model name given to the sidecar");
+ABSL_FLAG(int, budget, 64, "generate, calibrate: tokens kept per KV head (the mean over heads)");
+ABSL_FLAG(int, buffer, 64, "generate, calibrate: Δ, decode steps between compression events");
+ABSL_FLAG(int, window, 8, "generate, calibrate: α, the observation window");
 ABSL_FLAG(std::string, text, "", "tokenize: the text");
 ABSL_FLAG(bool, chat, false, "tokenize: apply the chat template");
 ABSL_FLAG(std::string, tokens, "", "logits: comma-separated token ids");
-ABSL_FLAG(std::string, out, "", "logits: .npy output; calibrate: profile JSON output");
+ABSL_FLAG(std::string, out, "",
+          "logits, calibrate: the output file (.npy for logits, the profile JSON for calibrate)");
 ABSL_FLAG(double, rho, 0.93, "calibrate: attention-mass fraction ρ");
 ABSL_FLAG(int, stride, 16, "calibrate: measure every stride-th step");
 ABSL_FLAG(bool, json, false, "generate: print a JSON summary line");
@@ -391,6 +400,35 @@ int Calibrate() {
 }
 
 int Main(int argc, char** argv) {
+  const ProgramHelp help{
+      .program = "reasonalloc-worker",
+      .summary =
+          "the ReasonAlloc reference inference worker: a Llama-family decoder for GGUF "
+          "files (CPU) that keeps its KV cache in the sidecar's shared-memory arenas and "
+          "compresses it through the sidecar every --buffer steps.",
+      .synopses = {},
+      .commands =
+          {{"generate",
+            "reasonalloc-worker generate --prompt TEXT (--target T | --full_cache) [flags]",
+            "Answers --prompt (or each line of --prompts), greedy unless --temperature; "
+            "through the sidecar at --target with the policy flags, or with the full cache. "
+            "--json prints a summary line (tokens, KV bytes held, events, budgets)."},
+           {"calibrate", "reasonalloc-worker calibrate --target T --out PROFILE.json [flags]",
+            "Measures the per-layer attention demand (the Reasoning Wave) on probe prompts "
+            "through the sidecar's calibration RPCs and writes a LayerProfile JSON."},
+           {"tokenize", "reasonalloc-worker tokenize --text TEXT [--chat]",
+            "Prints the token ids of --text (after the chat template with --chat)."},
+           {"logits", "reasonalloc-worker logits --tokens ID,ID,... --out LOGITS.npy",
+            "Runs the full-cache forward pass over --tokens and writes the logits of every "
+            "position as .npy."}},
+      .sources = {"worker/main.cc"},
+      .footer =
+          "The model is --model, else $REASONALLOC_MODEL, else "
+          "SmolLM2-135M-Instruct.Q4_1.gguf in the cache folder scripts/setup fills "
+          "($XDG_CACHE_HOME/reasonalloc/models, $XDG_CACHE_HOME defaulting to ~/.cache).\nExit "
+          "status: 0 on "
+          "success, 1 when a step fails (the reason is printed), 2 for a usage error."};
+  if (const int rc = MaybePrintHelp(argc, argv, help, std::cout, std::cerr); rc >= 0) return rc;
   const auto spelled = NormalizeFlagSpelling(argc, argv);
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   const std::string command = args.size() > 1 ? args[1] : "";
@@ -398,7 +436,8 @@ int Main(int argc, char** argv) {
   if (command == "calibrate") return Calibrate();
   if (command == "tokenize") return Tokenize();
   if (command == "logits") return Logits();
-  std::cerr << "usage: reasonalloc-worker generate|calibrate|tokenize|logits [flags] (--help)\n";
+  std::cerr << "usage: reasonalloc-worker generate|calibrate|tokenize|logits [flags]; "
+               "`reasonalloc-worker --help` for more\n";
   return 2;
 }
 

@@ -34,6 +34,7 @@
 #include "client/npy_tensor.h"
 #include "core/build_info.h"
 #include "core/cli_args.h"
+#include "core/cli_help.h"
 #include "core/npy.h"
 #include "proto/grpc_status.h"
 #include "proto/json.h"
@@ -54,7 +55,8 @@ ABSL_FLAG(std::string, values, "", "compress: values .npy [L, Hkv, N, d] (manage
 ABSL_FLAG(std::string, lengths, "", "compress: live rows per head .npy [L, Hkv] (int32/int64)");
 ABSL_FLAG(std::string, out, "", "compress: directory for the decision .npy files");
 ABSL_FLAG(std::string, session, "",
-          "compress: an existing session (else a temporary one); watch: comma-separated sessions");
+          "compress, watch: compress: an existing session (else a temporary one); watch: "
+          "comma-separated sessions (empty = all)");
 ABSL_FLAG(std::string, session_token, "",
           "close, compress --session: the session's token (CreateSession's answer), needed from "
           "another uid than the creator's or over TCP");
@@ -450,17 +452,58 @@ int CompressCommand(Client& client) {
 }
 
 int Run(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
-      "ReasonAlloc sidecar client.\n"
-      "  reasonalloc info|health|sessions [--target unix:///path]\n"
-      "  reasonalloc close SESSION_ID...\n"
-      "  reasonalloc compress --queries Q.npy --keys K.npy [--values V.npy] --out DIR\n"
-      "  reasonalloc watch [--session ID,...] [--model M] [--pool_interval S] [--count N]\n"
-      "  reasonalloc profiles | put-profile FILE.json [--overwrite] [--save]\n");
+  const ProgramHelp help{
+      .program = "reasonalloc",
+      .summary =
+          "the ReasonAlloc sidecar's command-line client: health probes, server and "
+          "session inspection, one-off compression of .npy tensors, a live metrics "
+          "view, layer profiles, and an offline replay of recorded traces.",
+      .synopses = {},
+      .commands =
+          {{"info", "reasonalloc info [--target T] [--json]",
+            "The server's version, build, backend, limits, metrics address and profiles."},
+           {"health", "reasonalloc health [--target T] [--service NAME] [--timeout_seconds S]",
+            "grpc.health.v1 Check; exits 0 only when the service answers SERVING (a "
+            "container probe)."},
+           {"sessions", "reasonalloc sessions [--target T] [--model M] [--json]",
+            "The live sessions: model, policy, budget, memory held, per-layer budgets (tokens "
+            "per KV head, the mean over the layer's heads)."},
+           {"close", "reasonalloc close SESSION_ID... [--session_token TOKEN]",
+            "Closes sessions and releases their arenas."},
+           {"compress",
+            "reasonalloc compress --queries Q.npy --keys K.npy [--values V.npy] [--lengths "
+            "L.npy] --out DIR [--session ID | policy flags]",
+            "One compression event on .npy tensors, in an existing session or a temporary one "
+            "built from the policy flags; writes the decision (kept indices, per-head "
+            "budgets, ...) as .npy files into --out."},
+           {"watch",
+            "reasonalloc watch [--session ID,...] [--model M] [--pool_interval S] [--count N] "
+            "[--plain]",
+            "Streams WatchMetrics: one record per compression event and the arena pool's "
+            "gauges; a live screen on a terminal, one line per record otherwise."},
+           {"profiles", "reasonalloc profiles [--target T] [--json]",
+            "The layer profiles the server holds, with their owner and provenance."},
+           {"put-profile", "reasonalloc put-profile FILE.json [--overwrite] [--save]",
+            "Sends a LayerProfile (JSON) to the server; --save also writes it into the "
+            "server's --profile_dir."},
+           {"replay",
+            "reasonalloc replay --trace DIR [--scorers ...] [--allocators ...] [--budgets ...] "
+            "[--csv FILE]",
+            "Offline (no server): replays a recorded trace through every scorer x allocator x "
+            "budget and prints attention recall."}},
+      .sources = {"client/cli/"},
+      .footer = absl::StrCat(
+          "--target defaults to $REASONALLOC_TARGET, else the server's default socket (",
+          kDefaultTarget,
+          ").\nExit status: 0 on success, 1 when "
+          "the server cannot be reached or refuses or fails a call (its gRPC code and "
+          "message are printed), 2 for a usage error (a command, flag, file or target "
+          "that is wrong).")};
+  if (const int rc = MaybePrintHelp(argc, argv, help, std::cout, std::cerr); rc >= 0) return rc;
   const auto spelled = NormalizeFlagSpelling(argc, argv);
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   if (args.size() < 2) {
-    std::cerr << absl::ProgramUsageMessage();
+    std::cerr << "usage: reasonalloc COMMAND [flags]; `reasonalloc --help` lists the commands\n";
     return kUsageError;
   }
   const std::string command = args[1];
