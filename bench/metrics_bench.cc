@@ -49,7 +49,7 @@ void BM_PublishToOneWatcher(benchmark::State& state) {
     for (int l = 0; l < d.num_layers; ++l) {
       int32_t layer = 0;
       for (int h = 0; h < d.num_kv_heads; ++h) layer += d.budgets[static_cast<size_t>(l * 8 + h)];
-      ev.add_layer_budgets(layer);
+      ev.add_layer_budgets(layer / d.num_kv_heads);  // tokens per KV head, as the server sends
     }
     hub.Publish(ev);
     (*w)->Next(absl::InfinitePast(), &e, &dropped);

@@ -880,7 +880,10 @@ void SidecarService::PublishEvent(const Session& session, int64_t step, uint64_t
       lo = (l == 0 && h == 0) ? b : std::min(lo, b);
       hi = std::max(hi, b);
     }
-    e.add_layer_budgets(layer);
+    // Tokens per KV head, the mean over the layer's heads (rounded): the unit of --budget and
+    // of GetSession's layer_budgets.
+    e.add_layer_budgets(static_cast<int32_t>(
+        std::lround(static_cast<double>(layer) / std::max(decision.num_kv_heads, 1))));
   }
   e.set_head_budget_spread(lo > 0 ? static_cast<double>(hi) / lo : 0.0);
   e.set_evicted_tokens(decision.evicted_tokens);

@@ -105,8 +105,8 @@ int WatchCommand(Client& client) {
       if (events > 0) {
         absl::StrAppendFormat(&screen,
                               "latest: session %s  model %s  step %d  evicted %d  %.3f ms  "
-                              "head spread %.2f\n\nper-layer budget (tokens over the layer's "
-                              "KV heads):\n",
+                              "head spread %.2f\n\nper-layer budget (tokens per KV head, the "
+                              "mean over the layer's heads):\n",
                               last.session_id(), last.model_name(), last.step(),
                               last.evicted_tokens(), last.timings().total_seconds() * 1e3,
                               last.head_budget_spread());

@@ -74,7 +74,8 @@ TEST_F(Cli, WatchPrintsEventsAndPoolGauges) {
   }
   auto r = watch.get();
   EXPECT_EQ(r.exit_code, 0) << r.output;
-  EXPECT_THAT(r.output, HasSubstr("layer_budgets=[16,16]"));
+  // Tokens per KV head (budget 8), not the layer's sum over its 2 heads.
+  EXPECT_THAT(r.output, HasSubstr("layer_budgets=[8,8]"));
   EXPECT_THAT(r.output, HasSubstr("evicted=48"));
   EXPECT_THAT(r.output, HasSubstr("pool unix_ms="));
   // A bad filter is the server's INVALID_ARGUMENT, exit 1.
