@@ -423,14 +423,17 @@ class RkvScorer final : public Scorer {
 };
 
 // StreamingLLM (docs/algorithms.md §2.3): sinks rank first, then newer tokens before older ones.
-// Positions are below 2^24 and exact in fp32; 2^24 itself outranks all of them.
+// "Newer" is the age from the head's end: row j of a head of n rows scores -(n - 1 - j), so that
+// heads of different lengths (ragged after any head-wise event) compare by recency when an
+// allocator pools their candidates, not by row index. Ages are below 2^24 and exact in fp32;
+// 2^24 outranks all of them.
 class StreamingScorer final : public Scorer {
  public:
   bool ScoreHead(const HeadInputs& in, std::span<float> out) const override {
     const int cand = in.n - in.window;
     const float sink_score = static_cast<float>(kMaxContext);
     for (int j = 0; j < cand; ++j) {
-      out[static_cast<size_t>(j)] = j < in.sinks ? sink_score : static_cast<float>(j);
+      out[static_cast<size_t>(j)] = j < in.sinks ? sink_score : static_cast<float>(j - (in.n - 1));
     }
     return true;
   }

@@ -278,14 +278,17 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// StreamingLLM: sinks first (2^24), then newer before older. Grid: (ceil(stride / kBlock), heads).
+// StreamingLLM: sinks first (2^24), then newer before older, newer being the age from the
+// head's end (-(n - 1 - j)) so that ragged heads compare by recency. Grid: (ceil(stride / kBlock),
+// heads).
 __global__ void StreamingKernel(const HeadDesc* heads, int window, int sinks, long long stride,
                                 float* scores, long long head0) {
   const long long gh = head0 + blockIdx.y;
-  const int cand = heads[gh].n - window;
+  const int n = heads[gh].n;
+  const int cand = n - window;
   const int j = blockIdx.x * kBlock + threadIdx.x;
   if (j < cand) {
-    scores[gh * stride + j] = j < sinks ? 16777216.0f : static_cast<float>(j);
+    scores[gh * stride + j] = j < sinks ? 16777216.0f : static_cast<float>(j - (n - 1));
   }
 }
 

@@ -68,7 +68,8 @@ def window_attention(q, k, first_row=0):
 
 def streaming(n, window, sinks):
     cand = max(0, n - window)
-    return np.array([1e9 if j < sinks else float(j) for j in range(cand)])
+    # Age from the head's end, so that heads of different lengths compare by recency.
+    return np.array([1e9 if j < sinks else float(j - (n - 1)) for j in range(cand)])
 
 
 def rkv(q, k, window, lam=0.1, threshold=0.5, **snap):

@@ -116,6 +116,30 @@ TEST(Engine, SnapKvKeepsTheKeysTheWindowAttendsTo) {
   EXPECT_EQ(d->evicted_tokens, 8);
 }
 
+TEST(Engine, StreamingRanksRaggedHeadsByAgeFromTheirEnds) {
+  // One layer, 2 KV heads of 30 and 14 rows, window 2, budget 8, sinks 4, adakv: both heads'
+  // candidates compete in one pool. Equal age ranks equal, so each head keeps its 4 sinks and its
+  // 2 newest candidates besides the window, budgets [8, 8]; ranking by row index would give the
+  // long head [10, 6] and keep its rows 24-25 (5 and 4 steps old) over the short head's rows
+  // 10-11 (3 and 2 steps old).
+  for (const std::string allocator : {"adakv", "reasonalloc"}) {
+    SessionConfig c = Config(1, 2, 2, 4, 8, "streaming");
+    c.budget.window = 2;
+    c.budget.sinks = 4;
+    c.allocator.name = allocator;
+    c.allocator.reasonalloc_mode = ReasonAllocMode::kHead;
+    auto engine = Engine::Create(c);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    std::vector<float> q(2 * 2 * 4, 1.0f), k(2 * 30 * 4, 1.0f);
+    std::vector<int32_t> lengths = {30, 14};
+    auto d = (*engine)->Compress({q.data(), k.data(), 30, lengths, {}});
+    ASSERT_TRUE(d.ok()) << d.status();
+    EXPECT_THAT(d->budgets, ElementsAre(8, 8)) << allocator;
+    EXPECT_THAT(d->Kept(0), ElementsAre(0, 1, 2, 3, 26, 27, 28, 29)) << allocator;
+    EXPECT_THAT(d->Kept(1), ElementsAre(0, 1, 2, 3, 10, 11, 12, 13)) << allocator;
+  }
+}
+
 TEST(Engine, RejectsLengthsOutOfRange) {
   auto engine = Engine::Create(Config(1, 1, 1, 2, 16, "snapkv"));
   ASSERT_TRUE(engine.ok());

@@ -110,6 +110,9 @@ TEST(Streaming, SinksFirstThenNewest) {
   EXPECT_EQ(s[0], s[1]);  // sinks tie (selection takes the lower ones first)
   EXPECT_GT(s[1], s[7]);  // every sink beats every other token
   for (int j = 2; j < 7; ++j) EXPECT_LT(s[j], s[j + 1]);  // newer beats older
+  // The score is minus the age from the head's end: row 7 of 10 rows is 2 steps old.
+  EXPECT_EQ(s[7], -2.0f);
+  EXPECT_EQ(s[2], -7.0f);
 }
 
 TEST(Rkv, ImportanceMinusRedundancyWithRetainLast) {
