@@ -8,7 +8,7 @@ queries like Grafana (variables: all sidecars and models; each panel's transform
 and draws each panel at its gridPos with matplotlib.
 
   REASONALLOC_SERVER_BINARY=build/server/reasonalloc-server REASONALLOC_PROTO_DIR=proto \\
-    .venv/bin/python bench/dashboard_snapshot.py --seconds 90 --out bench/results/dashboard.png
+    .venv/bin/python bench/dashboard_snapshot.py --seconds 120 --out bench/results/dashboard.png
 """
 import argparse
 import os

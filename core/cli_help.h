@@ -19,9 +19,11 @@
 
 #include "absl/flags/commandlineflag.h"
 #include "absl/flags/reflection.h"
+#include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/string_view.h"
+#include "core/build_info.h"
 
 namespace reasonalloc {
 
@@ -157,26 +159,48 @@ inline void PrintFlagGroups(std::ostream& out, const ProgramHelp& help, const st
 
 }  // namespace cli_help_internal
 
-// When argv asks for help (--help, -h, --helpshort, --helpfull, `help [COMMAND]` or
-// `COMMAND --help` for programs with subcommands), prints it to `out` and returns the exit
-// status (0, or 2 for `help` of an unknown command); returns -1 otherwise. --helpfull adds the
+// When argv asks for help (--help, -h, --helpshort, --helpfull and Abseil's other --help* forms,
+// `help [COMMAND]`, or `COMMAND --help` for programs with subcommands), prints it to `out` and
+// returns the exit status (0, or 2 for `help` of an unknown command); returns -1 otherwise.
+// Installs this program's --version text either way. --helpfull adds the
 // flags of the libraries linked in (Abseil's --version, --flagfile, ...).
 inline int MaybePrintHelp(int argc, char** argv, const ProgramHelp& help, std::ostream& out,
                           std::ostream& err) {
   namespace in = cli_help_internal;
+  // --version (Abseil's flag) prints this program's version and build.
+  absl::FlagsUsageConfig config;
+  config.version_string = [program = help.program] {
+    return std::string(program) + " " + kVersion + " (revision " + kGitRevision + ", " +
+           kBuildType + ", CUDA backend " + (kCudaBuilt ? "built" : "not built") + ")\n";
+  };
+  absl::SetFlagsUsageConfig(config);
   bool asked = false, full = false;
   std::vector<std::string> positional;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--") break;
-    if (arg == "--help" || arg == "-h" || arg == "-help" || arg == "--helpshort") asked = true;
-    if (arg == "--helpfull") asked = full = true;
+    if (arg == "-h" || arg == "-help") asked = true;
+    if (arg.rfind("--help", 0) == 0) {  // --help, --help=true, --helpfull, --helpon=..., ...
+      const std::string value =
+          arg.find('=') == std::string::npos ? "" : arg.substr(arg.find('=') + 1);
+      if (value != "false" && value != "0" && value != "no") asked = true;
+      if (arg != "--help" && arg != "--helpshort" && arg.rfind("--help=", 0) != 0) full = true;
+      continue;
+    }
+    if (arg.size() > 2 && arg[0] == '-' && arg[1] == '-' && arg.find('=') == std::string::npos) {
+      // A flag other than a bool takes the next argument as its value ("--text -h").
+      std::string name = arg.substr(2);
+      std::replace(name.begin(), name.end(), '-', '_');
+      const absl::CommandLineFlag* flag = absl::FindCommandLineFlag(name);
+      if (flag != nullptr && !flag->IsOfType<bool>()) ++i;
+      continue;
+    }
     if (!arg.empty() && arg[0] != '-') positional.push_back(arg);
   }
+  if (!positional.empty() && positional[0] == "help") asked = true;
   std::string command;
   if (!help.commands.empty() && !positional.empty()) {
     if (positional[0] == "help") {
-      asked = true;
       if (positional.size() > 1) command = positional[1];
     } else if (asked) {
       command = positional[0];

@@ -60,7 +60,8 @@ ABSL_FLAG(std::string, log_level, "",
 ABSL_FLAG(uint64_t, max_event_bytes, 0,
           "Most scratch bytes one compression event may allocate (scores, logits and similarity "
           "tiles, selection); a bigger event is RESOURCE_EXHAUSTED naming the dimension. 0 = an "
-          "eighth of physical memory, at least 256 MiB");
+          "eighth of physical memory or of the cgroup's memory limit, whichever is smaller, at "
+          "least 256 MiB");
 ABSL_FLAG(int32_t, max_profiles, 1024, "Most layer profiles held (loaded and put)");
 ABSL_FLAG(int32_t, max_connections_per_uid, 64,
           "Unix-socket connections one uid may hold open at once; more are closed at accept");
@@ -115,7 +116,8 @@ int main(int argc, char** argv) {
           "(REASONALLOC_MAX_ARENA_BYTES=...); the command line wins.\nSIGTERM or SIGINT "
           "drains: new calls are refused, calls in flight get --drain_timeout_seconds, "
           "then the sessions' arenas are released and the process exits 0.\nExit "
-          "status: 0 after a drain; not 0 when a flag is wrong or serving fails."};
+          "status: 0 after a drain; 1 when serving fails or a flag is unknown or malformed on the "
+          "command line; 2 for a bad value in the environment or a stray argument."};
   if (const int rc = reasonalloc::MaybePrintHelp(argc, argv, help, std::cout, std::cerr); rc >= 0) {
     return rc;
   }
@@ -171,7 +173,11 @@ int main(int argc, char** argv) {
   // the production binary does not pay for it on each call.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   const auto spelled = reasonalloc::NormalizeFlagSpelling(argc, argv);
-  absl::ParseCommandLine(argc, argv);
+  if (const std::vector<char*> rest = absl::ParseCommandLine(argc, argv); rest.size() > 1) {
+    std::cerr << "reasonalloc-server: unexpected argument \"" << rest[1]
+              << "\": the server takes flags only (reasonalloc-server --help)\n";
+    return 2;
+  }
 
   auto logger = spdlog::stderr_color_mt("reasonalloc");
   spdlog::set_default_logger(logger);

@@ -12,7 +12,8 @@
 //   reasonalloc put-profile [--target T] FILE.json [--overwrite] [--save]
 //   reasonalloc replay    --trace DIR [--scorers ...] [--allocators ...] [--budgets ...] [--csv F]
 //
-// Exit codes: 0 success, 1 the server answered with an error, 2 bad usage or local I/O error.
+// Exit codes: 0 success, 1 the server answered with an error (or Abseil's parser refused a flag),
+// 2 bad usage or local I/O error.
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -497,8 +498,9 @@ int Run(int argc, char** argv) {
           kDefaultTarget,
           ").\nExit status: 0 on success, 1 when "
           "the server cannot be reached or refuses or fails a call (its gRPC code and "
-          "message are printed), 2 for a usage error (a command, flag, file or target "
-          "that is wrong).")};
+          "message are printed), 2 for a usage error (a missing or unknown command, a "
+          "wrong file, value or target). An unknown or malformed flag is refused by the flag "
+          "parser with status 1.")};
   if (const int rc = MaybePrintHelp(argc, argv, help, std::cout, std::cerr); rc >= 0) return rc;
   const auto spelled = NormalizeFlagSpelling(argc, argv);
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);

@@ -108,6 +108,38 @@ def test_an_unknown_flag_is_still_refused():
     assert r.returncode != 0 and "no_such_flag" in r.stderr
 
 
-def test_version():
-    r = run("reasonalloc-server", "--version")
-    assert r.returncode == 0 and r.stdout.strip()
+@pytest.mark.parametrize("program", PROGRAMS)
+def test_version_names_the_program_and_its_version(program):
+    cmake = open(os.path.join(REPO, "CMakeLists.txt")).read()
+    version = re.search(r"project\(\s*\w+\s+VERSION\s+([0-9.]+)", cmake).group(1)
+    r = run(program, "--version")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith(f"{program} {version} (revision "), r.stdout
+    assert "Debug build" not in r.stdout
+
+
+@pytest.mark.parametrize("form", [["--help=true"], ["--helpon=main"], ["--helpmatch=max"],
+                                  ["--helppackage"], ["help"]])
+def test_abseils_other_help_forms_and_help_print_the_same_help(form):
+    r = run("reasonalloc-server", *form)
+    assert r.returncode == 0, (form, r.stderr)
+    assert r.stdout.startswith("reasonalloc-server: ") and "  --max_sessions (default: " in r.stdout
+
+
+def test_help_false_is_no_help():
+    r = run("reasonalloc", "--help=false")
+    assert r.returncode == 2 and "reasonalloc --help" in r.stderr  # no command: usage error
+
+
+def test_a_flag_value_that_looks_like_help_is_a_value():
+    # --text takes the next argument as its value: "-h" is tokenized, not a request for help.
+    r = run("reasonalloc-worker", "tokenize", "--text", "-h", "--model=/nonexistent/m.gguf")
+    assert "Usage:" not in r.stdout and "/nonexistent/m.gguf" in r.stderr, (r.stdout, r.stderr)
+    # A flag with a value before the command does not hide the command.
+    r = run("reasonalloc", "--target", "unix:///nonexistent.sock", "close", "--help")
+    assert r.returncode == 0 and r.stdout.startswith("Usage:\n  reasonalloc close"), r.stdout
+
+
+def test_the_server_refuses_stray_arguments():
+    r = run("reasonalloc-server", "serve")
+    assert r.returncode == 2 and "unexpected argument \"serve\"" in r.stderr, r.stderr
