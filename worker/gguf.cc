@@ -73,6 +73,14 @@ std::pair<uint64_t, int64_t> BlockSize(uint32_t type) {
       return {18, 32};
     case GgmlType::kQ4_1:
       return {20, 32};
+    case GgmlType::kQ5_0:
+      return {22, 32};
+    case GgmlType::kQ4_K:
+      return {144, 256};
+    case GgmlType::kQ5_K:
+      return {176, 256};
+    case GgmlType::kQ6_K:
+      return {210, 256};
   }
   return {0, 0};
 }
@@ -174,6 +182,72 @@ Block LoadBlock(const unsigned char* p) {
   return b;
 }
 
+// The 6-bit scale and min of sub-block j (0..7) from the 12 packed bytes of a Q4_K/Q5_K
+// super-block: bytes 0-3 hold the low 6 bits of scales 0-3, bytes 4-7 those of mins 0-3, and
+// bytes 8-11 the low 4 bits of scales/mins 4-7, whose top 2 bits sit in the top of bytes 0-7.
+void ScaleMinK4(int j, const unsigned char* q, int* scale, int* min) {
+  if (j < 4) {
+    *scale = q[j] & 63;
+    *min = q[j + 4] & 63;
+  } else {
+    *scale = (q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4);
+    *min = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// Q4_K (144 bytes per 256): fp16 d, fp16 dmin, 12 bytes of scales, 128 bytes of nibbles. Each
+// 64 values use 32 bytes: the low nibbles are sub-block 2i, the high nibbles sub-block 2i + 1;
+// x = d·scale·q − dmin·min. Q5_K (176 bytes) adds 32 bytes of fifth bits before the nibbles: bit
+// 2i of qh[l] is the high bit of sub-block 2i's value l, bit 2i + 1 of sub-block 2i + 1's.
+void DequantizeQ45K(bool five, const unsigned char* src, float* y) {
+  uint16_t dh, mh;
+  std::memcpy(&dh, src, 2);
+  std::memcpy(&mh, src + 2, 2);
+  const float d = HalfToFloat(dh), dmin = HalfToFloat(mh);
+  const unsigned char* scales = src + 4;
+  const unsigned char* qh = src + 16;
+  const unsigned char* ql = src + (five ? 48 : 16);
+  for (int i = 0; i < 4; ++i, ql += 32) {
+    int sc, m;
+    ScaleMinK4(2 * i, scales, &sc, &m);
+    const float d1 = d * static_cast<float>(sc), m1 = dmin * static_cast<float>(m);
+    ScaleMinK4(2 * i + 1, scales, &sc, &m);
+    const float d2 = d * static_cast<float>(sc), m2 = dmin * static_cast<float>(m);
+    for (int l = 0; l < 32; ++l) {
+      const int hi1 = five ? ((qh[l] >> (2 * i)) & 1) << 4 : 0;
+      const int hi2 = five ? ((qh[l] >> (2 * i + 1)) & 1) << 4 : 0;
+      y[64 * i + l] = d1 * static_cast<float>((ql[l] & 0x0F) | hi1) - m1;
+      y[64 * i + 32 + l] = d2 * static_cast<float>((ql[l] >> 4) | hi2) - m2;
+    }
+  }
+}
+
+// Q6_K (210 bytes per 256): 128 bytes of low nibbles, 64 bytes of high 2-bit pairs, 16 int8
+// scales (one per 16 values), fp16 d; x = d·scale·(q − 32). Each half of 128 values uses 64
+// low-nibble bytes and 32 high bytes: value l + 32·k (k = 0..3) takes the low (k even) or high
+// nibble of ql[l + 32·(k & 1)] and bits 2k, 2k + 1 of qh[l].
+void DequantizeQ6K(const unsigned char* src, float* y) {
+  uint16_t dh;
+  std::memcpy(&dh, src + 208, 2);
+  const float d = HalfToFloat(dh);
+  const unsigned char* ql = src;
+  const unsigned char* qh = src + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(src + 192);
+  for (int half = 0; half < 2; ++half, y += 128, ql += 64, qh += 32, sc += 8) {
+    for (int l = 0; l < 32; ++l) {
+      const int is = l / 16;
+      const int q1 = ((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
+      const int q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+      const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+      const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+      y[l] = d * static_cast<float>(sc[is]) * static_cast<float>(q1);
+      y[l + 32] = d * static_cast<float>(sc[is + 2]) * static_cast<float>(q2);
+      y[l + 64] = d * static_cast<float>(sc[is + 4]) * static_cast<float>(q3);
+      y[l + 96] = d * static_cast<float>(sc[is + 6]) * static_cast<float>(q4);
+    }
+  }
+}
+
 void DequantizeRow(uint32_t type, const unsigned char* src, int64_t n, float* dst) {
   switch (static_cast<GgmlType>(type)) {
     case GgmlType::kF32:
@@ -218,6 +292,32 @@ void DequantizeRow(uint32_t type, const unsigned char* src, int64_t n, float* ds
           dst[b * 32 + j + 16] = d * static_cast<float>(src[4 + j] >> 4) + m;
         }
       }
+      return;
+    case GgmlType::kQ5_0:
+      // fp16 d, 32 fifth bits (bit j of value j), 16 bytes of nibbles; x = d·(q − 16).
+      for (int64_t b = 0; b < n / 32; ++b, src += 22) {
+        uint16_t dh;
+        uint32_t qh;
+        std::memcpy(&dh, src, 2);
+        std::memcpy(&qh, src + 2, 4);
+        const float d = HalfToFloat(dh);
+        for (int j = 0; j < 16; ++j) {
+          const int lo = (src[6 + j] & 0x0F) | static_cast<int>(((qh >> j) << 4) & 0x10);
+          const int hi = (src[6 + j] >> 4) | static_cast<int>((qh >> (j + 12)) & 0x10);
+          dst[b * 32 + j] = d * static_cast<float>(lo - 16);
+          dst[b * 32 + j + 16] = d * static_cast<float>(hi - 16);
+        }
+      }
+      return;
+    case GgmlType::kQ4_K:
+    case GgmlType::kQ5_K: {
+      const bool five = type == static_cast<uint32_t>(GgmlType::kQ5_K);
+      const int64_t bytes = five ? 176 : 144;
+      for (int64_t b = 0; b < n / 256; ++b) DequantizeQ45K(five, src + b * bytes, dst + b * 256);
+      return;
+    }
+    case GgmlType::kQ6_K:
+      for (int64_t b = 0; b < n / 256; ++b) DequantizeQ6K(src + b * 210, dst + b * 256);
       return;
   }
 }
@@ -480,10 +580,11 @@ absl::StatusOr<std::vector<float>> GgufFile::Dequantize(
   if (!t.ok()) return t.status();
   const GgufTensor& tensor = **t;
   if (tensor.data == nullptr) {
-    return absl::UnimplementedError(absl::StrCat("tensor ", name, " has type ",
-                                                 GgmlTypeName(tensor.type),
-                                                 ", which this reader does not support (F32, F16, "
-                                                 "BF16, Q8_0, Q4_0 and Q4_1 are)"));
+    return absl::UnimplementedError(
+        absl::StrCat("tensor ", name, " has type ", GgmlTypeName(tensor.type),
+                     ", which this reader does not support (F32, F16, "
+                     "BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q5_K and Q6_K "
+                     "are)"));
   }
   if (!expected.empty() && expected != tensor.dims) {
     std::string want, got;

@@ -2,8 +2,9 @@
 //
 // The file is mapped read-only; every offset, count and length read from it is checked against the
 // file's size before use, so a truncated or corrupt file is an error naming what is wrong, never a
-// read outside the mapping. Tensor types F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are dequantised; any
-// other type is an error naming the tensor and the type.
+// read outside the mapping. Tensor types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0 and the k-quants
+// Q4_K, Q5_K and Q6_K (ggml's 256-value super-blocks) are dequantised; any other type is an error
+// naming the tensor and the type.
 #ifndef REASONALLOC_WORKER_GGUF_H_
 #define REASONALLOC_WORKER_GGUF_H_
 
@@ -23,7 +24,11 @@ enum class GgmlType : uint32_t {
   kF16 = 1,
   kQ4_0 = 2,
   kQ4_1 = 3,
+  kQ5_0 = 6,
   kQ8_0 = 8,
+  kQ4_K = 12,
+  kQ5_K = 13,
+  kQ6_K = 14,
   kBF16 = 30,
 };
 std::string GgmlTypeName(uint32_t type);

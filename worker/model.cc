@@ -17,15 +17,27 @@ void RmsNorm(const float* x, const float* w, int n, float eps, float* out) {
   for (int i = 0; i < n; ++i) out[i] = x[i] * scale * w[i];
 }
 
-// Rotates adjacent pairs (x[2i], x[2i+1]) by pos·θ^(−2i/d): llama.cpp's "normal" RoPE, which is
-// what the GGUF conversion's permutation of the Q and K weights expects.
-void Rope(float* x, int d, int64_t pos, const std::vector<float>& inv_freq) {
+// Rotates pairs by pos·θ^(−2i/d). Normal RoPE (llama.cpp's LLAMA_ROPE_TYPE_NORM, for `llama`)
+// pairs adjacent values (x[2i], x[2i+1]), which is what the GGUF converter's permutation of the Q
+// and K weights expects; NEOX RoPE (LLAMA_ROPE_TYPE_NEOX, for `qwen2`, whose weights the converter
+// leaves as Hugging Face has them) pairs x[i] with x[i + d/2].
+void Rope(float* x, int d, int64_t pos, const std::vector<float>& inv_freq, bool neox) {
+  const int stride = neox ? 1 : 2, offset = neox ? d / 2 : 1;
   for (int i = 0; i < d / 2; ++i) {
     const double angle = static_cast<double>(pos) * inv_freq[static_cast<size_t>(i)];
     const float c = static_cast<float>(std::cos(angle)), s = static_cast<float>(std::sin(angle));
-    const float a = x[2 * i], b = x[2 * i + 1];
-    x[2 * i] = a * c - b * s;
-    x[2 * i + 1] = a * s + b * c;
+    float* p = x + stride * i;
+    const float a = p[0], b = p[offset];
+    p[0] = a * c - b * s;
+    p[offset] = a * s + b * c;
+  }
+}
+
+void AddBias(const std::vector<float>& bias, int rows, float* y) {
+  if (bias.empty()) return;
+  const size_t n = bias.size();
+  for (int r = 0; r < rows; ++r) {
+    for (size_t i = 0; i < n; ++i) y[static_cast<size_t>(r) * n + i] += bias[i];
   }
 }
 
@@ -95,18 +107,22 @@ void MatMul(const float* x, int m, const float* w, int n, int k, float* y) {
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const GgufFile& file) {
   auto arch = file.GetString("general.architecture");
   if (!arch.ok()) return arch.status();
-  if (*arch != "llama") {
-    return absl::UnimplementedError(
-        absl::StrCat("general.architecture \"", *arch, "\" is not supported (llama is)"));
+  if (*arch != "llama" && *arch != "qwen2") {
+    return absl::UnimplementedError(absl::StrCat("general.architecture \"", *arch,
+                                                 "\" is not supported (llama and qwen2 are)"));
   }
   std::unique_ptr<Model> m(new Model());
   ModelConfig& c = m->config_;
-  c.name = file.GetString("general.name").value_or("llama");
+  c.architecture = *arch;
+  c.rope_neox = *arch == "qwen2";
+  c.name = file.GetString("general.name").value_or(*arch);
+  // Hyperparameters live under the architecture's own prefix ("llama.block_count", ...).
+  const std::string prefix = *arch + ".";
   auto get = [&](const char* key, int* out) -> absl::Status {
-    auto v = file.GetInt(absl::StrCat("llama.", key));
+    auto v = file.GetInt(prefix + key);
     if (!v.ok()) return v.status();
     if (*v <= 0 || *v > (1 << 24)) {
-      return absl::InvalidArgumentError(absl::StrCat("llama.", key, " = ", *v));
+      return absl::InvalidArgumentError(absl::StrCat(prefix, key, " = ", *v));
     }
     *out = static_cast<int>(*v);
     return absl::OkStatus();
@@ -124,9 +140,23 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const GgufFile& file) {
   }
   c.head_dim = c.embd / c.q_heads;
   if (c.head_dim % 2 != 0) return absl::InvalidArgumentError("odd head dimension");
-  c.rope_theta = static_cast<float>(file.GetFloat("llama.rope.freq_base").value_or(10000.0));
+  // What this forward pass does not implement is an error, never a silently wrong model.
+  for (const char* key :
+       {"attention.key_length", "attention.value_length", "rope.dimension_count"}) {
+    if (auto v = file.GetInt(prefix + key); v.ok() && *v != c.head_dim) {
+      return absl::UnimplementedError(absl::StrCat(prefix, key, " = ", *v, " differs from ",
+                                                   "embedding_length / head_count = ", c.head_dim,
+                                                   ", which this worker does not support"));
+    }
+  }
+  if (auto scaling = file.GetString(prefix + "rope.scaling.type");
+      scaling.ok() && *scaling != "none") {
+    return absl::UnimplementedError(
+        absl::StrCat(prefix, "rope.scaling.type \"", *scaling, "\" is not supported"));
+  }
+  c.rope_theta = static_cast<float>(file.GetFloat(prefix + "rope.freq_base").value_or(10000.0));
   c.rms_eps =
-      static_cast<float>(file.GetFloat("llama.attention.layer_norm_rms_epsilon").value_or(1e-5));
+      static_cast<float>(file.GetFloat(prefix + "attention.layer_norm_rms_epsilon").value_or(1e-5));
   auto embed = file.Tensor("token_embd.weight");
   if (!embed.ok()) return embed.status();
   if ((*embed)->dims.size() != 2 || (*embed)->dims[0] != c.embd) {
@@ -143,6 +173,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const GgufFile& file) {
   };
   if (auto s = load("token_embd.weight", {c.embd, c.vocab}, &m->embed_); !s.ok()) return s;
   if (auto s = load("output_norm.weight", {c.embd}, &m->output_norm_); !s.ok()) return s;
+  // An untied output head when the file has one; the token embeddings otherwise.
   if (file.Tensor("output.weight").ok()) {
     if (auto s = load("output.weight", {c.embd, c.vocab}, &m->output_); !s.ok()) return s;
   }
@@ -154,15 +185,26 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const GgufFile& file) {
       const char* name;
       std::vector<int64_t> shape;
       std::vector<float>* out;
+      bool required;
     };
+    // Biases: qwen2 has them on Q, K and V; llama.cpp also reads optional ones for llama.
     const Item items[] = {
-        {"attn_norm.weight", {c.embd}, &L.attn_norm},    {"attn_q.weight", {c.embd, c.embd}, &L.wq},
-        {"attn_k.weight", {c.embd, kv_dim}, &L.wk},      {"attn_v.weight", {c.embd, kv_dim}, &L.wv},
-        {"attn_output.weight", {c.embd, c.embd}, &L.wo}, {"ffn_norm.weight", {c.embd}, &L.ffn_norm},
-        {"ffn_gate.weight", {c.embd, c.ff}, &L.w_gate},  {"ffn_up.weight", {c.embd, c.ff}, &L.w_up},
-        {"ffn_down.weight", {c.ff, c.embd}, &L.w_down},
+        {"attn_norm.weight", {c.embd}, &L.attn_norm, true},
+        {"attn_q.weight", {c.embd, c.embd}, &L.wq, true},
+        {"attn_k.weight", {c.embd, kv_dim}, &L.wk, true},
+        {"attn_v.weight", {c.embd, kv_dim}, &L.wv, true},
+        {"attn_output.weight", {c.embd, c.embd}, &L.wo, true},
+        {"attn_q.bias", {c.embd}, &L.bq, *arch == "qwen2"},
+        {"attn_k.bias", {kv_dim}, &L.bk, *arch == "qwen2"},
+        {"attn_v.bias", {kv_dim}, &L.bv, *arch == "qwen2"},
+        {"attn_output.bias", {c.embd}, &L.bo, false},
+        {"ffn_norm.weight", {c.embd}, &L.ffn_norm, true},
+        {"ffn_gate.weight", {c.embd, c.ff}, &L.w_gate, true},
+        {"ffn_up.weight", {c.embd, c.ff}, &L.w_up, true},
+        {"ffn_down.weight", {c.ff, c.embd}, &L.w_down, true},
     };
     for (const Item& item : items) {
+      if (!item.required && !file.Tensor(p + item.name).ok()) continue;
       if (auto s = load(p + item.name, item.shape, item.out); !s.ok()) return s;
     }
   }
@@ -170,6 +212,12 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const GgufFile& file) {
   for (int i = 0; i < c.head_dim / 2; ++i) {
     m->inv_freq_[static_cast<size_t>(i)] =
         static_cast<float>(std::pow(static_cast<double>(c.rope_theta), -2.0 * i / c.head_dim));
+  }
+  // Llama 3's long-context RoPE ships as per-frequency divisors (llama.cpp's freq_factors).
+  if (file.Tensor("rope_freqs.weight").ok()) {
+    std::vector<float> factors;
+    if (auto s = load("rope_freqs.weight", {c.head_dim / 2}, &factors); !s.ok()) return s;
+    for (size_t i = 0; i < factors.size(); ++i) m->inv_freq_[i] /= factors[i];
   }
   return m;
 }
@@ -202,13 +250,16 @@ void Model::Step(const std::vector<int32_t>& tokens, const std::vector<int64_t>&
     MatMul(h.data(), B, L.wq.data(), E, E, q.data());
     MatMul(h.data(), B, L.wk.data(), kv_dim, E, k.data());
     MatMul(h.data(), B, L.wv.data(), kv_dim, E, v.data());
+    AddBias(L.bq, B, q.data());
+    AddBias(L.bk, B, k.data());
+    AddBias(L.bv, B, v.data());
     // Per (sequence, kv head): RoPE, store the new row, attend with the head's query group.
     pool.ParallelFor(int64_t{B} * Hkv, [&](int64_t job) {
       const int b = static_cast<int>(job / Hkv), g = static_cast<int>(job % Hkv);
       const int64_t pos = positions[static_cast<size_t>(b)];
       float* kr = k.data() + (static_cast<size_t>(b) * Hkv + g) * d;
       const float* vr = v.data() + (static_cast<size_t>(b) * Hkv + g) * d;
-      Rope(kr, d, pos, inv_freq_);
+      Rope(kr, d, pos, inv_freq_, c.rope_neox);
       const int n = kv->Length(b, l, g);
       std::copy_n(kr, d, kv->KeyRow(b, l, g, n));
       std::copy_n(vr, d, kv->ValueRow(b, l, g, n));
@@ -219,7 +270,7 @@ void Model::Step(const std::vector<int32_t>& tokens, const std::vector<int64_t>&
       const float* values = kv->ValueRow(b, l, g, 0);
       for (int qh = g * group; qh < (g + 1) * group; ++qh) {
         float* qr = q.data() + static_cast<size_t>(b) * E + static_cast<size_t>(qh) * d;
-        Rope(qr, d, pos, inv_freq_);
+        Rope(qr, d, pos, inv_freq_, c.rope_neox);
         std::copy_n(qr, d,
                     out->queries.data() + ((static_cast<size_t>(b) * c.layers + l) * Hq + qh) * d);
       }
@@ -230,6 +281,7 @@ void Model::Step(const std::vector<int32_t>& tokens, const std::vector<int64_t>&
                   attn.data() + static_cast<size_t>(b) * E + static_cast<size_t>(g) * group * d);
     });
     MatMul(attn.data(), B, L.wo.data(), E, E, proj.data());
+    AddBias(L.bo, B, proj.data());
     for (size_t i = 0; i < x.size(); ++i) x[i] += proj[i];
     for (int b = 0; b < B; ++b) {
       RmsNorm(x.data() + static_cast<size_t>(b) * E, L.ffn_norm.data(), E, c.rms_eps,

@@ -1,7 +1,10 @@
-// The Llama forward pass on the CPU in fp32, one decode step for a batch of sequences at a time:
-// RMSNorm, RoPE (adjacent pairs, the GGUF convention) with the file's θ, grouped-query attention
-// over whatever rows a KvStore holds for each head, SwiGLU, tied or separate output embeddings.
-// Weights are dequantised to fp32 once at load; the matrix products go through core's BLAS.
+// The Llama-family forward pass on the CPU in fp32, one decode step for a batch of sequences at a
+// time: RMSNorm, RoPE with the file's θ, grouped-query attention over whatever rows a KvStore holds
+// for each head, SwiGLU, tied or separate output embeddings. Two GGUF architectures: `llama` (also
+// Mistral and SmolLM; adjacent-pair RoPE, which the converter's permutation of Q and K expects;
+// optional rope_freqs factors) and `qwen2` (biases on Q, K and V; NEOX RoPE over the two halves of
+// each head, as llama.cpp runs it). Weights are dequantised to fp32 once at load; the matrix
+// products go through core's BLAS.
 #ifndef REASONALLOC_WORKER_MODEL_H_
 #define REASONALLOC_WORKER_MODEL_H_
 
@@ -17,6 +20,8 @@ namespace reasonalloc::worker {
 
 struct ModelConfig {
   std::string name;
+  std::string architecture;  // general.architecture: "llama" or "qwen2"
+  bool rope_neox = false;    // rotate (x[i], x[i + d/2]) rather than (x[2i], x[2i+1])
   int layers = 0, embd = 0, ff = 0, q_heads = 0, kv_heads = 0, head_dim = 0, vocab = 0;
   int context = 0;
   float rope_theta = 10000.0f, rms_eps = 1e-5f;
@@ -53,12 +58,13 @@ class Model {
  private:
   struct Layer {
     std::vector<float> attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down;
+    std::vector<float> bq, bk, bv, bo;  // empty when the file has no bias
   };
   Model() = default;
   ModelConfig config_;
   std::vector<float> embed_, output_, output_norm_;  // output_ empty when tied
   std::vector<Layer> layers_;
-  std::vector<float> inv_freq_;  // [d/2]
+  std::vector<float> inv_freq_;  // [d/2], divided by rope_freqs.weight where the file has it
 };
 
 // A full cache in process memory: every row kept (the reference the sidecar is measured against).

@@ -1,7 +1,8 @@
 // The GGUF reader on small hand-written files: metadata of every scalar type, strings and arrays;
-// dequantisation of F32, F16, Q8_0, Q4_0 and Q4_1 blocks against values computed by hand; and the
-// errors for an unsupported type (naming tensor and type), a truncated file, a tensor past the end
-// and a bad magic.
+// dequantisation of F32, F16, Q8_0, Q4_0, Q4_1 and Q5_0 blocks against values computed by hand, and
+// of Q4_K, Q5_K and Q6_K super-blocks packed here from chosen scales and quants; and the errors for
+// an unsupported type (naming tensor and type), a truncated file, a tensor past the end and a bad
+// magic. (tests/worker/test_architectures.py compares every type against the gguf package.)
 #include "worker/gguf.h"
 
 #include <unistd.h>
@@ -140,16 +141,131 @@ TEST(Gguf, ReadsMetadataAndDequantisesEveryBlockType) {
   EXPECT_NE(shape.status().message().find("q4_1"), std::string::npos);
 }
 
+// Packs one k-quant super-block from its logical contents, following ggml's block layouts, and
+// returns the values the block stands for (computed from those contents, not from the bytes).
+struct KBlock {
+  std::string bytes;
+  std::vector<float> values;
+};
+
+KBlock PackQ45K(bool five, unsigned seed) {
+  const float d = 0.125f, dmin = 0.5f;
+  int sc[8], mn[8], q[256];
+  for (int j = 0; j < 8; ++j) {
+    sc[j] = static_cast<int>((seed * 7 + 13 * j) % 64);
+    mn[j] = static_cast<int>((seed * 3 + 29 * j + 5) % 64);
+  }
+  for (int v = 0; v < 256; ++v) q[v] = static_cast<int>((seed + 11 * v + v / 7) % (five ? 32 : 16));
+  unsigned char scales[12] = {};
+  for (int j = 0; j < 8; ++j) {
+    if (j < 4) {
+      scales[j] |= static_cast<unsigned char>(sc[j]);
+      scales[j + 4] |= static_cast<unsigned char>(mn[j]);
+    } else {
+      scales[j + 4] = static_cast<unsigned char>((sc[j] & 0xF) | ((mn[j] & 0xF) << 4));
+      scales[j - 4] |= static_cast<unsigned char>((sc[j] >> 4) << 6);
+      scales[j] |= static_cast<unsigned char>((mn[j] >> 4) << 6);
+    }
+  }
+  KBlock b;
+  b.bytes = Half(d) + Half(dmin) + std::string(reinterpret_cast<char*>(scales), 12);
+  if (five) {
+    std::string qh(32, '\0');
+    for (int v = 0; v < 256; ++v)
+      qh[v % 32] = static_cast<char>(qh[v % 32] | ((q[v] >> 4) << (v / 32)));
+    b.bytes += qh;
+  }
+  for (int i = 0; i < 4; ++i) {
+    for (int l = 0; l < 32; ++l) {
+      b.bytes += static_cast<char>((q[64 * i + l] & 0xF) | ((q[64 * i + 32 + l] & 0xF) << 4));
+    }
+  }
+  for (int v = 0; v < 256; ++v) b.values.push_back(d * sc[v / 32] * q[v] - dmin * mn[v / 32]);
+  return b;
+}
+
+KBlock PackQ6K(unsigned seed) {
+  const float d = 0.0625f;
+  int sc[16], q[256];
+  for (int j = 0; j < 16; ++j) sc[j] = static_cast<int>((seed * 5 + 37 * j) % 256) - 128;
+  for (int v = 0; v < 256; ++v) q[v] = static_cast<int>((seed + 23 * v + v / 5) % 64);
+  std::string ql(128, '\0'), qh(64, '\0');
+  for (int v = 0; v < 256; ++v) {
+    const int h = v / 128, k = (v % 128) / 32, l = v % 32;
+    const int lo_byte = 64 * h + l + 32 * (k & 1);
+    ql[lo_byte] = static_cast<char>(ql[lo_byte] | ((q[v] & 0xF) << (k < 2 ? 0 : 4)));
+    qh[32 * h + l] = static_cast<char>(qh[32 * h + l] | ((q[v] >> 4) << (2 * k)));
+  }
+  KBlock b;
+  b.bytes = ql + qh;
+  for (int j = 0; j < 16; ++j) b.bytes += static_cast<char>(static_cast<int8_t>(sc[j]));
+  b.bytes += Half(d);
+  for (int v = 0; v < 256; ++v) b.values.push_back(d * sc[v / 16] * (q[v] - 32));
+  return b;
+}
+
+TEST(Gguf, DequantisesKQuantSuperBlocks) {
+  const KBlock q4[2] = {PackQ45K(false, 1), PackQ45K(false, 2)};
+  const KBlock q5[2] = {PackQ45K(true, 3), PackQ45K(true, 4)};
+  const KBlock q6[2] = {PackQ6K(5), PackQ6K(6)};
+  ASSERT_EQ(q4[0].bytes.size(), 144u);
+  ASSERT_EQ(q5[0].bytes.size(), 176u);
+  ASSERT_EQ(q6[0].bytes.size(), 210u);
+  // Q5_0: value j of a block is d·(q − 16) with q's fifth bit in bit j of qh.
+  std::string q5_0 = Half(0.5f);
+  uint32_t qh = 0;
+  std::string nibbles;
+  for (int j = 0; j < 32; ++j) qh |= static_cast<uint32_t>(((j * 7) >> 4) & 1) << j;
+  q5_0.append(reinterpret_cast<const char*>(&qh), 4);
+  for (int j = 0; j < 16; ++j) {
+    nibbles += static_cast<char>(((j * 7) & 0xF) | ((((j + 16) * 7) & 0xF) << 4));
+  }
+  q5_0 += nibbles;
+  const std::string path = WriteTemp(MakeFile({{"q4_k", 12, {256, 2}, q4[0].bytes + q4[1].bytes},
+                                               {"q5_k", 13, {256, 2}, q5[0].bytes + q5[1].bytes},
+                                               {"q6_k", 14, {512}, q6[0].bytes + q6[1].bytes},
+                                               {"q5_0", 6, {32}, q5_0}}));
+  auto file = GgufFile::Open(path);
+  unlink(path.c_str());
+  ASSERT_TRUE(file.ok()) << file.status();
+  for (const auto& [name, blocks] : {std::pair{"q4_k", q4}, {"q5_k", q5}, {"q6_k", q6}}) {
+    auto v = (*file)->Dequantize(name);
+    ASSERT_TRUE(v.ok()) << v.status();
+    ASSERT_EQ(v->size(), 512u);
+    for (int i = 0; i < 512; ++i) {
+      EXPECT_FLOAT_EQ((*v)[i], blocks[i / 256].values[i % 256]) << name << " " << i;
+    }
+  }
+  auto v50 = *(*file)->Dequantize("q5_0");
+  for (int j = 0; j < 32; ++j) EXPECT_FLOAT_EQ(v50[j], 0.5f * (((j * 7) & 31) - 16)) << j;
+}
+
+TEST(Gguf, KQuantRowsAreWholeSuperBlocksInsideTheFile) {
+  // A row of 128 is not a whole super-block of 256.
+  std::string path = WriteTemp(MakeFile({{"w", 14, {128, 2}, std::string(210, '\0')}}));
+  auto file = GgufFile::Open(path);
+  unlink(path.c_str());
+  ASSERT_FALSE(file.ok());
+  EXPECT_NE(file.status().message().find("whole blocks"), std::string::npos) << file.status();
+  // Two Q4_K super-blocks declared, one present.
+  std::string bytes = MakeFile({{"w", 12, {512}, std::string(144, '\0')}});
+  path = WriteTemp(bytes);
+  file = GgufFile::Open(path);
+  unlink(path.c_str());
+  ASSERT_FALSE(file.ok());
+  EXPECT_NE(file.status().message().find("past the end"), std::string::npos) << file.status();
+}
+
 TEST(Gguf, UnsupportedTypeNamesTensorAndType) {
   const std::string path =
-      WriteTemp(MakeFile({{"blk.0.ffn_up.weight", 13, {256}, std::string(176, '\0')}}));
+      WriteTemp(MakeFile({{"blk.0.ffn_up.weight", 10, {256}, std::string(84, '\0')}}));
   auto file = GgufFile::Open(path);
   unlink(path.c_str());
   ASSERT_TRUE(file.ok()) << file.status();
   auto v = (*file)->Dequantize("blk.0.ffn_up.weight");
   ASSERT_FALSE(v.ok());
   EXPECT_NE(v.status().message().find("blk.0.ffn_up.weight"), std::string::npos) << v.status();
-  EXPECT_NE(v.status().message().find("Q5_K"), std::string::npos) << v.status();
+  EXPECT_NE(v.status().message().find("Q2_K"), std::string::npos) << v.status();
 }
 
 TEST(Gguf, CorruptFilesAreErrorsNotCrashes) {
