@@ -180,11 +180,11 @@ inline int MaybePrintHelp(int argc, char** argv, const ProgramHelp& help, std::o
     const std::string arg = argv[i];
     if (arg == "--") break;
     if (arg == "-h" || arg == "-help") asked = true;
-    if (arg.rfind("--help", 0) == 0) {  // --help, --help=true, --helpfull, --helpon=..., ...
-      const std::string value =
-          arg.find('=') == std::string::npos ? "" : arg.substr(arg.find('=') + 1);
-      if (value != "false" && value != "0" && value != "no") asked = true;
-      if (arg != "--help" && arg != "--helpshort" && arg.rfind("--help=", 0) != 0) full = true;
+    // --help, --helpfull, and Abseil's --help=SUBSTRING, --helpon=FILE, --helpmatch=SUBSTRING,
+    // --helppackage: all of them get this help (the filtering forms the whole of it).
+    if (arg.rfind("--help", 0) == 0) {
+      asked = true;
+      if (arg != "--help" && arg != "--helpshort") full = true;
       continue;
     }
     if (arg.size() > 2 && arg[0] == '-' && arg[1] == '-' && arg.find('=') == std::string::npos) {

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <iostream>
 
 #include "absl/strings/str_cat.h"
 #include "core/thread_pool.h"
@@ -86,6 +87,13 @@ absl::StatusOr<std::unique_ptr<SidecarBackend>> SidecarBackend::Open(
     if (!request.ok()) return request.status();
     auto created = client->CreateSession(*request);
     if (!created.ok()) return created.status();
+    // The sidecar's warnings (no layer profile for this model, ...) are the same for every
+    // sequence of a batch: print the first session's.
+    if (backend->ids_.empty()) {
+      for (const std::string& w : created->warnings()) {
+        std::cerr << "reasonalloc-worker: sidecar: " << w << "\n";
+      }
+    }
     backend->ids_.push_back(created->session().session_id());
     auto view = SessionView::Map(created->session());
     if (!view.ok()) return view.status();

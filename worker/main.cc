@@ -22,11 +22,14 @@
 #include "core/cli_args.h"
 #include "core/cli_help.h"
 #include "core/npy.h"
+#include "worker/chat_template.h"
 #include "worker/driver.h"
 #include "worker/model_files.h"
 #include "worker/tokenizer.h"
 
-ABSL_FLAG(std::string, model, "", "GGUF file (default: $REASONALLOC_MODEL, then the setup cache)");
+ABSL_FLAG(std::string, model, "",
+          "GGUF file: a path, or a file name in the model folder (default: $REASONALLOC_MODEL, "
+          "then the reference model)");
 ABSL_FLAG(std::string, target, "",
           "generate, calibrate: sidecar address (unix:///path or host:port)");
 ABSL_FLAG(bool, full_cache, false, "generate: keep every token (no sidecar)");
@@ -47,8 +50,13 @@ ABSL_FLAG(std::string, allocator, "reasonalloc",
 ABSL_FLAG(std::string, mode, "full",
           "generate: the reasonalloc allocator's mode: layer | head | full");
 ABSL_FLAG(std::string, profile, "", "generate: layer profile name (empty = the model name)");
-ABSL_FLAG(std::string, model_name, "smollm2-135m-instruct",
-          "generate, calibrate: model name given to the sidecar");
+ABSL_FLAG(std::string, model_name, "",
+          "generate, calibrate: model name given to the sidecar, which selects the layer profile "
+          "of that name (empty = from the file name without its quantisation tag, else from "
+          "general.name)");
+ABSL_FLAG(bool, raw, false,
+          "generate, calibrate: prompt with the text as it is, without the chat template (base "
+          "models)");
 ABSL_FLAG(int, budget, 64, "generate, calibrate: tokens kept per KV head (the mean over heads)");
 ABSL_FLAG(int, buffer, 64, "generate, calibrate: Δ, decode steps between compression events");
 ABSL_FLAG(int, window, 8, "generate, calibrate: α, the observation window");
@@ -87,21 +95,43 @@ int Fail(const absl::Status& status) {
 }
 
 struct Loaded {
+  std::string path;
   std::unique_ptr<GgufFile> file;
   std::unique_ptr<Model> model;
   std::unique_ptr<Tokenizer> tokenizer;
+
+  // --model_name, else the file's name, else general.name.
+  std::string ModelName() const {
+    if (std::string flag = absl::GetFlag(FLAGS_model_name); !flag.empty()) return flag;
+    if (std::string name = ModelNameFromPath(path); !name.empty()) return name;
+    auto general = file->GetString("general.name");
+    return general.ok() ? ModelNameFromGeneralName(*general) : "model";
+  }
+
+  // The prompt's text: as it is with --raw, else the file's own chat template around it.
+  absl::StatusOr<std::vector<int32_t>> Prompt(const std::string& text) const {
+    if (absl::GetFlag(FLAGS_raw)) return tokenizer->Encode(text);
+    auto chat = ChatTemplateOf(*file);
+    if (!chat.ok()) return chat.status();
+    return tokenizer->Encode(chat->Render(text));
+  }
 };
 
-absl::StatusOr<Loaded> Load(bool with_model) {
+// The file, and what the subcommand needs of it: the vocabulary (262k tokens take ~0.7 s) only
+// where text is tokenized, the weights only where the model runs.
+absl::StatusOr<Loaded> Load(bool with_model, bool with_tokenizer = true) {
   auto path = ResolveModelPath(absl::GetFlag(FLAGS_model));
   if (!path.ok()) return path.status();
   Loaded l;
+  l.path = *path;
   auto file = GgufFile::Open(*path);
   if (!file.ok()) return file.status();
   l.file = *std::move(file);
-  auto tok = Tokenizer::FromGguf(*l.file);
-  if (!tok.ok()) return tok.status();
-  l.tokenizer = *std::move(tok);
+  if (with_tokenizer) {
+    auto tok = Tokenizer::FromGguf(*l.file);
+    if (!tok.ok()) return tok.status();
+    l.tokenizer = *std::move(tok);
+  }
   if (with_model) {
     auto model = Model::Load(*l.file);
     if (!model.ok()) return model.status();
@@ -153,8 +183,11 @@ int Generate() {
   if (!loaded.ok()) return Fail(loaded.status());
   const ModelConfig& config = loaded->model->config();
   std::vector<std::vector<int32_t>> ids;
-  for (const std::string& p : *prompts)
-    ids.push_back(loaded->tokenizer->Encode(loaded->tokenizer->ChatPrompt(p)));
+  for (const std::string& p : *prompts) {
+    auto prompt = loaded->Prompt(p);
+    if (!prompt.ok()) return Fail(prompt.status());
+    ids.push_back(*std::move(prompt));
+  }
   RunOptions options;
   options.max_new_tokens = absl::GetFlag(FLAGS_max_tokens);
   options.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
@@ -172,7 +205,7 @@ int Generate() {
     auto c = Connect();
     if (!c.ok()) return Fail(c.status());
     client = *std::move(c);
-    auto s = SidecarBackend::Open(client.get(), config, absl::GetFlag(FLAGS_model_name),
+    auto s = SidecarBackend::Open(client.get(), config, loaded->ModelName(),
                                   std::vector<Policy>(ids.size(), policy));
     if (!s.ok()) return Fail(s.status());
     sidecar = s->get();
@@ -198,7 +231,8 @@ int Generate() {
   const double tps = static_cast<double>(result->tokens) / result->seconds;
   if (json) {
     std::string gen = absl::StrJoin(result->generated[0], ",");
-    std::cout << "{\"policy\":\"" << (sidecar ? policy.Name() : "full")
+    std::cout << "{\"model_name\":" << JsonString(loaded->ModelName()) << ",\"policy\":\""
+              << (sidecar ? policy.Name() : "full")
               << "\",\"budget\":" << (sidecar ? policy.budget : 0) << ",\"batch\":" << ids.size()
               << ",\"seconds\":" << result->seconds << ",\"steps\":" << result->tokens
               << ",\"tokens_per_second\":" << tps
@@ -229,11 +263,23 @@ int Generate() {
   return 0;
 }
 
+// Prints the model file the other subcommands would load (for scripts and tests: one rule).
+int Locate() {
+  auto path = ResolveModelPath(absl::GetFlag(FLAGS_model));
+  if (!path.ok()) return Fail(path.status());
+  std::cout << *path << "\n";
+  return 0;
+}
+
 int Tokenize() {
   auto loaded = Load(false);
   if (!loaded.ok()) return Fail(loaded.status());
   std::string text = absl::GetFlag(FLAGS_text);
-  if (absl::GetFlag(FLAGS_chat)) text = loaded->tokenizer->ChatPrompt(text);
+  if (absl::GetFlag(FLAGS_chat)) {
+    auto chat = ChatTemplateOf(*loaded->file);
+    if (!chat.ok()) return Fail(chat.status());
+    text = chat->Render(text);
+  }
   std::cout << absl::StrJoin(loaded->tokenizer->Encode(text), ",") << "\n";
   return 0;
 }
@@ -250,7 +296,7 @@ int Logits() {
   if (tokens.empty()) return Fail(absl::InvalidArgumentError("--tokens is required"));
   if (absl::GetFlag(FLAGS_out).empty())
     return Fail(absl::InvalidArgumentError("--out is required"));
-  auto loaded = Load(true);
+  auto loaded = Load(true, /*with_tokenizer=*/false);
   if (!loaded.ok()) return Fail(loaded.status());
   const ModelConfig& config = loaded->model->config();
   for (int32_t t : tokens) {
@@ -285,7 +331,7 @@ int Calibrate() {
   if (!client.ok()) return Fail(client.status());
   const ModelConfig& c = loaded->model->config();
   Policy policy = PolicyFromFlags();
-  auto request = SessionRequest(c, absl::GetFlag(FLAGS_model_name), policy);
+  auto request = SessionRequest(c, loaded->ModelName(), policy);
   if (!request.ok()) return Fail(request.status());
   request->set_mode(v1::SESSION_MODE_ADVISORY);
   request->set_memory(v1::MEMORY_KIND_INLINE);
@@ -306,8 +352,11 @@ int Calibrate() {
     }
   }
   std::vector<std::vector<int32_t>> ids;
-  for (const std::string& p : *prompts)
-    ids.push_back(loaded->tokenizer->Encode(loaded->tokenizer->ChatPrompt(p)));
+  for (const std::string& p : *prompts) {
+    auto prompt = loaded->Prompt(p);
+    if (!prompt.ok()) return Fail(prompt.status());
+    ids.push_back(*std::move(prompt));
+  }
   FullCacheBackend cache(c, static_cast<int>(ids.size()));
   const int window = policy.window;
   // Each sequence's recent queries, [α][L, Hq, d] as a ring.
@@ -367,7 +416,7 @@ int Calibrate() {
   (*client)->AttachSessionTokens(&ctx, {id});
   v1::FinishCalibrationRequest finish;
   finish.set_session_id(id);
-  finish.set_profile_name(absl::GetFlag(FLAGS_model_name));
+  finish.set_profile_name(loaded->ModelName());
   v1::LayerProfile profile;
   if (auto s = (*client)->stub().FinishCalibration(&ctx, finish, &profile); !s.ok()) {
     return Fail(absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message()));
@@ -418,16 +467,21 @@ int Main(int argc, char** argv) {
             "through the sidecar's calibration RPCs and writes a LayerProfile JSON."},
            {"tokenize", "reasonalloc-worker tokenize --text TEXT [--chat]",
             "Prints the token ids of --text (after the chat template with --chat)."},
+           {"locate", "reasonalloc-worker locate [--model NAME|PATH]",
+            "Prints the model file the other commands would load, or where it looked; scripts "
+            "and tests find models through it."},
            {"logits", "reasonalloc-worker logits --tokens ID,ID,... --out LOGITS.npy",
             "Runs the full-cache forward pass over --tokens and writes the logits of every "
             "position as .npy."}},
       .sources = {"worker/main.cc"},
       .footer =
-          "The model is --model, else $REASONALLOC_MODEL, else "
-          "SmolLM2-135M-Instruct.Q4_1.gguf in the cache folder scripts/setup fills "
-          "($XDG_CACHE_HOME/reasonalloc/models, $XDG_CACHE_HOME defaulting to ~/.cache).\nExit "
-          "status: 0 on "
-          "success, 1 when a step fails (the reason is printed), 2 for a usage error."};
+          "The model is --model, else $REASONALLOC_MODEL (a path, or a file name in the model "
+          "folder), else SmolLM2-135M-Instruct.Q4_1.gguf in the model folder: "
+          "$REASONALLOC_MODEL_DIR, else $XDG_CACHE_HOME/reasonalloc/models, else "
+          "~/.cache/reasonalloc/models (scripts/setup fills it). `locate` prints the choice.\n"
+          "Exit status: 0 on success, 1 when a step fails (the reason is printed) or a flag is "
+          "unknown or malformed, 2 for a usage error (a missing or unknown command, a bad "
+          "value)."};
   if (const int rc = MaybePrintHelp(argc, argv, help, std::cout, std::cerr); rc >= 0) return rc;
   const auto spelled = NormalizeFlagSpelling(argc, argv);
   std::vector<char*> args = absl::ParseCommandLine(argc, argv);
@@ -436,7 +490,8 @@ int Main(int argc, char** argv) {
   if (command == "calibrate") return Calibrate();
   if (command == "tokenize") return Tokenize();
   if (command == "logits") return Logits();
-  std::cerr << "usage: reasonalloc-worker generate|calibrate|tokenize|logits [flags]; "
+  if (command == "locate") return Locate();
+  std::cerr << "usage: reasonalloc-worker generate|calibrate|tokenize|logits|locate [flags]; "
                "`reasonalloc-worker --help` for more\n";
   return 2;
 }

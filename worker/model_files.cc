@@ -2,32 +2,105 @@
 
 #include <unistd.h>
 
+#include <cctype>
 #include <cstdlib>
 #include <fstream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
 
 namespace reasonalloc::worker {
+namespace {
+
+std::string Env(const char* name) {
+  const char* v = std::getenv(name);
+  return v == nullptr ? "" : v;
+}
+
+bool Readable(const std::string& path) { return ::access(path.c_str(), R_OK) == 0; }
+
+}  // namespace
+
+absl::StatusOr<std::string> ModelDirectory() {
+  if (std::string dir = Env("REASONALLOC_MODEL_DIR"); !dir.empty()) return dir;
+  if (std::string xdg = Env("XDG_CACHE_HOME"); !xdg.empty()) {
+    return absl::StrCat(xdg, "/reasonalloc/models");
+  }
+  if (std::string home = Env("HOME"); !home.empty()) {
+    return absl::StrCat(home, "/.cache/reasonalloc/models");
+  }
+  return absl::NotFoundError(
+      "no model folder: none of $REASONALLOC_MODEL_DIR, $XDG_CACHE_HOME, $HOME is set");
+}
 
 absl::StatusOr<std::string> ResolveModelPath(const std::string& flag) {
-  if (!flag.empty()) return flag;
-  if (const char* env = std::getenv("REASONALLOC_MODEL"); env != nullptr && *env != '\0')
-    return std::string(env);
-  std::string cache;
-  if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg != nullptr && *xdg != '\0') {
-    cache = xdg;
-  } else if (const char* home = std::getenv("HOME"); home != nullptr && *home != '\0') {
-    cache = absl::StrCat(home, "/.cache");
+  auto dir = ModelDirectory();
+  std::vector<std::string> looked;
+  // A path is taken as it is; a bare file name is looked up in the model folder.
+  auto find = [&](const std::string& name, const std::string& source) -> std::string {
+    if (name.find('/') != std::string::npos) {
+      looked.push_back(absl::StrCat(name, " (", source, ")"));
+      return Readable(name) ? name : "";
+    }
+    if (!dir.ok()) {
+      looked.push_back(absl::StrCat(name, " (", source, "; ", dir.status().message(), ")"));
+      return "";
+    }
+    const std::string path = absl::StrCat(*dir, "/", name);
+    looked.push_back(absl::StrCat(path, " (", source, " in the model folder)"));
+    return Readable(path) ? path : "";
+  };
+  std::string source, name;
+  if (!flag.empty()) {
+    source = "--model";
+    name = flag;
+  } else if (std::string env = Env("REASONALLOC_MODEL"); !env.empty()) {
+    source = "$REASONALLOC_MODEL";
+    name = env;
   } else {
-    return absl::NotFoundError("no --model, $REASONALLOC_MODEL, $XDG_CACHE_HOME or $HOME");
+    source = "the reference model";
+    name = kReferenceModelFile;
   }
-  std::string path = absl::StrCat(cache, "/reasonalloc/models/SmolLM2-135M-Instruct.Q4_1.gguf");
-  if (::access(path.c_str(), R_OK) != 0) {
-    return absl::NotFoundError(
-        absl::StrCat("model file ", path, " not found: run scripts/setup, or pass --model"));
+  if (std::string path = find(name, source); !path.empty()) return path;
+  return absl::NotFoundError(absl::StrCat(
+      "model file not found; looked at ", absl::StrJoin(looked, ", "),
+      ". The model folder is $REASONALLOC_MODEL_DIR, else $XDG_CACHE_HOME/reasonalloc/models, "
+      "else ~/.cache/reasonalloc/models; scripts/setup (or scripts/fetch-model) puts the "
+      "reference model there, or pass --model PATH"));
+}
+
+std::string ModelNameFromPath(const std::string& path) {
+  std::string name =
+      path.substr(path.find_last_of('/') == std::string::npos ? 0 : path.find_last_of('/') + 1);
+  name = absl::AsciiStrToLower(name);
+  if (name.size() > 5 && name.ends_with(".gguf")) name.resize(name.size() - 5);
+  // A trailing quantisation tag after a '.' or '-': q<digit>... (q4_1, q4_k_m, q8_0),
+  // iq<digit>... (iq4_xs), f16, f32, bf16.
+  const size_t cut = name.find_last_of(".-");
+  if (cut != std::string::npos && cut > 0) {
+    const std::string tag = name.substr(cut + 1);
+    const bool quant = (tag.size() >= 2 && tag[0] == 'q' && std::isdigit(tag[1])) ||
+                       (tag.size() >= 3 && tag.starts_with("iq") && std::isdigit(tag[2])) ||
+                       tag == "f16" || tag == "f32" || tag == "bf16";
+    if (quant) name.resize(cut);
   }
-  return path;
+  return name;
+}
+
+std::string ModelNameFromGeneralName(const std::string& general_name) {
+  std::string out;
+  for (char ch : absl::AsciiStrToLower(general_name)) {
+    const bool keep = std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '_';
+    if (keep) {
+      out += ch;
+    } else if (!out.empty() && out.back() != '-') {
+      out += '-';
+    }
+  }
+  while (!out.empty() && out.back() == '-') out.pop_back();
+  return out;
 }
 
 absl::StatusOr<std::vector<std::string>> ReadPrompts(const std::string& path) {

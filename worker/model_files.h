@@ -1,4 +1,11 @@
-// Where the model file and prompt lists come from.
+// Where models and prompt lists come from. Every program and script of the project finds a model
+// file through ResolveModelPath (the worker's `locate` subcommand prints its answer for scripts and
+// tests), so that one rule holds everywhere:
+//   1. --model: a path (it contains a '/'), or a file name looked up in the model folder;
+//   2. $REASONALLOC_MODEL, the same way;
+//   3. the reference model, SmolLM2-135M-Instruct.Q4_1.gguf, in the model folder.
+// The model folder is $REASONALLOC_MODEL_DIR, else $XDG_CACHE_HOME/reasonalloc/models, else
+// ~/.cache/reasonalloc/models: where scripts/setup and scripts/fetch-model put models.
 #ifndef REASONALLOC_WORKER_MODEL_FILES_H_
 #define REASONALLOC_WORKER_MODEL_FILES_H_
 
@@ -9,9 +16,23 @@
 
 namespace reasonalloc::worker {
 
-// The model file: `flag` when set, else $REASONALLOC_MODEL, else the file scripts/setup fetches
-// ($XDG_CACHE_HOME or ~/.cache, then reasonalloc/models/SmolLM2-135M-Instruct.Q4_1.gguf).
+inline constexpr char kReferenceModelFile[] = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+// The model folder; an error when neither $REASONALLOC_MODEL_DIR, $XDG_CACHE_HOME nor $HOME is set.
+absl::StatusOr<std::string> ModelDirectory();
+
+// The model file to load (see above). NOT_FOUND names every place it looked.
 absl::StatusOr<std::string> ResolveModelPath(const std::string& flag);
+
+// The name a model file goes by with the sidecar (the session's model name, which selects the
+// layer profile of that name): the file's name without ".gguf" and without a trailing
+// quantisation tag (".Q4_1", "-Q4_K_M", "-q8_0", ".f16", ...), lower-cased:
+// "SmolLM2-135M-Instruct.Q4_1.gguf" -> "smollm2-135m-instruct". Empty when nothing is left.
+std::string ModelNameFromPath(const std::string& path);
+
+// `general.name` made a model name: lower-cased, runs of anything but letters, digits, '.' and
+// '_' replaced by one '-'. "Qwen2.5 Coder 1.5B Instruct" -> "qwen2.5-coder-1.5b-instruct".
+std::string ModelNameFromGeneralName(const std::string& general_name);
 
 // One prompt per non-empty line; the two characters \n stand for a newline. Lines starting with #
 // are comments.

@@ -304,21 +304,6 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& f
   t->add_bos_ = flag("tokenizer.ggml.add_bos_token", spm) && t->bos_ >= 0;
   t->add_eos_ = flag("tokenizer.ggml.add_eos_token", false) && t->eos_ >= 0;
   t->add_space_prefix_ = flag("tokenizer.ggml.add_space_prefix", spm) && spm;
-  // The default system message of a ChatML template (written with a real or an escaped newline).
-  if (auto chat = file.GetString("tokenizer.chat_template"); chat.ok()) {
-    for (const char* open : {"<|im_start|>system\n", "<|im_start|>system\\n"}) {
-      for (size_t at = chat->find(open); at != std::string::npos && t->system_prompt_.empty();
-           at = chat->find(open, at + 1)) {
-        const size_t from = at + std::string(open).size();
-        const size_t close = chat->find("<|im_end|>", from);
-        if (close == std::string::npos) break;
-        const std::string literal = chat->substr(from, close - from);
-        if (!literal.empty() && literal.find_first_of("'\"{}+") == std::string::npos) {
-          t->system_prompt_ = absl::StrReplaceAll(literal, {{"\\n", "\n"}});
-        }
-      }
-    }
-  }
   return t;
 }
 
@@ -548,13 +533,6 @@ std::vector<int32_t> Tokenizer::ControlTokens() const {
     if (types_[i] == kControl) out.push_back(static_cast<int32_t>(i));
   }
   return out;
-}
-
-std::string Tokenizer::ChatPrompt(const std::string& user) const {
-  const std::string system =
-      system_prompt_.empty() ? ""
-                             : absl::StrCat("<|im_start|>system\n", system_prompt_, "<|im_end|>\n");
-  return absl::StrCat(system, "<|im_start|>user\n", user, "<|im_end|>\n<|im_start|>assistant\n");
 }
 
 }  // namespace reasonalloc::worker

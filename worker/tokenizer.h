@@ -52,10 +52,6 @@ class Tokenizer {
   std::string Decode(const std::vector<int32_t>& ids) const;
   std::string TokenText(int32_t id) const;
 
-  // The ChatML prompt of a one-turn chat with the template's default system message, if the
-  // template has one (worker/chat_template.h handles other template families).
-  std::string ChatPrompt(const std::string& user) const;
-
   // Ids of the control tokens (<|im_end|>, <|endoftext|>, ...).
   std::vector<int32_t> ControlTokens() const;
 
@@ -91,7 +87,6 @@ class Tokenizer {
   std::string byte_to_unicode_[256];
   std::unordered_map<std::string, unsigned char> unicode_to_byte_;
   std::array<int32_t, 256> byte_token_{};  // SentencePiece <0xNN> ids (-1 when absent)
-  std::string system_prompt_;
   int32_t eos_ = -1, bos_ = -1, unk_ = -1;
   bool add_bos_ = false, add_eos_ = false, add_space_prefix_ = false;
 };

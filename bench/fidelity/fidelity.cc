@@ -27,11 +27,14 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/cli_args.h"
+#include "worker/chat_template.h"
 #include "worker/driver.h"
 #include "worker/model_files.h"
 #include "worker/tokenizer.h"
 
-ABSL_FLAG(std::string, model, "", "GGUF file (default: the setup cache)");
+ABSL_FLAG(std::string, model, "",
+          "GGUF file: a path or a file name in the model folder (default: $REASONALLOC_MODEL, "
+          "then the reference model; as the worker finds it)");
 ABSL_FLAG(std::string, target, "", "Sidecar address");
 ABSL_FLAG(std::string, prompts, "bench/fidelity/prompts.txt", "One prompt per line");
 ABSL_FLAG(int, max_prompts, 0, "Use only the first N prompts (0 = all)");
@@ -50,7 +53,8 @@ ABSL_FLAG(std::string, free_running_budgets, "64", "Budgets that also get a free
 ABSL_FLAG(int, window, 8, "α");
 ABSL_FLAG(int, group, 4, "Configurations decoded together in one batch");
 ABSL_FLAG(std::string, out_dir, "bench/results", "Where the CSV and JSON files go");
-ABSL_FLAG(std::string, model_name, "smollm2-135m-instruct", "Model name (selects the profile)");
+ABSL_FLAG(std::string, model_name, "",
+          "Model name (selects the profile; empty = from the file name, as the worker does)");
 
 namespace reasonalloc::worker {
 namespace {
@@ -122,6 +126,9 @@ int Main(int argc, char** argv) {
   auto model = Model::Load(**file);
   if (!model.ok()) return Fail(model.status());
   const ModelConfig& mc = (*model)->config();
+  std::string model_name = absl::GetFlag(FLAGS_model_name);
+  if (model_name.empty()) model_name = ModelNameFromPath(*path);
+  if (model_name.empty()) model_name = "model";
   auto prompts = ReadPrompts(absl::GetFlag(FLAGS_prompts));
   if (!prompts.ok()) return Fail(prompts.status());
   if (absl::GetFlag(FLAGS_max_prompts) > 0 &&
@@ -131,7 +138,9 @@ int Main(int argc, char** argv) {
   const int P = static_cast<int>(prompts->size());
   const int N = absl::GetFlag(FLAGS_max_tokens);
   std::vector<std::vector<int32_t>> ids;
-  for (const std::string& p : *prompts) ids.push_back((*tok)->Encode((*tok)->ChatPrompt(p)));
+  auto chat = ChatTemplateOf(**file);
+  if (!chat.ok()) return Fail(chat.status());
+  for (const std::string& p : *prompts) ids.push_back((*tok)->Encode(chat->Render(p)));
   const std::vector<int32_t> suppress = (*tok)->ControlTokens();
 
   // The configurations.
@@ -236,8 +245,7 @@ int Main(int argc, char** argv) {
         }
       }
       if (policies.empty()) continue;
-      auto backend =
-          SidecarBackend::Open(client->get(), mc, absl::GetFlag(FLAGS_model_name), policies);
+      auto backend = SidecarBackend::Open(client->get(), mc, model_name, policies);
       if (!backend.ok()) return Fail(backend.status());
       std::vector<SeqStats> stats(policies.size());
       RunOptions o;
@@ -319,9 +327,8 @@ int Main(int argc, char** argv) {
   }
   const double grid_s = Now() - t_grid;
   std::ofstream meta(out_dir + "/fidelity_meta.json");
-  meta << "{\"model\":\"" << absl::GetFlag(FLAGS_model_name) << "\",\"prompts\":" << P
-       << ",\"generated_tokens\":" << N << ",\"configurations\":" << configs.size()
-       << ",\"full_cache_seconds\":" << ref->seconds
+  meta << "{\"model\":\"" << model_name << "\",\"prompts\":" << P << ",\"generated_tokens\":" << N
+       << ",\"configurations\":" << configs.size() << ",\"full_cache_seconds\":" << ref->seconds
        << ",\"full_cache_tokens_per_second\":" << full_tps << ",\"grid_seconds\":" << grid_s
        << ",\"grid_sequence_steps\":" << grid_steps << "}\n";
   std::fprintf(stderr, "grid: %zu configurations in %.1f s\n", configs.size(), grid_s);

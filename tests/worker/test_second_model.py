@@ -20,16 +20,16 @@ from numpy_forward import NumpyForward  # noqa: E402
 
 WORKER = os.environ.get("REASONALLOC_WORKER_BINARY", "build/worker/reasonalloc-worker")
 NAME = "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"
-MODEL = os.path.join(
-    os.environ.get("REASONALLOC_MODEL_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "reasonalloc/models"),
-    NAME)
+# Found as the worker finds models (`reasonalloc-worker locate`: one rule everywhere).
+_located = subprocess.run([WORKER, "locate", f"--model={NAME}"], capture_output=True, text=True)
+MODEL = _located.stdout.strip() if _located.returncode == 0 else _located.stderr.strip()
 # "def fibonacci(n):" in Qwen2.5's vocabulary.
 TOKENS = [750, 75698, 1445, 1648]
 
 
 @pytest.mark.skipif(not os.path.exists(MODEL),
-                    reason=f"{NAME} was not fetched (scripts/fetch-model); looked at {MODEL}")
+                    reason=f"{NAME} was not fetched (REASONALLOC_EXTRA_MODELS=qwen2.5-coder-1.5b-instruct "
+                           f"scripts/setup): {MODEL}")
 def test_second_model_logits_match_numpy_forward(tmp_path):
     out = tmp_path / "logits.npy"
     p = subprocess.run([WORKER, "logits", f"--model={MODEL}",

@@ -8,7 +8,8 @@
 - bad model files are errors naming the problem.
 
 Binaries come from REASONALLOC_WORKER_BINARY and REASONALLOC_SERVER_BINARY (set by ctest); the
-model from scripts/setup's cache (or REASONALLOC_MODEL).
+model the worker finds (`reasonalloc-worker locate`: $REASONALLOC_MODEL, else the reference model
+in the model folder scripts/setup fills).
 """
 import json
 import os
@@ -25,9 +26,11 @@ from numpy_llama import NumpyLlama  # noqa: E402
 
 WORKER = os.environ.get("REASONALLOC_WORKER_BINARY", "build/worker/reasonalloc-worker")
 SERVER = os.environ.get("REASONALLOC_SERVER_BINARY", "build/server/reasonalloc-server")
-MODEL = os.environ.get("REASONALLOC_MODEL") or os.path.join(
-    os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-    "reasonalloc/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+# The model the worker itself would load: one rule for the worker, the tests and the scripts.
+_located = subprocess.run([WORKER, "locate"], capture_output=True, text=True)
+if _located.returncode != 0:
+    raise RuntimeError(f"reasonalloc-worker locate: {_located.stderr.strip()} (run scripts/setup)")
+MODEL = _located.stdout.strip()
 PROMPT = "Sam has 3 boxes with 4 pens each. How many pens? Think step by step."
 L, HKV, D = 30, 3, 64
 
