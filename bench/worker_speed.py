@@ -2,6 +2,7 @@
 (managed host-shm sessions, rkv + reasonalloc, budget 64, Δ 64), at batch 1 and a larger batch.
 
   .venv/bin/python bench/worker_speed.py BUILD_DIR [--reps 3] [--tokens 320] [--batch 16]
+      [--model FILE]   (a path or a file name in the model folder; default: the reference model)
 
 Runs alternate (full, sidecar) so that both see the same machine state; prints the medians, the
 sidecar/full speed ratio and the share of the run spent inside Compress calls.
@@ -24,6 +25,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=320)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--model", default="", help="GGUF file (default: the worker's)")
     a = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     worker = os.path.join(a.build, "worker/reasonalloc-worker")
@@ -36,7 +38,8 @@ def main():
         while not os.path.exists(f"{tmp}/s.sock"):
             time.sleep(0.05)
         time.sleep(0.3)
-        common = [f"--prompt={PROMPT}", f"--max_tokens={a.tokens}", "--ignore_eos", "--json"]
+        common = [f"--prompt={PROMPT}", f"--max_tokens={a.tokens}", "--ignore_eos", "--json",
+                  *([f"--model={a.model}"] if a.model else [])]
         side = [f"--target={sock}", "--scorer=rkv", "--allocator=reasonalloc", "--budget=64",
                 "--buffer=64"]
         results = {}
@@ -55,7 +58,8 @@ def main():
             server.terminate()
             server.wait()
     print()
-    print(f"medians of {a.reps} runs, {a.tokens} generated tokens per sequence:")
+    print(f"{results[(1, 'full')][0]['model_name']}: medians of {a.reps} runs, {a.tokens} generated "
+          "tokens per sequence:")
     for batch in (1, a.batch):
         f = statistics.median(r["tokens_per_second"] for r in results[(batch, "full")])
         s = statistics.median(r["tokens_per_second"] for r in results[(batch, "sidecar")])
