@@ -105,7 +105,8 @@ struct Loaded {
     if (std::string flag = absl::GetFlag(FLAGS_model_name); !flag.empty()) return flag;
     if (std::string name = ModelNameFromPath(path); !name.empty()) return name;
     auto general = file->GetString("general.name");
-    return general.ok() ? ModelNameFromGeneralName(*general) : "model";
+    std::string name = general.ok() ? ModelNameFromGeneralName(*general) : "";
+    return name.empty() ? "model" : name;
   }
 
   // The prompt's text: as it is with --raw, else the file's own chat template around it.
@@ -327,6 +328,13 @@ int Calibrate() {
   if (stride < 1) return Fail(absl::InvalidArgumentError("--stride must be ≥ 1"));
   auto loaded = Load(true);
   if (!loaded.ok()) return Fail(loaded.status());
+  // The profile is named after the model: refuse a name the sidecar would refuse only after the
+  // whole run.
+  if (!IsValidModelName(loaded->ModelName())) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(
+        "--model_name \"", loaded->ModelName(),
+        "\" is not a valid profile name (1-128 of A-Z a-z 0-9 . _ -, not starting with '.')")));
+  }
   auto client = Connect();
   if (!client.ok()) return Fail(client.status());
   const ModelConfig& c = loaded->model->config();

@@ -1,7 +1,9 @@
 #include "worker/model_files.h"
 
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cstdlib>
 #include <fstream>
@@ -19,7 +21,20 @@ std::string Env(const char* name) {
   return v == nullptr ? "" : v;
 }
 
-bool Readable(const std::string& path) { return ::access(path.c_str(), R_OK) == 0; }
+// A regular file this process may read (a folder is not a model file); else why not, in `why`.
+bool Readable(const std::string& path, std::string* why) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return false;
+  if (!S_ISREG(st.st_mode)) {
+    *why = ": not a regular file";
+    return false;
+  }
+  if (::access(path.c_str(), R_OK) != 0) {
+    *why = ": not readable";
+    return false;
+  }
+  return true;
+}
 
 }  // namespace
 
@@ -40,17 +55,20 @@ absl::StatusOr<std::string> ResolveModelPath(const std::string& flag) {
   std::vector<std::string> looked;
   // A path is taken as it is; a bare file name is looked up in the model folder.
   auto find = [&](const std::string& name, const std::string& source) -> std::string {
+    std::string why;
     if (name.find('/') != std::string::npos) {
-      looked.push_back(absl::StrCat(name, " (", source, ")"));
-      return Readable(name) ? name : "";
+      const bool ok = Readable(name, &why);
+      looked.push_back(absl::StrCat(name, " (", source, ")", why));
+      return ok ? name : "";
     }
     if (!dir.ok()) {
       looked.push_back(absl::StrCat(name, " (", source, "; ", dir.status().message(), ")"));
       return "";
     }
     const std::string path = absl::StrCat(*dir, "/", name);
-    looked.push_back(absl::StrCat(path, " (", source, " in the model folder)"));
-    return Readable(path) ? path : "";
+    const bool ok = Readable(path, &why);
+    looked.push_back(absl::StrCat(path, " (", source, " in the model folder)", why));
+    return ok ? path : "";
   };
   std::string source, name;
   if (!flag.empty()) {
@@ -71,27 +89,9 @@ absl::StatusOr<std::string> ResolveModelPath(const std::string& flag) {
       "reference model there, or pass --model PATH"));
 }
 
-std::string ModelNameFromPath(const std::string& path) {
-  std::string name =
-      path.substr(path.find_last_of('/') == std::string::npos ? 0 : path.find_last_of('/') + 1);
-  name = absl::AsciiStrToLower(name);
-  if (name.size() > 5 && name.ends_with(".gguf")) name.resize(name.size() - 5);
-  // A trailing quantisation tag after a '.' or '-': q<digit>... (q4_1, q4_k_m, q8_0),
-  // iq<digit>... (iq4_xs), f16, f32, bf16.
-  const size_t cut = name.find_last_of(".-");
-  if (cut != std::string::npos && cut > 0) {
-    const std::string tag = name.substr(cut + 1);
-    const bool quant = (tag.size() >= 2 && tag[0] == 'q' && std::isdigit(tag[1])) ||
-                       (tag.size() >= 3 && tag.starts_with("iq") && std::isdigit(tag[2])) ||
-                       tag == "f16" || tag == "f32" || tag == "bf16";
-    if (quant) name.resize(cut);
-  }
-  return name;
-}
-
-std::string ModelNameFromGeneralName(const std::string& general_name) {
+std::string SanitiseModelName(const std::string& text) {
   std::string out;
-  for (char ch : absl::AsciiStrToLower(general_name)) {
+  for (char ch : absl::AsciiStrToLower(text)) {
     const bool keep = std::isalnum(static_cast<unsigned char>(ch)) || ch == '.' || ch == '_';
     if (keep) {
       out += ch;
@@ -99,8 +99,39 @@ std::string ModelNameFromGeneralName(const std::string& general_name) {
       out += '-';
     }
   }
+  while (!out.empty() && (out.front() == '.' || out.front() == '-')) out.erase(out.begin());
   while (!out.empty() && out.back() == '-') out.pop_back();
+  if (out.size() > 128) out.resize(128);
   return out;
+}
+
+bool IsValidModelName(const std::string& name) {
+  if (name.empty() || name.size() > 128 || name[0] == '.') return false;
+  return std::all_of(name.begin(), name.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.';
+  });
+}
+
+std::string ModelNameFromPath(const std::string& path) {
+  std::string name =
+      path.substr(path.find_last_of('/') == std::string::npos ? 0 : path.find_last_of('/') + 1);
+  name = absl::AsciiStrToLower(name);
+  if (name.size() > 5 && name.ends_with(".gguf")) name.resize(name.size() - 5);
+  // A trailing quantisation tag after a '.' or '-': q<digit>... (q4_1, q4_k_m, q8_0),
+  // iq<digit>... (iq4_xs), f16, f32, bf16, fp16.
+  const size_t cut = name.find_last_of(".-");
+  if (cut != std::string::npos && cut > 0) {
+    const std::string tag = name.substr(cut + 1);
+    const bool quant = (tag.size() >= 2 && tag[0] == 'q' && std::isdigit(tag[1])) ||
+                       (tag.size() >= 3 && tag.starts_with("iq") && std::isdigit(tag[2])) ||
+                       tag == "f16" || tag == "f32" || tag == "bf16" || tag == "fp16";
+    if (quant) name.resize(cut);
+  }
+  return SanitiseModelName(name);
+}
+
+std::string ModelNameFromGeneralName(const std::string& general_name) {
+  return SanitiseModelName(general_name);
 }
 
 absl::StatusOr<std::vector<std::string>> ReadPrompts(const std::string& path) {

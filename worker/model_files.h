@@ -26,13 +26,20 @@ absl::StatusOr<std::string> ResolveModelPath(const std::string& flag);
 
 // The name a model file goes by with the sidecar (the session's model name, which selects the
 // layer profile of that name): the file's name without ".gguf" and without a trailing
-// quantisation tag (".Q4_1", "-Q4_K_M", "-q8_0", ".f16", ...), lower-cased:
+// quantisation tag (".Q4_1", "-Q4_K_M", "-q8_0", ".f16", ...), sanitised as below:
 // "SmolLM2-135M-Instruct.Q4_1.gguf" -> "smollm2-135m-instruct". Empty when nothing is left.
 std::string ModelNameFromPath(const std::string& path);
 
-// `general.name` made a model name: lower-cased, runs of anything but letters, digits, '.' and
-// '_' replaced by one '-'. "Qwen2.5 Coder 1.5B Instruct" -> "qwen2.5-coder-1.5b-instruct".
+// `general.name` made a model name: "Qwen2.5 Coder 1.5B Instruct" -> "qwen2.5-coder-1.5b-instruct".
 std::string ModelNameFromGeneralName(const std::string& general_name);
+
+// A valid model and profile name from any text: lower-cased, runs of anything but letters,
+// digits, '.' and '_' replaced by one '-', no leading '.' or '-', at most 128 characters (the
+// sidecar's rule for profile names). Empty when nothing is left.
+std::string SanitiseModelName(const std::string& text);
+
+// The sidecar's rule for profile names: 1-128 of [A-Za-z0-9._-], not starting with '.'.
+bool IsValidModelName(const std::string& name);
 
 // One prompt per non-empty line; the two characters \n stand for a newline. Lines starting with #
 // are comments.

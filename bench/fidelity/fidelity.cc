@@ -36,6 +36,7 @@ ABSL_FLAG(std::string, model, "",
           "GGUF file: a path or a file name in the model folder (default: $REASONALLOC_MODEL, "
           "then the reference model; as the worker finds it)");
 ABSL_FLAG(std::string, target, "", "Sidecar address");
+ABSL_FLAG(bool, raw, false, "Prompts as they are, without the chat template (base models)");
 ABSL_FLAG(std::string, prompts, "bench/fidelity/prompts.txt", "One prompt per line");
 ABSL_FLAG(int, max_prompts, 0, "Use only the first N prompts (0 = all)");
 ABSL_FLAG(int, max_tokens, 768, "Generated tokens per trajectory");
@@ -128,6 +129,9 @@ int Main(int argc, char** argv) {
   const ModelConfig& mc = (*model)->config();
   std::string model_name = absl::GetFlag(FLAGS_model_name);
   if (model_name.empty()) model_name = ModelNameFromPath(*path);
+  if (auto general = (*file)->GetString("general.name"); model_name.empty() && general.ok()) {
+    model_name = ModelNameFromGeneralName(*general);
+  }
   if (model_name.empty()) model_name = "model";
   auto prompts = ReadPrompts(absl::GetFlag(FLAGS_prompts));
   if (!prompts.ok()) return Fail(prompts.status());
@@ -138,9 +142,13 @@ int Main(int argc, char** argv) {
   const int P = static_cast<int>(prompts->size());
   const int N = absl::GetFlag(FLAGS_max_tokens);
   std::vector<std::vector<int32_t>> ids;
-  auto chat = ChatTemplateOf(**file);
-  if (!chat.ok()) return Fail(chat.status());
-  for (const std::string& p : *prompts) ids.push_back((*tok)->Encode(chat->Render(p)));
+  if (absl::GetFlag(FLAGS_raw)) {
+    for (const std::string& p : *prompts) ids.push_back((*tok)->Encode(p));
+  } else {
+    auto chat = ChatTemplateOf(**file);
+    if (!chat.ok()) return Fail(chat.status());
+    for (const std::string& p : *prompts) ids.push_back((*tok)->Encode(chat->Render(p)));
+  }
   const std::vector<int32_t> suppress = (*tok)->ControlTokens();
 
   // The configurations.

@@ -41,8 +41,21 @@ CACHE = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
 VOCAB_DIR = os.environ.get("REASONALLOC_VOCAB_DIR") or os.path.join(CACHE, "reasonalloc/vocab")
 GEMMA = os.path.join(VOCAB_DIR, "gemma-3-270m.vocab.gguf")
 QWEN2 = os.path.join(VOCAB_DIR, "qwen2.5-coder-1.5b.vocab.gguf")
-SMOLLM = os.environ.get("REASONALLOC_MODEL") or os.path.join(
-    CACHE, "reasonalloc/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+WORKER = os.environ.get("REASONALLOC_WORKER_BINARY", os.path.join(ROOT, "build/worker/reasonalloc-worker"))
+
+
+def _locate(name):
+    """A model file as the worker finds it (`reasonalloc-worker locate`), else a path that does
+    not exist (the tests that need it skip, naming it)."""
+    try:
+        r = subprocess.run([WORKER, "locate", f"--model={name}"], capture_output=True, text=True)
+    except OSError:
+        return os.path.join("(no worker binary)", name)
+    return r.stdout.strip() if r.returncode == 0 else os.path.join("(not found)", name)
+
+
+# The reference model's own vocabulary (its tokenizer is SmolLM's, whatever $REASONALLOC_MODEL is).
+SMOLLM = _locate("SmolLM2-135M-Instruct.Q4_1.gguf")
 
 # Qwen2's pre-tokenizer regex, as its tokenizer.json writes it.
 QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"

@@ -8,8 +8,8 @@
 - bad model files are errors naming the problem.
 
 Binaries come from REASONALLOC_WORKER_BINARY and REASONALLOC_SERVER_BINARY (set by ctest); the
-model the worker finds (`reasonalloc-worker locate`: $REASONALLOC_MODEL, else the reference model
-in the model folder scripts/setup fills).
+reference model, found as the worker finds models (`reasonalloc-worker locate`: in the model folder
+scripts/setup fills).
 """
 import json
 import os
@@ -27,7 +27,10 @@ from numpy_llama import NumpyLlama  # noqa: E402
 WORKER = os.environ.get("REASONALLOC_WORKER_BINARY", "build/worker/reasonalloc-worker")
 SERVER = os.environ.get("REASONALLOC_SERVER_BINARY", "build/server/reasonalloc-server")
 # The model the worker itself would load: one rule for the worker, the tests and the scripts.
-_located = subprocess.run([WORKER, "locate"], capture_output=True, text=True)
+# These checks are about the reference model (its geometry and SmolLM's tokenizer are pinned
+# below), so it is named, whatever $REASONALLOC_MODEL says.
+_located = subprocess.run([WORKER, "locate", "--model=SmolLM2-135M-Instruct.Q4_1.gguf"],
+                          capture_output=True, text=True)
 if _located.returncode != 0:
     raise RuntimeError(f"reasonalloc-worker locate: {_located.stderr.strip()} (run scripts/setup)")
 MODEL = _located.stdout.strip()
