@@ -91,4 +91,11 @@ absl::StatusOr<ChatTemplate> ChatTemplateOf(const GgufFile& file) {
   return ParseChatTemplate(*source);
 }
 
+absl::StatusOr<std::string> PromptText(const GgufFile& file, const std::string& user, bool raw) {
+  if (raw) return user;
+  auto chat = ChatTemplateOf(file);
+  if (!chat.ok()) return chat.status();
+  return chat->Render(user);
+}
+
 }  // namespace reasonalloc::worker

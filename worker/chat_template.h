@@ -34,6 +34,10 @@ absl::StatusOr<ChatTemplate> ParseChatTemplate(const std::string& source);
 // The chat template of a GGUF file.
 absl::StatusOr<ChatTemplate> ChatTemplateOf(const GgufFile& file);
 
+// The text a user's message is prompted with: as it is when `raw`, else the file's own chat
+// template around it.
+absl::StatusOr<std::string> PromptText(const GgufFile& file, const std::string& user, bool raw);
+
 }  // namespace reasonalloc::worker
 
 #endif  // REASONALLOC_WORKER_CHAT_TEMPLATE_H_

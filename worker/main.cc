@@ -102,19 +102,15 @@ struct Loaded {
 
   // --model_name, else the file's name, else general.name.
   std::string ModelName() const {
-    if (std::string flag = absl::GetFlag(FLAGS_model_name); !flag.empty()) return flag;
-    if (std::string name = ModelNameFromPath(path); !name.empty()) return name;
     auto general = file->GetString("general.name");
-    std::string name = general.ok() ? ModelNameFromGeneralName(*general) : "";
-    return name.empty() ? "model" : name;
+    return ChooseModelName(absl::GetFlag(FLAGS_model_name), path, general.ok() ? *general : "");
   }
 
-  // The prompt's text: as it is with --raw, else the file's own chat template around it.
+  // The prompt's tokens: the text as it is with --raw, else in the file's own chat template.
   absl::StatusOr<std::vector<int32_t>> Prompt(const std::string& text) const {
-    if (absl::GetFlag(FLAGS_raw)) return tokenizer->Encode(text);
-    auto chat = ChatTemplateOf(*file);
-    if (!chat.ok()) return chat.status();
-    return tokenizer->Encode(chat->Render(text));
+    auto prompt = PromptText(*file, text, absl::GetFlag(FLAGS_raw));
+    if (!prompt.ok()) return prompt.status();
+    return tokenizer->Encode(*prompt);
   }
 };
 

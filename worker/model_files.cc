@@ -134,6 +134,14 @@ std::string ModelNameFromGeneralName(const std::string& general_name) {
   return SanitiseModelName(general_name);
 }
 
+std::string ChooseModelName(const std::string& flag, const std::string& path,
+                            const std::string& general_name) {
+  if (!flag.empty()) return flag;
+  if (std::string name = ModelNameFromPath(path); !name.empty()) return name;
+  if (std::string name = ModelNameFromGeneralName(general_name); !name.empty()) return name;
+  return "model";
+}
+
 absl::StatusOr<std::vector<std::string>> ReadPrompts(const std::string& path) {
   std::ifstream f(path);
   if (!f) return absl::NotFoundError(absl::StrCat("cannot read --prompts file ", path));

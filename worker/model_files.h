@@ -33,6 +33,11 @@ std::string ModelNameFromPath(const std::string& path);
 // `general.name` made a model name: "Qwen2.5 Coder 1.5B Instruct" -> "qwen2.5-coder-1.5b-instruct".
 std::string ModelNameFromGeneralName(const std::string& general_name);
 
+// The model name a session goes by: `flag` when set, else ModelNameFromPath(path), else
+// `general_name` (the file's general.name, "" when it has none) sanitised, else "model".
+std::string ChooseModelName(const std::string& flag, const std::string& path,
+                            const std::string& general_name);
+
 // A valid model and profile name from any text: lower-cased, runs of anything but letters,
 // digits, '.' and '_' replaced by one '-', no leading '.' or '-', at most 128 characters (the
 // sidecar's rule for profile names). Empty when nothing is left.

@@ -127,12 +127,9 @@ int Main(int argc, char** argv) {
   auto model = Model::Load(**file);
   if (!model.ok()) return Fail(model.status());
   const ModelConfig& mc = (*model)->config();
-  std::string model_name = absl::GetFlag(FLAGS_model_name);
-  if (model_name.empty()) model_name = ModelNameFromPath(*path);
-  if (auto general = (*file)->GetString("general.name"); model_name.empty() && general.ok()) {
-    model_name = ModelNameFromGeneralName(*general);
-  }
-  if (model_name.empty()) model_name = "model";
+  auto general = (*file)->GetString("general.name");
+  const std::string model_name =
+      ChooseModelName(absl::GetFlag(FLAGS_model_name), *path, general.ok() ? *general : "");
   auto prompts = ReadPrompts(absl::GetFlag(FLAGS_prompts));
   if (!prompts.ok()) return Fail(prompts.status());
   if (absl::GetFlag(FLAGS_max_prompts) > 0 &&
@@ -142,12 +139,10 @@ int Main(int argc, char** argv) {
   const int P = static_cast<int>(prompts->size());
   const int N = absl::GetFlag(FLAGS_max_tokens);
   std::vector<std::vector<int32_t>> ids;
-  if (absl::GetFlag(FLAGS_raw)) {
-    for (const std::string& p : *prompts) ids.push_back((*tok)->Encode(p));
-  } else {
-    auto chat = ChatTemplateOf(**file);
-    if (!chat.ok()) return Fail(chat.status());
-    for (const std::string& p : *prompts) ids.push_back((*tok)->Encode(chat->Render(p)));
+  for (const std::string& p : *prompts) {
+    auto text = PromptText(**file, p, absl::GetFlag(FLAGS_raw));
+    if (!text.ok()) return Fail(text.status());
+    ids.push_back((*tok)->Encode(*text));
   }
   const std::vector<int32_t> suppress = (*tok)->ControlTokens();
 
