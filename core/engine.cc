@@ -108,7 +108,6 @@ uint64_t Engine::EventBytes(const CompressInputs& in) const {
     hi.group = m.group_size();
     hi.window = window;
     hi.head_dim = m.head_dim;
-    hi.sinks = config_.budget.sinks;
     const uint64_t n = static_cast<uint64_t>(std::max(0, hi.n));
     const uint64_t cand = static_cast<uint64_t>(std::max(0, hi.n - window));
     // A score per candidate and, at most, every row kept.
@@ -157,6 +156,8 @@ absl::StatusOr<Decision> Engine::Run(const CompressInputs& in) const {
   const int window = config_.budget.window;
   const int group = m.group_size();
   const int d = m.head_dim;
+  const int sinks = EffectiveSinks(config_);
+  const int recent = EffectiveRecent(config_);
   if (auto status = CheckInputs(in); !status.ok()) return status;
   const auto t0 = std::chrono::steady_clock::now();
   Decision out;
@@ -184,7 +185,6 @@ absl::StatusOr<Decision> Engine::Run(const CompressInputs& in) const {
     hi.group = group;
     hi.window = window;
     hi.head_dim = d;
-    hi.sinks = config_.budget.sinks;
     if (accumulated != nullptr) hi.accumulated = accumulated + head * in.n_max;
     return hi;
   };
@@ -223,6 +223,7 @@ absl::StatusOr<Decision> Engine::Run(const CompressInputs& in) const {
     auto& s = scores[static_cast<size_t>(head)];
     s.assign(static_cast<size_t>(std::max(0, hi.n - window)), 0.0f);
     if (!s.empty() && !scorer_->ScoreHead(hi, s)) overflow[static_cast<size_t>(head)] = 1;
+    ProtectScores(hi.n, window, sinks, recent, s);
   };
   auto t = std::chrono::steady_clock::now();
   if (work >= kParallelWork && heads > 1) {

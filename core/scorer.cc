@@ -422,19 +422,15 @@ class RkvScorer final : public Scorer {
   ScorerConfig config_;
 };
 
-// StreamingLLM (docs/algorithms.md §2.3): sinks rank first, then newer tokens before older ones.
-// "Newer" is the age from the head's end: row j of a head of n rows scores -(n - 1 - j), so that
-// heads of different lengths (ragged after any head-wise event) compare by recency when an
-// allocator pools their candidates, not by row index. Ages are below 2^24 and exact in fp32;
-// 2^24 outranks all of them.
+// StreamingLLM (docs/algorithms.md §2.3): newer tokens before older ones (its sinks are the
+// engine's, ProtectScores). "Newer" is the age from the head's end: row j of a head of n rows
+// scores -(n - 1 - j), so that heads of different lengths (ragged after any head-wise event)
+// compare by recency when an allocator pools their candidates, not by row index.
 class StreamingScorer final : public Scorer {
  public:
   bool ScoreHead(const HeadInputs& in, std::span<float> out) const override {
     const int cand = in.n - in.window;
-    const float sink_score = static_cast<float>(kMaxContext);
-    for (int j = 0; j < cand; ++j) {
-      out[static_cast<size_t>(j)] = j < in.sinks ? sink_score : static_cast<float>(j - (in.n - 1));
-    }
+    for (int j = 0; j < cand; ++j) out[static_cast<size_t>(j)] = static_cast<float>(j - (in.n - 1));
     return true;
   }
 };
@@ -469,6 +465,14 @@ absl::StatusOr<std::unique_ptr<Scorer>> MakeScorer(const ScorerConfig& config) {
   if (config.name == "h2o") return std::make_unique<H2oScorer>();
   return absl::UnimplementedError(
       absl::StrCat("scorer.name \"", config.name, "\" is not implemented in this build yet"));
+}
+
+void ProtectScores(int n, int window, int sinks, int recent, std::span<float> scores) {
+  const int cand = std::min(static_cast<int>(scores.size()), n - window);
+  for (int j = std::max(0, n - recent); j < cand; ++j) {
+    scores[static_cast<size_t>(j)] = kRecentScore - static_cast<float>(n - 1 - j);
+  }
+  for (int j = 0; j < std::min(sinks, cand); ++j) scores[static_cast<size_t>(j)] = kSinkScore;
 }
 
 }  // namespace reasonalloc

@@ -24,7 +24,6 @@ struct HeadInputs {
   int group = 1;
   int window = 8;
   int head_dim = 0;
-  int sinks = 4;
   const float* accumulated = nullptr;  // [n] h2o: attention accumulated per token (h2o.h)
   // Polled between the tiles of a long head; when it returns true the scorer returns at once with
   // its scores unfinished (the engine, which owns the flag, then answers CANCELLED).
@@ -47,6 +46,15 @@ class Scorer {
 };
 
 absl::StatusOr<std::unique_ptr<Scorer>> MakeScorer(const ScorerConfig& config);
+
+// Scores of always-kept candidates, above every score a scorer gives (docs/algorithms.md §2.5):
+// the first `sinks` rows score kSinkScore, rows of age a (n - 1 - row) below `recent` score
+// kRecentScore - a, so that a head given fewer rows than it protects keeps its sinks first, then
+// its newest rows. Both are exact in fp32.
+inline constexpr float kSinkScore = 33554432.0f;    // 2^25
+inline constexpr float kRecentScore = 16777216.0f;  // 2^24
+// Raises the protected candidates of one head of n rows (scores: its n - window candidates).
+void ProtectScores(int n, int window, int sinks, int recent, std::span<float> scores);
 
 }  // namespace reasonalloc
 

@@ -94,9 +94,26 @@ absl::Status ValidateBudget(const BudgetConfig& b, const ModelGeometry& m) {
         "budget.budget = ", b.budget, " is larger than model.max_context = ", m.max_context));
   }
   if (auto s = CheckRange("budget.buffer", b.buffer, 1, m.max_context); !s.ok()) return s;
-  if (auto s = CheckRange("budget.sinks", b.sinks, 0, kMaxWindow); !s.ok()) return s;
+  if (b.sinks.has_value()) {
+    if (auto s = CheckRange("budget.sinks", *b.sinks, 0, kMaxWindow); !s.ok()) return s;
+  }
+  if (auto s = CheckRange("budget.recent", b.recent, 0, kMaxWindow); !s.ok()) return s;
+  // Sinks beyond what the budget leaves are dropped newest-first, as streaming always did; a
+  // recency guarantee beyond the window must fit beside the sinks.
+  if (b.recent > b.window && b.sinks.value_or(0) + b.recent > b.budget) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "budget.sinks + budget.recent = ", b.sinks.value_or(0), " + ", b.recent,
+        " is larger than budget.budget = ", b.budget, " (the always-kept tokens must fit it)"));
+  }
   return absl::OkStatus();
 }
+
+int EffectiveSinks(const SessionConfig& c) {
+  if (c.budget.sinks.has_value()) return *c.budget.sinks;
+  return c.scorer.name == "streaming" ? kDefaultStreamingSinks : 0;
+}
+
+int EffectiveRecent(const SessionConfig& c) { return std::max(c.budget.recent, c.budget.window); }
 
 absl::Status ValidateSessionConfig(const SessionConfig& c) {
   if (auto s = ValidateGeometry(c.model); !s.ok()) return s;

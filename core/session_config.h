@@ -8,6 +8,7 @@
 #define REASONALLOC_CORE_SESSION_CONFIG_H_
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -34,7 +35,12 @@ struct BudgetConfig {
   int budget = 512;  // B, window included
   int buffer = 128;  // Δ
   int window = 8;    // α
-  int sinks = 4;
+  // The first `sinks` positions of every head are always kept (inside the head's budget). Unset:
+  // the scorer's default, kDefaultStreamingSinks for streaming and 0 for the others.
+  std::optional<int> sinks;
+  // The last `recent` positions of every head are always kept, the scorer choosing among the
+  // rest; 0 or anything up to `window` means the window alone (the scorers' own guarantee).
+  int recent = 0;
 };
 
 enum class PoolKind { kMax, kAvg };
@@ -75,6 +81,11 @@ struct SessionConfig {
   AllocatorConfig allocator;
   bool managed = true;  // managed: the sidecar holds K and V; advisory: decisions only
 };
+
+inline constexpr int kDefaultStreamingSinks = 4;
+// The protected prefix and suffix of every head as the engine applies them (defaults resolved).
+int EffectiveSinks(const SessionConfig& config);
+int EffectiveRecent(const SessionConfig& config);
 
 // Hard limits that keep sizes far from integer overflow; real models sit well inside them.
 inline constexpr int kMaxLayers = 1024;

@@ -118,7 +118,8 @@ absl::Status GpuEngine::Impl::LaunchScoring(long long num_heads, long long strid
   p.group = m.group_size();
   p.window = config.budget.window;
   p.head_dim = m.head_dim;
-  p.sinks = config.budget.sinks;
+  p.sinks = EffectiveSinks(config);
+  p.recent = EffectiveRecent(config);
   p.lambda = static_cast<float>(sc.lambda);
   p.threshold = static_cast<float>(sc.threshold);
   if (sc.name == "streaming") {

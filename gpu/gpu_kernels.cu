@@ -278,17 +278,30 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// StreamingLLM: sinks first (2^24), then newer before older, newer being the age from the
-// head's end (-(n - 1 - j)) so that ragged heads compare by recency. Grid: (ceil(stride / kBlock),
-// heads).
-__global__ void StreamingKernel(const HeadDesc* heads, int window, int sinks, long long stride,
-                                float* scores, long long head0) {
+// StreamingLLM: newer before older, newer being the age from the head's end (-(n - 1 - j)) so
+// that ragged heads compare by recency. Grid: (ceil(stride / kBlock), heads).
+__global__ void StreamingKernel(const HeadDesc* heads, int window, long long stride, float* scores,
+                                long long head0) {
   const long long gh = head0 + blockIdx.y;
   const int n = heads[gh].n;
   const int cand = n - window;
   const int j = blockIdx.x * kBlock + threadIdx.x;
-  if (j < cand) {
-    scores[gh * stride + j] = j < sinks ? 16777216.0f : static_cast<float>(j - (n - 1));
+  if (j < cand) scores[gh * stride + j] = static_cast<float>(j - (n - 1));
+}
+
+// Always-kept rows above every scorer's scores, as core's ProtectScores: sinks 2^25, then rows
+// younger than `recent` at 2^24 - age. Grid: (ceil(stride / kBlock), heads).
+__global__ void ProtectKernel(const HeadDesc* heads, int window, int sinks, int recent,
+                              long long stride, float* scores, long long head0) {
+  const long long gh = head0 + blockIdx.y;
+  const int n = heads[gh].n;
+  const int cand = n - window;
+  const int j = blockIdx.x * kBlock + threadIdx.x;
+  if (j >= cand) return;
+  if (j < sinks) {
+    scores[gh * stride + j] = 33554432.0f;
+  } else if (j >= n - recent) {
+    scores[gh * stride + j] = 16777216.0f - static_cast<float>(n - 1 - j);
   }
 }
 
@@ -674,7 +687,7 @@ cudaError_t ScoringAs(const ScoringParams& p, const HeadDesc* heads, long long n
   if (p.scorer == Scorer::kStreaming) {
     Slices(num_heads, [&](long long h0, unsigned ny) {
       k::StreamingKernel<<<dim3(Blocks(stride, k::kBlock), ny), k::kBlock, 0, stream>>>(
-          heads, p.window, p.sinks, stride, b.scores, h0);
+          heads, p.window, stride, b.scores, h0);
     });
     return cudaGetLastError();
   }
@@ -723,15 +736,25 @@ cudaError_t ScoringAs(const ScoringParams& p, const HeadDesc* heads, long long n
 
 cudaError_t Scoring(const ScoringParams& p, const HeadDesc* heads, long long num_heads,
                     long long stride, const ScoringBuffers& b, cudaStream_t stream) {
+  cudaError_t err = cudaSuccess;
   switch (p.elem) {
     case Elem::kF16:
-      return ScoringAs<k::F16>(p, heads, num_heads, stride, b, stream);
+      err = ScoringAs<k::F16>(p, heads, num_heads, stride, b, stream);
+      break;
     case Elem::kBF16:
-      return ScoringAs<k::BF16>(p, heads, num_heads, stride, b, stream);
+      err = ScoringAs<k::BF16>(p, heads, num_heads, stride, b, stream);
+      break;
     case Elem::kF32:
     default:
-      return ScoringAs<k::F32>(p, heads, num_heads, stride, b, stream);
+      err = ScoringAs<k::F32>(p, heads, num_heads, stride, b, stream);
+      break;
   }
+  if (err != cudaSuccess || (p.sinks <= 0 && p.recent <= p.window)) return err;
+  Slices(num_heads, [&](long long h0, unsigned ny) {
+    k::ProtectKernel<<<dim3(Blocks(stride, k::kBlock), ny), k::kBlock, 0, stream>>>(
+        heads, p.window, p.sinks, p.recent, stride, b.scores, h0);
+  });
+  return cudaGetLastError();
 }
 
 cudaError_t LayerPool(const HeadDesc* heads, long long num_events, int num_layers, int kv_heads,

@@ -32,8 +32,9 @@ enum Reduce : int { kReduceMax = 0, kReduceMean = 1, kReduceNone = 2 };
 struct ScoringParams {
   Elem elem = Elem::kF32;
   Scorer scorer = Scorer::kSnapKv;
-  int group = 1, window = 8, head_dim = 0, sinks = 4;
-  bool all_keys = false;  // softmax over every key, causal inside the window
+  int group = 1, window = 8, head_dim = 0;
+  int sinks = 0, recent = 0;  // always-kept rows (core/scorer.h ProtectScores), defaults resolved
+  bool all_keys = false;      // softmax over every key, causal inside the window
   int reduce = kReduceMax;
   float row_weight = 1.0f;  // each window row's softmax is scaled by it
   int pool_kernel = 7;

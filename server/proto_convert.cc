@@ -61,6 +61,7 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::CreateSessionRequ
   if (b.buffer() != 0) c.budget.buffer = b.buffer();
   if (b.window() != 0) c.budget.window = b.window();
   if (b.has_sinks()) c.budget.sinks = b.sinks();
+  c.budget.recent = b.recent();
 
   const v1::ScorerConfig& s = r.scorer();
   if (!s.name().empty()) c.scorer.name = s.name();
@@ -153,7 +154,8 @@ void SessionConfigToProto(const SessionConfig& c, v1::ModelGeometry* m, v1::Budg
   b->set_budget(c.budget.budget);
   b->set_buffer(c.budget.buffer);
   b->set_window(c.budget.window);
-  b->set_sinks(c.budget.sinks);
+  b->set_sinks(EffectiveSinks(c));
+  b->set_recent(EffectiveRecent(c));
   s->set_name(c.scorer.name);
   s->set_pool_kernel(c.scorer.pool_kernel);
   s->set_pool_kind(c.scorer.pool_kind == PoolKind::kMax ? v1::POOL_KIND_MAX : v1::POOL_KIND_AVG);

@@ -5,7 +5,9 @@
 #include <cmath>
 #include <iostream>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "core/thread_pool.h"
 
 namespace reasonalloc::worker {
@@ -36,7 +38,49 @@ class SlotStore : public KvStore {
 std::string Policy::Name() const {
   std::string name = absl::StrCat(scorer, "/", allocator);
   if (allocator == "reasonalloc") absl::StrAppend(&name, "-", reasonalloc_mode);
+  if (sinks >= 0) absl::StrAppend(&name, "+s", sinks);
+  if (recent > window) absl::StrAppend(&name, "+r", recent);
+  if (lambda > 0) absl::StrAppend(&name, "+l", lambda);
   return name;
+}
+
+absl::StatusOr<Policy> ParsePolicy(absl::string_view text) {
+  auto bad = [&](absl::string_view why) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "policy \"", text, "\": ", why,
+        " (expected scorer/allocator[-mode][+sN][+rN][+lX], e.g. rkv/reasonalloc-full+r32)"));
+  };
+  std::vector<std::string> parts = absl::StrSplit(text, '+');
+  std::vector<std::string> names = absl::StrSplit(parts[0], '/');
+  if (names.size() != 2 || names[0].empty() || names[1].empty()) {
+    return bad("no scorer/allocator");
+  }
+  Policy p;
+  p.scorer = names[0];
+  p.allocator = names[1];
+  if (p.allocator.rfind("reasonalloc-", 0) == 0) {
+    p.reasonalloc_mode = p.allocator.substr(12);
+    p.allocator = "reasonalloc";
+  }
+  for (size_t i = 1; i < parts.size(); ++i) {
+    const std::string& knob = parts[i];
+    if (knob.size() < 2) return bad(absl::StrCat("knob \"", knob, "\""));
+    const std::string value = knob.substr(1);
+    if (knob[0] == 's' || knob[0] == 'r') {
+      int v;
+      if (!absl::SimpleAtoi(value, &v) || v < 0) return bad(absl::StrCat("knob \"", knob, "\""));
+      (knob[0] == 's' ? p.sinks : p.recent) = v;
+    } else if (knob[0] == 'l') {
+      double v;
+      if (!absl::SimpleAtod(value, &v) || !(v > 0) || v > 1) {
+        return bad(absl::StrCat("knob \"", knob, "\""));
+      }
+      p.lambda = v;
+    } else {
+      return bad(absl::StrCat("unknown knob \"", knob, "\""));
+    }
+  }
+  return p;
 }
 
 absl::StatusOr<v1::CreateSessionRequest> SessionRequest(const ModelConfig& config,
@@ -54,7 +98,10 @@ absl::StatusOr<v1::CreateSessionRequest> SessionRequest(const ModelConfig& confi
   r.mutable_budget()->set_budget(policy.budget);
   r.mutable_budget()->set_buffer(policy.buffer);
   r.mutable_budget()->set_window(policy.window);
+  if (policy.sinks != -1) r.mutable_budget()->set_sinks(policy.sinks);
+  r.mutable_budget()->set_recent(policy.recent);
   r.mutable_scorer()->set_name(policy.scorer);
+  if (policy.lambda > 0) r.mutable_scorer()->set_lambda(policy.lambda);
   auto* a = r.mutable_allocator();
   a->set_name(policy.allocator);
   a->set_profile(policy.profile);
@@ -72,7 +119,7 @@ absl::StatusOr<v1::CreateSessionRequest> SessionRequest(const ModelConfig& confi
   }
   r.set_mode(v1::SESSION_MODE_MANAGED);
   r.set_memory(v1::MEMORY_KIND_HOST_SHM);
-  r.set_lease_seconds(600);
+  r.set_lease_seconds(SidecarBackend::kLeaseSeconds);
   return r;
 }
 
@@ -101,6 +148,7 @@ absl::StatusOr<std::unique_ptr<SidecarBackend>> SidecarBackend::Open(
   }
   backend->slot_events_.assign(policies.size(), 0);
   backend->slot_seconds_.assign(policies.size(), 0.0);
+  backend->last_contact_.assign(policies.size(), Now());
   return backend;
 }
 
@@ -117,7 +165,19 @@ absl::Status SidecarBackend::BeforeStep(int slot, int64_t step) {
       full = view.length(l, h) >= view.capacity(l, h);
     }
   }
-  if (!full) return absl::OkStatus();
+  const size_t i = static_cast<size_t>(slot);
+  if (!full) {
+    // A sequence whose cache has not reached its budget yet sends nothing for many steps of a
+    // slow model: renew its lease well before it runs out.
+    if (Now() - last_contact_[i] < kLeaseSeconds / 4) return absl::OkStatus();
+    auto renewed = client_->KeepAlive(ids_[i]);
+    if (!renewed.ok()) {
+      return absl::Status(renewed.status().code(), absl::StrCat("KeepAlive at step ", step - 1,
+                                                                ": ", renewed.status().message()));
+    }
+    last_contact_[i] = Now();
+    return absl::OkStatus();
+  }
   v1::CompressRequest request;
   request.set_session_id(ids_[static_cast<size_t>(slot)]);
   request.set_step(step - 1);
@@ -126,7 +186,8 @@ absl::Status SidecarBackend::BeforeStep(int slot, int64_t step) {
   auto response = client_->Compress(request);
   const double seconds = Now() - t0;
   compress_seconds_ += seconds;
-  slot_seconds_[static_cast<size_t>(slot)] += seconds;
+  slot_seconds_[i] += seconds;
+  last_contact_[i] = Now();
   if (!response.ok()) {
     return absl::Status(response.status().code(), absl::StrCat("Compress at step ", step - 1, ": ",
                                                                response.status().message()));

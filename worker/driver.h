@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "client/client.h"
 #include "client/session_view.h"
 #include "worker/model.h"
@@ -60,8 +61,16 @@ struct Policy {
   int budget = 64;                        // tokens per head (mean)
   int buffer = 64;                        // Δ: steps between events
   int window = 8;                         // α
+  int sinks = -1;                         // always-kept first tokens; -1 = the scorer's default
+  int recent = 0;                         // always-kept last tokens; 0 = the window
+  double lambda = 0;                      // rkv's λ; 0 = the sidecar's default
+  // scorer/allocator[-mode], then +sN, +rN, +lX for knobs away from their defaults (the syntax
+  // ParsePolicy reads).
   std::string Name() const;
 };
+
+// Reads Name()'s syntax, e.g. "rkv/reasonalloc-full+s4+r32+l0.07".
+absl::StatusOr<Policy> ParsePolicy(absl::string_view text);
 
 absl::StatusOr<v1::CreateSessionRequest> SessionRequest(const ModelConfig& config,
                                                         const std::string& model_name,
@@ -76,6 +85,10 @@ class SidecarBackend : public KvBackend {
                                                               const std::string& model_name,
                                                               const std::vector<Policy>& policies);
   ~SidecarBackend() override;
+
+  // Lease each session asks for; BeforeStep renews it (KeepAlive) when a quarter of it has passed
+  // without a Compress.
+  static constexpr double kLeaseSeconds = 600;
 
   int Length(int b, int l, int h) const override { return views_[b]->length(l, h); }
   float* KeyRow(int b, int l, int h, int row) override {
@@ -107,6 +120,7 @@ class SidecarBackend : public KvBackend {
   double compress_seconds_ = 0;
   std::vector<int64_t> slot_events_;
   std::vector<double> slot_seconds_;
+  std::vector<double> last_contact_;  // Now() of each session's last Compress or KeepAlive
 };
 
 struct RunOptions {

@@ -60,6 +60,12 @@ ABSL_FLAG(bool, raw, false,
 ABSL_FLAG(int, budget, 64, "generate, calibrate: tokens kept per KV head (the mean over heads)");
 ABSL_FLAG(int, buffer, 64, "generate, calibrate: Δ, decode steps between compression events");
 ABSL_FLAG(int, window, 8, "generate, calibrate: α, the observation window");
+ABSL_FLAG(int, sinks, -1,
+          "generate: first tokens of every head always kept (-1 = the scorer's default: 4 for "
+          "streaming, 0 for the others)");
+ABSL_FLAG(int, recent, 0,
+          "generate: last tokens of every head always kept, the scorer choosing the rest (0 = the "
+          "window)");
 ABSL_FLAG(std::string, text, "", "tokenize: the text");
 ABSL_FLAG(bool, chat, false, "tokenize: apply the chat template");
 ABSL_FLAG(std::string, tokens, "", "logits: comma-separated token ids");
@@ -155,6 +161,8 @@ Policy PolicyFromFlags() {
   p.budget = absl::GetFlag(FLAGS_budget);
   p.buffer = absl::GetFlag(FLAGS_buffer);
   p.window = absl::GetFlag(FLAGS_window);
+  p.sinks = absl::GetFlag(FLAGS_sinks);
+  p.recent = absl::GetFlag(FLAGS_recent);
   return p;
 }
 

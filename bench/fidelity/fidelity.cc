@@ -91,20 +91,6 @@ absl::StatusOr<std::vector<int>> Ints(const std::string& flag, const std::string
   return out;
 }
 
-absl::StatusOr<Policy> ParsePolicy(const std::string& text) {
-  std::vector<std::string> parts = absl::StrSplit(text, '/');
-  if (parts.size() != 2)
-    return absl::InvalidArgumentError(absl::StrCat("--policies: \"", text, "\""));
-  Policy p;
-  p.scorer = parts[0];
-  p.allocator = parts[1];
-  if (p.allocator.rfind("reasonalloc-", 0) == 0) {
-    p.reasonalloc_mode = p.allocator.substr(12);
-    p.allocator = "reasonalloc";
-  }
-  return p;
-}
-
 void LogSoftmax(const float* logits, int n, std::vector<float>* out) {
   out->resize(static_cast<size_t>(n));
   float mx = -INFINITY;

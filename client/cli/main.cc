@@ -65,7 +65,10 @@ ABSL_FLAG(int64_t, step, 0, "compress: decode step of the event");
 ABSL_FLAG(std::string, model_name, "cli", "compress: model name of a temporary session");
 ABSL_FLAG(int32_t, budget, 512, "compress: B, tokens kept per head (window included)");
 ABSL_FLAG(int32_t, buffer, 128, "compress: Δ");
-ABSL_FLAG(int32_t, sinks, 4, "compress: sink tokens (streaming)");
+ABSL_FLAG(int32_t, sinks, -1,
+          "compress: first tokens of every head always kept (-1 = the scorer's default: 4 for "
+          "streaming, 0 for the others)");
+ABSL_FLAG(int32_t, recent, 0, "compress: last tokens of every head always kept (0 = the window)");
 ABSL_FLAG(int32_t, max_context, 131072, "compress: model.max_context (raised to N if smaller)");
 ABSL_FLAG(std::string, scorer, "snapkv", "compress: snapkv | streaming | h2o | rkv");
 ABSL_FLAG(std::string, allocator, "uniform", "compress: uniform | pyramid | adakv | reasonalloc");
@@ -324,7 +327,10 @@ int CompressCommand(Client& client) {
     create.mutable_budget()->set_budget(absl::GetFlag(FLAGS_budget));
     create.mutable_budget()->set_buffer(absl::GetFlag(FLAGS_buffer));
     create.mutable_budget()->set_window(static_cast<int32_t>(queries->shape[2]));
-    create.mutable_budget()->set_sinks(absl::GetFlag(FLAGS_sinks));
+    if (absl::GetFlag(FLAGS_sinks) != -1) {
+      create.mutable_budget()->set_sinks(absl::GetFlag(FLAGS_sinks));
+    }
+    create.mutable_budget()->set_recent(absl::GetFlag(FLAGS_recent));
     create.mutable_scorer()->set_name(absl::GetFlag(FLAGS_scorer));
     create.mutable_scorer()->set_pool_kernel(absl::GetFlag(FLAGS_pool_kernel));
     const std::string pool = absl::GetFlag(FLAGS_pool_kind);

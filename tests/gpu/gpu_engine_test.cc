@@ -86,6 +86,11 @@ std::vector<Case> Cases() {
           k.config.budget.window = 1 + static_cast<int>(rng() % 12);
           k.config.budget.budget = k.config.budget.window + 2 + static_cast<int>(rng() % 80);
           k.config.budget.sinks = static_cast<int>(rng() % 6);
+          if (rng() % 2) {
+            k.config.budget.recent =
+                std::min(k.config.budget.budget - *k.config.budget.sinks,
+                         k.config.budget.window + static_cast<int>(rng() % 20));
+          }
           k.config.scorer.name = scorer;
           k.config.scorer.pool_kernel = 1 + 2 * static_cast<int>(rng() % 5);
           k.config.scorer.pool_kind = rng() % 2 ? PoolKind::kMax : PoolKind::kAvg;
@@ -235,12 +240,12 @@ std::vector<std::vector<float>> CpuScores(const Case& k, const Event& e) {
     hi.group = group;
     hi.window = window;
     hi.head_dim = m.head_dim;
-    hi.sinks = k.config.budget.sinks;
     if (acc != nullptr) hi.accumulated = acc + head * in.n_max;
     auto& s = out[static_cast<size_t>(head)];
     s.assign(static_cast<size_t>(std::max(0, hi.n - window)), 0.0f);
     if (!s.empty()) {
       EXPECT_TRUE(scorer->ScoreHead(hi, s));
+      ProtectScores(hi.n, window, EffectiveSinks(k.config), EffectiveRecent(k.config), s);
     }
   }
   return out;

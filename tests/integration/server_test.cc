@@ -149,7 +149,9 @@ TEST(Server, SessionLifecycle) {
   const v1::SessionInfo& s = created->session();
   EXPECT_EQ(s.session_id().size(), 32u);
   EXPECT_EQ(s.budget().buffer(), 16);
-  EXPECT_EQ(s.budget().sinks(), 4);  // defaults are made explicit
+  // Defaults are made explicit: no sinks for snapkv (streaming's default is 4), recent = window.
+  EXPECT_EQ(s.budget().sinks(), 0);
+  EXPECT_EQ(s.budget().recent(), s.budget().window());
   EXPECT_EQ(s.scorer().pool_kernel(), 7);
   EXPECT_EQ(s.allocator().name(), "uniform");
   EXPECT_EQ(s.mode(), v1::SESSION_MODE_MANAGED);

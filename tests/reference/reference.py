@@ -66,10 +66,24 @@ def window_attention(q, k, first_row=0):
     return acc
 
 
-def streaming(n, window, sinks):
+def streaming(n, window):
     cand = max(0, n - window)
     # Age from the head's end, so that heads of different lengths compare by recency.
-    return np.array([1e9 if j < sinks else float(j - (n - 1)) for j in range(cand)])
+    return np.array([float(j - (n - 1)) for j in range(cand)])
+
+
+SINK_SCORE, RECENT_SCORE = 2.0 ** 25, 2.0 ** 24
+
+
+def protect(scores, n, window, sinks, recent):
+    """The always-kept rows above every scorer's scores: the first `sinks` rows, then rows younger
+    than `recent` (newer first)."""
+    s = np.array(scores, dtype=np.float64)
+    cand = len(s)
+    for j in range(max(0, n - recent), cand):
+        s[j] = RECENT_SCORE - (n - 1 - j)
+    s[:min(sinks, cand)] = SINK_SCORE
+    return s
 
 
 def rkv(q, k, window, lam=0.1, threshold=0.5, **snap):

@@ -85,8 +85,17 @@ def make_case(rng, i):
                 scorer=scorer, allocator=allocator, mode=mode, data=data,
                 kernel=[7, 5, 1, 3][i % 4], pool="avg" if i % 9 == 0 else "max",
                 gqa={3: "mean", 7: "mean_scores"}.get(i % 10, "max"), all_keys=i % 4 == 1,
-                sinks=int(rng.integers(0, 6)),
+                sinks=None if i % 4 == 3 else int(rng.integers(0, 6)),
+                recent=recent(rng, i, window, B),
                 demand=rng.uniform(0.1, 5.0, size=L) if i % 2 else None)
+
+
+def recent(rng, i, window, B):
+    """Every third case protects more than the window (within what the budget leaves beside the
+    largest number of sinks a case draws)."""
+    if i % 3 != 2 or B - 5 <= window + 1:
+        return 0
+    return int(rng.integers(window + 1, B - 5 + 1))
 
 
 def reference_scores(c):
@@ -101,17 +110,26 @@ def reference_scores(c):
             if c["scorer"] == "snapkv":
                 s = ref.snapkv(q, k, c["window"], **snap)
             elif c["scorer"] == "streaming":
-                s = ref.streaming(n, c["window"], c["sinks"])
+                s = ref.streaming(n, c["window"])
             elif c["scorer"] == "h2o":
                 s = ref.window_attention(q, k)[:max(0, n - c["window"])]
             else:
                 s = ref.rkv(q, k, c["window"], **snap)
+            sinks = c["sinks"] if c["sinks"] is not None else (4 if c["scorer"] == "streaming" else 0)
+            s = ref.protect(s, n, c["window"], sinks, max(c["recent"], c["window"]))
             out.append(np.asarray(s, dtype=np.float64))
     return out
 
 
 def near(a, b, scale):
     return abs(a - b) <= 1e-5 * max(1e-3, scale)
+
+
+def scale_of(values):
+    """The magnitude of the scored candidates (protected rows, exact in both, left out)."""
+    v = np.abs(np.asarray(values, dtype=np.float64))
+    v = v[v < 2.0 ** 23]
+    return float(v.max()) if v.size else 1.0
 
 
 def test_engine_matches_reference(api):
@@ -130,7 +148,8 @@ def test_engine_matches_reference(api):
         modes = {"full": 3, "layer": 1, "head": 2, "off": 4}
         created = stub.CreateSession(pb.CreateSessionRequest(
             model=geometry,
-            budget=types_pb2.BudgetConfig(budget=c["B"], window=c["window"], sinks=c["sinks"]),
+            budget=types_pb2.BudgetConfig(budget=c["B"], window=c["window"], sinks=c["sinks"],
+                                          recent=c["recent"]),
             scorer=types_pb2.ScorerConfig(name=c["scorer"], pool_kernel=c["kernel"],
                                           pool_kind=2 if c["pool"] == "avg" else 1,
                                           gqa_reduce={"max": 1, "mean": 2,
@@ -167,7 +186,7 @@ def test_engine_matches_reference(api):
                     continue
                 pool = np.sort(np.concatenate(scores[sl]))[::-1]
                 total = c["H"] * (layers[l] - c["window"])
-                scale = float(np.max(np.abs(pool))) if pool.size else 1.0
+                scale = scale_of(pool)
                 assert 0 < total < pool.size and near(pool[total - 1], pool[total], scale), \
                     f"{what} layer {l}: {budgets[sl]} vs {engine_budgets[sl]}"
             ties += 1
@@ -181,7 +200,7 @@ def test_engine_matches_reference(api):
                 continue
             s = scores[h]
             cut = sorted(s, reverse=True)[int(budgets[h]) - c["window"] - 1]
-            scale = float(np.max(np.abs(s))) if s.size else 1.0
+            scale = scale_of(s)
             diff = set(kept) ^ set(want)
             assert all(near(s[j], cut, scale) for j in diff), f"{what} head {h}: {kept} vs {want}"
             ties += 1

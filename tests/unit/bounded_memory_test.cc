@@ -59,7 +59,7 @@ TEST(TiledScoring, SnapKvTilesGiveTheWholeBlockScores) {
   constexpr int kN = 300, kGroup = 3, kWindow = 8, kD = 16;
   const auto q = Normal(size_t{kGroup} * kWindow * kD, rng);
   const auto k = Normal(size_t{kN} * kD, rng);
-  HeadInputs in{q.data(), k.data(), kN, kGroup, kWindow, kD, 4, nullptr};
+  HeadInputs in{q.data(), k.data(), kN, kGroup, kWindow, kD, nullptr};
   for (GqaReduce gqa : {GqaReduce::kMax, GqaReduce::kMean, GqaReduce::kMeanScores}) {
     for (bool all_keys : {false, true}) {
       ScorerConfig c;
@@ -93,7 +93,7 @@ TEST(TiledScoring, RkvRowTilesGiveTheWholeMatrixScores) {
     for (int i = 0; i < kD; ++i)
       k[static_cast<size_t>(j) * kD + i] = k[i] + 0.01f * static_cast<float>(j);
   }
-  HeadInputs in{q.data(), k.data(), kN, kGroup, kWindow, kD, 4, nullptr};
+  HeadInputs in{q.data(), k.data(), kN, kGroup, kWindow, kD, nullptr};
   for (double threshold : {0.5, 0.9, -0.2}) {
     ScorerConfig c;
     c.name = "rkv";

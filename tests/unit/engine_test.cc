@@ -77,7 +77,7 @@ TEST(Engine, InvariantsOnRandomInputs) {
       }
       // Streaming keeps the sinks whenever the budget leaves room for them.
       if (scorer == "streaming" && n > c.budget.budget) {
-        const int sinks = std::min(c.budget.sinks, c.budget.budget - c.budget.window);
+        const int sinks = std::min(EffectiveSinks(c), c.budget.budget - c.budget.window);
         for (int j = 0; j < sinks; ++j) ASSERT_EQ(kept[static_cast<size_t>(j)], j);
       }
       // The mask says the same as the indices.
@@ -138,6 +138,65 @@ TEST(Engine, StreamingRanksRaggedHeadsByAgeFromTheirEnds) {
     EXPECT_THAT(d->Kept(0), ElementsAre(0, 1, 2, 3, 26, 27, 28, 29)) << allocator;
     EXPECT_THAT(d->Kept(1), ElementsAre(0, 1, 2, 3, 10, 11, 12, 13)) << allocator;
   }
+}
+
+TEST(Engine, SinksAndRecentAreKeptByEveryScorer) {
+  // 2 layers × 2 KV heads, G 2, d 8, window 4, budget 24, sinks 3, recent 12, heads of 60 rows:
+  // whatever the scorer and allocator, a head given room for them keeps rows 0-2 and 48-59, and
+  // its other rows are the scorer's choice (the counts stay the budgets).
+  std::mt19937 rng(11);
+  for (const std::string scorer : {"snapkv", "h2o", "rkv", "streaming"}) {
+    for (const std::string allocator : {"uniform", "adakv", "reasonalloc"}) {
+      SessionConfig c = Config(2, 4, 2, 8, 24, scorer);
+      c.budget.window = 4;
+      c.budget.sinks = 3;
+      c.budget.recent = 12;
+      c.allocator.name = allocator;
+      c.allocator.reasonalloc_mode = ReasonAllocMode::kHead;
+      auto engine = Engine::Create(c);
+      ASSERT_TRUE(engine.ok()) << engine.status();
+      RandomInputs in = MakeInputs(c, 60, rng);
+      in.lengths.assign(4, 60);
+      auto d = (*engine)->Compress(in.view());
+      ASSERT_TRUE(d.ok()) << d.status();
+      for (int64_t h = 0; h < 4; ++h) {
+        const auto kept = d->Kept(h);
+        const int b = d->budgets[static_cast<size_t>(h)];
+        ASSERT_EQ(static_cast<int>(kept.size()), std::min(60, b)) << scorer << " " << allocator;
+        if (b < 15) continue;
+        for (int j : {0, 1, 2}) EXPECT_TRUE(std::binary_search(kept.begin(), kept.end(), j));
+        for (int j = 48; j < 60; ++j) {
+          EXPECT_TRUE(std::binary_search(kept.begin(), kept.end(), j))
+              << scorer << " " << allocator << " head " << h << " row " << j;
+        }
+      }
+    }
+  }
+  // Without the knobs, rkv keeps neither guarantee beyond the window: on keys that make the oldest
+  // and the 5 rows before the window its least valued, it evicts them.
+  SessionConfig c = Config(1, 1, 1, 2, 8, "rkv");
+  c.budget.window = 2;
+  c.scorer.pool_kernel = 1;
+  std::vector<float> q = {5, 0, 5, 0};
+  std::vector<float> k;
+  for (int j = 0; j < 20; ++j) {
+    const bool hot = j >= 5 && j < 11;
+    k.push_back(hot ? 2.0f + 0.1f * static_cast<float>(j) : 0.0f);
+    k.push_back(hot ? 0.0f : 1.0f);
+  }
+  std::vector<int32_t> lengths = {20};
+  auto plain = Engine::Create(c);
+  ASSERT_TRUE(plain.ok());
+  auto d = (*plain)->Compress({q.data(), k.data(), 20, lengths, {}});
+  ASSERT_TRUE(d.ok());
+  EXPECT_THAT(d->Kept(0), ElementsAre(5, 6, 7, 8, 9, 10, 18, 19));
+  c.budget.sinks = 1;
+  c.budget.recent = 4;
+  auto guarded = Engine::Create(c);
+  ASSERT_TRUE(guarded.ok());
+  d = (*guarded)->Compress({q.data(), k.data(), 20, lengths, {}});
+  ASSERT_TRUE(d.ok());
+  EXPECT_THAT(d->Kept(0), ElementsAre(0, 8, 9, 10, 16, 17, 18, 19));
 }
 
 TEST(Engine, RejectsLengthsOutOfRange) {

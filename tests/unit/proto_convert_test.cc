@@ -24,7 +24,8 @@ TEST(ProtoConvert, UnsetFieldsTakeTheSpecDefaults) {
   EXPECT_EQ(c->budget.budget, 512);
   EXPECT_EQ(c->budget.buffer, 128);
   EXPECT_EQ(c->budget.window, 8);
-  EXPECT_EQ(c->budget.sinks, 4);
+  EXPECT_FALSE(c->budget.sinks.has_value());  // the scorer's default
+  EXPECT_EQ(c->budget.recent, 0);
   EXPECT_EQ(c->scorer.name, "snapkv");
   EXPECT_EQ(c->allocator.name, "uniform");
   EXPECT_TRUE(c->managed);
@@ -42,6 +43,12 @@ TEST(ProtoConvert, ExplicitZeroSinksAndKnobsAreKept) {
   ASSERT_TRUE(c.ok());
   EXPECT_EQ(c->budget.sinks, 0);
   EXPECT_EQ(c->scorer.lambda, 0.0);
+  r.mutable_budget()->set_sinks(2);
+  r.mutable_budget()->set_recent(24);
+  auto d = SessionConfigFromProto(r);
+  ASSERT_TRUE(d.ok());
+  EXPECT_EQ(d->budget.sinks, 2);
+  EXPECT_EQ(d->budget.recent, 24);
   EXPECT_EQ(c->scorer.pool_kind, PoolKind::kAvg);
   EXPECT_EQ(c->scorer.gqa_reduce, GqaReduce::kMean);
   EXPECT_FALSE(c->managed);
@@ -66,7 +73,11 @@ TEST(ProtoConvert, RoundTripsTheConfiguration) {
                        back.mutable_allocator());
   auto again = SessionConfigFromProto(back);
   ASSERT_TRUE(again.ok());
-  EXPECT_EQ(again->budget.sinks, c->budget.sinks);
+  // Defaults come back explicit: snapkv's sinks 0 and the window as the recent span.
+  EXPECT_EQ(back.budget().sinks(), 0);
+  EXPECT_EQ(back.budget().recent(), 8);
+  EXPECT_EQ(EffectiveSinks(*again), EffectiveSinks(*c));
+  EXPECT_EQ(EffectiveRecent(*again), EffectiveRecent(*c));
   EXPECT_EQ(again->scorer.pool_kernel, c->scorer.pool_kernel);
   EXPECT_EQ(again->allocator.clip_high, c->allocator.clip_high);
 }

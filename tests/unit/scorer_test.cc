@@ -11,8 +11,7 @@ namespace reasonalloc {
 namespace {
 
 std::vector<float> Score(const ScorerConfig& config, const std::vector<float>& queries,
-                         const std::vector<float>& keys, int n, int group, int window, int d,
-                         int sinks = 4) {
+                         const std::vector<float>& keys, int n, int group, int window, int d) {
   auto scorer = MakeScorer(config);
   EXPECT_TRUE(scorer.ok());
   HeadInputs in;
@@ -22,7 +21,6 @@ std::vector<float> Score(const ScorerConfig& config, const std::vector<float>& q
   in.group = group;
   in.window = window;
   in.head_dim = d;
-  in.sinks = sinks;
   std::vector<float> out(static_cast<size_t>(std::max(0, n - window)), -1.0f);
   (*scorer)->ScoreHead(in, out);
   return out;
@@ -102,17 +100,37 @@ TEST(SnapKv, NothingToScoreWhenAllTokensAreInTheWindow) {
   EXPECT_TRUE(Score(SnapKv(7), q, k, 2, 1, 2, 1).empty());
 }
 
-TEST(Streaming, SinksFirstThenNewest) {
+TEST(Streaming, NewestFirstByAgeFromTheEnd) {
   ScorerConfig c;
   c.name = "streaming";
-  const auto s = Score(c, {}, std::vector<float>(10, 0.0f), 10, 1, 2, 1, /*sinks=*/2);
+  const auto s = Score(c, {}, std::vector<float>(10, 0.0f), 10, 1, 2, 1);
   ASSERT_EQ(s.size(), 8u);
-  EXPECT_EQ(s[0], s[1]);  // sinks tie (selection takes the lower ones first)
-  EXPECT_GT(s[1], s[7]);  // every sink beats every other token
-  for (int j = 2; j < 7; ++j) EXPECT_LT(s[j], s[j + 1]);  // newer beats older
+  for (int j = 0; j < 7; ++j) EXPECT_LT(s[j], s[j + 1]);  // newer beats older
   // The score is minus the age from the head's end: row 7 of 10 rows is 2 steps old.
   EXPECT_EQ(s[7], -2.0f);
   EXPECT_EQ(s[2], -7.0f);
+}
+
+TEST(ProtectScores, SinksThenNewestAboveEveryScore) {
+  // 12 rows, window 2: candidates 0..9. Sinks 2, recent 5: rows 0-1 and 7-9 (ages 4..2) protected.
+  std::vector<float> s(10, 1e6f);
+  ProtectScores(12, 2, 2, 5, s);
+  EXPECT_EQ(s[0], kSinkScore);
+  EXPECT_EQ(s[1], kSinkScore);
+  for (int j = 2; j < 7; ++j) EXPECT_EQ(s[static_cast<size_t>(j)], 1e6f) << j;
+  EXPECT_EQ(s[7], kRecentScore - 4);
+  EXPECT_EQ(s[9], kRecentScore - 2);
+  EXPECT_GT(s[1], s[9]);  // sinks outrank the recent rows
+  EXPECT_GT(s[9], s[8]);  // newer recent rows outrank older ones
+  EXPECT_GT(s[7], 1e6f);  // every protected row outranks every scored one
+  // Nothing to protect: recent up to the window, no sinks.
+  std::vector<float> t(10, 0.5f);
+  ProtectScores(12, 2, 0, 2, t);
+  EXPECT_EQ(t, std::vector<float>(10, 0.5f));
+  // More sinks than candidates stay inside the candidates.
+  std::vector<float> u(3, 0.0f);
+  ProtectScores(5, 2, 8, 0, u);
+  EXPECT_EQ(u, std::vector<float>(3, kSinkScore));
 }
 
 TEST(Rkv, ImportanceMinusRedundancyWithRetainLast) {

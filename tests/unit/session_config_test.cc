@@ -30,7 +30,14 @@ TEST(SessionConfig, DefaultsMatchTheSpec) {
   EXPECT_EQ(c.budget.budget, 512);
   EXPECT_EQ(c.budget.buffer, 128);
   EXPECT_EQ(c.budget.window, 8);
-  EXPECT_EQ(c.budget.sinks, 4);
+  EXPECT_FALSE(c.budget.sinks.has_value());
+  EXPECT_EQ(EffectiveSinks(c), 0);  // snapkv: none unless asked
+  c.scorer.name = "streaming";
+  EXPECT_EQ(EffectiveSinks(c), 4);
+  c.budget.sinks = 0;
+  EXPECT_EQ(EffectiveSinks(c), 0);
+  EXPECT_EQ(c.budget.recent, 0);
+  EXPECT_EQ(EffectiveRecent(c), 8);  // the window
   EXPECT_EQ(c.scorer.pool_kernel, 7);
   EXPECT_DOUBLE_EQ(c.scorer.lambda, 0.1);
   EXPECT_DOUBLE_EQ(c.scorer.threshold, 0.5);
@@ -65,6 +72,14 @@ TEST(SessionConfig, RejectsBadFieldsNamingThem) {
        "budget.buffer"},
       {"negative sinks", [](auto& c) { c.budget.sinks = -1; }, absl::StatusCode::kInvalidArgument,
        "budget.sinks"},
+      {"negative recent", [](auto& c) { c.budget.recent = -3; }, absl::StatusCode::kInvalidArgument,
+       "budget.recent"},
+      {"recent and sinks beyond the budget",
+       [](auto& c) {
+         c.budget.sinks = 4;
+         c.budget.recent = c.budget.budget - 3;
+       },
+       absl::StatusCode::kInvalidArgument, "budget.sinks + budget.recent"},
       {"unknown scorer", [](auto& c) { c.scorer.name = "magic"; },
        absl::StatusCode::kInvalidArgument, "scorer.name"},
       {"unknown allocator", [](auto& c) { c.allocator.name = "fair"; },
