@@ -1,0 +1,138 @@
+"""The long-range recall benchmark: its task generator, its answer rule, and the program end to end
+on the reference model through a real sidecar.
+
+Binaries come from REASONALLOC_RECALL_BINARY, REASONALLOC_WORKER_BINARY and
+REASONALLOC_SERVER_BINARY (set by ctest).
+"""
+import csv
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "bench", "recall"))
+import tasks as T  # noqa: E402
+
+RECALL = os.environ.get("REASONALLOC_RECALL_BINARY", "build/bench/recall")
+WORKER = os.environ.get("REASONALLOC_WORKER_BINARY", "build/worker/reasonalloc-worker")
+SERVER = os.environ.get("REASONALLOC_SERVER_BINARY", "build/server/reasonalloc-server")
+
+
+def words(text):
+    return set(re.findall(r"[0-9A-Za-z']+", text.lower()))
+
+
+def test_tasks_are_seeded_and_the_seed_names_the_split():
+    a = T.make_tasks(1, 30)
+    assert [(t.answer, t.prompt()) for t in a] == [(t.answer, t.prompt()) for t in T.make_tasks(1, 30)]
+    b = T.make_tasks(2, 30)
+    assert sum(x.prompt() == y.prompt() for x, y in zip(a, b)) == 0
+    assert {t.kind for t in a} == set(T.KINDS)
+    assert sorted(t.kind for t in a).count("passkey") == 10
+
+
+def test_every_answer_is_stated_once_early_and_never_again():
+    for t in T.make_tasks(7, 90):
+        assert T.answer_matches(t.answer, t.head), t.id
+        assert len(re.findall(r"(?<![0-9a-z])" + re.escape(t.answer.lower()) + r"(?![0-9a-z])",
+                              t.head.lower())) == 1, t.id
+        # Not in the filler nor in the question: only the early fact can supply it.
+        assert not T.answer_matches(t.answer, t.tail), t.id
+        assert len(t.tail.split()) >= 480, t.id
+        assert t.tail.rstrip().endswith("only."), t.id
+        if t.kind == "passkey":
+            assert re.fullmatch(r"[1-9][0-9]{4}", t.answer)
+            assert not re.search(r"[0-9]", t.tail)
+        if t.kind == "list":
+            items = t.head.split(": ", 1)[1].rstrip(".").split(", ")
+            ordinal = re.search(r"What is the (\w+) item", t.tail).group(1)
+            k = [n for n, w in T.ORDINALS.items() if w == ordinal][0]
+            assert items[k - 1] == t.answer
+        if t.kind == "name":
+            role = re.search(r"The (.+) in this story", t.head).group(1)
+            assert f"name of the {role}?" in t.tail
+
+
+def test_the_filler_vocabulary_cannot_supply_an_answer():
+    filler_words = set()
+    for part in (T.SUBJECTS, T.VERBS, T.OBJECTS, T.TAILS, T.CONNECTIVES, T.ROLES, [T.INTRO]):
+        for s in part:
+            filler_words |= words(s)
+    answers = {n.lower() for n in T.NAMES} | {w for v in T.LIST_KINDS.values() for w in v}
+    assert not (answers & filler_words)
+
+
+def test_the_answer_rule_takes_whole_words_only():
+    assert T.answer_matches("27611", "The passkey is 27611.")
+    assert T.answer_matches("27611", "27611")
+    assert not T.answer_matches("27611", "276110")
+    assert not T.answer_matches("27611", "2761")
+    assert T.answer_matches("Octavia", "octavia")
+    assert not T.answer_matches("rope", "ropes")
+    assert T.answer_matches("rope", "The third item is rope!")
+
+
+def test_the_file_round_trips(tmp_path):
+    out = tmp_path / "t.tsv"
+    assert T.main(["--seed", "3", "--count", "4", "--out", str(out)]) == 0
+    rows = [l.split("\t") for l in out.read_text().splitlines() if not l.startswith("#")]
+    want = T.make_tasks(3, 4)
+    assert len(rows) == 4
+    for r, t in zip(rows, want):
+        assert r[:3] == [t.id, t.kind, t.answer]
+        assert r[3].replace("\\n", "\n") + r[4].replace("\\n", "\n") == t.prompt()
+
+
+def test_the_benchmark_end_to_end(tmp_path):
+    """Short tasks on the reference model: a budget above every prompt's length answers exactly what
+    the full cache answers; a 16-token streaming budget loses the early fact."""
+    tasks_file = tmp_path / "tasks.tsv"
+    assert T.main(["--seed", "11", "--count", "3", "--filler_words", "70", "--kinds", "passkey",
+                   "--out", str(tasks_file)]) == 0
+    sock = tmp_path / "s.sock"
+    server = subprocess.Popen([SERVER, f"--listen=unix://{sock}", "--metrics_address=127.0.0.1:0",
+                               f"--profile_dir={ROOT}/deploy/profiles", "--log_level=error"])
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        p = subprocess.run([RECALL, f"--target=unix://{sock}", f"--tasks={tasks_file}",
+                            "--min_distance=64", "--answer_tokens=12", "--budgets=16,512",
+                            "--policies=streaming/uniform,rkv/reasonalloc-full",
+                            f"--out_dir={tmp_path}", "--model=SmolLM2-135M-Instruct.Q4_1.gguf"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=400)
+        print(p.stderr)
+        assert p.returncode == 0, p.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    rows = list(csv.DictReader(open(tmp_path / "recall_runs.csv")))
+    full = {r["task"]: r for r in rows if r["policy"] == "full"}
+    assert len(full) == 3
+    for r in rows:  # the program's verdict is the generator's rule
+        assert (r["correct"] == "1") == T.answer_matches(r["answer"], r["text"].replace("\\n", "\n"))
+        assert int(r["distance"]) >= 64
+    answered = [t for t, r in full.items() if r["correct"] == "1"]
+    assert answered, "the full cache answers none of the short tasks"
+    grid = [r for r in rows if r["policy"] != "full"]
+    assert {r["task"] for r in grid} == set(answered)  # only tasks the full cache answers
+    for r in grid:
+        if r["budget"] == "512":
+            assert r["text"] == full[r["task"]]["text"], r
+            assert r["events"] == "0"
+        else:
+            assert int(r["peak_kv_bytes"]) < int(r["full_kv_bytes"])
+    lost = [r for r in grid if r["policy"].startswith("streaming") and r["budget"] == "16"]
+    assert lost and all(r["correct"] == "0" for r in lost), lost
+    # The report reads what the program wrote.
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "recall", "report.py"),
+                    str(tmp_path)], check=True, capture_output=True)
+    table = [l for l in (tmp_path / "recall.md").read_text().splitlines()
+             if l.startswith("| streaming/uniform |")]
+    assert len(table) == 1 and "0.00 [0.00, 0.00]" in table[0], table
