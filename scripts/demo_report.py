@@ -1,11 +1,13 @@
 """Prints scripts/demo's comparison of a full-cache run and a run through the sidecar.
 
-  demo_report.py FULL.json SIDECAR.json PROFILE.json
+  demo_report.py FULL.json SIDECAR.json PROFILE_DIR
 
-The JSON files are `reasonalloc-worker generate --json` lines; PROFILE is the layer profile the
-sidecar used (its per-layer demand, the Reasoning Wave).
+The JSON files are `reasonalloc-worker generate --json` lines; PROFILE_DIR holds the layer
+profiles the sidecar was given, of which the one named after the model that ran is drawn (its
+per-layer demand, the Reasoning Wave).
 """
 import json
+import os
 import sys
 
 
@@ -15,7 +17,10 @@ def load(path):
 
 
 def main():
-    full, side, profile = load(sys.argv[1]), load(sys.argv[2]), load(sys.argv[3])
+    full, side = load(sys.argv[1]), load(sys.argv[2])
+    # The layer profile of the model that ran, if the sidecar has one.
+    path = os.path.join(sys.argv[3], f"{side['model_name']}.json")
+    profile = load(path) if os.path.exists(path) else {"demand": []}
     print("-- answer through the sidecar --")
     print(side["text"].strip())
     print("-- answer with the full cache --")
@@ -38,7 +43,7 @@ def main():
           f"{100.0 * side['compress_seconds'] / side['seconds']:.1f}% of the run)")
     budgets = side.get("layer_budgets", [])
     wave = profile["demand"]
-    if not budgets:
+    if not budgets or len(wave) != len(budgets):
         return
     print()
     print("per-layer budgets after the last event (mean over kv heads; # = 4 tokens) "

