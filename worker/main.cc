@@ -484,15 +484,13 @@ int Calibrate() {
   auto architecture = loaded->file->GetString("general.architecture");
   std::error_code size_error;
   const auto file_bytes = std::filesystem::file_size(loaded->path, size_error);
-  profile.set_provenance(absl::StrCat("reasonalloc-worker calibrate on ",
-                                      std::filesystem::path(loaded->path).filename().string(), " (",
-                                      size_error ? 0 : file_bytes, " bytes, general.name \"",
-                                      general.ok() ? *general : "", "\", architecture ",
-                                      architecture.ok() ? *architecture : "", "): ", ids.size(),
-                                      " probe prompts from ", absl::GetFlag(FLAGS_prompts), ", ",
-                                      generated, " generated tokens (greedy, full cache), ", calls,
-                                      " measurements every ", stride, " steps, window ", window,
-                                      ", rho ", absl::GetFlag(FLAGS_rho)));
+  profile.set_provenance(absl::StrCat(
+      "reasonalloc-worker calibrate on ", std::filesystem::path(loaded->path).filename().string(),
+      " (", size_error ? 0 : file_bytes, " bytes, general.name \"", general.ok() ? *general : "",
+      "\", architecture ", architecture.ok() ? *architecture : "", "): ", ids.size(),
+      " probe prompts from ", absl::GetFlag(FLAGS_prompts), ", ", generated,
+      " generated tokens (greedy, full cache), ", calls, " measurements every ", stride,
+      " steps, window ", window, ", rho ", absl::GetFlag(FLAGS_rho)));
   std::string json;
   google::protobuf::util::JsonPrintOptions print;
   print.add_whitespace = true;
