@@ -26,6 +26,7 @@
 #include "worker/chat_template.h"
 #include "worker/driver.h"
 #include "worker/model_files.h"
+#include "worker/sensitivity.h"
 #include "worker/tokenizer.h"
 
 ABSL_FLAG(std::string, model, "",
@@ -72,6 +73,11 @@ ABSL_FLAG(bool, chat, false, "tokenize: apply the chat template");
 ABSL_FLAG(std::string, tokens, "", "logits: comma-separated token ids");
 ABSL_FLAG(std::string, out, "",
           "logits, calibrate: the output file (.npy for logits, the profile JSON for calibrate)");
+ABSL_FLAG(std::string, objective, "k_rho",
+          "calibrate: what the layer profile measures: k_rho (attention demand, the Reasoning "
+          "Wave) or sensitivity (the KL cost of compressing each layer group alone to --budget "
+          "with --scorer)");
+ABSL_FLAG(int, layer_group, 1, "calibrate --objective sensitivity: layers compressed together");
 ABSL_FLAG(double, rho, 0.93, "calibrate: attention-mass fraction ρ");
 ABSL_FLAG(int, stride, 16, "calibrate: measure every stride-th step");
 ABSL_FLAG(bool, json, false, "generate: print a JSON summary line");
@@ -364,7 +370,100 @@ int Logits() {
   return 0;
 }
 
+// calibrate --objective sensitivity: the profile's demand is each layer group's measured KL cost
+// of compression (worker/sensitivity.h), normalised to mean 1.
+int CalibrateSensitivity() {
+  auto prompts = PromptsFromFlags();
+  if (!prompts.ok()) return Fail(prompts.status());
+  const std::string out_path = absl::GetFlag(FLAGS_out);
+  if (out_path.empty()) return Fail(absl::InvalidArgumentError("--out is required"));
+  auto loaded = Load(true);
+  if (!loaded.ok()) return Fail(loaded.status());
+  if (!IsValidModelName(loaded->ModelName())) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(
+        "--model_name \"", loaded->ModelName(),
+        "\" is not a valid profile name (1-128 of A-Z a-z 0-9 . _ -, not starting with '.')")));
+  }
+  auto client = Connect();
+  if (!client.ok()) return Fail(client.status());
+  std::vector<std::vector<int32_t>> ids;
+  for (const std::string& p : *prompts) {
+    auto prompt = loaded->Prompt(p);
+    if (!prompt.ok()) return Fail(prompt.status());
+    ids.push_back(*std::move(prompt));
+  }
+  SensitivityOptions options;
+  options.policy = PolicyFromFlags();
+  options.policy.allocator = "uniform";  // one group of layers at a time: its budget is B
+  options.layer_group = absl::GetFlag(FLAGS_layer_group);
+  options.max_tokens = absl::GetFlag(FLAGS_max_tokens);
+  options.batch = std::max(1, absl::GetFlag(FLAGS_batch));
+  options.suppress = loaded->tokenizer->ControlTokens();
+  // The probe sessions are named apart from the model, so no profile of the model's name (of
+  // another geometry than a group of layers) is looked up for them.
+  auto result = MeasureSensitivity(*loaded->model, client->get(),
+                                   absl::StrCat(loaded->ModelName(), ".probe"), ids, options);
+  if (!result.ok()) return Fail(result.status());
+  auto demand = DemandFromSensitivity(result->kl);
+  if (!demand.ok()) return Fail(demand.status());
+  const ModelConfig& c = loaded->model->config();
+  v1::LayerProfile profile;
+  profile.set_name(loaded->ModelName());
+  auto* g = profile.mutable_model();
+  g->set_name(loaded->ModelName());
+  g->set_num_layers(c.layers);
+  g->set_num_q_heads(c.q_heads);
+  g->set_num_kv_heads(c.kv_heads);
+  g->set_head_dim(c.head_dim);
+  g->set_dtype(v1::DTYPE_FLOAT32);
+  g->set_max_context(c.context);
+  profile.set_rho(1);  // not used by this objective; the field must lie in (0, 1]
+  for (size_t l = 0; l < demand->size(); ++l) {
+    profile.add_demand((*demand)[l]);
+    profile.add_samples(result->positions[l]);
+  }
+  const Policy& p = options.policy;
+  profile.set_provenance(
+      absl::StrCat("reasonalloc-worker calibrate --objective sensitivity on ",
+                   std::filesystem::path(loaded->path).filename().string(), ": ", ids.size(),
+                   " probe prompts from ", absl::GetFlag(FLAGS_prompts), ", ", options.max_tokens,
+                   " generated tokens each (greedy, full cache), then each group of ",
+                   options.layer_group, " layer(s) compressed alone by ", p.scorer, " at budget ",
+                   p.budget, ", delta ", p.buffer, ", window ", p.window,
+                   "; demand = the group's mean KL(full || compressed) per token over "
+                   "its mean across layers"));
+  std::string json;
+  google::protobuf::util::JsonPrintOptions print;
+  print.add_whitespace = true;
+  print.preserve_proto_field_names = true;
+  if (auto s = google::protobuf::util::MessageToJsonString(profile, &json, print); !s.ok()) {
+    return Fail(absl::InternalError(std::string(s.message())));
+  }
+  std::ofstream f(out_path);
+  f << json;
+  if (!f.good()) return Fail(absl::InternalError(absl::StrCat("cannot write ", out_path)));
+  std::printf(
+      "sensitivity of %d layers (groups of %d) at budget %d with %s: full cache %.1f s, probes "
+      "%.1f s, %lld events; wrote %s\n",
+      c.layers, options.layer_group, p.budget, p.scorer.c_str(), result->full_seconds,
+      result->probe_seconds, static_cast<long long>(result->events), out_path.c_str());
+  std::printf("layer  KL/token  demand\n");
+  for (int l = 0; l < c.layers; ++l) {
+    std::printf("%5d  %8.5f  %6.3f  %s\n", l, result->kl[static_cast<size_t>(l)],
+                (*demand)[static_cast<size_t>(l)],
+                std::string(static_cast<size_t>((*demand)[static_cast<size_t>(l)] * 20 + 0.5), '#')
+                    .c_str());
+  }
+  return 0;
+}
+
 int Calibrate() {
+  const std::string objective = absl::GetFlag(FLAGS_objective);
+  if (objective == "sensitivity") return CalibrateSensitivity();
+  if (objective != "k_rho") {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("--objective \"", objective, "\" is not one of k_rho, sensitivity")));
+  }
   auto prompts = PromptsFromFlags();
   if (!prompts.ok()) return Fail(prompts.status());
   if (prompts->size() > 8)

@@ -314,6 +314,69 @@ def test_calibrate_and_generate_through_the_sidecar_on_your_own_file(tmp_path):
         server.wait(timeout=10)
 
 
+def start_server(tmp_path, profiles):
+    sock = tmp_path / "s.sock"
+    server = subprocess.Popen([SERVER, f"--listen=unix://{sock}", "--metrics_address=127.0.0.1:0",
+                               f"--profile_dir={profiles}", "--log_level=error"])
+    for _ in range(200):
+        if sock.exists():
+            break
+        time.sleep(0.05)
+    return server, f"unix://{sock}"
+
+
+def test_sensitivity_calibration_measures_each_layer_alone(tmp_path):
+    """calibrate --objective sensitivity on a two-layer model: one entry per layer, the KL its own
+    compression costs, positive at a small budget and deterministic; grouped layers share one
+    entry; a budget above the trajectory loses nothing (an error, not a profile); the profile
+    (mean 1) is one the sidecar accepts."""
+    model = write_model(tmp_path / "sens.gguf", "llama-untied", "F32", seed=21)
+    prompts = tmp_path / "probes.txt"
+    prompts.write_text("the the a in\nhe in the a the\n")
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    server, target = start_server(tmp_path, profiles)
+    try:
+        common = ["calibrate", "--objective=sensitivity", f"--model={model}", f"--target={target}",
+                  f"--prompts={prompts}", "--max_tokens=48", "--scorer=streaming", "--buffer=8"]
+        out = profiles / "sens.json"
+        p = subprocess.run([WORKER, *common, "--budget=12", f"--out={out}"], capture_output=True,
+                           text=True)
+        assert p.returncode == 0, p.stderr
+        print(p.stdout)
+        profile = json.loads(out.read_text())
+        demand = profile["demand"]
+        assert len(demand) == LAYERS and abs(sum(demand) / LAYERS - 1) < 1e-9
+        assert all(d >= 0 for d in demand) and max(demand) > min(demand)
+        assert profile["samples"] == [str(2 * 48)] * LAYERS
+        assert "--objective sensitivity" in profile["provenance"]
+        kl = [float(line.split()[1]) for line in p.stdout.splitlines()
+              if line.strip() and line.split()[0].isdigit()]
+        assert len(kl) == LAYERS and all(k > 0 for k in kl)
+        # Deterministic.
+        again = subprocess.run([WORKER, *common, "--budget=12", f"--out={tmp_path / 'b.json'}"],
+                               capture_output=True, text=True)
+        assert json.loads((tmp_path / "b.json").read_text())["demand"] == demand
+        # Layers grouped: both layers compressed at once cost at least as much as either alone.
+        grouped = subprocess.run([WORKER, *common, "--budget=12", "--layer_group=2",
+                                  f"--out={tmp_path / 'g.json'}"], capture_output=True, text=True)
+        assert grouped.returncode == 0, grouped.stderr
+        both = [float(line.split()[1]) for line in grouped.stdout.splitlines()
+                if line.strip() and line.split()[0].isdigit()]
+        assert both[0] == both[1] and both[0] > 0
+        # Nothing evicted, nothing lost: refused with the reason.
+        none = subprocess.run([WORKER, *common, "--budget=200", f"--out={tmp_path / 'n.json'}"],
+                              capture_output=True, text=True)
+        assert none.returncode != 0 and "no layer loses anything" in none.stderr, none.stderr
+        # The sidecar takes the profile (the same checks as any profile).
+        put = subprocess.run([CLIENT, "put-profile", f"--target={target}", str(out)],
+                             capture_output=True, text=True)
+        assert put.returncode == 0, put.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def test_the_rope_convention_follows_the_architecture(tmp_path):
     """The same weights and biases read as `qwen2` and as `llama` give the same logits at position
     0 (no rotation) and different ones after it: a worker that applied one RoPE convention to both
