@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "core/thread_pool.h"
+#include "worker/model_files.h"
 
 namespace reasonalloc::worker {
 namespace {
@@ -41,15 +42,23 @@ std::string Policy::Name() const {
   if (sinks >= 0) absl::StrAppend(&name, "+s", sinks);
   if (recent > window) absl::StrAppend(&name, "+r", recent);
   if (lambda > 0) absl::StrAppend(&name, "+l", lambda);
+  if (!profile.empty()) absl::StrAppend(&name, "@", profile);
   return name;
 }
 
 absl::StatusOr<Policy> ParsePolicy(absl::string_view text) {
   auto bad = [&](absl::string_view why) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "policy \"", text, "\": ", why,
-        " (expected scorer/allocator[-mode][+sN][+rN][+lX], e.g. rkv/reasonalloc-full+r32)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("policy \"", text, "\": ", why,
+                     " (expected scorer/allocator[-mode][+sN][+rN][+lX][@profile], e.g. "
+                     "rkv/reasonalloc-full+r32)"));
   };
+  std::string profile;
+  if (const size_t at = text.find('@'); at != absl::string_view::npos) {
+    profile = std::string(text.substr(at + 1));
+    text = text.substr(0, at);
+    if (!IsValidModelName(profile)) return bad(absl::StrCat("profile name \"", profile, "\""));
+  }
   std::vector<std::string> parts = absl::StrSplit(text, '+');
   std::vector<std::string> names = absl::StrSplit(parts[0], '/');
   if (names.size() != 2 || names[0].empty() || names[1].empty()) {
@@ -80,6 +89,7 @@ absl::StatusOr<Policy> ParsePolicy(absl::string_view text) {
       return bad(absl::StrCat("unknown knob \"", knob, "\""));
     }
   }
+  p.profile = profile;
   return p;
 }
 

@@ -64,12 +64,12 @@ struct Policy {
   int sinks = -1;                         // always-kept first tokens; -1 = the scorer's default
   int recent = 0;                         // always-kept last tokens; 0 = the window
   double lambda = 0;                      // rkv's λ; 0 = the sidecar's default
-  // scorer/allocator[-mode], then +sN, +rN, +lX for knobs away from their defaults (the syntax
-  // ParsePolicy reads).
+  // scorer/allocator[-mode], then +sN, +rN, +lX for knobs away from their defaults and @profile
+  // for a layer profile other than the model's (the syntax ParsePolicy reads).
   std::string Name() const;
 };
 
-// Reads Name()'s syntax, e.g. "rkv/reasonalloc-full+s4+r32+l0.07".
+// Reads Name()'s syntax, e.g. "rkv/reasonalloc-full+s4+r32+l0.07@mymodel.sensitivity".
 absl::StatusOr<Policy> ParsePolicy(absl::string_view text);
 
 absl::StatusOr<v1::CreateSessionRequest> SessionRequest(const ModelConfig& config,

@@ -51,7 +51,9 @@ ABSL_FLAG(std::string, allocator, "reasonalloc",
           "generate: uniform | pyramid | adakv | reasonalloc");
 ABSL_FLAG(std::string, mode, "full",
           "generate: the reasonalloc allocator's mode: layer | head | full");
-ABSL_FLAG(std::string, profile, "", "generate: layer profile name (empty = the model name)");
+ABSL_FLAG(std::string, profile, "",
+          "generate: layer profile name; calibrate: the name of the profile written (empty = the "
+          "model name)");
 ABSL_FLAG(std::string, model_name, "",
           "generate, calibrate: model name given to the sidecar, which selects the layer profile "
           "of that name (empty = from the file name without its quantisation tag, else from "
@@ -370,6 +372,12 @@ int Logits() {
   return 0;
 }
 
+// The name calibrate gives its profile: --profile, else the model name.
+std::string ProfileName(const Loaded& loaded) {
+  const std::string flag = absl::GetFlag(FLAGS_profile);
+  return flag.empty() ? loaded.ModelName() : flag;
+}
+
 // calibrate --objective sensitivity: the profile's demand is each layer group's measured KL cost
 // of compression (worker/sensitivity.h), normalised to mean 1.
 int CalibrateSensitivity() {
@@ -379,9 +387,10 @@ int CalibrateSensitivity() {
   if (out_path.empty()) return Fail(absl::InvalidArgumentError("--out is required"));
   auto loaded = Load(true);
   if (!loaded.ok()) return Fail(loaded.status());
-  if (!IsValidModelName(loaded->ModelName())) {
+  if (!IsValidModelName(ProfileName(*loaded))) {
     return Fail(absl::InvalidArgumentError(absl::StrCat(
-        "--model_name \"", loaded->ModelName(),
+        absl::GetFlag(FLAGS_profile).empty() ? "--model_name \"" : "--profile \"",
+        ProfileName(*loaded),
         "\" is not a valid profile name (1-128 of A-Z a-z 0-9 . _ -, not starting with '.')")));
   }
   auto client = Connect();
@@ -408,7 +417,7 @@ int CalibrateSensitivity() {
   if (!demand.ok()) return Fail(demand.status());
   const ModelConfig& c = loaded->model->config();
   v1::LayerProfile profile;
-  profile.set_name(loaded->ModelName());
+  profile.set_name(ProfileName(*loaded));
   auto* g = profile.mutable_model();
   g->set_name(loaded->ModelName());
   g->set_num_layers(c.layers);
@@ -476,9 +485,10 @@ int Calibrate() {
   if (!loaded.ok()) return Fail(loaded.status());
   // The profile is named after the model: refuse a name the sidecar would refuse only after the
   // whole run.
-  if (!IsValidModelName(loaded->ModelName())) {
+  if (!IsValidModelName(ProfileName(*loaded))) {
     return Fail(absl::InvalidArgumentError(absl::StrCat(
-        "--model_name \"", loaded->ModelName(),
+        absl::GetFlag(FLAGS_profile).empty() ? "--model_name \"" : "--profile \"",
+        ProfileName(*loaded),
         "\" is not a valid profile name (1-128 of A-Z a-z 0-9 . _ -, not starting with '.')")));
   }
   auto client = Connect();
@@ -570,7 +580,7 @@ int Calibrate() {
   (*client)->AttachSessionTokens(&ctx, {id});
   v1::FinishCalibrationRequest finish;
   finish.set_session_id(id);
-  finish.set_profile_name(loaded->ModelName());
+  finish.set_profile_name(ProfileName(*loaded));
   v1::LayerProfile profile;
   if (auto s = (*client)->stub().FinishCalibration(&ctx, finish, &profile); !s.ok()) {
     return Fail(absl::Status(static_cast<absl::StatusCode>(s.error_code()), s.error_message()));

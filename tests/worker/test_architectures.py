@@ -340,11 +340,12 @@ def test_sensitivity_calibration_measures_each_layer_alone(tmp_path):
         common = ["calibrate", "--objective=sensitivity", f"--model={model}", f"--target={target}",
                   f"--prompts={prompts}", "--max_tokens=48", "--scorer=streaming", "--buffer=8"]
         out = profiles / "sens.json"
-        p = subprocess.run([WORKER, *common, "--budget=12", f"--out={out}"], capture_output=True,
-                           text=True)
+        p = subprocess.run([WORKER, *common, "--budget=12", "--profile=sens.sensitivity",
+                            f"--out={out}"], capture_output=True, text=True)
         assert p.returncode == 0, p.stderr
         print(p.stdout)
         profile = json.loads(out.read_text())
+        assert profile["name"] == "sens.sensitivity" and profile["model"]["name"] == "sens"
         demand = profile["demand"]
         assert len(demand) == LAYERS and abs(sum(demand) / LAYERS - 1) < 1e-9
         assert all(d >= 0 for d in demand) and max(demand) > min(demand)
