@@ -13,10 +13,12 @@
 // Output (--out_dir): fidelity_runs.csv (one row per configuration and prompt),
 // fidelity_layers.csv (final per-layer budgets), fidelity_meta.json; bench/fidelity/report.py
 // turns them into the table and plots.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <sstream>
 
@@ -77,6 +79,19 @@ struct Config {
 struct SeqStats {
   double kl_sum = 0;
   int agree = 0, positions = 0, first_divergence = -1, free_agree = -1;
+  std::vector<float> kl;  // per position, for the tail
+
+  // Share of the KL carried by the worst 5 % of positions (at least one).
+  double TopShare() const {
+    if (kl.empty() || kl_sum <= 0) return 0;
+    std::vector<float> v = kl;
+    const size_t k = std::max<size_t>(1, v.size() / 20);
+    std::partial_sort(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(k), v.end(),
+                      std::greater<float>());
+    double top = 0;
+    for (size_t i = 0; i < k; ++i) top += v[i];
+    return top / kl_sum;
+  }
 };
 
 absl::StatusOr<std::vector<int>> Ints(const std::string& flag, const std::string& text) {
@@ -204,7 +219,8 @@ int Main(int argc, char** argv) {
   if (!runs || !layers)
     return Fail(absl::NotFoundError(absl::StrCat("cannot write into ", out_dir)));
   runs << "policy,scorer,allocator,mode,budget,delta,run,prompt,prompt_tokens,generated,kl_mean,"
-          "top1,first_divergence,free_agreement,peak_kv_bytes,full_kv_bytes,events,compress_s\n";
+          "top1,first_divergence,free_agreement,peak_kv_bytes,full_kv_bytes,events,compress_s,"
+          "kl_top5_share\n";
   layers << "policy,budget,delta,prompt,layer,layer_budget\n";
   const double t_grid = Now();
   int64_t grid_steps = 0;
@@ -253,6 +269,7 @@ int Main(int argc, char** argv) {
         double kl = 0;
         for (size_t v = 0; v < V; ++v) kl += std::exp(f[v]) * (f[v] - clp[v]);
         st.kl_sum += std::max(0.0, kl);
+        st.kl.push_back(static_cast<float>(std::max(0.0, kl)));
         const bool same = Sample(logits, mc.vocab, 0, nullptr, suppress) == want;
         st.agree += same ? 1 : 0;
         if (!same && st.first_divergence < 0) st.first_divergence = index;
@@ -301,7 +318,8 @@ int Main(int argc, char** argv) {
                            : "")
              << "," << result->peak_bytes[s] << "," << full_bytes[static_cast<size_t>(b)] << ","
              << (*backend)->events(static_cast<int>(s)) << ","
-             << (*backend)->compress_seconds(static_cast<int>(s)) << "\n";
+             << (*backend)->compress_seconds(static_cast<int>(s)) << ","
+             << (free_pass ? "" : absl::StrCat(st.TopShare())) << "\n";
         if (free_pass == 0) {
           const auto lb = (*backend)->LayerBudgets(static_cast<int>(s));
           for (size_t l = 0; l < lb.size(); ++l) {

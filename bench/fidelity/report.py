@@ -35,6 +35,14 @@ def paired(a, b, reps=2000, seed=1):
     return d.mean(), float((means < 0).mean())
 
 
+def paired_interval(a, b, reps=4000, seed=2):
+    """Mean of a − b over prompts and its 95% percentile-bootstrap interval."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), size=(reps, len(d)))].mean(axis=1)
+    return d.mean(), np.percentile(means, 2.5), np.percentile(means, 97.5)
+
+
 def main():
     out, profile_path = sys.argv[1], sys.argv[2]
     rows = list(csv.DictReader(open(os.path.join(out, "fidelity_runs.csv"))))
@@ -121,6 +129,50 @@ def main():
                 d, share = paired(col(ka, "kl_mean"), col(kb, "kl_mean"))
                 lines.append(f"- budget {budget}: {a} − {b}: {d:+.4f} nats/token "
                              f"(lower in {100 * share:.0f}% of bootstrap means)")
+    # The headline question at every budget: the best policy with a hierarchical (non-uniform)
+    # allocation against the best uniform-budget policy, and every reasonalloc policy against
+    # uniform with its own scorer; paired over prompts, 95 % intervals of the mean difference.
+    def allocator(p):
+        return p.split("+")[0].split("@")[0].split("/")[1]
+
+    def scorer(p):
+        return p.split("/")[0]
+
+    lines.append("\nHierarchical against uniform (KL difference, paired over prompts, 95 % "
+                 "interval; negative = the first lower; the best of each kind is picked on these "
+                 "same prompts):\n")
+    lines.append("| budget | first | second | KL difference |")
+    lines.append("|---|---|---|---|")
+    for budget in budgets:
+        keys = [k for k in forced if k[1] == budget and k[2] == delta_main]
+        uni = [k for k in keys if allocator(k[0]) == "uniform"]
+        hier = [k for k in keys if allocator(k[0]) != "uniform"]
+        if not uni or not hier:
+            continue
+        mean_kl = lambda k: np.mean(col(k, "kl_mean"))
+        best_u, best_h = min(uni, key=mean_kl), min(hier, key=mean_kl)
+        pairs = [(best_h, best_u)]
+        for k in hier:
+            same = (scorer(k[0]) + "/uniform", budget, delta_main)
+            if k[0].split("/")[1].startswith("reasonalloc") and same in forced:
+                pairs.append((k, same))
+        for a, b in pairs:
+            d, lo, hi = paired_interval(col(a, "kl_mean"), col(b, "kl_mean"))
+            tag = " (best of each)" if (a, b) == (best_h, best_u) else ""
+            lines.append(f"| {budget} | {a[0]}{tag} | {b[0]} | {d:+.4f} [{lo:+.4f}, {hi:+.4f}] |")
+    if any(r.get("kl_top5_share") for r in rows):
+        lines.append("\nThe tail: share of each trajectory's KL carried by its worst 5 % of "
+                     "positions (mean over prompts):\n")
+        lines.append("| policy | " + " | ".join(f"B={b}" for b in budgets) + " |")
+        lines.append("|---" * (len(budgets) + 1) + "|")
+        for p in policies:
+            cells = []
+            for b in budgets:
+                key = (p, b, delta_main)
+                v = [float(r["kl_top5_share"]) for r in forced.get(key, {}).values()
+                     if r.get("kl_top5_share")]
+                cells.append(f"{np.mean(v):.2f}" if v else "–")
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
     lines.append(f"\nFull-cache reference: {meta['full_cache_tokens_per_second']:.1f} tokens/s at "
                  f"batch {meta['prompts']}; the grid ({meta['configurations']} configurations) took "
                  f"{meta['grid_seconds'] / 60:.1f} min.")
