@@ -373,6 +373,13 @@ def test_sensitivity_calibration_measures_each_layer_alone(tmp_path):
         put = subprocess.run([CLIENT, "put-profile", f"--target={target}", str(out)],
                              capture_output=True, text=True)
         assert put.returncode == 0, put.stderr
+        # ... and a reasonalloc session of the model runs on it by name, without a warning.
+        gen = subprocess.run([WORKER, "generate", f"--model={model}", f"--target={target}",
+                              "--allocator=reasonalloc", "--profile=sens.sensitivity",
+                              "--budget=12", "--buffer=8", "--prompt=the a", "--max_tokens=40",
+                              "--ignore_eos", "--json"], capture_output=True, text=True)
+        assert gen.returncode == 0, gen.stderr
+        assert "warning" not in gen.stderr and json.loads(gen.stdout)["events"] > 0, gen.stderr
     finally:
         server.terminate()
         server.wait(timeout=10)
