@@ -39,6 +39,7 @@ from gguf.quants import dequantize, quantize
 sys.path.insert(0, os.path.dirname(__file__))
 from numpy_forward import NumpyForward  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WORKER = os.environ.get("REASONALLOC_WORKER_BINARY", "build/worker/reasonalloc-worker")
 TOOL = os.environ.get("REASONALLOC_GGUF_DEQUANT_TOOL", "build/tests/gguf_dequant_tool")
 SERVER = os.environ.get("REASONALLOC_SERVER_BINARY", "build/server/reasonalloc-server")
@@ -383,6 +384,32 @@ def test_sensitivity_calibration_measures_each_layer_alone(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_the_policy_report_runs_on_your_own_file(tmp_path):
+    """bench/policy_report.py end to end on a synthetic model: a sensitivity profile from the
+    probe prompts, the probe grid over every scorer, the choice per budget checked on held-out
+    prompts."""
+    model = write_model(tmp_path / "rep.gguf", "llama-untied", "F32", seed=33)
+    probes, heldout = tmp_path / "probes.txt", tmp_path / "heldout.txt"
+    probes.write_text("the the a in\nhe in the a the\n")
+    heldout.write_text("a in he\nin in the he a\nthe a a\n")
+    build = os.path.dirname(os.path.dirname(os.path.abspath(WORKER)))
+    out = tmp_path / "report"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
+                        f"--model={model}", "--budgets=12,16", f"--probe_prompts={probes}",
+                        f"--heldout_prompts={heldout}", "--probe_tokens=40", "--heldout_tokens=40",
+                        "--sensitivity_budget=12", "--scorers=streaming,rkv", f"--out={out}"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    report = (out / "policy_report.md").read_text()
+    print(report)
+    for policy in ("streaming/uniform", "rkv/uniform", "rkv/reasonalloc-full@policy-report.sensitivity"):
+        assert f"| {policy} |" in report
+    rows = [l for l in report.splitlines() if l.startswith("| 12 |") or l.startswith("| 16 |")]
+    assert len(rows) == 2, report
+    profile = json.loads((out / "sensitivity_profile.json").read_text())
+    assert profile["name"] == "policy-report.sensitivity" and len(profile["demand"]) == LAYERS
 
 
 def test_the_rope_convention_follows_the_architecture(tmp_path):
