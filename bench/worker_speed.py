@@ -1,8 +1,10 @@
 """Reference-worker decode speed, full cache against the same decode through the sidecar
-(managed host-shm sessions, rkv + reasonalloc, budget 64, Δ 64), at batch 1 and a larger batch.
+(managed host-shm sessions, rkv + reasonalloc, budget 64, Δ 64 unless told), at batch 1 and a
+larger batch.
 
   .venv/bin/python bench/worker_speed.py BUILD_DIR [--reps 3] [--tokens 320] [--batch 16]
       [--model FILE]   (a path or a file name in the model folder; default: the reference model)
+      [--budget B] [--buffer D]
 
 Runs alternate (full, sidecar) so that both see the same machine state; prints the medians, the
 sidecar/full speed ratio and the share of the run spent inside Compress calls.
@@ -26,6 +28,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=320)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--model", default="", help="GGUF file (default: the worker's)")
+    ap.add_argument("--budget", type=int, default=64, help="B of the sidecar run")
+    ap.add_argument("--buffer", type=int, default=64, help="Δ of the sidecar run")
     a = ap.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     worker = os.path.join(a.build, "worker/reasonalloc-worker")
@@ -40,8 +44,8 @@ def main():
         time.sleep(0.3)
         common = [f"--prompt={PROMPT}", f"--max_tokens={a.tokens}", "--ignore_eos", "--json",
                   *([f"--model={a.model}"] if a.model else [])]
-        side = [f"--target={sock}", "--scorer=rkv", "--allocator=reasonalloc", "--budget=64",
-                "--buffer=64"]
+        side = [f"--target={sock}", "--scorer=rkv", "--allocator=reasonalloc",
+                f"--budget={a.budget}", f"--buffer={a.buffer}"]
         results = {}
         try:
             for rep in range(a.reps):
@@ -59,7 +63,7 @@ def main():
             server.wait()
     print()
     print(f"{results[(1, 'full')][0]['model_name']}: medians of {a.reps} runs, {a.tokens} generated "
-          "tokens per sequence:")
+          f"tokens per sequence, sidecar budget {a.budget}, Δ {a.buffer}:")
     for batch in (1, a.batch):
         f = statistics.median(r["tokens_per_second"] for r in results[(batch, "full")])
         s = statistics.median(r["tokens_per_second"] for r in results[(batch, "sidecar")])
