@@ -154,7 +154,8 @@ def main():
         pairs = [(best_h, best_u)]
         for k in hier:
             same = (scorer(k[0]) + "/uniform", budget, delta_main)
-            if k[0].split("/")[1].startswith("reasonalloc") and same in forced:
+            if k[0].split("/")[1].startswith("reasonalloc") and same in forced and \
+                    (k, same) not in pairs:
                 pairs.append((k, same))
         for a, b in pairs:
             d, lo, hi = paired_interval(col(a, "kl_mean"), col(b, "kl_mean"))
