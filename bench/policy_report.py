@@ -4,7 +4,8 @@
   .venv/bin/python bench/policy_report.py BUILD_DIR [--model FILE] [--budgets 32,64] [--out DIR]
 
 1. Calibrates a sensitivity profile (`reasonalloc-worker calibrate --objective sensitivity`) on
-   the probe prompts, beside the model's shipped k_ρ profile (if deploy/profiles has one).
+   the probe prompts (named MODEL.sensitivity; OUT/sensitivity_profile.json), beside the model's
+   shipped k_ρ profile (if deploy/profiles has one).
 2. Runs the fidelity grid on the probe prompts: every scorer with the uniform allocator, with
    reasonalloc (full) on the k_ρ profile, and with reasonalloc (full) on the sensitivity profile;
    picks, per budget, the policy of lowest teacher-forced KL and the best uniform-budget policy.
@@ -28,7 +29,6 @@ from collections import defaultdict
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SENSITIVITY = "policy-report.sensitivity"
 
 
 def paired_interval(a, b, reps=4000, seed=3):
@@ -106,14 +106,19 @@ def main():
                  "--objective=sensitivity", f"--target={target}",
                  f"--prompts={os.path.join(ROOT, a.probe_prompts)}",
                  f"--max_tokens={a.probe_tokens}", f"--budget={a.sensitivity_budget}",
-                 f"--scorer={a.sensitivity_scorer}", f"--profile={SENSITIVITY}", "--batch=32",
-                 f"--out={sens_json}", *([f"--model={a.model}"] if a.model else [])],
+                 f"--scorer={a.sensitivity_scorer}", "--batch=32", f"--out={sens_json}",
+                 *([f"--model={a.model}"] if a.model else [])],
                 check=True, capture_output=True, text=True, cwd=ROOT).stdout
             sens_s = time.time() - t0
             print(out)
+            # Named MODEL.sensitivity, beside the model's k_ρ profile (named MODEL).
+            profile = json.load(open(sens_json))
+            model = profile["model"]["name"]
+            sensitivity = profile["name"] = f"{model}.sensitivity"
+            with open(sens_json, "w") as f:
+                json.dump(profile, f, indent=1)
             run([os.path.join(a.build, "client/reasonalloc"), "put-profile", f"--target={target}",
                  sens_json])
-            model = json.load(open(sens_json))["model"]["name"]
             has_wave = os.path.exists(os.path.join(profiles, f"{model}.json"))
             # 2. The probe grid.
             candidates = []
@@ -121,7 +126,7 @@ def main():
                 candidates.append(f"{s}/uniform")
                 if has_wave:
                     candidates.append(f"{s}/reasonalloc-full")
-                candidates.append(f"{s}/reasonalloc-full@{SENSITIVITY}")
+                candidates.append(f"{s}/reasonalloc-full@{sensitivity}")
             probe_kl, probe_meta, probe_s = grid(
                 a, target, os.path.join(a.out, "probe"), os.path.join(ROOT, a.probe_prompts), 0,
                 a.probe_tokens, candidates, budgets)

@@ -404,12 +404,12 @@ def test_the_policy_report_runs_on_your_own_file(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = (out / "policy_report.md").read_text()
     print(report)
-    for policy in ("streaming/uniform", "rkv/uniform", "rkv/reasonalloc-full@policy-report.sensitivity"):
+    for policy in ("streaming/uniform", "rkv/uniform", "rkv/reasonalloc-full@rep.sensitivity"):
         assert f"| {policy} |" in report
     rows = [l for l in report.splitlines() if l.startswith("| 12 |") or l.startswith("| 16 |")]
     assert len(rows) == 2, report
     profile = json.loads((out / "sensitivity_profile.json").read_text())
-    assert profile["name"] == "policy-report.sensitivity" and len(profile["demand"]) == LAYERS
+    assert profile["name"] == "rep.sensitivity" and len(profile["demand"]) == LAYERS
 
 
 def test_the_rope_convention_follows_the_architecture(tmp_path):
