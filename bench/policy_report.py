@@ -2,15 +2,22 @@
 """Which eviction policy to run for a model: measured on probe prompts, checked on held-out ones.
 
   .venv/bin/python bench/policy_report.py BUILD_DIR [--model FILE] [--budgets 32,64] [--out DIR]
+  (--quick: 2 scorers, uniform and reasonalloc-full only, 8 held-out prompts, 24 recall tasks)
 
 1. Calibrates a sensitivity profile (`reasonalloc-worker calibrate --objective sensitivity`) on
    the probe prompts (named MODEL.sensitivity; OUT/sensitivity_profile.json), beside the model's
    shipped k_ρ profile (if deploy/profiles has one).
-2. Runs the fidelity grid on the probe prompts: every scorer with the uniform allocator, with
-   reasonalloc (full) on the k_ρ profile, and with reasonalloc (full) on the sensitivity profile;
-   picks, per budget, the policy of lowest teacher-forced KL and the best uniform-budget policy.
-3. Runs those choices on the held-out prompts (disjoint from the probes) and reports the paired
-   KL difference of the choice against the best uniform policy, with a 95 % bootstrap interval.
+2. Runs the fidelity grid on the probe prompts: every scorer with every allocator (uniform, adakv,
+   reasonalloc with and without head routing, the latter two on the k_ρ profile and on the
+   sensitivity profile); picks, per budget, the policy of lowest teacher-forced KL, the best
+   uniform-budget policy and the best hierarchical (reasonalloc) policy.
+3. Runs the candidates on the held-out prompts (disjoint from the probes; --heldout all: every
+   candidate, choices: only the picks) and reports, paired over prompts with 95 % bootstrap
+   intervals, the best hierarchical policy against the best uniform one and every reasonalloc
+   policy against the uniform allocator with the same scorer.
+4. Runs the long-range recall tasks (bench/recall, seeded, answered by the full cache) for the
+   picks and reports recall relative to the full cache (bench/recall/report.py).
+5. Plots the per-layer sensitivity against the k_ρ wave (OUT/wave_vs_sensitivity.png).
 
 Everything runs against a private sidecar; the report goes to OUT/policy_report.md (and the
 grids' CSV files beside it).
@@ -70,21 +77,37 @@ def main():
     ap.add_argument("--model", default="", help="GGUF file (default: the worker's)")
     ap.add_argument("--budgets", default="32,64")
     ap.add_argument("--scorers", default="streaming,snapkv,h2o,rkv")
+    ap.add_argument("--allocators", default="uniform,adakv,reasonalloc-layer,reasonalloc-full",
+                    help="reasonalloc-* run on the k_ρ profile and on the sensitivity profile")
     ap.add_argument("--probe_prompts", default="worker/prompts/calibration.txt")
     ap.add_argument("--probe_tokens", type=int, default=256)
     ap.add_argument("--heldout_prompts", default="bench/fidelity/prompts.txt")
     ap.add_argument("--heldout_tokens", type=int, default=384)
     ap.add_argument("--max_heldout", type=int, default=16)
+    ap.add_argument("--heldout", choices=("all", "choices"), default="all",
+                    help="held-out grid: every candidate, or only the picks")
+    ap.add_argument("--recall_tasks", type=int, default=48,
+                    help="long-range recall tasks (bench/recall, seed 1) for the picks; 0 = none")
     ap.add_argument("--sensitivity_budget", type=int, default=32)
     ap.add_argument("--sensitivity_scorer", default="rkv")
+    ap.add_argument("--sensitivity_profile", default="",
+                    help="a sensitivity profile calibrated before (skips step 1)")
     ap.add_argument("--group", type=int, default=4, help="configurations decoded together")
+    ap.add_argument("--quick", action="store_true",
+                    help="scorers snapkv,rkv; allocators uniform,reasonalloc-full; 8 held-out "
+                         "prompts; 24 recall tasks")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench/results/policy_report"))
     a = ap.parse_args()
+    if a.quick:
+        a.scorers, a.allocators, a.max_heldout = "snapkv,rkv", "uniform,reasonalloc-full", 8
+        a.recall_tasks = min(a.recall_tasks, 24)
     a.build = os.path.abspath(a.build)
     budgets = [int(b) for b in a.budgets.split(",") if b]
     scorers = [s for s in a.scorers.split(",") if s]
+    allocators = [x for x in a.allocators.split(",") if x]
     os.makedirs(a.out, exist_ok=True)
     t_start = time.time()
+    recall = None
     with tempfile.TemporaryDirectory(prefix="reasonalloc-policy-") as tmp:
         profiles = os.path.join(tmp, "profiles")
         shutil.copytree(os.path.join(ROOT, "deploy/profiles"), profiles)
@@ -101,16 +124,21 @@ def main():
             # 1. The sensitivity profile.
             sens_json = os.path.join(a.out, "sensitivity_profile.json")
             t0 = time.time()
-            out = subprocess.run(
-                [os.path.join(a.build, "worker/reasonalloc-worker"), "calibrate",
-                 "--objective=sensitivity", f"--target={target}",
-                 f"--prompts={os.path.join(ROOT, a.probe_prompts)}",
-                 f"--max_tokens={a.probe_tokens}", f"--budget={a.sensitivity_budget}",
-                 f"--scorer={a.sensitivity_scorer}", "--batch=32", f"--out={sens_json}",
-                 *([f"--model={a.model}"] if a.model else [])],
-                check=True, capture_output=True, text=True, cwd=ROOT).stdout
+            if a.sensitivity_profile:
+                if os.path.abspath(a.sensitivity_profile) != os.path.abspath(sens_json):
+                    shutil.copyfile(a.sensitivity_profile, sens_json)
+                print(f"sensitivity profile from {a.sensitivity_profile}", flush=True)
+            else:
+                out = subprocess.run(
+                    [os.path.join(a.build, "worker/reasonalloc-worker"), "calibrate",
+                     "--objective=sensitivity", f"--target={target}",
+                     f"--prompts={os.path.join(ROOT, a.probe_prompts)}",
+                     f"--max_tokens={a.probe_tokens}", f"--budget={a.sensitivity_budget}",
+                     f"--scorer={a.sensitivity_scorer}", "--batch=32", f"--out={sens_json}",
+                     *([f"--model={a.model}"] if a.model else [])],
+                    check=True, capture_output=True, text=True, cwd=ROOT).stdout
+                print(out, flush=True)
             sens_s = time.time() - t0
-            print(out)
             # Named MODEL.sensitivity, beside the model's k_ρ profile (named MODEL).
             profile = json.load(open(sens_json))
             model = profile["model"]["name"]
@@ -119,28 +147,38 @@ def main():
                 json.dump(profile, f, indent=1)
             run([os.path.join(a.build, "client/reasonalloc"), "put-profile", f"--target={target}",
                  sens_json])
-            has_wave = os.path.exists(os.path.join(profiles, f"{model}.json"))
+            wave_json = os.path.join(profiles, f"{model}.json")
+            has_wave = os.path.exists(wave_json)
+            wave = json.load(open(wave_json)) if has_wave else None
             # 2. The probe grid.
             candidates = []
             for s in scorers:
-                candidates.append(f"{s}/uniform")
-                if has_wave:
-                    candidates.append(f"{s}/reasonalloc-full")
-                candidates.append(f"{s}/reasonalloc-full@{sensitivity}")
+                for x in allocators:
+                    if not x.startswith("reasonalloc"):
+                        candidates.append(f"{s}/{x}")
+                        continue
+                    if has_wave:
+                        candidates.append(f"{s}/{x}")
+                    candidates.append(f"{s}/{x}@{sensitivity}")
             probe_kl, probe_meta, probe_s = grid(
                 a, target, os.path.join(a.out, "probe"), os.path.join(ROOT, a.probe_prompts), 0,
                 a.probe_tokens, candidates, budgets)
-            choice, best_uniform = {}, {}
+            choice, best_uniform, best_hier = {}, {}, {}
             for b in budgets:
                 ranked = sorted((p for p in candidates if (p, b) in probe_kl),
                                 key=lambda p: mean(probe_kl[(p, b)]))
                 choice[b] = ranked[0]
-                best_uniform[b] = next(p for p in ranked if p.endswith("/uniform"))
+                best_uniform[b] = next((p for p in ranked if is_uniform(p)), None)
+                best_hier[b] = next((p for p in ranked if "/reasonalloc" in p), None)
+            picks = sorted({p for d in (choice, best_uniform, best_hier) for p in d.values() if p})
             # 3. The held-out check.
-            check = sorted(set(choice.values()) | set(best_uniform.values()))
+            check = candidates if a.heldout == "all" else picks
             held_kl, held_meta, held_s = grid(
                 a, target, os.path.join(a.out, "heldout"), os.path.join(ROOT, a.heldout_prompts),
                 a.max_heldout, a.heldout_tokens, check, budgets)
+            # 4. Long-range recall for the picks.
+            if a.recall_tasks > 0:
+                recall = run_recall(a, target, os.path.join(a.out, "recall"), picks, budgets)
         finally:
             server.terminate()
             server.wait()
@@ -149,34 +187,141 @@ def main():
              f"Probe prompts `{a.probe_prompts}` ({probe_meta['prompts']} prompts × "
              f"{a.probe_tokens} tokens) choose; held-out prompts `{a.heldout_prompts}` "
              f"({held_meta['prompts']} prompts × {a.heldout_tokens} tokens) check. Sensitivity "
-             f"profile: {a.sensitivity_scorer} at budget {a.sensitivity_budget} "
-             f"({sens_s / 60:.1f} min); probe grid {len(candidates)} policies × {len(budgets)} "
-             f"budgets ({probe_s / 60:.1f} min); held-out grid ({held_s / 60:.1f} min); "
-             f"{(time.time() - t_start) / 60:.1f} min in all. KL: teacher-forced KL(full ‖ "
-             f"compressed), nats per token.\n",
-             "Probe KL of every candidate:\n",
+             f"profile `{sensitivity}`: {a.sensitivity_scorer} at budget {a.sensitivity_budget} "
+             f"({'given' if a.sensitivity_profile else f'{sens_s / 60:.1f} min'}); probe grid "
+             f"{len(candidates)} policies × {len(budgets)} budgets ({probe_s / 60:.1f} min); "
+             f"held-out grid {len(check)} policies ({held_s / 60:.1f} min)"
+             + (f"; recall {recall['seconds'] / 60:.1f} min" if recall else "")
+             + f"; {(time.time() - t_start) / 60:.1f} min in all. KL: teacher-forced KL(full ‖ "
+             f"compressed), nats per token. A policy without `@` runs on the model's k_ρ profile; "
+             f"`@{sensitivity}` on the sensitivity profile.\n",
+             "## Probe KL of every candidate\n",
              "| policy | " + " | ".join(f"B={b}" for b in budgets) + " |",
              "|---" * (len(budgets) + 1) + "|"]
     for p in candidates:
         lines.append(f"| {p} | " + " | ".join(
             f"{mean(probe_kl[(p, b)]):.4f}" if (p, b) in probe_kl else "–" for b in budgets) + " |")
-    lines += ["\nThe choice, checked on the held-out prompts (difference = choice − best "
-              "uniform, paired over prompts, 95 % interval):\n",
-              "| budget | choice (probe) | best uniform (probe) | held-out KL choice | held-out KL "
-              "uniform | difference |", "|---|---|---|---|---|---|"]
+    lines += ["\n## Picks (probe prompts)\n",
+              "| budget | lowest KL | best uniform | best hierarchical |", "|---|---|---|---|"]
     for b in budgets:
-        c, u = choice[b], best_uniform[b]
-        kc, ku = held_kl[(c, b)], held_kl[(u, b)]
-        prompts = sorted(kc)
-        if c == u:
-            lines.append(f"| {b} | {c} | {u} | {mean(kc):.4f} | {mean(ku):.4f} | the same policy |")
-            continue
-        d, lo, hi = paired_interval([kc[i] for i in prompts], [ku[i] for i in prompts])
-        lines.append(f"| {b} | {c} | {u} | {mean(kc):.4f} | {mean(ku):.4f} | "
-                     f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}] |")
+        lines.append(f"| {b} | {choice[b]} | {best_uniform[b] or '–'} | {best_hier[b] or '–'} |")
+    lines += ["\n## Held-out KL (mean, 95 % interval over prompts)\n",
+              "| policy | " + " | ".join(f"B={b}" for b in budgets) + " |",
+              "|---" * (len(budgets) + 1) + "|"]
+    for p in check:
+        cells = []
+        for b in budgets:
+            if (p, b) not in held_kl:
+                cells.append("–")
+                continue
+            m, lo, hi = interval(list(held_kl[(p, b)].values()))
+            cells.append(f"{m:.4f} [{lo:.4f}, {hi:.4f}]")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines += ["\n## The picks on held-out prompts (difference in KL, paired over prompts, 95 % "
+              "interval; below zero: the first policy is better)\n",
+              "| budget | policy | against | KL policy | KL against | difference |",
+              "|---|---|---|---|---|---|"]
+    for b in budgets:
+        u = best_uniform[b]
+        firsts = [best_hier[b]] + ([choice[b]] if choice[b] not in (best_hier[b], u) else [])
+        for first in firsts:
+            if first and u and (first, b) in held_kl and (u, b) in held_kl:
+                lines.append(pair_row(held_kl, b, first, u))
+    lines += ["\n## Every reasonalloc policy against the uniform allocator with the same scorer "
+              "(held-out, paired)\n",
+              "| budget | policy | against | KL policy | KL against | difference | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for b in budgets:
+        for p in check:
+            scorer = p.split("/")[0]
+            u = f"{scorer}/uniform"
+            if "/reasonalloc" not in p or (u, b) not in held_kl or (p, b) not in held_kl:
+                continue
+            row = pair_row(held_kl, b, p, u, verdict=True)
+            lines.append(row)
+    if recall:
+        lines += ["\n## Long-range recall of the picks\n", recall["text"]]
+    if wave is not None:
+        plot_profiles(wave, profile, os.path.join(a.out, "wave_vs_sensitivity.png"))
+        lines += ["\n## The measured wave\n",
+                  "Per layer, normalised to mean 1 (`wave_vs_sensitivity.png`): k_ρ demand of the "
+                  "shipped profile and the KL sensitivity measured here; Spearman rank correlation "
+                  f"{spearman(wave['demand'], profile['demand']):+.2f}.\n",
+                  "| layer | k_ρ demand | sensitivity |", "|---|---|---|"]
+        kr, se = normalised(wave["demand"]), normalised(profile["demand"])
+        for i, (x, y) in enumerate(zip(kr, se)):
+            lines.append(f"| {i} | {x:.2f} | {y:.2f} |")
     text = "\n".join(lines) + "\n"
     open(os.path.join(a.out, "policy_report.md"), "w").write(text)
     print(text)
+
+
+def is_uniform(policy):
+    return policy.split("+")[0].split("@")[0].endswith("/uniform")
+
+
+def interval(values, reps=4000, seed=0):
+    v = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = v[rng.integers(0, len(v), size=(reps, len(v)))].mean(axis=1)
+    return v.mean(), np.percentile(means, 2.5), np.percentile(means, 97.5)
+
+
+def pair_row(held_kl, b, p, u, verdict=False):
+    kp, ku = held_kl[(p, b)], held_kl[(u, b)]
+    prompts = sorted(set(kp) & set(ku))
+    d, lo, hi = paired_interval([kp[i] for i in prompts], [ku[i] for i in prompts])
+    row = (f"| {b} | {p} | {u} | {mean(kp):.4f} | {mean(ku):.4f} | "
+           f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}] |")
+    if verdict:
+        row += (" significantly worse |" if lo > 0 else " significantly better |" if hi < 0
+                else " not separated |")
+    return row
+
+
+def run_recall(a, target, out_dir, policies, budgets):
+    os.makedirs(out_dir, exist_ok=True)
+    tasks = os.path.join(out_dir, "tasks.tsv")
+    run([sys.executable, os.path.join(ROOT, "bench/recall/tasks.py"), "--seed", "1", "--count",
+         str(a.recall_tasks), "--out", tasks])
+    t0 = time.time()
+    run([os.path.join(a.build, "bench/recall"), f"--target={target}", f"--tasks={tasks}",
+         f"--out_dir={out_dir}", "--policies=" + ",".join(policies),
+         "--budgets=" + ",".join(map(str, budgets)), *([f"--model={a.model}"] if a.model else [])],
+        cwd=ROOT)
+    seconds = time.time() - t0
+    run([sys.executable, os.path.join(ROOT, "bench/recall/report.py"), out_dir])
+    text = open(os.path.join(out_dir, "recall.md")).read()
+    text = text.split("\n", 1)[1].strip()  # without its title
+    return {"seconds": seconds, "text": text}
+
+
+def normalised(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / v.mean()
+
+
+def spearman(x, y):
+    rx = np.argsort(np.argsort(x)).astype(np.float64)
+    ry = np.argsort(np.argsort(y)).astype(np.float64)
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def plot_profiles(wave, sens, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 4))
+    x = np.arange(len(wave["demand"]))
+    ax.plot(x, normalised(wave["demand"]), "o-", label=f"k_ρ demand ({wave['name']})")
+    ax.plot(x, normalised(sens["demand"]), "s-", label=f"KL sensitivity ({sens['name']})")
+    ax.axhline(1.0, color="grey", lw=0.5)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("relative to the mean layer")
+    ax.set_title(f"{sens['model']['name']}: the k_ρ wave against the measured sensitivity")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,14 @@ def main():
     for p, _ in grid:
         if p not in policies:
             policies.append(p)
+    if not kept:
+        text = (f"# Long-range recall against the full cache\n\nModel {meta['model']}: the full "
+                f"cache answers none of the {meta['tasks']} tasks, so no policy can be measured "
+                f"against it.\n")
+        with open(os.path.join(out, "recall.md"), "w") as f:
+            f.write(text)
+        print(text)
+        return
     dist = [int(full[t]["distance"]) for t in kept]
     kinds = defaultdict(int)
     for t in kept:
