@@ -132,7 +132,7 @@ def main():
                 out = subprocess.run(
                     [os.path.join(a.build, "worker/reasonalloc-worker"), "calibrate",
                      "--objective=sensitivity", f"--target={target}",
-                     f"--prompts={os.path.join(ROOT, a.probe_prompts)}",
+                     f"--prompts={repo_relative(a.probe_prompts)}",
                      f"--max_tokens={a.probe_tokens}", f"--budget={a.sensitivity_budget}",
                      f"--scorer={a.sensitivity_scorer}", "--batch=32", f"--out={sens_json}",
                      *([f"--model={a.model}"] if a.model else [])],
@@ -254,6 +254,14 @@ def main():
     text = "\n".join(lines) + "\n"
     open(os.path.join(a.out, "policy_report.md"), "w").write(text)
     print(text)
+
+
+def repo_relative(path):
+    """A path under the repository as the repository names it (the provenance a profile records
+    must not carry this machine's folders); the calibration runs with the repository as its cwd."""
+    full = os.path.join(ROOT, path)
+    rel = os.path.relpath(full, ROOT)
+    return full if rel.startswith("..") else rel
 
 
 def is_uniform(policy):
