@@ -1,15 +1,42 @@
-"""The gRPC stubs of proto/reasonalloc/v1, generated with grpc_tools on first import into a cache
-directory keyed by the proto files' contents (so an edited API regenerates them).
+"""The generated gRPC stubs of proto/reasonalloc/v1: modules types_pb2, sidecar_pb2 and
+sidecar_pb2_grpc of package reasonalloc.v1.
 
-The proto directory is $REASONALLOC_PROTO_DIR, else the repository's proto/ next to this package."""
+A built wheel carries them (generated at build time), and load() merely imports them. A source
+checkout used through PYTHONPATH=client/python has no reasonalloc/v1: there, and only when
+grpc_tools and the protos ($REASONALLOC_PROTO_DIR, else the repository's proto/) are at hand,
+load() generates them once into $XDG_CACHE_HOME/reasonalloc/stubs-HASH (HASH of the protos and the
+grpcio-tools version) and adds that folder to the package's path.
+"""
+from __future__ import annotations
+
 import hashlib
 import importlib
 import os
+import shutil
+from types import ModuleType
+from typing import Tuple
 
-_FILES = ("reasonalloc/v1/types.proto", "reasonalloc/v1/sidecar.proto")
+_PROTOS = ("reasonalloc/v1/types.proto", "reasonalloc/v1/sidecar.proto")
+_MODULES = ("types_pb2", "sidecar_pb2", "sidecar_pb2_grpc")
 
 
-def _proto_dir():
+def load() -> Tuple[ModuleType, ModuleType, ModuleType]:
+    """Returns (types_pb2, sidecar_pb2, sidecar_pb2_grpc) of package reasonalloc.v1."""
+    try:
+        return _import()
+    except ModuleNotFoundError as e:
+        if e.name not in ("reasonalloc.v1", *(f"reasonalloc.v1.{m}" for m in _MODULES)):
+            raise
+    _add_source_tree_stubs()
+    return _import()
+
+
+def _import() -> Tuple[ModuleType, ModuleType, ModuleType]:
+    types, sidecar, grpc_mod = (importlib.import_module(f"reasonalloc.v1.{m}") for m in _MODULES)
+    return types, sidecar, grpc_mod
+
+
+def _proto_dir() -> str:
     env = os.environ.get("REASONALLOC_PROTO_DIR")
     if env:
         return env
@@ -17,32 +44,42 @@ def _proto_dir():
     return os.path.normpath(os.path.join(here, "..", "..", "..", "proto"))
 
 
-def load():
+def _add_source_tree_stubs() -> None:
     proto_dir = _proto_dir()
-    digest = hashlib.sha256()
-    for f in _FILES:
+    try:
+        from grpc_tools import protoc
+    except ImportError:
+        protoc = None
+    if protoc is None or not all(os.path.isfile(os.path.join(proto_dir, f)) for f in _PROTOS):
+        raise ImportError(
+            "reasonalloc.v1 (the generated gRPC stubs) is missing: install a wheel built from "
+            "client/python, or run from a source checkout with grpcio-tools installed and the "
+            f"protos in {proto_dir} ($REASONALLOC_PROTO_DIR)")
+    from importlib.metadata import version
+
+    digest = hashlib.sha256(version("grpcio-tools").encode())
+    for f in _PROTOS:
         with open(os.path.join(proto_dir, f), "rb") as fh:
             digest.update(fh.read())
     cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                          "reasonalloc", "stubs-" + digest.hexdigest()[:16])
     if not os.path.exists(os.path.join(cache, "reasonalloc", "v1", "sidecar_pb2_grpc.py")):
-        from grpc_tools import protoc
         tmp = f"{cache}.tmp{os.getpid()}"
-        os.makedirs(tmp, exist_ok=True)
-        for f in _FILES:
-            if protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={tmp}",
-                            f"--grpc_python_out={tmp}", os.path.join(proto_dir, f)]) != 0:
-                raise RuntimeError(f"protoc failed on {f}")
+        os.makedirs(os.path.join(tmp, "reasonalloc", "v1"), exist_ok=True)
+        for out, files in (("--python_out", _PROTOS), ("--grpc_python_out", _PROTOS[1:])):
+            args = ["protoc", f"-I{proto_dir}", f"{out}={tmp}",
+                    *(os.path.join(proto_dir, f) for f in files)]
+            if protoc.main(args) != 0:
+                raise RuntimeError(f"protoc failed: {' '.join(args)}")
+        with open(os.path.join(tmp, "reasonalloc", "v1", "__init__.py"), "w") as fh:
+            fh.write('"""gRPC stubs of proto/reasonalloc/v1, generated for a source checkout."""\n')
         try:
             os.rename(tmp, cache)
         except OSError:  # another process won the race
-            pass
-    # The generated modules live in package reasonalloc.v1: extend this package's path to them.
+            shutil.rmtree(tmp, ignore_errors=True)
     import reasonalloc
+
     generated = os.path.join(cache, "reasonalloc")
     if generated not in reasonalloc.__path__:
         reasonalloc.__path__.append(generated)
-    types = importlib.import_module("reasonalloc.v1.types_pb2")
-    sidecar = importlib.import_module("reasonalloc.v1.sidecar_pb2")
-    grpc_mod = importlib.import_module("reasonalloc.v1.sidecar_pb2_grpc")
-    return types, sidecar, grpc_mod
+    importlib.invalidate_caches()
