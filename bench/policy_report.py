@@ -11,8 +11,9 @@
    reasonalloc with and without head routing, the latter two on the k_ρ profile and on the
    sensitivity profile); picks, per budget, the policy of lowest teacher-forced KL, the best
    uniform-budget policy and the best hierarchical (reasonalloc) policy.
-3. Runs the candidates on the held-out prompts (disjoint from the probes; --heldout all: every
-   candidate, choices: only the picks) and reports, paired over prompts with 95 % bootstrap
+3. Runs the candidates on the held-out prompts (disjoint from the probes; --heldout picks, the
+   default: the picks, and for every scorer its uniform policy and its best reasonalloc policy on
+   the probes; all: every candidate; choices: only the picks) and reports, paired over prompts with 95 % bootstrap
    intervals, the best hierarchical policy against the best uniform one and every reasonalloc
    policy against the uniform allocator with the same scorer.
 4. Runs the long-range recall tasks (bench/recall, seeded, answered by the full cache) for the
@@ -84,8 +85,9 @@ def main():
     ap.add_argument("--heldout_prompts", default="bench/fidelity/prompts.txt")
     ap.add_argument("--heldout_tokens", type=int, default=384)
     ap.add_argument("--max_heldout", type=int, default=16)
-    ap.add_argument("--heldout", choices=("all", "choices"), default="all",
-                    help="held-out grid: every candidate, or only the picks")
+    ap.add_argument("--heldout", choices=("picks", "all", "choices"), default="picks",
+                    help="held-out grid: the picks with every scorer's uniform and best "
+                         "reasonalloc policy; every candidate; or only the picks")
     ap.add_argument("--recall_tasks", type=int, default=48,
                     help="long-range recall tasks (bench/recall, seed 1) for the picks; 0 = none")
     ap.add_argument("--sensitivity_budget", type=int, default=32)
@@ -172,7 +174,15 @@ def main():
                 best_hier[b] = next((p for p in ranked if "/reasonalloc" in p), None)
             picks = sorted({p for d in (choice, best_uniform, best_hier) for p in d.values() if p})
             # 3. The held-out check.
-            check = candidates if a.heldout == "all" else picks
+            check = candidates if a.heldout == "all" else list(picks)
+            if a.heldout == "picks":
+                for s in scorers:
+                    for b in budgets:
+                        own = sorted((p for p in candidates
+                                      if p.startswith(f"{s}/reasonalloc") and (p, b) in probe_kl),
+                                     key=lambda p: mean(probe_kl[(p, b)]))
+                        check += [f"{s}/uniform"] + own[:1]
+                check = [p for p in candidates if p in set(check)]  # the candidates' order
             held_kl, held_meta, held_s = grid(
                 a, target, os.path.join(a.out, "heldout"), os.path.join(ROOT, a.heldout_prompts),
                 a.max_heldout, a.heldout_tokens, check, budgets)

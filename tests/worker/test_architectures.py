@@ -402,7 +402,7 @@ def test_the_policy_report_runs_on_your_own_file(tmp_path):
                         f"--model={model}", "--budgets=12,16", f"--probe_prompts={probes}",
                         f"--heldout_prompts={heldout}", "--probe_tokens=40", "--heldout_tokens=40",
                         "--sensitivity_budget=12", "--scorers=streaming,rkv", "--recall_tasks=0",
-                        f"--out={out}"],
+                        "--heldout=all", f"--out={out}"],
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = (out / "policy_report.md").read_text()
@@ -420,6 +420,21 @@ def test_the_policy_report_runs_on_your_own_file(tmp_path):
     assert len(verdicts) == 2 * 2 * 2, same  # 2 budgets x 2 scorers x (layer, full)
     assert all(re.search(r"(worse|better|not separated) \|$", l) for l in verdicts), same
     assert "Long-range recall" not in report, report
+    # The default held-out grid: the picks, and per scorer its uniform and best reasonalloc policy.
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
+                        f"--model={model}", "--budgets=12,16", f"--probe_prompts={probes}",
+                        f"--heldout_prompts={heldout}", "--probe_tokens=40", "--heldout_tokens=40",
+                        "--scorers=streaming,rkv", "--recall_tasks=0",
+                        f"--sensitivity_profile={out / 'sensitivity_profile.json'}",
+                        f"--out={tmp_path / 'picks'}"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    held = next(x for x in (tmp_path / "picks" / "policy_report.md").read_text().split("\n## ")
+                if x.startswith("Held-out KL"))
+    rows = [l.split(" | ")[0][2:] for l in held.splitlines() if l.startswith("| ") and "[" in l]
+    for scorer in ("streaming", "rkv"):
+        assert f"{scorer}/uniform" in rows, held
+        assert any(r.startswith(f"{scorer}/reasonalloc") for r in rows), held
+    assert len(rows) < 8, held
     profile = json.loads((out / "sensitivity_profile.json").read_text())
     assert profile["name"] == "rep.sensitivity" and len(profile["demand"]) == LAYERS
 
