@@ -59,13 +59,28 @@ def grid(a, target, out_dir, prompts, max_prompts, tokens, policies, budgets):
            "--free_running_budgets=", "--sweep_policy=", f"--group={a.group}",
            *([f"--model={a.model}"] if a.model else [])]
     t0 = time.time()
-    run(cmd, cwd=ROOT)
+    if not (a.reuse and reusable(out_dir, policies, budgets)):
+        run(cmd, cwd=ROOT)
     kl = defaultdict(dict)  # (policy, budget) -> prompt -> KL
     for r in csv.DictReader(open(os.path.join(out_dir, "fidelity_runs.csv"))):
         if r["run"] == "forced":
             kl[(r["policy"], int(r["budget"]))][int(r["prompt"])] = float(r["kl_mean"])
     meta = json.load(open(os.path.join(out_dir, "fidelity_meta.json")))
-    return kl, meta, time.time() - t0
+    # The grid's own clock (the full cache and every configuration), also for a reused grid.
+    return kl, meta, meta["full_cache_seconds"] + meta["grid_seconds"]
+
+
+def reusable(out_dir, policies, budgets):
+    """--reuse: the grid in out_dir already holds every (policy, budget) asked for."""
+    runs = os.path.join(out_dir, "fidelity_runs.csv")
+    if not os.path.exists(runs) or not os.path.exists(os.path.join(out_dir, "fidelity_meta.json")):
+        return False
+    have = {(r["policy"], int(r["budget"])) for r in csv.DictReader(open(runs))
+            if r["run"] == "forced"}
+    if all((p, b) in have for p in policies for b in budgets):
+        print(f"reusing {out_dir}", flush=True)
+        return True
+    return False
 
 
 def mean(d):
@@ -95,6 +110,9 @@ def main():
     ap.add_argument("--sensitivity_profile", default="",
                     help="a sensitivity profile calibrated before (skips step 1)")
     ap.add_argument("--group", type=int, default=4, help="configurations decoded together")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read a grid (or the recall run) already in OUT when it covers what is "
+                         "asked, instead of running it again (a report cut short, rewritten)")
     ap.add_argument("--quick", action="store_true",
                     help="scorers snapkv,rkv; allocators uniform,reasonalloc-full; 8 held-out "
                          "prompts; 24 recall tasks")
@@ -303,11 +321,19 @@ def run_recall(a, target, out_dir, policies, budgets):
     run([sys.executable, os.path.join(ROOT, "bench/recall/tasks.py"), "--seed", "1", "--count",
          str(a.recall_tasks), "--out", tasks])
     t0 = time.time()
-    run([os.path.join(a.build, "bench/recall"), f"--target={target}", f"--tasks={tasks}",
-         f"--out_dir={out_dir}", "--policies=" + ",".join(policies),
-         "--budgets=" + ",".join(map(str, budgets)), *([f"--model={a.model}"] if a.model else [])],
-        cwd=ROOT)
-    seconds = time.time() - t0
+    runs = os.path.join(out_dir, "recall_runs.csv")
+    have = set()
+    if a.reuse and os.path.exists(runs):
+        have = {(r["policy"], r["budget"]) for r in csv.DictReader(open(runs, errors="replace"))}
+    if all((p, str(b)) in have for p in policies for b in budgets):
+        print(f"reusing {out_dir}", flush=True)
+    else:
+        run([os.path.join(a.build, "bench/recall"), f"--target={target}", f"--tasks={tasks}",
+             f"--out_dir={out_dir}", "--policies=" + ",".join(policies),
+             "--budgets=" + ",".join(map(str, budgets)),
+             *([f"--model={a.model}"] if a.model else [])], cwd=ROOT)
+    meta = json.load(open(os.path.join(out_dir, "recall_meta.json")))
+    seconds = meta.get("grid_seconds", 0) + meta.get("full_cache_seconds", 0) or time.time() - t0
     run([sys.executable, os.path.join(ROOT, "bench/recall/report.py"), out_dir])
     text = open(os.path.join(out_dir, "recall.md")).read()
     text = text.split("\n", 1)[1].strip()  # without its title

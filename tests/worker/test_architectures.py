@@ -435,6 +435,18 @@ def test_the_policy_report_runs_on_your_own_file(tmp_path):
         assert f"{scorer}/uniform" in rows, held
         assert any(r.startswith(f"{scorer}/reasonalloc") for r in rows), held
     assert len(rows) < 8, held
+    # --reuse rewrites the report from the grids already there, running none.
+    first = (out / "policy_report.md").read_text()
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
+                        f"--model={model}", "--budgets=12,16", f"--probe_prompts={probes}",
+                        f"--heldout_prompts={heldout}", "--probe_tokens=40", "--heldout_tokens=40",
+                        "--scorers=streaming,rkv", "--recall_tasks=0", "--heldout=all", "--reuse",
+                        f"--sensitivity_profile={out / 'sensitivity_profile.json'}",
+                        f"--out={out}"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("reusing") == 2 and "bench/fidelity" not in p.stdout, p.stdout
+    again = (out / "policy_report.md").read_text()
+    assert again.split("## Probe KL")[1] == first.split("## Probe KL")[1]
     profile = json.loads((out / "sensitivity_profile.json").read_text())
     assert profile["name"] == "rep.sensitivity" and len(profile["demand"]) == LAYERS
 
