@@ -108,6 +108,19 @@ def compress_request(item: StreamItem, omit_keep_mask: bool) -> sidecar_pb2.Comp
                                        omit_keep_mask=omit_keep_mask)
 
 
+def unary_compress_request(session: SessionRef, step: int,
+                           inline: Optional[sidecar_pb2.InlineTensors], omit_keep_mask: bool,
+                           cuda_event_handle: bytes) -> Tuple[sidecar_pb2.CompressRequest,
+                                                              Optional[str]]:
+    """The request of a unary Compress and the session's token (sync and asyncio clients)."""
+    sid, token = session_id_and_token(session)
+    request = sidecar_pb2.CompressRequest(session_id=sid, step=step, omit_keep_mask=omit_keep_mask,
+                                          cuda_event_handle=cuda_event_handle)
+    if inline is not None:
+        request.inline_tensors.CopyFrom(inline)
+    return request, token
+
+
 def batch_results(result: sidecar_pb2.CompressBatchResult) -> List[CompressResult]:
     """The results of a CompressBatch in request order, errors as SidecarError values."""
     out: List[CompressResult] = []

@@ -13,7 +13,7 @@ from reasonalloc._common import (DEFAULT_TARGET, KEEP_ALIVE_FRACTION, CompressRe
                                  EnumValue, ModelSpec, SessionBase, SessionRef, SidecarError,
                                  StreamItem, batch_results, compress_request,
                                  create_session_request, metadata, session_id_and_token,
-                                 warn_all)
+                                 warn_all, unary_compress_request)
 from reasonalloc.v1 import sidecar_pb2, sidecar_pb2_grpc, types_pb2
 
 __all__ = ["AsyncClient", "AsyncSession", "AsyncCompressStream", "AsyncMetricsStream"]
@@ -344,12 +344,8 @@ class AsyncClient:
                        omit_keep_mask: bool = False,
                        cuda_event_handle: bytes = b"") -> sidecar_pb2.CompressResponse:
         """Compress: one event of `session` at decode step `step`."""
-        sid, token = session_id_and_token(session)
-        request = sidecar_pb2.CompressRequest(session_id=sid, step=step,
-                                              omit_keep_mask=omit_keep_mask,
-                                              cuda_event_handle=cuda_event_handle)
-        if inline is not None:
-            request.inline_tensors.CopyFrom(inline)
+        request, token = unary_compress_request(session, step, inline, omit_keep_mask,
+                                                cuda_event_handle)
         return await self._unary(self.stub.Compress, request, token)
 
     def compress_stream(self, sessions: Iterable[SessionRef] = (), *,

@@ -14,7 +14,7 @@ from reasonalloc._common import (DEFAULT_TARGET, KEEP_ALIVE_FRACTION, CompressRe
                                  EnumValue, ModelSpec, SessionBase, SessionRef, SidecarError,
                                  StreamItem, batch_results, compress_request,
                                  create_session_request, metadata, session_id_and_token,
-                                 warn_all)
+                                 warn_all, unary_compress_request)
 from reasonalloc._common import TOKEN_KEY, ReasonAllocWarning, _Arena  # noqa: F401  (as before)
 from reasonalloc.v1 import sidecar_pb2, sidecar_pb2_grpc, types_pb2
 
@@ -405,12 +405,8 @@ class Client:
                  omit_keep_mask: bool = False,
                  cuda_event_handle: bytes = b"") -> sidecar_pb2.CompressResponse:
         """Compress: one event of `session` at decode step `step`."""
-        sid, token = session_id_and_token(session)
-        request = sidecar_pb2.CompressRequest(session_id=sid, step=step,
-                                              omit_keep_mask=omit_keep_mask,
-                                              cuda_event_handle=cuda_event_handle)
-        if inline is not None:
-            request.inline_tensors.CopyFrom(inline)
+        request, token = unary_compress_request(session, step, inline, omit_keep_mask,
+                                                cuda_event_handle)
         return self._unary(self.stub.Compress, request, token)
 
     def compress_stream(self, sessions: Iterable[SessionRef] = (), *,
