@@ -58,8 +58,7 @@ def grid(a, target, out_dir, prompts, max_prompts, tokens, policies, budgets):
            "--policies=" + ",".join(policies), "--budgets=" + ",".join(map(str, budgets)),
            "--free_running_budgets=", "--sweep_policy=", f"--group={a.group}",
            *([f"--model={a.model}"] if a.model else [])]
-    t0 = time.time()
-    if not (a.reuse and reusable(out_dir, policies, budgets)):
+    if not (a.reuse and reusable(out_dir, prompts, max_prompts, tokens, policies, budgets)):
         run(cmd, cwd=ROOT)
     kl = defaultdict(dict)  # (policy, budget) -> prompt -> KL
     for r in csv.DictReader(open(os.path.join(out_dir, "fidelity_runs.csv"))):
@@ -70,10 +69,17 @@ def grid(a, target, out_dir, prompts, max_prompts, tokens, policies, budgets):
     return kl, meta, meta["full_cache_seconds"] + meta["grid_seconds"]
 
 
-def reusable(out_dir, policies, budgets):
-    """--reuse: the grid in out_dir already holds every (policy, budget) asked for."""
+def reusable(out_dir, prompts, max_prompts, tokens, policies, budgets):
+    """--reuse: the grid in out_dir ran as many prompts and tokens as asked for and holds every
+    (policy, budget) asked for. (It cannot tell another model's grid: keep one OUT per model.)"""
     runs = os.path.join(out_dir, "fidelity_runs.csv")
-    if not os.path.exists(runs) or not os.path.exists(os.path.join(out_dir, "fidelity_meta.json")):
+    meta_path = os.path.join(out_dir, "fidelity_meta.json")
+    if not os.path.exists(runs) or not os.path.exists(meta_path):
+        return False
+    n = sum(1 for line in open(prompts) if line.strip())
+    meta = json.load(open(meta_path))
+    if meta["prompts"] != (min(n, max_prompts) if max_prompts else n) or \
+            meta["generated_tokens"] != tokens:
         return False
     have = {(r["policy"], int(r["budget"])) for r in csv.DictReader(open(runs))
             if r["run"] == "forced"}
@@ -318,16 +324,17 @@ def pair_row(held_kl, b, p, u, verdict=False):
 def run_recall(a, target, out_dir, policies, budgets):
     os.makedirs(out_dir, exist_ok=True)
     tasks = os.path.join(out_dir, "tasks.tsv")
-    run([sys.executable, os.path.join(ROOT, "bench/recall/tasks.py"), "--seed", "1", "--count",
-         str(a.recall_tasks), "--out", tasks])
     t0 = time.time()
-    runs = os.path.join(out_dir, "recall_runs.csv")
+    runs, meta_path = os.path.join(out_dir, "recall_runs.csv"), os.path.join(out_dir, "recall_meta.json")
     have = set()
-    if a.reuse and os.path.exists(runs):
+    if a.reuse and os.path.exists(runs) and os.path.exists(meta_path) and \
+            json.load(open(meta_path))["tasks"] == a.recall_tasks:
         have = {(r["policy"], r["budget"]) for r in csv.DictReader(open(runs, errors="replace"))}
     if all((p, str(b)) in have for p in policies for b in budgets):
         print(f"reusing {out_dir}", flush=True)
     else:
+        run([sys.executable, os.path.join(ROOT, "bench/recall/tasks.py"), "--seed", "1", "--count",
+             str(a.recall_tasks), "--out", tasks])
         run([os.path.join(a.build, "bench/recall"), f"--target={target}", f"--tasks={tasks}",
              f"--out_dir={out_dir}", "--policies=" + ",".join(policies),
              "--budgets=" + ",".join(map(str, budgets)),
