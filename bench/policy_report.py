@@ -76,7 +76,7 @@ def reusable(out_dir, prompts, max_prompts, tokens, policies, budgets):
     meta_path = os.path.join(out_dir, "fidelity_meta.json")
     if not os.path.exists(runs) or not os.path.exists(meta_path):
         return False
-    n = sum(1 for line in open(prompts) if line.strip())
+    n = sum(1 for line in open(prompts) if line.strip() and not line.startswith("#"))  # ReadPrompts
     meta = json.load(open(meta_path))
     if meta["prompts"] != (min(n, max_prompts) if max_prompts else n) or \
             meta["generated_tokens"] != tokens:
