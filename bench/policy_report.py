@@ -103,6 +103,9 @@ def main():
                     help="reasonalloc-* run on the k_ρ profile and on the sensitivity profile")
     ap.add_argument("--probe_prompts", default="worker/prompts/calibration.txt")
     ap.add_argument("--probe_tokens", type=int, default=256)
+    ap.add_argument("--max_probe", type=int, default=0,
+                    help="use only the first N probe prompts, for the calibration and the probe "
+                         "grid (0 = all)")
     ap.add_argument("--heldout_prompts", default="bench/fidelity/prompts.txt")
     ap.add_argument("--heldout_tokens", type=int, default=384)
     ap.add_argument("--max_heldout", type=int, default=16)
@@ -113,6 +116,9 @@ def main():
                     help="long-range recall tasks (bench/recall, seed 1) for the picks; 0 = none")
     ap.add_argument("--sensitivity_budget", type=int, default=32)
     ap.add_argument("--sensitivity_scorer", default="rkv")
+    ap.add_argument("--layer_group", type=int, default=1,
+                    help="layers compressed together by the sensitivity calibration (a larger "
+                         "model in less time: each group's cost is shared by its layers)")
     ap.add_argument("--sensitivity_profile", default="",
                     help="a sensitivity profile calibrated before (skips step 1)")
     ap.add_argument("--group", type=int, default=4, help="configurations decoded together")
@@ -121,16 +127,22 @@ def main():
                          "asked, instead of running it again (a report cut short, rewritten)")
     ap.add_argument("--quick", action="store_true",
                     help="scorers snapkv,rkv; allocators uniform,reasonalloc-full; 8 held-out "
-                         "prompts; 24 recall tasks")
+                         "prompts; 24 recall tasks (each unless given)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench/results/policy_report"))
     a = ap.parse_args()
-    if a.quick:
-        a.scorers, a.allocators, a.max_heldout = "snapkv,rkv", "uniform,reasonalloc-full", 8
-        a.recall_tasks = min(a.recall_tasks, 24)
+    if a.quick:  # smaller defaults; a flag given on the command line still wins
+        for name, value in (("scorers", "snapkv,rkv"), ("allocators", "uniform,reasonalloc-full"),
+                            ("max_heldout", 8), ("recall_tasks", 24)):
+            if getattr(a, name) == ap.get_default(name):
+                setattr(a, name, value)
     a.build = os.path.abspath(a.build)
     budgets = [int(b) for b in a.budgets.split(",") if b]
     scorers = [s for s in a.scorers.split(",") if s]
     allocators = [x for x in a.allocators.split(",") if x]
+    if not budgets or not scorers or not allocators:
+        ap.error("--budgets, --scorers and --allocators each need at least one entry")
+    if a.max_probe < 0 or a.layer_group < 1:
+        ap.error("--max_probe must be >= 0 and --layer_group >= 1")
     os.makedirs(a.out, exist_ok=True)
     t_start = time.time()
     recall = None
@@ -155,10 +167,17 @@ def main():
                     shutil.copyfile(a.sensitivity_profile, sens_json)
                 print(f"sensitivity profile from {a.sensitivity_profile}", flush=True)
             else:
+                probes = repo_relative(a.probe_prompts)
+                if a.max_probe:
+                    probes = os.path.join(tmp, "probes.txt")
+                    with open(os.path.join(ROOT, a.probe_prompts)) as src, \
+                            open(probes, "w") as dst:
+                        dst.writelines([line for line in src if line.strip()
+                                        and not line.startswith("#")][:a.max_probe])
                 out = subprocess.run(
                     [os.path.join(a.build, "worker/reasonalloc-worker"), "calibrate",
                      "--objective=sensitivity", f"--target={target}",
-                     f"--prompts={repo_relative(a.probe_prompts)}",
+                     f"--prompts={probes}", f"--layer_group={a.layer_group}",
                      f"--max_tokens={a.probe_tokens}", f"--budget={a.sensitivity_budget}",
                      f"--scorer={a.sensitivity_scorer}", "--batch=32", f"--out={sens_json}",
                      *([f"--model={a.model}"] if a.model else [])],
@@ -167,6 +186,9 @@ def main():
             sens_s = time.time() - t0
             # Named MODEL.sensitivity, beside the model's k_ρ profile (named MODEL).
             profile = json.load(open(sens_json))
+            if a.max_probe and not a.sensitivity_profile:
+                profile["provenance"] = profile["provenance"].replace(
+                    probes, f"the first {a.max_probe} of {a.probe_prompts}")
             model = profile["model"]["name"]
             sensitivity = profile["name"] = f"{model}.sensitivity"
             with open(sens_json, "w") as f:
@@ -187,7 +209,8 @@ def main():
                         candidates.append(f"{s}/{x}")
                     candidates.append(f"{s}/{x}@{sensitivity}")
             probe_kl, probe_meta, probe_s = grid(
-                a, target, os.path.join(a.out, "probe"), os.path.join(ROOT, a.probe_prompts), 0,
+                a, target, os.path.join(a.out, "probe"), os.path.join(ROOT, a.probe_prompts),
+                a.max_probe,
                 a.probe_tokens, candidates, budgets)
             choice, best_uniform, best_hier = {}, {}, {}
             for b in budgets:

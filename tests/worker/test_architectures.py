@@ -449,6 +449,30 @@ def test_the_policy_report_runs_on_your_own_file(tmp_path):
     assert again.split("## Probe KL")[1] == first.split("## Probe KL")[1]
     profile = json.loads((out / "sensitivity_profile.json").read_text())
     assert profile["name"] == "rep.sensitivity" and len(profile["demand"]) == LAYERS
+    # The reduced run for a larger model: --quick's smaller grid (a flag given still wins), the
+    # first probe prompt only, layers calibrated in groups of two.
+    small = tmp_path / "small"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
+                        f"--model={model}", "--budgets=12", f"--probe_prompts={probes}",
+                        f"--heldout_prompts={heldout}", "--probe_tokens=40", "--heldout_tokens=40",
+                        "--sensitivity_budget=12", "--quick", "--scorers=streaming,rkv",
+                        "--recall_tasks=0", "--max_probe=1", "--layer_group=2", f"--out={small}"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    profile = json.loads((small / "sensitivity_profile.json").read_text())
+    assert len(profile["demand"]) == LAYERS, profile
+    assert f"1 probe prompts from the first 1 of {probes}" in profile["provenance"], profile
+    assert "each group of 2 layer(s)" in profile["provenance"], profile
+    assert json.loads((small / "probe" / "fidelity_meta.json").read_text())["prompts"] == 1
+    probe = (small / "policy_report.md").read_text().split("## Probe KL")[1].split("\n## ")[0]
+    rows = sorted(l.split(" | ")[0][2:] for l in probe.splitlines() if l.startswith("| ") and "/" in l)
+    # (No k_ρ profile ships for this model: reasonalloc runs on the sensitivity profile only.)
+    assert rows == ["rkv/reasonalloc-full@rep.sensitivity", "rkv/uniform",
+                    "streaming/reasonalloc-full@rep.sensitivity", "streaming/uniform"], probe
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
+                        f"--model={model}", "--budgets=", f"--out={small}"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--budgets" in p.stderr, p.stderr
 
 
 def test_the_rope_convention_follows_the_architecture(tmp_path):
