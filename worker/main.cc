@@ -298,6 +298,12 @@ int Generate() {
               << ",\"full_kv_bytes\":" << full_bytes << ",\"prompt_tokens\":" << ids[0].size()
               << ",\"generated\":[" << gen
               << "],\"text\":" << JsonString(loaded->tokenizer->Decode(result->generated[0]));
+    // Every sequence's tokens (a batch of --prompts), sequence 0's again first.
+    std::cout << ",\"sequences\":[";
+    for (size_t b = 0; b < ids.size(); ++b) {
+      std::cout << (b ? ",[" : "[") << absl::StrJoin(result->generated[b], ",") << "]";
+    }
+    std::cout << "]";
     if (sidecar) {
       std::cout << ",\"layer_budgets\":[" << absl::StrJoin(sidecar->LayerBudgets(0), ",") << "]";
     }
@@ -632,7 +638,8 @@ int Main(int argc, char** argv) {
             "reasonalloc-worker generate --prompt TEXT (--target T | --full_cache) [flags]",
             "Answers --prompt (or each line of --prompts), greedy unless --temperature; "
             "through the sidecar at --target with the policy flags, or with the full cache. "
-            "--json prints a summary line (tokens, KV bytes held, events, budgets)."},
+            "--json prints a summary line (tokens, KV bytes held, events, budgets, every "
+            "sequence's tokens)."},
            {"calibrate", "reasonalloc-worker calibrate --target T --out PROFILE.json [flags]",
             "Measures the per-layer attention demand (the Reasoning Wave) on probe prompts "
             "through the sidecar's calibration RPCs and writes a LayerProfile JSON."},

@@ -36,7 +36,8 @@ PROTOS = ("reasonalloc/v1/types.proto", "reasonalloc/v1/sidecar.proto")
 SERVICE_PROTOS = ("reasonalloc/v1/sidecar.proto",)
 GENERATED = "reasonalloc/v1"
 TAG = "py3-none-any"
-PROJECT_KEYS = {"name", "dynamic", "description", "requires-python", "dependencies", "classifiers"}
+PROJECT_KEYS = {"name", "dynamic", "description", "requires-python", "dependencies",
+                "optional-dependencies", "classifiers"}
 
 
 def _pyproject() -> dict:
@@ -72,6 +73,15 @@ def _metadata(extra_requires: Tuple[str, ...] = ()) -> str:
         lines.append(f"Requires-Python: {project['requires-python']}")
     lines += [f"Classifier: {c}" for c in project.get("classifiers", [])]
     lines += [f"Requires-Dist: {r}" for r in [*project.get("dependencies", []), *extra_requires]]
+    for extra, requires in project.get("optional-dependencies", {}).items():
+        if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", extra):
+            raise ValueError(f"pyproject.toml [project.optional-dependencies]: extra {extra!r} "
+                             "is not a normalised name")
+        lines.append(f"Provides-Extra: {extra}")
+        for r in requires:
+            if ";" in r:
+                raise ValueError(f"optional dependency {r!r}: markers are not supported here")
+            lines.append(f'Requires-Dist: {r}; extra == "{extra}"')
     return "\n".join(lines) + "\n"
 
 

@@ -281,6 +281,7 @@ def check_async_client(target):
 
 def check_installed_layout(target):
     """The package and its stubs come from the installed wheel, without protos or grpc_tools."""
+    import importlib
     import importlib.util
 
     package = os.path.dirname(os.path.abspath(reasonalloc.__file__))
@@ -293,6 +294,14 @@ def check_installed_layout(target):
     for module in _proto.load():
         assert os.path.dirname(module.__file__) == os.path.join(package, "v1"), module.__file__
     assert reasonalloc.__path__ == [package], reasonalloc.__path__  # no stub cache added
+    # Without the extra, the transformers adapter says what to install.
+    if importlib.util.find_spec("torch") is None:
+        try:
+            importlib.import_module("reasonalloc.transformers")
+        except ImportError as e:
+            assert 'pip install "reasonalloc[transformers]"' in str(e), e
+        else:
+            raise AssertionError("reasonalloc.transformers imported without torch")
 
 
 CHECKS = [check_version_and_stubs, check_managed_host_shm_session_with_plain_strings,

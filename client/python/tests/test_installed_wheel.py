@@ -73,7 +73,8 @@ def test_wheel_holds_the_generated_stubs(wheel):
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
         assert set(GENERATED + ["reasonalloc/py.typed", "reasonalloc/__init__.py",
-                                "reasonalloc/client.py", "reasonalloc/aio.py"]) <= set(names)
+                                "reasonalloc/client.py", "reasonalloc/aio.py",
+                                "reasonalloc/transformers.py"]) <= set(names)
         assert not [n for n in names if n.endswith(".proto") or "__pycache__" in n
                     or n.startswith(("tests/", "build_backend/"))], names
         assert "reasonalloc/v1/types_pb2_grpc.py" not in names  # types.proto has no service
@@ -84,6 +85,10 @@ def test_wheel_holds_the_generated_stubs(wheel):
     requires = meta.get_all("Requires-Dist")
     assert not [r for r in requires if r.startswith(("grpcio-tools", "grpcio_tools"))], requires
     assert "grpcio>=1.62.2" in requires and any(r.startswith("numpy") for r in requires)
+    # torch and transformers only with the extra that reasonalloc.transformers needs.
+    assert meta.get_all("Provides-Extra") == ["transformers"]
+    heavy = [r for r in requires if r.startswith(("torch", "transformers"))]
+    assert len(heavy) == 2 and all(r.endswith('; extra == "transformers"') for r in heavy), heavy
     (protobuf,) = [r for r in requires if r.startswith("protobuf>=")]
     # The runtime may not be older than the protoc that generated the stubs.
     minimum = protobuf[len("protobuf>="):]
@@ -126,7 +131,7 @@ def test_installed_wheel_against_server(wheel, sidecar, tmp_path):
     cache = wheel_cache()
     r = install(venv, wheel, cache)
     if r.returncode != 0:  # fetch the dependencies into the cache once
-        requires = metadata(wheel).get_all("Requires-Dist")
+        requires = [r for r in metadata(wheel).get_all("Requires-Dist") if "extra ==" not in r]
         fetch = subprocess.run([sys.executable, "-m", "pip", "download", "-q",
                                 "--only-binary=:all:", "-d", cache, *requires],
                                capture_output=True, text=True, timeout=300)
