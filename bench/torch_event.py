@@ -1,8 +1,8 @@
 """The compression event of bench/numpy_event.py written in plain PyTorch the way R-KV's code writes it
-(CPU, float32, 2 threads), timed in the same run as the engine. Outside CI: it needs torch, e.g. the
-throwaway venv that bench/peer_kvpress/run.sh creates.
+(CPU, float32, 2 threads), timed in the same run as the engine. It needs torch: the venv of
+scripts/torch-venv (created outside the repository).
 
-  ${TMPDIR:-/tmp}/reasonalloc-peer-venv/bin/python bench/torch_event.py [build dir]
+  "$(scripts/torch-venv)"/bin/python bench/torch_event.py [build dir]
 
 Geometry: DeepSeek-R1-Distill-Llama-8B (L 32, Hq 32, Hkv 8, d 128), B 512, N 640, window 8; scorers
 snapkv and rkv with uniform budgets; medians of 5 runs each. Before timing, it checks on a small random

@@ -165,7 +165,9 @@ class ReasonAllocCache(Cache):
     prefill()); the batch size is fixed from then on. close() (or the context manager) closes them.
 
     After a run: peak_kv_bytes[b] (KV rows held by sequence b at its peak, bytes), kv_bytes(),
-    events (compression events), compress_seconds (wall time inside Compress / CompressStream),
+    events (compression events), stream_batches (CompressStream messages, each carrying the
+    events of several sequences at one step), compress_seconds (wall time inside Compress and
+    CompressStream),
     layer_budgets(b), and `sessions` (the reasonalloc Sessions, NumPy views over the arenas)."""
 
     is_compileable = False
@@ -194,6 +196,9 @@ class ReasonAllocCache(Cache):
         self.compress_seconds = 0.0
         self._seen = 0                      # positions fed, padding included (transformers' view)
         self._pending = -1                  # the layer whose update() ran last
+        self._attended = -1                 # the layer whose attention ran last
+        self.stream_batches = 0             # CompressStream messages (events of several sequences)
+        self._failed: Optional[str] = None  # why an earlier pass stopped half-way
         self._real: List[np.ndarray] = []   # per sequence: indices of this pass's real tokens
         self._dtype: Optional["torch.dtype"] = None
         self._np_dtype: Any = None
@@ -207,7 +212,10 @@ class ReasonAllocCache(Cache):
                ) -> Tuple["torch.Tensor", "torch.Tensor"]:
         """Hands this pass's new keys and values (post-RoPE) to the attention function, which
         writes them into the sessions' arenas and attends over each head's live rows."""
-        if layer_idx != (self._pending + 1) % self.num_layers:
+        if self._failed is not None:
+            raise RuntimeError("ReasonAllocCache: a pass failed earlier and left the cache "
+                               f"incomplete ({self._failed}); close it and start a new one")
+        if layer_idx != (self._pending + 1) % self.num_layers or self._attended != self._pending:
             raise RuntimeError(
                 f"ReasonAllocCache: layer {layer_idx} updated after layer {self._pending}; the "
                 "model must run with attn_implementation \"reasonalloc\" "
@@ -219,6 +227,9 @@ class ReasonAllocCache(Cache):
         return key_states, value_states
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self._failed is not None:
+            raise RuntimeError("ReasonAllocCache: a pass failed earlier and left the cache "
+                               f"incomplete ({self._failed}); close it and start a new one")
         return self._seen
 
     def get_mask_sizes(self, cache_position: "torch.Tensor", layer_idx: int) -> Tuple[int, int]:
@@ -368,6 +379,7 @@ class ReasonAllocCache(Cache):
                                                                omit_keep_mask=True)
                 results = self._stream.send([(self.sessions[b], self.steps[b] - 1)
                                              for b in batch_ids])
+                self.stream_batches += 1
         finally:
             self.compress_seconds += time.perf_counter() - t0
         for b, r in zip(batch_ids, results):
@@ -389,6 +401,15 @@ class ReasonAllocCache(Cache):
     def _attend(self, layer: int, query: "torch.Tensor", key: "torch.Tensor",
                 value: "torch.Tensor", attention_mask: Optional["torch.Tensor"],
                 scaling: float) -> "torch.Tensor":
+        try:
+            return self._attend_layer(layer, query, key, value, attention_mask, scaling)
+        except BaseException as e:
+            self._failed = f"{type(e).__name__}: {e}"
+            raise
+
+    def _attend_layer(self, layer: int, query: "torch.Tensor", key: "torch.Tensor",
+                      value: "torch.Tensor", attention_mask: Optional["torch.Tensor"],
+                      scaling: float) -> "torch.Tensor":
         batch, hq, t, d = query.shape
         if query.device.type != "cpu":
             raise ValueError(f"ReasonAllocCache holds host shared-memory sessions: the model must "
@@ -433,6 +454,7 @@ class ReasonAllocCache(Cache):
                     scores = scores.masked_fill(~allowed, float("-inf"))
                 p = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
                 out[b, idx, h * g:(h + 1) * g] = torch.matmul(p, v).transpose(0, 1)
+        self._attended = layer
         if layer == self.num_layers - 1:
             for b in range(batch):
                 self.steps[b] += len(self._real[b])
