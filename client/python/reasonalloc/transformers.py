@@ -32,9 +32,10 @@ Needs torch and transformers (the versions this module is tested with: torch 2.1
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -50,7 +51,7 @@ except ImportError as e:  # pragma: no cover - exercised by the installed-wheel 
 
 from reasonalloc._common import SidecarError
 
-__all__ = ["ReasonAllocCache", "prepare", "prefill", "generate", "check_config",
+__all__ = ["ReasonAllocCache", "SidecarPress", "prepare", "prefill", "generate", "check_config",
            "ATTENTION_IMPLEMENTATION", "SUPPORTED_MODEL_TYPES"]
 
 ATTENTION_IMPLEMENTATION = "reasonalloc"
@@ -520,3 +521,57 @@ def generate(model: Any, input_ids: "torch.Tensor", cache: ReasonAllocCache,
     prefill(model, cache, input_ids[:, :-1], attention_mask[:, :-1])
     return model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache,
                           **generate_kwargs)
+
+
+class SidecarPress:
+    """A kvpress-style entry point: the sidecar's policies where a kvpress press would go.
+
+        press = SidecarPress(client, budget=256, buffer=64, scorer="snapkv",
+                             allocator="reasonalloc", mode="layer")
+        with press(model):
+            out = model.generate(input_ids, attention_mask=mask, max_new_tokens=512)
+        print(press.last)   # peak KV bytes, events, time in Compress of that call
+
+    Inside the `with`, the model runs this module's attention and each model.generate call gets
+    its own ReasonAllocCache (the prompt fed through the budget, the sessions closed at the end);
+    on leaving, the model's attention implementation and generate are restored. The keyword
+    arguments are ReasonAllocCache's. Unlike kvpress's DecodingPress (one length per layer,
+    compressed in place in transformers' cache), budgets may differ per head and the rows live in
+    the sidecar's arenas."""
+
+    def __init__(self, client: Any, *, budget: int, **cache_options: Any) -> None:
+        self.client = client
+        self.options = dict(budget=budget, **cache_options)
+        self.last: Dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, model: Any) -> Iterator[Any]:
+        previous = model.config._attn_implementation
+        original = model.generate
+        prepare(model)
+
+        def generate_through_sidecar(inputs: Optional["torch.Tensor"] = None, *args: Any,
+                                     **kwargs: Any) -> Any:
+            if "past_key_values" in kwargs:
+                raise ValueError("SidecarPress: past_key_values is the press's own cache; call "
+                                 "model.generate without it")
+            input_ids = inputs if inputs is not None else kwargs.pop("input_ids")
+            mask = kwargs.pop("attention_mask", None)
+            if mask is None:
+                mask = torch.ones_like(input_ids)
+            with ReasonAllocCache(self.client, model.config, **self.options) as cache:
+                t0 = time.perf_counter()
+                prefill(model, cache, input_ids[:, :-1], mask[:, :-1])
+                out = original(input_ids, *args, attention_mask=mask, past_key_values=cache,
+                               **kwargs)
+                self.last = dict(seconds=time.perf_counter() - t0,
+                                 peak_kv_bytes=list(cache.peak_kv_bytes), events=cache.events,
+                                 compress_seconds=cache.compress_seconds)
+            return out
+
+        model.generate = generate_through_sidecar
+        try:
+            yield model
+        finally:
+            del model.generate  # the class's method again
+            model.set_attn_implementation(previous)
