@@ -15,6 +15,7 @@
 // Exit codes: 0 success, 1 the server answered with an error (or Abseil's parser refused a flag),
 // 2 bad usage or local I/O error.
 #include <chrono>
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -195,11 +196,14 @@ int Profiles(Client& client) {
     std::cout << ToJson(all);
     return 0;
   }
-  std::cout << absl::StrFormat("%-32s  %6s  %5s  %-12s  %s\n", "PROFILE", "LAYERS", "RHO", "OWNER",
-                               "MODEL");
+  // The name column is as wide as the longest name (at least 32), so columns stay aligned.
+  int width = 32;
+  for (const auto& p : all.profiles()) width = std::max(width, static_cast<int>(p.name().size()));
+  std::cout << absl::StrFormat("%-*s  %6s  %5s  %-12s  %s\n", width, "PROFILE", "LAYERS", "RHO",
+                               "OWNER", "MODEL");
   for (const auto& p : all.profiles()) {
-    std::cout << absl::StrFormat("%-32s  %6d  %5.2f  %-12s  %s\n", p.name(), p.demand_size(),
-                                 p.rho(), p.owner(), p.model().name());
+    std::cout << absl::StrFormat("%-*s  %6d  %5.2f  %-12s  %s\n", width, p.name(),
+                                 p.demand_size(), p.rho(), p.owner(), p.model().name());
   }
   return 0;
 }

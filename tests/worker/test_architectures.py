@@ -300,6 +300,20 @@ def test_calibrate_and_generate_through_the_sidecar_on_your_own_file(tmp_path):
         held = subprocess.run([CLIENT, "profiles", f"--target=unix://{sock}", "--json"],
                               capture_output=True, text=True)
         assert held.returncode == 0 and "my-model" in held.stdout, held.stderr
+        # The text table widens its name column for a long name (the columns stay aligned).
+        long_name = dict(profile, name="my-model.a-very-long-profile-name.sensitivity")
+        (tmp_path / "long.json").write_text(json.dumps(long_name))
+        put = subprocess.run([CLIENT, "put-profile", f"--target=unix://{sock}",
+                              str(tmp_path / "long.json")], capture_output=True, text=True)
+        assert put.returncode == 0, put.stderr
+        table = subprocess.run([CLIENT, "profiles", f"--target=unix://{sock}"],
+                               capture_output=True, text=True).stdout.splitlines()
+        rows = [table[0]] + [r for r in table if r.startswith("my-model")]
+        assert len(rows) == 3, table
+        width = max(32, len(long_name["name"]))
+        assert rows[0][width + 2:width + 8] == "LAYERS", table
+        assert all(r[width + 2:width + 8].strip() == str(LAYERS) and
+                   r[:width].rstrip() in ("my-model", long_name["name"]) for r in rows[1:]), table
         gen = ["generate", f"--model={model}", f"--target=unix://{sock}", "--scorer=rkv",
                "--allocator=reasonalloc", "--budget=16", "--buffer=8", "--prompt=hello abc",
                "--max_tokens=40", "--ignore_eos", "--json"]
