@@ -14,8 +14,8 @@
 //
 // Exit codes: 0 success, 1 the server answered with an error (or Abseil's parser refused a flag),
 // 2 bad usage or local I/O error.
-#include <chrono>
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -202,8 +202,8 @@ int Profiles(Client& client) {
   std::cout << absl::StrFormat("%-*s  %6s  %5s  %-12s  %s\n", width, "PROFILE", "LAYERS", "RHO",
                                "OWNER", "MODEL");
   for (const auto& p : all.profiles()) {
-    std::cout << absl::StrFormat("%-*s  %6d  %5.2f  %-12s  %s\n", width, p.name(),
-                                 p.demand_size(), p.rho(), p.owner(), p.model().name());
+    std::cout << absl::StrFormat("%-*s  %6d  %5.2f  %-12s  %s\n", width, p.name(), p.demand_size(),
+                                 p.rho(), p.owner(), p.model().name());
   }
   return 0;
 }
