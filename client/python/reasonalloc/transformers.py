@@ -73,16 +73,19 @@ def check_config(config: Any) -> Tuple[int, int, int, int]:
                                                               False):
         raise ValueError("config.is_encoder_decoder / add_cross_attention: cross-attention "
                          "layers are not supported")
-    window = getattr(config, "sliding_window", None)
-    if model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
-        window = None  # Qwen2 configs carry a window that is off unless use_sliding_window
-    if window is not None and window < getattr(config, "max_position_embeddings", window + 1):
-        raise ValueError(f"config.sliding_window = {window}: sliding-window attention layers "
-                         "are not supported")
     layer_types = getattr(config, "layer_types", None)
-    if layer_types and any(t != "full_attention" for t in layer_types):
-        raise ValueError(f"config.layer_types {sorted(set(layer_types))}: only full-attention "
-                         "layers are supported")
+    if layer_types:  # per-layer kinds (transformers derives them from the window settings)
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"config.layer_types {sorted(set(layer_types))}: sliding-window "
+                             "and other non-full attention layers are not supported")
+    else:
+        window = getattr(config, "sliding_window", None)
+        if model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+            window = None  # Qwen2 configs carry a window that is off unless use_sliding_window
+        if window is not None and window < getattr(config, "max_position_embeddings",
+                                                   window + 1):
+            raise ValueError(f"config.sliding_window = {window}: sliding-window attention "
+                             "layers are not supported")
     layers, hq = int(config.num_hidden_layers), int(config.num_attention_heads)
     hkv = int(getattr(config, "num_key_value_heads", None) or hq)
     d = int(getattr(config, "head_dim", None) or config.hidden_size // hq)
@@ -123,9 +126,15 @@ def _register() -> None:
 
 
 def prepare(model: Any) -> Any:
-    """Checks `model` (check_config) and switches it to this module's attention function, which
-    needs a ReasonAllocCache; returns the model."""
+    """Checks `model` (check_config; dtype float32, float16 or bfloat16; on the CPU) and switches
+    it to this module's attention function, which needs a ReasonAllocCache; returns the model."""
     check_config(model.config)
+    if model.dtype not in _DTYPES:
+        raise TypeError(f"unsupported dtype {model.dtype}: ReasonAllocCache holds float32, "
+                        "float16 or bfloat16 keys and values")
+    if model.device.type != "cpu":
+        raise ValueError(f"model.device {model.device}: ReasonAllocCache holds host "
+                         "shared-memory sessions; run the model on the CPU")
     _register()
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
@@ -165,7 +174,9 @@ class ReasonAllocCache(Cache):
     name_or_path, its last component lower-cased). Sessions open on the first forward pass (or
     prefill()); the batch size is fixed from then on. close() (or the context manager) closes them.
 
-    After a run: peak_kv_bytes[b] (KV rows held by sequence b at its peak, bytes), kv_bytes(),
+    After a run: peak_kv_bytes[b] (bytes of the K and V rows sequence b held at its peak),
+    arena_bytes() (the shared memory each session reserves: budget + Δ rows per head on average,
+    fixed at open; head-wise budgets move rows between heads inside it), kv_bytes(),
     events (compression events), stream_batches (CompressStream messages, each carrying the
     events of several sequences at one step), compress_seconds (wall time inside Compress and
     CompressStream),
@@ -200,6 +211,7 @@ class ReasonAllocCache(Cache):
         self._attended = -1                 # the layer whose attention ran last
         self.stream_batches = 0             # CompressStream messages (events of several sequences)
         self._failed: Optional[str] = None  # why an earlier pass stopped half-way
+        self.finished: List[bool] = []      # sequences that ended (finish()): fed no more
         self._real: List[np.ndarray] = []   # per sequence: indices of this pass's real tokens
         self._dtype: Optional["torch.dtype"] = None
         self._np_dtype: Any = None
@@ -216,11 +228,15 @@ class ReasonAllocCache(Cache):
         if self._failed is not None:
             raise RuntimeError("ReasonAllocCache: a pass failed earlier and left the cache "
                                f"incomplete ({self._failed}); close it and start a new one")
-        if layer_idx != (self._pending + 1) % self.num_layers or self._attended != self._pending:
-            raise RuntimeError(
-                f"ReasonAllocCache: layer {layer_idx} updated after layer {self._pending}; the "
-                "model must run with attn_implementation \"reasonalloc\" "
-                "(reasonalloc.transformers.prepare(model))")
+        if self._attended != self._pending:
+            self._failed = (f"layer {self._pending}'s attention did not run through the "
+                            "cache: the model must run with attn_implementation "
+                            "\"reasonalloc\" (reasonalloc.transformers.prepare(model))")
+            raise RuntimeError(f"ReasonAllocCache: {self._failed}")
+        if layer_idx != (self._pending + 1) % self.num_layers:
+            self._failed = (f"a pass stopped after layer {self._pending} (layer {layer_idx} came "
+                            "next)")
+            raise RuntimeError(f"ReasonAllocCache: {self._failed}; close it and start a new one")
         if layer_idx == 0:
             self._seen += int(key_states.shape[-2])
         self._pending = layer_idx
@@ -298,6 +314,7 @@ class ReasonAllocCache(Cache):
             raise
         self.steps = [0] * batch
         self.peak_kv_bytes = [0] * batch
+        self.finished = [False] * batch
 
     def close(self) -> None:
         """Closes the sessions (their arenas are unmapped and the server frees them)."""
@@ -320,6 +337,16 @@ class ReasonAllocCache(Cache):
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def finish(self, b: int) -> None:
+        """Sequence b has ended: later passes do not feed it (transformers keeps padding a
+        finished sequence of a batch; the sidecar should neither store nor compress that)."""
+        self.finished[b] = True
+
+    def arena_bytes(self) -> List[int]:
+        """Shared memory each sequence's session reserves (its K/V arena of budget + Δ rows per
+        head, the query ring and the bookkeeping), fixed when the session opens."""
+        return [sum(d.byte_length for d in s.info.arenas) for s in self.sessions]
+
     def kv_bytes(self) -> List[int]:
         """Bytes of K and V rows each sequence holds now."""
         return [self._bytes(s) for s in self.sessions]
@@ -331,11 +358,10 @@ class ReasonAllocCache(Cache):
                 for layer in range(self.num_layers)]
 
     def room(self, b: int) -> int:
-        """Tokens sequence b can take before its next event (1 when it must compress first)."""
+        """Tokens sequence b can take before its next event (0: compress_full() first)."""
         s = self.sessions[b]
         heads = self.num_layers * self.num_kv_heads
-        free = int(np.min(s.capacity[:heads] - s.len[:heads]))
-        return free if free > 0 else 1
+        return int(np.min(s.capacity[:heads] - s.len[:heads]))
 
     def _bytes(self, s: Any) -> int:
         heads = self.num_layers * self.num_kv_heads
@@ -348,12 +374,10 @@ class ReasonAllocCache(Cache):
         self.open(batch, dtype)
         if dtype != self._dtype:
             raise TypeError(f"this pass's dtype {dtype} differs from the cache's {self._dtype}")
-        self._real = [np.flatnonzero(real[b].cpu().numpy()) for b in range(batch)]
+        self._real = [np.flatnonzero(real[b].cpu().numpy()) if not self.finished[b]
+                      else np.zeros(0, dtype=np.int64) for b in range(batch)]
+        self.compress_full([b for b in range(batch) if len(self._real[b])])
         heads = self.num_layers * self.num_kv_heads
-        full = [b for b in range(batch) if len(self._real[b]) and
-                np.any(self.sessions[b].len[:heads] >= self.sessions[b].capacity[:heads])]
-        if full:
-            self._compress(full)
         for b in range(batch):
             n = len(self._real[b])
             s = self.sessions[b]
@@ -366,6 +390,16 @@ class ReasonAllocCache(Cache):
             if self.steps[b] + n > self.max_context:
                 raise ValueError(f"sequence {b}: position {self.steps[b] + n} passes the "
                                  f"model's context of {self.max_context}")
+
+    def compress_full(self, batch_ids: Optional[Sequence[int]] = None) -> None:
+        """An event for every sequence (of batch_ids) with a full head, at the step before its
+        next token, as feeding that token would; one CompressStream message for several."""
+        heads = self.num_layers * self.num_kv_heads
+        ids = range(len(self.sessions)) if batch_ids is None else batch_ids
+        full = [b for b in ids if not self.finished[b] and
+                np.any(self.sessions[b].len[:heads] >= self.sessions[b].capacity[:heads])]
+        if full:
+            self._compress(full)
 
     def _compress(self, batch_ids: Sequence[int]) -> None:
         t0 = time.perf_counter()
@@ -502,6 +536,9 @@ def prefill(model: Any, cache: ReasonAllocCache, input_ids: "torch.Tensor",
     start = 0
     with torch.no_grad():
         while start < total:
+            # Sequences with a full head and tokens still to feed compress first (the event a
+            # one-token-at-a-time prefill would have before its next token).
+            cache.compress_full([b for b in range(batch) if bool(real[b, start:].any())])
             room = [cache.room(b) for b in range(batch)]
             end = start + 1
             while end < total and all(int(real[b, start:end + 1].sum()) <= room[b]
@@ -513,12 +550,38 @@ def prefill(model: Any, cache: ReasonAllocCache, input_ids: "torch.Tensor",
             start = end
 
 
+class _FinishOnEos(transformers.StoppingCriteria):
+    """Marks a sequence finished in the cache once it has produced an end-of-sequence token;
+    stops nothing itself (transformers' own criteria do)."""
+
+    def __init__(self, cache: ReasonAllocCache, eos: Sequence[int]) -> None:
+        self.cache, self.eos = cache, set(int(e) for e in eos)
+
+    def __call__(self, input_ids: "torch.Tensor", scores: Any, **kwargs: Any) -> "torch.Tensor":
+        for b, token in enumerate(input_ids[:, -1].tolist()):
+            if token in self.eos and b < len(self.cache.finished):
+                self.cache.finish(b)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _with_eos_watch(model: Any, cache: ReasonAllocCache, kwargs: Dict[str, Any]) -> None:
+    eos = kwargs.get("eos_token_id", getattr(model.generation_config, "eos_token_id", None))
+    if eos is None:
+        return
+    criteria = transformers.StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
+    criteria.append(_FinishOnEos(cache, [eos] if isinstance(eos, int) else list(eos)))
+    kwargs["stopping_criteria"] = criteria
+
+
 def generate(model: Any, input_ids: "torch.Tensor", cache: ReasonAllocCache,
              attention_mask: Optional["torch.Tensor"] = None, **generate_kwargs: Any) -> Any:
-    """prefill() of all but the prompt's last token, then model.generate(...) from the cache."""
+    """prefill() of all but the prompt's last token, then model.generate(...) from the cache.
+    A sequence that has produced its end-of-sequence token is fed no more (model.generate alone
+    keeps feeding padding for it)."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     prefill(model, cache, input_ids[:, :-1], attention_mask[:, :-1])
+    _with_eos_watch(model, cache, generate_kwargs)
     return model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache,
                           **generate_kwargs)
 
@@ -555,17 +618,22 @@ class SidecarPress:
             if "past_key_values" in kwargs:
                 raise ValueError("SidecarPress: past_key_values is the press's own cache; call "
                                  "model.generate without it")
-            input_ids = inputs if inputs is not None else kwargs.pop("input_ids")
+            input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+            if input_ids is None:
+                raise ValueError("SidecarPress: model.generate needs input_ids (inputs_embeds "
+                                 "are not supported)")
             mask = kwargs.pop("attention_mask", None)
             if mask is None:
                 mask = torch.ones_like(input_ids)
             with ReasonAllocCache(self.client, model.config, **self.options) as cache:
                 t0 = time.perf_counter()
                 prefill(model, cache, input_ids[:, :-1], mask[:, :-1])
+                _with_eos_watch(model, cache, kwargs)
                 out = original(input_ids, *args, attention_mask=mask, past_key_values=cache,
                                **kwargs)
                 self.last = dict(seconds=time.perf_counter() - t0,
-                                 peak_kv_bytes=list(cache.peak_kv_bytes), events=cache.events,
+                                 peak_kv_bytes=list(cache.peak_kv_bytes),
+                                 arena_bytes=cache.arena_bytes(), events=cache.events,
                                  compress_seconds=cache.compress_seconds)
             return out
 

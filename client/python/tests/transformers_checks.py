@@ -100,10 +100,11 @@ def same_as_worker(env, n, policy, copies=False):
         for b in range(n):
             mine, theirs = tokens(out, b, width), w["sequences"][b]
             assert mine == theirs, (policy, b, mine, theirs)
-        # transformers keeps feeding a finished sequence (padding after its end), the worker
-        # stops it: the event counts agree when no sequence ends early.
-        if all(len(g) == NEW_TOKENS and g[-1] != EOS for g in w["sequences"]):
-            assert cache.events == w["events"], (cache.events, w["events"])
+        # A finished sequence is fed no more (as the worker stops it): the same events.
+        assert cache.events == w["events"], (cache.events, w["events"])
+        heads = 30 * 3
+        assert all(a >= heads * (policy["budget"] + policy.get("buffer", 64)) * 64 * 2 * 4
+                   for a in cache.arena_bytes()), cache.arena_bytes()
         assert cache.peak_kv_bytes[0] == w["peak_kv_bytes"], (cache.peak_kv_bytes, w)
         full = (len(env.ids[0]) + len(w["sequences"][0]) - 1) * 30 * 3 * 64 * 2 * 4
         assert cache.peak_kv_bytes[0] < full, (cache.peak_kv_bytes[0], full)
@@ -178,9 +179,16 @@ def check_refusals(env):
     raises(ValueError, "sliding_window", lambda: check_config(transformers.MistralConfig(
         sliding_window=4096, max_position_embeddings=32768)))
     raises(ValueError, "config.model_type 'gpt2'", lambda: check_config(transformers.GPT2Config()))
-    raises(ValueError, "sliding", lambda: check_config(transformers.Qwen2Config(
+    raises(ValueError, "config.layer_types", lambda: check_config(transformers.Qwen2Config(
         use_sliding_window=True, sliding_window=64, max_window_layers=1, num_hidden_layers=2)))
     check_config(transformers.Qwen2Config())  # its window is off unless use_sliding_window
+    # A window on no layer (max_window_layers covers them all) is full attention.
+    check_config(transformers.Qwen2Config(use_sliding_window=True, sliding_window=64,
+                                          max_window_layers=2, num_hidden_layers=2))
+    tiny = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=64)).to(torch.float64)
+    raises(TypeError, "unsupported dtype torch.float64", lambda: prepare(tiny))
     raises(ValueError, "cross-attention", lambda: check_config(transformers.LlamaConfig(
         add_cross_attention=True)))
     with Client(env.target) as client:
@@ -232,9 +240,56 @@ def check_sessions_closed(env):
                 raise AssertionError(f"session {sid} still open")
 
 
+def check_tiny_qwen2_and_mistral_in_fp32_and_bf16(env):
+    """Random-weight Qwen2 (attention biases) and Mistral models with GQA, budget above the
+    length: logits over a left-padded prompt and 8 greedy steps equal transformers' eager
+    attention with its own cache (fp32: 1e-4; bf16: the same tokens, logits within 0.1)."""
+    torch.manual_seed(0)
+    with Client(env.target) as client:
+        for cfg in (transformers.Qwen2Config(hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, vocab_size=97),
+                    transformers.MistralConfig(hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=2, num_attention_heads=4,
+                                               num_key_value_heads=2, vocab_size=97,
+                                               sliding_window=None)):
+            for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.1)):
+                model = transformers.AutoModelForCausalLM.from_config(cfg)
+                with torch.no_grad():  # weights large enough for peaked attention
+                    for p in model.parameters():
+                        p.normal_(0.0, 0.3 if p.dim() > 1 else 1.0)
+                model = model.to(dtype).eval()
+                x = torch.randint(3, 97, (2, 12))
+                m = torch.ones_like(x)
+                m[1, :4] = 0
+                model.set_attn_implementation("eager")
+                with torch.no_grad():
+                    want = model(input_ids=x, attention_mask=m).logits
+                    want_tokens = model.generate(x, attention_mask=m, max_new_tokens=8,
+                                                 do_sample=False, pad_token_id=0)
+                prepare(model)
+                with ReasonAllocCache(client, model.config, budget=64, scorer="snapkv",
+                                      allocator="uniform", model_name=f"tiny-{cfg.model_type}",
+                                      max_context=4096) as cache, torch.no_grad():
+                    got = model(input_ids=x, attention_mask=m, past_key_values=cache).logits
+                keep = m.bool()
+                diff = (got[keep].float() - want[keep].float()).abs().max().item()
+                assert diff <= tol * (1 + want[keep].float().abs().max().item()), \
+                    (cfg.model_type, dtype, diff)
+                with ReasonAllocCache(client, model.config, budget=64, scorer="snapkv",
+                                      allocator="uniform", model_name=f"tiny-{cfg.model_type}",
+                                      max_context=4096) as cache, torch.no_grad():
+                    got_tokens = generate(model, x, cache, attention_mask=m, max_new_tokens=8,
+                                          do_sample=False, pad_token_id=0)
+                assert torch.equal(got_tokens, want_tokens), (cfg.model_type, dtype)
+                print(f"      tiny {cfg.model_type} {dtype}: max |Δ logit| {diff:.2e}, 8 tokens "
+                      "equal", flush=True)
+
+
 CHECKS = [check_batch_of_four_matches_the_worker, check_prompt_through_the_budget,
           check_batch_of_one_matches_the_worker,
-          check_full_cache_when_the_budget_exceeds_the_length, check_refusals,
+          check_full_cache_when_the_budget_exceeds_the_length,
+          check_tiny_qwen2_and_mistral_in_fp32_and_bf16, check_refusals,
           check_sessions_closed]
 
 
