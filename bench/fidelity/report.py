@@ -138,11 +138,7 @@ def main():
     def scorer(p):
         return p.split("/")[0]
 
-    lines.append("\nHierarchical against uniform (KL difference, paired over prompts, 95 % "
-                 "interval; negative = the first lower; the best of each kind is picked on these "
-                 "same prompts):\n")
-    lines.append("| budget | first | second | KL difference |")
-    lines.append("|---|---|---|---|")
+    pair_rows = []
     for budget in budgets:
         keys = [k for k in forced if k[1] == budget and k[2] == delta_main]
         uni = [k for k in keys if allocator(k[0]) == "uniform"]
@@ -160,7 +156,13 @@ def main():
         for a, b in pairs:
             d, lo, hi = paired_interval(col(a, "kl_mean"), col(b, "kl_mean"))
             tag = " (best of each)" if (a, b) == (best_h, best_u) else ""
-            lines.append(f"| {budget} | {a[0]}{tag} | {b[0]} | {d:+.4f} [{lo:+.4f}, {hi:+.4f}] |")
+            pair_rows.append(f"| {budget} | {a[0]}{tag} | {b[0]} | "
+                             f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}] |")
+    if pair_rows:  # only when the grid has both kinds at some budget
+        lines.append("\nHierarchical against uniform (KL difference, paired over prompts, 95 % "
+                     "interval; negative = the first lower; the best of each kind is picked on "
+                     "these same prompts):\n")
+        lines += ["| budget | first | second | KL difference |", "|---|---|---|---|", *pair_rows]
     if any(r.get("kl_top5_share") for r in rows):
         lines.append("\nThe tail: share of each trajectory's KL carried by its worst 5 % of "
                      "positions (mean over prompts):\n")

@@ -374,7 +374,7 @@ def test_sensitivity_calibration_measures_each_layer_alone(tmp_path):
         again = subprocess.run([WORKER, *common, "--budget=12", f"--out={tmp_path / 'b.json'}"],
                                capture_output=True, text=True)
         assert json.loads((tmp_path / "b.json").read_text())["demand"] == demand
-        # Layers grouped: both layers compressed at once cost at least as much as either alone.
+        # Layers grouped: both layers compressed at once, one measurement shared by the group.
         grouped = subprocess.run([WORKER, *common, "--budget=12", "--layer_group=2",
                                   f"--out={tmp_path / 'g.json'}"], capture_output=True, text=True)
         assert grouped.returncode == 0, grouped.stderr
