@@ -138,6 +138,21 @@ def main():
     def scorer(p):
         return p.split("/")[0]
 
+    # A knob away from its default (+sN, +rN, +lX) against the same policy without knobs.
+    knob_rows = []
+    for budget in budgets:
+        for k in sorted(k for k in forced if k[1] == budget and k[2] == delta_main):
+            base_name = k[0].split("+")[0] + ("@" + k[0].split("@")[1] if "@" in k[0] else "")
+            base = (base_name, budget, delta_main)
+            if "+" in k[0] and base in forced:
+                d, lo, hi = paired_interval(col(k, "kl_mean"), col(base, "kl_mean"))
+                knob_rows.append(f"| {budget} | {k[0]} | {base_name} | "
+                                 f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}] |")
+    if knob_rows:
+        lines.append("\nKnobs against their defaults (KL difference, paired over prompts, 95 % "
+                     "interval; negative = the knob lowers KL):\n")
+        lines += ["| budget | policy | default | KL difference |", "|---|---|---|---|",
+                  *knob_rows]
     pair_rows = []
     for budget in budgets:
         keys = [k for k in forced if k[1] == budget and k[2] == delta_main]
