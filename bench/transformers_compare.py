@@ -235,7 +235,9 @@ def write_report(a, rows):
             f"| {r['batch']} | {r['config']} | {r['tokens_per_second']:.1f} | "
             f"{r['tokens_per_second'] / f['tokens_per_second']:.2f}× | "
             f"{r['peak_kv_bytes'] / 2**20:.2f} MiB | {r['peak_kv_bytes'] / f['peak_kv_bytes']:.0%} | "
-            f"{r['events']} | {r['compress_seconds']:.2f} s | {r['agreement']:.3f} | "
+            + (f"{r['events']} | {r['compress_seconds']:.2f} s | "
+               if r["config"].startswith("sidecar") else "– | – | ")
+            + f"{r['agreement']:.3f} | "
             f"{r['first_difference']:.0f} |")
     with open(os.path.join(a.out, "transformers_compare.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
