@@ -109,6 +109,24 @@ def main():
             d, lo, hi = paired_interval(v, base)
             lines.append(f"| {b} | {best} | {s['policy']} | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
 
+    # Each hierarchical policy against the uniform allocator with its own scorer.
+    same = []
+    for s_ in summary:
+        scorer, rest = s_["policy"].split("/", 1)
+        base_name = f"{scorer}/uniform"
+        if rest.startswith("uniform") or (base_name, s_["budget"]) not in grid:
+            continue
+        base_v = grid[(base_name, s_["budget"])]
+        if not all(t in base_v for t in kept):
+            continue
+        d, lo, hi = paired_interval([grid[(s_["policy"], s_["budget"])][t] for t in kept],
+                                    [base_v[t] for t in kept])
+        same.append(f"| {s_['budget']} | {s_['policy']} | {base_name} | "
+                    f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
+    if same:
+        lines.append("\nAgainst the uniform allocator with the same scorer (paired over tasks):\n")
+        lines += ["| budget | policy | uniform | difference |", "|---|---|---|---|", *same]
+
     with open(os.path.join(out, "recall.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out, "recall_summary.csv"), "w", newline="") as f:
