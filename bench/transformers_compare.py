@@ -220,7 +220,10 @@ def cpu_model():
 def write_report(a, rows):
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "transformers_compare.json"), "w") as f:
-        json.dump(dict(args=vars(a), cpu=cpu_model(), rows=rows), f, indent=1)
+        # Paths as the repository names them (no machine's own folders in the results).
+        args = {k: (os.path.relpath(v, ROOT) if k in ("build", "prompts", "out") else v)
+                for k, v in vars(a).items()}
+        json.dump(dict(args=args, cpu=cpu_model(), rows=rows), f, indent=1)
     full = {r["batch"]: r for r in rows if r["config"] == "full"}
     lines = ["# The sidecar in transformers against kvpress\n",
              f"SmolLM2-135M-Instruct (fp32, CPU, {a.threads} threads, {cpu_model()}); "

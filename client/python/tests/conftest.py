@@ -16,15 +16,19 @@ if PROJECT not in sys.path:
 pytest.register_assert_rewrite("api_checks")
 
 
-def server_binary():
-    """$REASONALLOC_SERVER_BINARY, else the default build's; skips the test when it is absent."""
-    path = os.environ.get("REASONALLOC_SERVER_BINARY",
-                          os.path.join(REPO, "build", "server", "reasonalloc-server"))
+def built_binary(env, relative):
+    """$env, else the default build's build/<relative>; skips the test when it is absent."""
+    path = os.environ.get(env, os.path.join(REPO, "build", relative))
     if not os.access(path, os.X_OK):
-        reason = f"no server binary at {path} (build it, or set REASONALLOC_SERVER_BINARY)"
+        reason = f"no binary at {path} (build it, or set {env})"
         print(f"SKIP: {reason}")
         pytest.skip(reason)
     return path
+
+
+def server_binary():
+    """$REASONALLOC_SERVER_BINARY, else the default build's; skips the test when it is absent."""
+    return built_binary("REASONALLOC_SERVER_BINARY", os.path.join("server", "reasonalloc-server"))
 
 
 @pytest.fixture(scope="module")

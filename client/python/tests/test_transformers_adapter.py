@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import built_binary as binary
 from test_installed_wheel import REPO, clone, pip_wheel, wheel  # noqa: F401  (fixtures)
 
 HERE = Path(__file__).resolve().parent
@@ -29,15 +30,6 @@ def torch_python():
         print(f"SKIP: {reason}")
         pytest.skip(reason)
     return python
-
-
-def binary(env, default):
-    path = os.environ.get(env, str(REPO / "build" / default))
-    if not os.access(path, os.X_OK):
-        reason = f"no binary at {path} (build it, or set {env})"
-        print(f"SKIP: {reason}")
-        pytest.skip(reason)
-    return path
 
 
 @pytest.fixture(scope="module")
