@@ -458,6 +458,50 @@ TEST_F(GpuEngineTest, LlamaGeometryEventAtBatchFour) {
             << tally.rounding_ties << ", budget ties " << tally.budget_ties << "\n";
 }
 
+// The streaming kernel ranks candidates by age from each head's end, not by row index: one layer,
+// 2 KV heads of 30 and 14 rows, window 2, budget 8, sinks 4, adakv and reasonalloc head routing.
+// Equal ages rank equal, so the budgets are [8, 8] and each head keeps its sinks and its newest
+// rows (by row index the long head would get [10, 6] and keep its rows 24-25). The same case as
+// the CPU engine's test Engine.StreamingRanksRaggedHeadsByAgeFromTheirEnds.
+TEST_F(GpuEngineTest, StreamingRanksRaggedHeadsByAgeFromTheirEnds) {
+  for (const std::string allocator : {"adakv", "reasonalloc"}) {
+    SessionConfig c = Geometry(1, 2, 1, 4, DType::kFloat32);
+    c.budget.budget = 8;
+    c.budget.window = 2;
+    c.budget.sinks = 4;
+    c.scorer.name = "streaming";
+    c.allocator.name = allocator;
+    c.allocator.reasonalloc_mode = ReasonAllocMode::kHead;
+    auto gpu = GpuEngine::Create(0, c);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    const std::vector<float> q(2 * 2 * 4, 1.0f), k(2 * 30 * 4, 1.0f);
+    void* dq = (*gpu)->Allocate(q.size() * sizeof(float)).value();
+    void* dk = (*gpu)->Allocate(k.size() * sizeof(float)).value();
+    ASSERT_TRUE((*gpu)->Upload(dq, q.data(), q.size() * sizeof(float)).ok());
+    ASSERT_TRUE((*gpu)->Upload(dk, k.data(), k.size() * sizeof(float)).ok());
+    const std::vector<int32_t> lengths = {30, 14};
+    DeviceEventInputs in;
+    in.query_window = dq;
+    in.keys = dk;
+    in.n_max = 30;
+    in.lengths = lengths;
+    auto decisions = (*gpu)->CompressBatch(std::span<const DeviceEventInputs>(&in, 1));
+    ASSERT_TRUE(decisions.ok()) << decisions.status();
+    const Decision& d = (*decisions)[0];
+    EXPECT_EQ(d.budgets, (std::vector<int32_t>{8, 8})) << allocator;
+    const auto kept0 = d.Kept(0);
+    const auto kept1 = d.Kept(1);
+    EXPECT_EQ(std::vector<int32_t>(kept0.begin(), kept0.end()),
+              (std::vector<int32_t>{0, 1, 2, 3, 26, 27, 28, 29}))
+        << allocator;
+    EXPECT_EQ(std::vector<int32_t>(kept1.begin(), kept1.end()),
+              (std::vector<int32_t>{0, 1, 2, 3, 10, 11, 12, 13}))
+        << allocator;
+    EXPECT_TRUE((*gpu)->Free(dq).ok());
+    EXPECT_TRUE((*gpu)->Free(dk).ok());
+  }
+}
+
 // A logits scratch smaller than one batch: heads are scored in chunks, with the same results.
 TEST_F(GpuEngineTest, ChunkedScoringMatchesTheCpuEngine) {
   ::setenv("REASONALLOC_GPU_LOGITS_BYTES", "200000", 1);
