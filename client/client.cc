@@ -42,13 +42,13 @@ void Client::SetDeadline(grpc::ClientContext* context) const {
 }
 
 void Client::AddSessionToken(const std::string& session_id, const std::string& token) {
-  absl::MutexLock lock(&tokens_mu_);
+  MutexLock lock(&tokens_mu_);
   tokens_[session_id] = token;
 }
 
 void Client::AttachSessionTokens(grpc::ClientContext* context,
                                  const std::vector<std::string>& session_ids) const {
-  absl::MutexLock lock(&tokens_mu_);
+  MutexLock lock(&tokens_mu_);
   if (session_ids.empty()) {
     for (const auto& [id, token] : tokens_)
       context->AddMetadata("reasonalloc-session-token", token);
@@ -116,7 +116,7 @@ absl::StatusOr<v1::CloseSessionResponse> Client::CloseSession(const std::string&
   v1::CloseSessionResponse response;
   grpc::Status s = stub_->CloseSession(&context, request, &response);
   if (!s.ok()) return FromGrpcStatus(s);
-  absl::MutexLock lock(&tokens_mu_);
+  MutexLock lock(&tokens_mu_);
   tokens_.erase(session_id);
   return response;
 }

@@ -13,9 +13,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/build_info.h"
+#include "core/sync.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "reasonalloc/v1/sidecar.grpc.pb.h"
 
@@ -70,7 +70,7 @@ class Client {
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::KvSidecar::Stub> stub_;
   std::unique_ptr<grpc::health::v1::Health::Stub> health_;
-  mutable absl::Mutex tokens_mu_;
+  mutable Mutex tokens_mu_;
   std::map<std::string, std::string> tokens_ ABSL_GUARDED_BY(tokens_mu_);
 };
 

@@ -521,7 +521,7 @@ absl::StatusOr<std::vector<int64_t>> NpyToInt64(const NpyArray& array, absl::str
   const size_t n = static_cast<size_t>(array.NumElements());
   std::vector<int64_t> out(n);
   if (array.dtype == NpyDType::kInt64) {
-    std::memcpy(out.data(), array.data.data(), n * sizeof(int64_t));
+    if (n > 0) std::memcpy(out.data(), array.data.data(), n * sizeof(int64_t));
   } else if (array.dtype == NpyDType::kInt32) {
     for (size_t i = 0; i < n; ++i) {
       int32_t v;

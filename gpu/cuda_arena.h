@@ -68,7 +68,7 @@ class CudaArenaMapping {
 
  private:
   CudaArenaMapping() = default;
-  int device_ = 0;
+  [[maybe_unused]] int device_ = 0;  // unused where the backend is built without CUDA
   void* base_ = nullptr;
   uint64_t offset_ = 0;
   uint64_t size_ = 0;

@@ -12,7 +12,7 @@ bool EventHub::Watcher::Wants(const v1::CompressEvent& e) const {
 }
 
 bool EventHub::Watcher::Push(const v1::CompressEvent& e) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (closed_) return true;
   if (queue_.size() >= capacity_) {
     ++dropped_;
@@ -24,9 +24,9 @@ bool EventHub::Watcher::Push(const v1::CompressEvent& e) {
 
 bool EventHub::Watcher::Next(absl::Time deadline, v1::CompressEvent* event,
                              uint64_t* dropped_before) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return closed_ || !queue_.empty(); };
-  mu_.AwaitWithDeadline(absl::Condition(&ready), deadline);
+  mu_.AwaitWithDeadline(ready, deadline);
   if (closed_ || queue_.empty()) return false;
   *event = std::move(queue_.front());
   queue_.pop_front();
@@ -36,12 +36,12 @@ bool EventHub::Watcher::Next(absl::Time deadline, v1::CompressEvent* event,
 }
 
 bool EventHub::Watcher::closed() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return closed_;
 }
 
 void EventHub::Watcher::Close() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   closed_ = true;
 }
 
@@ -50,7 +50,7 @@ EventHub::EventHub(int max_watchers, size_t queue_capacity, std::function<void(i
 
 absl::StatusOr<std::shared_ptr<EventHub::Watcher>> EventHub::Subscribe(
     std::set<std::string> sessions, std::string model) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (closed_) return absl::UnavailableError("the server is draining");
   if (static_cast<int>(watchers_.size()) >= max_watchers_) {
     return absl::ResourceExhaustedError(
@@ -63,14 +63,14 @@ absl::StatusOr<std::shared_ptr<EventHub::Watcher>> EventHub::Subscribe(
 }
 
 void EventHub::Unsubscribe(const std::shared_ptr<Watcher>& w) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   watchers_.erase(std::remove(watchers_.begin(), watchers_.end(), w), watchers_.end());
 }
 
 void EventHub::Publish(const v1::CompressEvent& e) {
   std::vector<std::shared_ptr<Watcher>> targets;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     for (const auto& w : watchers_) {
       if (w->Wants(e)) targets.push_back(w);
     }
@@ -83,13 +83,13 @@ void EventHub::Publish(const v1::CompressEvent& e) {
 }
 
 void EventHub::Close() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   closed_ = true;
   for (const auto& w : watchers_) w->Close();
 }
 
 int EventHub::watchers() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return static_cast<int>(watchers_.size());
 }
 

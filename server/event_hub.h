@@ -14,8 +14,8 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
+#include "core/sync.h"
 #include "reasonalloc/v1/sidecar.pb.h"
 
 namespace reasonalloc {
@@ -41,7 +41,7 @@ class EventHub {
     const std::set<std::string> sessions_;
     const std::string model_;
     const size_t capacity_;
-    mutable absl::Mutex mu_;
+    mutable Mutex mu_;
     std::deque<v1::CompressEvent> queue_ ABSL_GUARDED_BY(mu_);
     uint64_t dropped_ ABSL_GUARDED_BY(mu_) = 0;
     bool closed_ ABSL_GUARDED_BY(mu_) = false;
@@ -65,7 +65,7 @@ class EventHub {
   const int max_watchers_;
   const size_t queue_capacity_;
   const std::function<void(int64_t)> on_drop_;
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   std::vector<std::shared_ptr<Watcher>> watchers_ ABSL_GUARDED_BY(mu_);
   bool closed_ ABSL_GUARDED_BY(mu_) = false;
 };

@@ -10,14 +10,14 @@ HealthService::HealthService(std::initializer_list<std::string> services) {
 }
 
 void HealthService::SetAll(Status status) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (shutdown_) return;
   for (auto& [name, s] : status_) s = status;
   ++version_;
 }
 
 void HealthService::Shutdown() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   for (auto& [name, s] : status_) s = HealthCheckResponse::NOT_SERVING;
   shutdown_ = true;
   ++version_;
@@ -25,7 +25,7 @@ void HealthService::Shutdown() {
 
 grpc::Status HealthService::Check(grpc::ServerContext*, const HealthCheckRequest* request,
                                   HealthCheckResponse* response) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto it = status_.find(request->service());
   if (it == status_.end()) {
     return grpc::Status(grpc::StatusCode::NOT_FOUND,
@@ -44,11 +44,11 @@ grpc::Status HealthService::Watch(grpc::ServerContext* context, const HealthChec
     Status current;
     bool done;
     {
-      absl::MutexLock lock(&mu_);
+      MutexLock lock(&mu_);
       // Wake on a change, on shutdown, or periodically to notice a cancelled client.
       auto changed = [this, &seen, first]()
                          ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return first || version_ != seen; };
-      mu_.AwaitWithTimeout(absl::Condition(&changed), absl::Milliseconds(200));
+      mu_.AwaitWithTimeout(changed, absl::Milliseconds(200));
       seen = version_;
       auto it = status_.find(request->service());
       current = it == status_.end() ? HealthCheckResponse::SERVICE_UNKNOWN : it->second;

@@ -4,6 +4,7 @@
 // REASONALLOC_LISTEN); a flag on the command line wins over the environment.
 #include <fcntl.h>
 #include <malloc.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -21,10 +22,10 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "absl/synchronization/mutex.h"
 #include "core/build_info.h"
 #include "core/cli_args.h"
 #include "core/cli_help.h"
+#include "core/sync.h"
 #include "server/server.h"
 #include "spdlog/cfg/env.h"
 #include "spdlog/sinks/stdout_color_sinks.h"
@@ -135,6 +136,16 @@ int main(int argc, char** argv) {
   sigaction(SIGTERM, &action, nullptr);
   sigaction(SIGINT, &action, nullptr);
   signal(SIGPIPE, SIG_IGN);
+  // The threads started from here on (gRPC's, the thread pool's) inherit a mask without SIGTERM
+  // and SIGINT; only the signal thread below unblocks them. The handler then runs on a thread of
+  // this program or of a library started before main, never on a gRPC thread asleep in a raw
+  // futex (ThreadSanitizer defers a signal delivered there until that thread wakes, which may be
+  // never).
+  sigset_t drain_signals;
+  sigemptyset(&drain_signals);
+  sigaddset(&drain_signals, SIGTERM);
+  sigaddset(&drain_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &drain_signals, nullptr);
   // Blocks of 1 MiB and more are mapped and unmapped on their own, so that the scratch of a large
   // event goes back to the kernel when it is freed (glibc's adaptive threshold would otherwise
   // keep it in a heap the process never shrinks).
@@ -252,9 +263,15 @@ int main(int argc, char** argv) {
   std::atomic<bool> exiting{false};
   std::thread drainer;
   std::thread signal_thread([&, s = server->get()] {
+    pthread_sigmask(SIG_UNBLOCK, &drain_signals, nullptr);
     for (int received = 0;; ++received) {
       unsigned char sig = 0;
-      if (read(g_signal_pipe[0], &sig, 1) != 1 || sig == 0 || exiting.load()) return;
+      // Polls with a timeout instead of blocking in read: under ThreadSanitizer a signal that
+      // arrives while this thread sits in read() is handled only when read returns.
+      pollfd pending{g_signal_pipe[0], POLLIN, 0};
+      while (poll(&pending, 1, 250) <= 0 && !exiting.load()) {
+      }
+      if (exiting.load() || read(g_signal_pipe[0], &sig, 1) != 1 || sig == 0) return;
       const char* name = sig == SIGTERM ? "SIGTERM" : "SIGINT";
       if (received > 0) {
         spdlog::warn("received {} while draining: exiting without waiting", name);

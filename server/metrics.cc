@@ -198,7 +198,7 @@ void Metrics::ObserveCompress(const StageSeconds& s) {
 }
 
 std::string Metrics::ModelLabel(absl::string_view model) {
-  absl::MutexLock lock(&models_mu_);
+  MutexLock lock(&models_mu_);
   const std::string name(model);
   if (models_.count(name) > 0) return name;
   if (static_cast<int>(models_.size()) < kMaxModelLabels) {
@@ -219,7 +219,7 @@ void Metrics::ObserveEvent(absl::string_view scorer, absl::string_view allocator
   PolicyChildren policy;
   std::vector<prometheus::Gauge*> layer_gauges;
   {
-    absl::MutexLock lock(&children_mu_);
+    MutexLock lock(&children_mu_);
     const std::string key = absl::StrCat(scorer, "\x1f", allocator, "\x1f", model_label);
     auto it = policy_children_.find(key);
     if (it == policy_children_.end()) {

@@ -21,8 +21,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
 #include "core/engine.h"
+#include "core/sync.h"
 
 namespace reasonalloc {
 
@@ -68,7 +68,7 @@ class Metrics {
   prometheus::Counter& watch_dropped_;
   prometheus::Gauge& watchers_;
   prometheus::Family<prometheus::Counter>& ipc_failures_;
-  absl::Mutex models_mu_;
+  Mutex models_mu_;
   std::set<std::string> models_ ABSL_GUARDED_BY(models_mu_);
   // Children looked up once per label set (prometheus-cpp's Add hashes the labels each time).
   struct PolicyChildren {
@@ -76,7 +76,7 @@ class Metrics {
     prometheus::Counter* kept;
     prometheus::Histogram* spread;
   };
-  absl::Mutex children_mu_;
+  Mutex children_mu_;
   std::map<std::string, PolicyChildren> policy_children_ ABSL_GUARDED_BY(children_mu_);
   std::map<std::string, std::vector<prometheus::Gauge*>> layer_children_
       ABSL_GUARDED_BY(children_mu_);

@@ -26,14 +26,14 @@ std::string PeerIdentity::Describe() const {
 }
 
 void PeerTable::Set(int fd, const PeerIdentity& peer) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   peers_[fd] = peer;
 }
 
 PeerIdentity PeerTable::Lookup(absl::string_view grpc_peer) const {
   int fd = -1;
   if (!absl::ConsumePrefix(&grpc_peer, "fd:") || !absl::SimpleAtoi(grpc_peer, &fd)) return {};
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   const auto it = peers_.find(fd);
   return it == peers_.end() ? PeerIdentity{} : it->second;
 }

@@ -22,7 +22,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
+#include "core/sync.h"
 
 namespace reasonalloc {
 
@@ -43,7 +43,7 @@ class PeerTable {
   PeerIdentity Lookup(absl::string_view grpc_peer) const ABSL_LOCKS_EXCLUDED(mu_);
 
  private:
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   absl::flat_hash_map<int, PeerIdentity> peers_ ABSL_GUARDED_BY(mu_);
 };
 

@@ -113,7 +113,7 @@ absl::StatusOr<std::unique_ptr<ProfileStore>> ProfileStore::Open(const std::stri
   if (!std::filesystem::is_directory(dir, ec)) {
     return absl::InvalidArgumentError(absl::StrCat("profile_dir \"", dir, "\" is not a directory"));
   }
-  absl::MutexLock lock(&store->mu_);
+  MutexLock lock(&store->mu_);
   for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
     if (entry.path().extension() != ".json") continue;
     std::ifstream in(entry.path());
@@ -138,7 +138,7 @@ absl::StatusOr<std::unique_ptr<ProfileStore>> ProfileStore::Open(const std::stri
 }
 
 absl::StatusOr<v1::LayerProfile> ProfileStore::Get(const std::string& name) const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto it = profiles_.find(name);
   if (it == profiles_.end()) {
     return absl::NotFoundError(
@@ -148,7 +148,7 @@ absl::StatusOr<v1::LayerProfile> ProfileStore::Get(const std::string& name) cons
 }
 
 std::vector<v1::LayerProfile> ProfileStore::List() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   std::vector<v1::LayerProfile> out;
   for (const auto& [name, p] : profiles_) out.push_back(p);
   return out;
@@ -170,7 +170,7 @@ absl::Status ProfileStore::Put(v1::LayerProfile profile, bool overwrite, bool sa
         caller->Describe()));
   }
   p->set_owner(owner);
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   auto existing = profiles_.find(p->name());
   if (existing != profiles_.end()) {
     if (!overwrite) {

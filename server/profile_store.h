@@ -12,8 +12,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
 #include "core/session_config.h"
+#include "core/sync.h"
 #include "reasonalloc/v1/sidecar.pb.h"
 #include "server/peer.h"
 
@@ -66,7 +66,7 @@ class ProfileStore {
 
   const std::string dir_;
   const Limits limits_;
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   std::map<std::string, v1::LayerProfile> profiles_ ABSL_GUARDED_BY(mu_);
 };
 

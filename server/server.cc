@@ -20,7 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/strip.h"
-#include "absl/synchronization/notification.h"
+#include "core/sync.h"
 #include "gpu/device_probe.h"
 #include "server/host_arena.h"
 #include "server/peer.h"
@@ -317,7 +317,7 @@ void Server::Start() {
 
 void Server::Drain() {
   {
-    absl::MutexLock lock(&drain_mu_);
+    MutexLock lock(&drain_mu_);
     if (drained_) return;
     drained_ = true;
   }
@@ -329,7 +329,7 @@ void Server::Drain() {
   // The metrics endpoint stops while calls drain.
   std::thread stop_metrics([this] { metrics_->StopServing(); });
   const absl::Time deadline = absl::Now() + options_.drain_timeout;
-  absl::Notification shut_down;
+  Notification shut_down;
   std::thread shutdown([&] {
     server_->Shutdown(absl::ToChronoTime(deadline));
     shut_down.Notify();

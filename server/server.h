@@ -90,7 +90,7 @@ class Server {
   std::unique_ptr<grpc::Server> server_;
   std::vector<std::string> listen_addresses_;
   std::string metrics_address_;
-  absl::Mutex drain_mu_;
+  Mutex drain_mu_;
   bool drained_ ABSL_GUARDED_BY(drain_mu_) = false;
 };
 

@@ -11,9 +11,9 @@
 namespace reasonalloc {
 
 std::string NewSessionId() {
-  static absl::Mutex mu(absl::kConstInit);
+  static Mutex* mu = new Mutex();
   static std::random_device* device = new std::random_device();
-  absl::MutexLock lock(&mu);
+  MutexLock lock(mu);
   std::string id;
   for (int i = 0; i < 4; ++i) absl::StrAppend(&id, absl::StrFormat("%08x", (*device)()));
   return id;
@@ -43,22 +43,22 @@ absl::Status Session::Authorize(const PeerIdentity& caller,
 }
 
 void Session::AttachArenas(std::unique_ptr<SessionArenas> arenas) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   arenas_ = std::move(arenas);
 }
 
 SessionArenas* Session::arenas() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return arenas_.get();
 }
 
 void Session::AttachCudaArenas(std::unique_ptr<CudaSessionArenas> arenas) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   cuda_arenas_ = std::move(arenas);
 }
 
 CudaSessionArenas* Session::cuda_arenas() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return cuda_arenas_.get();
 }
 
@@ -85,22 +85,22 @@ Session::Session(std::string id, std::shared_ptr<const Engine> engine, uint64_t 
 }
 
 std::shared_ptr<const Engine> Session::engine() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return engine_;
 }
 
 uint64_t Session::reserved_bytes() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return reserved_;
 }
 
 Session::State Session::Snapshot() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return state_;
 }
 
 absl::Time Session::Renew(absl::Duration lease) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (lease > absl::ZeroDuration()) state_.lease = lease;
   state_.lease_deadline = absl::Now() + state_.lease;
   return state_.lease_deadline;
@@ -108,7 +108,7 @@ absl::Time Session::Renew(absl::Duration lease) {
 
 absl::Status Session::CheckStep(int64_t step) const {
   if (step < 0) return absl::InvalidArgumentError(absl::StrCat("step = ", step, " is negative"));
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (step <= state_.last_step) {
     return absl::FailedPreconditionError(absl::StrCat(
         "step = ", step, " does not follow the session's last step ", state_.last_step));
@@ -123,7 +123,7 @@ int64_t Sum(const std::vector<int32_t>& v) {
 }  // namespace
 
 Session::CommitResult Session::Commit(int64_t step, const Decision& d) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   CommitResult r;
   if (!released_) r.kept_delta = Sum(d.kept_lengths) - Sum(state_.kept_lengths);
   state_.last_step = step;
@@ -135,7 +135,7 @@ Session::CommitResult Session::Commit(int64_t step, const Decision& d) {
 }
 
 int64_t Session::Release() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   released_ = true;
   return Sum(state_.kept_lengths);
 }
@@ -157,7 +157,7 @@ absl::Status Session::StartCalibration(double rho, int stride) {
   if (stride < 1 || stride > 1 << 20) {
     return absl::InvalidArgumentError(absl::StrCat("stride = ", stride, " is out of range"));
   }
-  absl::MutexLock lock(&calib_mu_);
+  MutexLock lock(&calib_mu_);
   if (calibration_ != nullptr) {
     return absl::FailedPreconditionError(
         absl::StrCat("session_id \"", id_, "\" is already calibrating"));
@@ -169,12 +169,12 @@ absl::Status Session::StartCalibration(double rho, int stride) {
 }
 
 bool Session::calibrating() const {
-  absl::MutexLock lock(&calib_mu_);
+  MutexLock lock(&calib_mu_);
   return calibration_ != nullptr;
 }
 
 absl::Status Session::ObserveCalibration(int64_t step, const CompressInputs& in) {
-  absl::MutexLock lock(&calib_mu_);
+  MutexLock lock(&calib_mu_);
   if (calibration_ != nullptr && step % calibration_stride_ == 0 && !calibration_->Observe(in)) {
     return absl::CancelledError("the calibration event was cancelled (caller gone or drain)");
   }
@@ -182,13 +182,13 @@ absl::Status Session::ObserveCalibration(int64_t step, const CompressInputs& in)
 }
 
 std::vector<int64_t> Session::CalibrationSamples() const {
-  absl::MutexLock lock(&calib_mu_);
+  MutexLock lock(&calib_mu_);
   return calibration_ ? calibration_->samples() : std::vector<int64_t>{};
 }
 
 absl::Status Session::FinishCalibration(
     const std::function<absl::Status(const Calibration&)>& keep) {
-  absl::MutexLock lock(&calib_mu_);
+  MutexLock lock(&calib_mu_);
   if (calibration_ == nullptr) {
     return absl::FailedPreconditionError(
         absl::StrCat("session_id \"", id_, "\" is not calibrating: call StartCalibration first"));
@@ -202,7 +202,7 @@ absl::Status Session::FinishCalibration(
 }
 
 bool Session::Expired(absl::Time now) const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return state_.lease_deadline < now;
 }
 
@@ -213,7 +213,7 @@ SessionRegistry::SessionRegistry(Options options, ReleaseCallback on_release)
 
 SessionRegistry::~SessionRegistry() {
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     stop_ = true;
   }
   reaper_.join();
@@ -238,7 +238,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
   const uint64_t bytes = ComputeArenaBytes(config).total();
   auto session = std::make_shared<Session>(NewSessionId(), std::move(engine).value(), bytes,
                                            std::move(client_tag), lease, std::move(profile), owner);
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (static_cast<int>(sessions_.size()) >= options_.max_sessions) {
     return absl::ResourceExhaustedError(
         absl::StrCat("the server holds its maximum of ", options_.max_sessions, " sessions"));
@@ -270,7 +270,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Get(const std::string&
   if (auto s = CheckSessionId(id); !s.ok()) return s;
   std::shared_ptr<Session> s;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     auto it = sessions_.find(id);
     if (it != sessions_.end() && !it->second->Expired(absl::Now())) {
       if (authorize) {
@@ -293,7 +293,7 @@ absl::StatusOr<uint64_t> SessionRegistry::Close(const std::string& id) {
   std::shared_ptr<Session> s;
   uint64_t released = 0;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     auto it = sessions_.find(id);
     if (it == sessions_.end()) return uint64_t{0};
     s = std::move(it->second);
@@ -320,12 +320,12 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::UpdateBudget(const std
     return absl::Status(engine.status().code(), message);
   }
   const uint64_t bytes = ComputeArenaBytes(config).total();
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   if (sessions_.find(id) == sessions_.end()) {
     return absl::NotFoundError(
         absl::StrCat("session_id \"", id, "\" is unknown, closed or expired"));
   }
-  absl::MutexLock session_lock(&session.mu_);
+  MutexLock session_lock(&session.mu_);
   const uint64_t free_after_release = options_.capacity_bytes - reserved_ + session.reserved_;
   if (bytes > free_after_release) {
     return absl::ResourceExhaustedError(absl::StrCat("budget = ", budget, " needs ", bytes,
@@ -339,7 +339,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::UpdateBudget(const std
 }
 
 std::vector<std::shared_ptr<Session>> SessionRegistry::List() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   std::vector<std::shared_ptr<Session>> out;
   out.reserve(sessions_.size());
   for (const auto& [id, s] : sessions_) out.push_back(s);
@@ -349,7 +349,7 @@ std::vector<std::shared_ptr<Session>> SessionRegistry::List() const {
 int SessionRegistry::ReapExpired(absl::Time now) {
   std::vector<std::shared_ptr<Session>> expired;
   {
-    absl::MutexLock lock(&mu_);
+    MutexLock lock(&mu_);
     for (auto it = sessions_.begin(); it != sessions_.end();) {
       if (it->second->Expired(now)) {
         reserved_ -= it->second->reserved_bytes();
@@ -367,19 +367,20 @@ int SessionRegistry::ReapExpired(absl::Time now) {
 }
 
 uint64_t SessionRegistry::reserved_bytes() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return reserved_;
 }
 
 int SessionRegistry::size() const {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   return static_cast<int>(sessions_.size());
 }
 
 void SessionRegistry::ReaperLoop() {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   while (!stop_) {
-    mu_.AwaitWithTimeout(absl::Condition(&stop_), options_.reap_interval);
+    mu_.AwaitWithTimeout([this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stop_; },
+                         options_.reap_interval);
     if (stop_) break;
     mu_.Unlock();
     ReapExpired(absl::Now());

@@ -28,12 +28,12 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/engine.h"
 #include "core/h2o.h"
 #include "core/layer_profile.h"
 #include "core/session_config.h"
+#include "core/sync.h"
 #include "server/cuda_session_arenas.h"
 #include "server/peer.h"
 #include "server/session_arenas.h"
@@ -151,14 +151,14 @@ class Session {
   const PeerIdentity owner_;
   const std::string token_;
   const absl::Time created_;
-  mutable absl::Mutex calib_mu_;
+  mutable Mutex calib_mu_;
   std::unique_ptr<CalibrationAccumulator> calibration_ ABSL_GUARDED_BY(calib_mu_);
   int calibration_stride_ ABSL_GUARDED_BY(calib_mu_) = 16;
   std::atomic<bool> busy_{false};
   std::unique_ptr<H2oAccumulator> h2o_;
   std::unique_ptr<SessionArenas> arenas_ ABSL_GUARDED_BY(mu_);
   std::unique_ptr<CudaSessionArenas> cuda_arenas_ ABSL_GUARDED_BY(mu_);
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   std::shared_ptr<const Engine> engine_ ABSL_GUARDED_BY(mu_);
   uint64_t reserved_ ABSL_GUARDED_BY(mu_);
   State state_ ABSL_GUARDED_BY(mu_);
@@ -218,7 +218,7 @@ class SessionRegistry {
 
   const Options options_;
   const ReleaseCallback on_release_;
-  mutable absl::Mutex mu_;
+  mutable Mutex mu_;
   std::map<std::string, std::shared_ptr<Session>> sessions_ ABSL_GUARDED_BY(mu_);
   uint64_t reserved_ ABSL_GUARDED_BY(mu_) = 0;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;

@@ -78,7 +78,7 @@ SidecarService::SidecarService(Options options, SessionRegistry* registry, Metri
 }
 
 void SidecarService::SetAddresses(std::vector<std::string> listen, std::string metrics) {
-  absl::MutexLock lock(&mu_);
+  MutexLock lock(&mu_);
   listen_addresses_ = std::move(listen);
   metrics_address_ = std::move(metrics);
 }
@@ -133,7 +133,7 @@ absl::StatusOr<std::shared_ptr<Session>> SidecarService::Use(const Caller& calle
 }
 
 void SidecarService::UpdatePoolGauges() {
-  absl::MutexLock lock(&gauges_mu_);
+  MutexLock lock(&gauges_mu_);
   int64_t capacity_tokens = 0;
   const auto sessions = registry_->List();
   for (const auto& s : sessions) {
@@ -222,7 +222,7 @@ grpc::Status SidecarService::GetServerInfo(grpc::ServerContext* context,
                   if (options_.cuda_device >= 0) out->add_memory_kinds(v1::MEMORY_KIND_CUDA_IPC);
                   out->set_layout_version(1);
                   {
-                    absl::MutexLock lock(&mu_);
+                    MutexLock lock(&mu_);
                     for (const auto& a : listen_addresses_) out->add_listen_addresses(a);
                     out->set_metrics_address(metrics_address_);
                   }

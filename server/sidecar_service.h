@@ -131,10 +131,10 @@ class SidecarService final : public v1::KvSidecar::Service {
   Metrics* const metrics_;
   const absl::Time started_;
   std::atomic<bool> draining_{false};
-  absl::Mutex mu_;
+  Mutex mu_;
   std::vector<std::string> listen_addresses_ ABSL_GUARDED_BY(mu_);
   std::string metrics_address_ ABSL_GUARDED_BY(mu_);
-  absl::Mutex gauges_mu_;  // pool gauges are read and set as one step
+  Mutex gauges_mu_;  // pool gauges are read and set as one step
   EventHub events_;
 };
 

@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -85,6 +86,12 @@ std::pair<uint64_t, int64_t> BlockSize(uint32_t type) {
   return {0, 0};
 }
 
+// A float metadata value's integer view (GetInt refuses floats; arrays keep both views): the
+// truncated value where it fits in int64, else 0 (a cast of NaN, Inf or 1e300 is undefined).
+int64_t TruncatedOrZero(double v) {
+  return std::isfinite(v) && std::fabs(v) < 9.2e18 ? static_cast<int64_t>(v) : 0;
+}
+
 class Cursor {
  public:
   Cursor(const unsigned char* base, uint64_t size) : base_(base), size_(size) {}
@@ -155,11 +162,11 @@ class Cursor {
         break;
       case kF32v:
         *f = get(float{});
-        *i = static_cast<int64_t>(*f);
+        *i = TruncatedOrZero(*f);
         return absl::OkStatus();
       case kF64v:
         *f = get(double{});
-        *i = static_cast<int64_t>(*f);
+        *i = TruncatedOrZero(*f);
         return absl::OkStatus();
       default:
         return absl::InvalidArgumentError(absl::StrCat(what, ": unknown value type ", type));

@@ -43,10 +43,21 @@ void AddBias(const std::vector<float>& bias, int rows, float* y) {
 
 // Softmax attention of `group` queries ([group, d]) over `rows` keys and values ([rows, d]) into
 // out [group, d]. Keys are read once for the whole group; the loops are written so the compiler
-// vectorises them (an AVX2/FMA clone is chosen at run time where the CPU has it).
-__attribute__((target_clones("arch=haswell", "default"))) void AttendGroup(
-    const float* q, int group, const float* keys, const float* values, int rows, int d, float scale,
-    float* scores, float* out) {
+// vectorises them (an AVX2/FMA clone is chosen at run time where the CPU has it). Not under
+// ThreadSanitizer: the clone's resolver runs before the TSan runtime starts and faults there.
+#if defined(__SANITIZE_THREAD__)
+#define REASONALLOC_ATTEND_CLONES
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define REASONALLOC_ATTEND_CLONES
+#endif
+#endif
+#ifndef REASONALLOC_ATTEND_CLONES
+#define REASONALLOC_ATTEND_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#endif
+REASONALLOC_ATTEND_CLONES void AttendGroup(const float* q, int group, const float* keys,
+                                           const float* values, int rows, int d, float scale,
+                                           float* scores, float* out) {
   constexpr int kLanes = 8;
   for (int j = 0; j < rows; ++j) {
     const float* kj = keys + static_cast<size_t>(j) * d;

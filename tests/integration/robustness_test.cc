@@ -28,8 +28,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "client/mapped_arena.h"
+#include "core/sync.h"
 #include "tests/integration/server_process.h"
 
 namespace reasonalloc {
@@ -143,16 +143,16 @@ TEST(Robustness, RacingCompressUpdateBudgetAndCloseOnOneSession) {
   auto server = MustStart();
   ASSERT_NE(server, nullptr);
   Client& c = server->client();
-  absl::Mutex mu;
+  Mutex mu;
   std::string id;
   auto create = [&] {
     auto created = c.CreateSession(Session(1, 2, 2, 8, 16, 4));
     EXPECT_TRUE(created.ok()) << created.status();
-    absl::MutexLock lock(&mu);
+    MutexLock lock(&mu);
     id = created.ok() ? created->session().session_id() : "";
   };
   auto current = [&] {
-    absl::MutexLock lock(&mu);
+    MutexLock lock(&mu);
     return id;
   };
   create();
@@ -165,7 +165,7 @@ TEST(Robustness, RacingCompressUpdateBudgetAndCloseOnOneSession) {
         s.code() == absl::StatusCode::kNotFound) {
       return;
     }
-    absl::MutexLock lock(&mu);
+    MutexLock lock(&mu);
     unexpected.push_back(absl::StrCat(what, ": ", s.ToString()));
   };
   std::vector<std::thread> threads;

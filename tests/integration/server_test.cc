@@ -14,8 +14,8 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "absl/synchronization/mutex.h"
 #include "core/dtype.h"
+#include "core/sync.h"
 #include "tests/integration/server_process.h"
 
 namespace reasonalloc {
@@ -516,7 +516,7 @@ struct Watch {
     reader = std::thread([this] {
       v1::MetricsEvent e;
       while (stream->Read(&e)) {
-        absl::MutexLock lock(&mu);
+        MutexLock lock(&mu);
         dropped += e.dropped_before();
         if (e.has_compress()) events.push_back(e.compress());
         if (e.has_pool()) pools.push_back(e.pool());
@@ -524,8 +524,25 @@ struct Watch {
     });
   }
   int Count() {
-    absl::MutexLock lock(&mu);
+    MutexLock lock(&mu);
     return static_cast<int>(events.size());
+  }
+  uint64_t Dropped() {
+    MutexLock lock(&mu);
+    return dropped;
+  }
+  // Events kept plus events the server said it dropped.
+  int Seen() {
+    MutexLock lock(&mu);
+    return static_cast<int>(events.size()) + static_cast<int>(dropped);
+  }
+  std::vector<v1::CompressEvent> Events() {
+    MutexLock lock(&mu);
+    return events;
+  }
+  std::vector<v1::PoolGauges> Pools() {
+    MutexLock lock(&mu);
+    return pools;
   }
   // Cancels the stream (a watcher leaving) and returns its final status.
   grpc::Status Stop() {
@@ -547,10 +564,10 @@ struct Watch {
   grpc::ClientContext ctx;
   std::unique_ptr<grpc::ClientReaderInterface<v1::MetricsEvent>> stream;
   std::thread reader;
-  absl::Mutex mu;
-  std::vector<v1::CompressEvent> events;
-  std::vector<v1::PoolGauges> pools;
-  uint64_t dropped = 0;
+  Mutex mu;
+  std::vector<v1::CompressEvent> events ABSL_GUARDED_BY(mu);
+  std::vector<v1::PoolGauges> pools ABSL_GUARDED_BY(mu);
+  uint64_t dropped ABSL_GUARDED_BY(mu) = 0;
 };
 
 bool WaitFor(const std::function<bool()>& done, absl::Duration timeout = absl::Seconds(20)) {
@@ -614,9 +631,9 @@ TEST(Server, WatchMetricsFansOutWithFiltersAndNeverBlocksOnAStalledWatcher) {
     }
   }
   EXPECT_LT(absl::Now() - t0, absl::Seconds(60));
-  ASSERT_TRUE(WaitFor([&] { return everything.Count() + everything.dropped >= kA + kB; }));
-  ASSERT_TRUE(WaitFor([&] { return session_a.Count() + session_a.dropped >= kA; }));
-  ASSERT_TRUE(WaitFor([&] { return model_other.Count() + model_other.dropped >= kB; }));
+  ASSERT_TRUE(WaitFor([&] { return everything.Seen() >= kA + kB; }));
+  ASSERT_TRUE(WaitFor([&] { return session_a.Seen() >= kA; }));
+  ASSERT_TRUE(WaitFor([&] { return model_other.Seen() >= kB; }));
 
   // The stalled watcher resumes: it gets what was buffered, then new events that carry the count of
   // those it lost, and nothing is lost without being counted.
@@ -624,26 +641,26 @@ TEST(Server, WatchMetricsFansOutWithFiltersAndNeverBlocksOnAStalledWatcher) {
   for (int step = kA; step < kA + 20; ++step) {
     ASSERT_TRUE(server->client().Compress(CompressRequest(a, step, 20)).ok());
   }
-  ASSERT_TRUE(WaitFor([&] { return stalled.Count() + stalled.dropped >= kA + kB + 20; }));
-  EXPECT_GT(stalled.dropped, 0u);
+  ASSERT_TRUE(WaitFor([&] { return stalled.Seen() >= kA + kB + 20; }));
+  EXPECT_GT(stalled.Dropped(), 0u);
   auto body = testing::HttpGet(server->client().GetServerInfo()->metrics_address(), "/metrics");
   ASSERT_TRUE(body.ok());
   EXPECT_EQ(body->find("reasonalloc_watch_events_dropped_total 0\n"), std::string::npos);
   // Watchers receive in batches: let the last events of the others arrive before leaving.
-  EXPECT_TRUE(WaitFor([&] { return everything.Count() + everything.dropped >= kA + kB + 20; }));
-  EXPECT_TRUE(WaitFor([&] { return session_a.Count() + session_a.dropped >= kA + 20; }));
+  EXPECT_TRUE(WaitFor([&] { return everything.Seen() >= kA + kB + 20; }));
+  EXPECT_TRUE(WaitFor([&] { return session_a.Seen() >= kA + 20; }));
 
   everything.Stop();
   session_a.Stop();
   model_other.Stop();
   stalled.Stop();
   // Exact accounting and no cross-talk.
-  EXPECT_EQ(everything.Count() + static_cast<int>(everything.dropped), kA + kB + 20);
-  EXPECT_EQ(session_a.Count() + static_cast<int>(session_a.dropped), kA + 20);
-  for (const auto& e : session_a.events) ASSERT_EQ(e.session_id(), a);
-  EXPECT_EQ(model_other.Count() + static_cast<int>(model_other.dropped), kB);
+  EXPECT_EQ(everything.Seen(), kA + kB + 20);
+  EXPECT_EQ(session_a.Seen(), kA + 20);
+  for (const auto& e : session_a.Events()) ASSERT_EQ(e.session_id(), a);
+  EXPECT_EQ(model_other.Seen(), kB);
   int64_t last_step = -1;
-  for (const auto& e : model_other.events) {
+  for (const auto& e : model_other.Events()) {
     ASSERT_EQ(e.session_id(), b);
     ASSERT_EQ(e.model_name(), "other-model");
     ASSERT_GT(e.step(), last_step);
@@ -651,9 +668,10 @@ TEST(Server, WatchMetricsFansOutWithFiltersAndNeverBlocksOnAStalledWatcher) {
     ASSERT_EQ(e.layer_budgets_size(), kL);
     EXPECT_GT(e.timings().total_seconds(), 0.0);
   }
-  ASSERT_FALSE(model_other.pools.empty());
-  EXPECT_EQ(model_other.pools.back().sessions(), 2);
-  EXPECT_GT(model_other.pools.back().arena_reserved_bytes(), 0u);
+  const auto pools = model_other.Pools();
+  ASSERT_FALSE(pools.empty());
+  EXPECT_EQ(pools.back().sessions(), 2);
+  EXPECT_GT(pools.back().arena_reserved_bytes(), 0u);
 }
 
 TEST(Server, WatchMetricsBadRequestsNameTheField) {

@@ -7,9 +7,11 @@
 
 #include <unistd.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -266,6 +268,35 @@ TEST(Gguf, UnsupportedTypeNamesTensorAndType) {
   ASSERT_FALSE(v.ok());
   EXPECT_NE(v.status().message().find("blk.0.ffn_up.weight"), std::string::npos) << v.status();
   EXPECT_NE(v.status().message().find("Q2_K"), std::string::npos) << v.status();
+}
+
+// Found by fuzz_gguf: a float metadata value beyond int64's range (or NaN) was cast to int64,
+// which is undefined; its integer view is now 0 and GetFloat still returns the value.
+TEST(Gguf, HugeAndNanFloatMetadataAreRead) {
+  Writer w;
+  w.Put<uint32_t>(0x46554747);
+  w.Put<uint32_t>(3);
+  w.Put<uint64_t>(0);
+  w.Put<uint64_t>(3);
+  w.Str("huge");
+  w.Put<uint32_t>(12);  // float64
+  w.Put<double>(3.9e180);
+  w.Str("nan");
+  w.Put<uint32_t>(6);  // float32
+  w.Put<float>(std::numeric_limits<float>::quiet_NaN());
+  w.Str("list");
+  w.Put<uint32_t>(9);  // array of float64
+  w.Put<uint32_t>(12);
+  w.Put<uint64_t>(2);
+  w.Put<double>(-1e300);
+  w.Put<double>(2.5);
+  const std::string path = WriteTemp(w.bytes());
+  auto file = GgufFile::Open(path);
+  unlink(path.c_str());
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ((*file)->GetFloat("huge").value(), 3.9e180);
+  EXPECT_TRUE(std::isnan((*file)->GetFloat("nan").value()));
+  EXPECT_FALSE((*file)->GetInt("huge").ok());
 }
 
 TEST(Gguf, CorruptFilesAreErrorsNotCrashes) {

@@ -241,6 +241,16 @@ TEST(Npy, RoundTripsEmptyArrays) {
   }
 }
 
+// Found by fuzz_npy: an empty int64 array reached memcpy with a null source.
+TEST(Npy, EmptyIntegerArraysConvertToInt64) {
+  for (NpyDType dtype : {NpyDType::kInt64, NpyDType::kInt32}) {
+    const NpyArray array = MakeArray(dtype, {0});
+    auto values = NpyToInt64(array, "lengths");
+    ASSERT_TRUE(values.ok()) << values.status();
+    EXPECT_TRUE(values->empty());
+  }
+}
+
 // Files as NumPy 1.26 np.save writes them, captured once and written out here
 // so the test needs no Python.
 TEST(Npy, ParsesNumPyWrittenFiles) {
