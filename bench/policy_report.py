@@ -60,9 +60,10 @@ def grid(a, target, out_dir, prompts, max_prompts, tokens, policies, budgets):
            *([f"--model={a.model}"] if a.model else [])]
     if not (a.reuse and reusable(out_dir, prompts, max_prompts, tokens, policies, budgets)):
         run(cmd, cwd=ROOT)
-    # The grid's own tables and plots (fidelity.md, fidelity_kl.png: KL vs budget per policy).
-    run([sys.executable, os.path.join(ROOT, "bench/fidelity/report.py"), out_dir, "-"], cwd=ROOT,
-        stdout=subprocess.DEVNULL)
+    # The grid's own tables and plots (fidelity.md, fidelity_kl.png: KL vs budget per policy),
+    # written quietly, also for a reused grid.
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench/fidelity/report.py"), out_dir, "-"],
+                   cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     kl = defaultdict(dict)  # (policy, budget) -> prompt -> KL
     for r in csv.DictReader(open(os.path.join(out_dir, "fidelity_runs.csv"))):
         if r["run"] == "forced":
