@@ -21,6 +21,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "core/build_info.h"
 #include "core/cli_args.h"
@@ -31,42 +32,55 @@
 #include "spdlog/sinks/stdout_color_sinks.h"
 #include "spdlog/spdlog.h"
 
-ABSL_FLAG(std::string, listen, reasonalloc::kDefaultTarget,
-          "Unix socket to serve on: unix:///path");
-ABSL_FLAG(std::string, socket_mode, "0600", "Permission bits of the socket file (octal)");
+// Every default below is the default-constructed ServerOptions' (server/server.h).
+namespace {
+const reasonalloc::ServerOptions& Defaults() {
+  static const auto* defaults = new reasonalloc::ServerOptions();
+  return *defaults;
+}
+}  // namespace
+
+ABSL_FLAG(std::string, listen, Defaults().listen, "Unix socket to serve on: unix:///path");
+ABSL_FLAG(std::string, socket_mode, absl::StrFormat("%04o", Defaults().socket_mode),
+          "Permission bits of the socket file (octal)");
 ABSL_FLAG(std::string, allow_uid, "",
           "Comma-separated uids whose Unix-socket connections may call KvSidecar methods, besides "
           "the server's own uid (empty = any peer that can open the socket)");
-ABSL_FLAG(std::string, tcp_listen, "", "Optional TCP address host:port (port 0 = any free port)");
-ABSL_FLAG(std::string, metrics_address, "127.0.0.1:9464",
+ABSL_FLAG(std::string, tcp_listen, Defaults().tcp_listen,
+          "Optional TCP address host:port (port 0 = any free port)");
+ABSL_FLAG(std::string, metrics_address, Defaults().metrics_address,
           "Prometheus endpoint host:port (port 0 = any free port; empty = off)");
-ABSL_FLAG(std::string, device, "cpu", "Compute backend: cpu | cuda:N");
-ABSL_FLAG(uint64_t, max_arena_bytes, uint64_t{8} << 30,
+ABSL_FLAG(std::string, device, Defaults().device, "Compute backend: cpu | cuda:N");
+ABSL_FLAG(uint64_t, max_arena_bytes, Defaults().sessions.capacity_bytes,
           "Arena pool: total bytes all sessions may reserve");
-ABSL_FLAG(int32_t, max_sessions, 4096, "Most live sessions");
-ABSL_FLAG(int32_t, max_threads, 64, "Most threads serving calls at once");
-ABSL_FLAG(int32_t, max_watchers, 8,
+ABSL_FLAG(int32_t, max_sessions, Defaults().sessions.max_sessions, "Most live sessions");
+ABSL_FLAG(int32_t, max_threads, Defaults().max_threads, "Most threads serving calls at once");
+ABSL_FLAG(int32_t, max_watchers, Defaults().max_watchers,
           "Most WatchMetrics streams at once (each holds a serving thread; below max_threads)");
-ABSL_FLAG(int32_t, watch_queue, 1024,
+ABSL_FLAG(int32_t, watch_queue, Defaults().watch_queue,
           "Events buffered per WatchMetrics stream; a slower watcher loses the excess (counted)");
-ABSL_FLAG(std::string, profile_dir, "", "Directory of layer profiles (JSON)");
-ABSL_FLAG(uint64_t, max_message_bytes, uint64_t{64} << 20,
+ABSL_FLAG(std::string, profile_dir, Defaults().profile_dir, "Directory of layer profiles (JSON)");
+ABSL_FLAG(uint64_t, max_message_bytes, Defaults().max_message_bytes,
           "Largest gRPC message received or sent, bytes");
-ABSL_FLAG(double, default_lease_seconds, 60, "Lease of a session that asks for none");
-ABSL_FLAG(double, max_lease_seconds, 86400, "Longest lease a session may ask for");
-ABSL_FLAG(double, drain_timeout_seconds, 10,
+ABSL_FLAG(double, default_lease_seconds, absl::ToDoubleSeconds(Defaults().sessions.default_lease),
+          "Lease of a session that asks for none");
+ABSL_FLAG(double, max_lease_seconds, absl::ToDoubleSeconds(Defaults().sessions.max_lease),
+          "Longest lease a session may ask for");
+ABSL_FLAG(double, drain_timeout_seconds, absl::ToDoubleSeconds(Defaults().drain_timeout),
           "On SIGTERM/SIGINT: how long in-flight calls may finish before they are cancelled");
 ABSL_FLAG(std::string, log_level, "",
           "trace|debug|info|warn|error|critical|off (default: SPDLOG_LEVEL, else info)");
-ABSL_FLAG(uint64_t, max_event_bytes, 0,
+ABSL_FLAG(uint64_t, max_event_bytes, Defaults().max_event_bytes,
           "Most scratch bytes one compression event may allocate (scores, logits and similarity "
           "tiles, selection); a bigger event is RESOURCE_EXHAUSTED naming the dimension. 0 = an "
           "eighth of physical memory or of the cgroup's memory limit, whichever is smaller, at "
           "least 256 MiB");
-ABSL_FLAG(int32_t, max_profiles, 1024, "Most layer profiles held (loaded and put)");
-ABSL_FLAG(int32_t, max_connections_per_uid, 64,
+ABSL_FLAG(int32_t, max_profiles, Defaults().max_profiles,
+          "Most layer profiles held (loaded and put)");
+ABSL_FLAG(int32_t, max_connections_per_uid, Defaults().max_connections_per_uid,
           "Unix-socket connections one uid may hold open at once; more are closed at accept");
-ABSL_FLAG(double, max_connection_idle_seconds, 300,
+ABSL_FLAG(double, max_connection_idle_seconds,
+          absl::ToDoubleSeconds(Defaults().max_connection_idle),
           "Close a connection (Unix socket or TCP) that has had no call in flight for this long");
 ABSL_FLAG(double, testing_compress_delay_ms, 0,
           "For tests only: sleep this long inside every Compress");
@@ -180,8 +194,9 @@ int main(int argc, char** argv) {
                          "max_connection_idle_seconds"})) {
     return 2;
   }
-  // Debian's Abseil checks every Mutex acquisition against a lock graph; the tests keep that check,
-  // the production binary does not pay for it on each call.
+  // Debian's Abseil checks every absl::Mutex acquisition (gRPC's own; the project's locks are
+  // reasonalloc::Mutex, checked by TSan's lock-order detector) against a lock graph: the
+  // production binary does not pay for it on each call.
   absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
   const auto spelled = reasonalloc::NormalizeFlagSpelling(argc, argv);
   if (const std::vector<char*> rest = absl::ParseCommandLine(argc, argv); rest.size() > 1) {
@@ -225,8 +240,8 @@ int main(int argc, char** argv) {
   options.tcp_listen = absl::GetFlag(FLAGS_tcp_listen);
   options.metrics_address = absl::GetFlag(FLAGS_metrics_address);
   options.device = absl::GetFlag(FLAGS_device);
-  options.max_arena_bytes = absl::GetFlag(FLAGS_max_arena_bytes);
-  options.max_sessions = absl::GetFlag(FLAGS_max_sessions);
+  options.sessions.capacity_bytes = absl::GetFlag(FLAGS_max_arena_bytes);
+  options.sessions.max_sessions = absl::GetFlag(FLAGS_max_sessions);
   options.max_threads = absl::GetFlag(FLAGS_max_threads);
   options.max_watchers = absl::GetFlag(FLAGS_max_watchers);
   options.watch_queue = absl::GetFlag(FLAGS_watch_queue);
@@ -234,8 +249,9 @@ int main(int argc, char** argv) {
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   for (auto [flag, value, out] :
        {std::tuple{"default_lease_seconds", absl::GetFlag(FLAGS_default_lease_seconds),
-                   &options.default_lease},
-        std::tuple{"max_lease_seconds", absl::GetFlag(FLAGS_max_lease_seconds), &options.max_lease},
+                   &options.sessions.default_lease},
+        std::tuple{"max_lease_seconds", absl::GetFlag(FLAGS_max_lease_seconds),
+                   &options.sessions.max_lease},
         std::tuple{"drain_timeout_seconds", absl::GetFlag(FLAGS_drain_timeout_seconds),
                    &options.drain_timeout},
         std::tuple{"max_connection_idle_seconds", absl::GetFlag(FLAGS_max_connection_idle_seconds),

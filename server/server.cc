@@ -186,9 +186,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     return absl::InvalidArgumentError(
         absl::StrCat("watch_queue = ", options.watch_queue, " is out of range [1, 1000000]"));
   }
-  if (options.max_sessions < 1) {
+  if (options.sessions.max_sessions < 1) {
     return absl::InvalidArgumentError(
-        absl::StrCat("max_sessions = ", options.max_sessions, " must be at least 1"));
+        absl::StrCat("max_sessions = ", options.sessions.max_sessions, " must be at least 1"));
   }
   if (options.socket_mode > 0777) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -200,15 +200,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
                  stale);
   }
   s.metrics_ = std::make_unique<Metrics>(so.backend, so.device_name, so.driver_version);
-  SessionRegistry::Options ro;
-  ro.capacity_bytes = options.max_arena_bytes;
-  ro.max_sessions = options.max_sessions;
-  ro.default_lease = options.default_lease;
-  ro.max_lease = options.max_lease;
-  s.registry_ = std::make_unique<SessionRegistry>(ro, [&s](Session& session, const char* why) {
-    // Sessions exist only once the service does; the registry is destroyed before it.
-    if (s.service_) s.service_->OnSessionReleased(session, why);
-  });
+  s.registry_ =
+      std::make_unique<SessionRegistry>(options.sessions, [&s](Session& session, const char* why) {
+        // Sessions exist only once the service does; the registry is destroyed before it.
+        if (s.service_) s.service_->OnSessionReleased(session, why);
+      });
   s.peers_ = std::make_unique<PeerTable>();
   so.peers = s.peers_.get();
   so.allow_uids = options.allow_uids;
@@ -312,7 +308,7 @@ Server::~Server() {
 void Server::Start() {
   health_->SetAll(grpc::health::v1::HealthCheckResponse::SERVING);
   spdlog::info("serving (backend {}, arena pool {} bytes)", options_.device,
-               options_.max_arena_bytes);
+               options_.sessions.capacity_bytes);
 }
 
 void Server::Drain() {

@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "core/build_info.h"
 #include "server/health_service.h"
 #include "server/metrics.h"
 #include "server/peer.h"
@@ -25,24 +26,24 @@
 
 namespace reasonalloc {
 
+// Every server setting and its default: reasonalloc-server's flags take their defaults from a
+// default-constructed ServerOptions, and the components' own options nest here.
 struct ServerOptions {
-  std::string listen = "unix:///tmp/reasonalloc.sock";  // unix:///path (or unix:path)
-  unsigned socket_mode = 0600;                          // permission bits of the socket file
+  std::string listen = kDefaultTarget;  // unix:///path (or unix:path)
+  unsigned socket_mode = 0600;          // permission bits of the socket file
   // Unix-socket peers whose uid may call KvSidecar methods, besides the server's own uid; empty =
   // any peer that can open the socket.
   std::vector<uint32_t> allow_uids;
   std::string tcp_listen;                          // optional host:port (port 0 = any free port)
   std::string metrics_address = "127.0.0.1:9464";  // empty = no metrics endpoint
   std::string device = "cpu";                      // cpu | cuda:N
-  uint64_t max_arena_bytes = uint64_t{8} << 30;
-  int max_sessions = 4096;
+  // The session registry: arena pool bytes (--max_arena_bytes), --max_sessions, leases.
+  SessionRegistry::Options sessions;
   int max_threads = 64;     // threads serving calls (gRPC resource quota)
   int max_watchers = 8;     // WatchMetrics streams at once
   int watch_queue = 1024;   // events buffered per watcher
   std::string profile_dir;  // empty = no layer profiles
   uint64_t max_message_bytes = uint64_t{64} << 20;
-  absl::Duration default_lease = absl::Seconds(60);
-  absl::Duration max_lease = absl::Hours(24);
   absl::Duration drain_timeout = absl::Seconds(10);
   absl::Duration testing_compress_delay = absl::ZeroDuration();
   // Most scratch bytes one compression event may allocate; 0 = DefaultMaxEventBytes().
