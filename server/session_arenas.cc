@@ -232,7 +232,7 @@ absl::Status SessionArenas::CheckFits(const Decision& decision) const {
   return CheckRegionsFit(decision, config_.budget.buffer, layout_);
 }
 
-void SessionArenas::Apply(const Decision& decision, uint64_t epoch) {
+void SessionArenas::Compact(const Decision& decision) {
   std::vector<int64_t> offsets;
   std::vector<int32_t> capacities;
   HeadRegions(decision.budgets, config_.budget.buffer, &offsets, &capacities);
@@ -245,6 +245,9 @@ void SessionArenas::Apply(const Decision& decision, uint64_t epoch) {
   }
   offsets_ = std::move(offsets);
   capacities_ = std::move(capacities);
+}
+
+void SessionArenas::Publish(const Decision& decision, uint64_t epoch) {
   std::copy(decision.kept_lengths.begin(), decision.kept_lengths.end(), Int32("len"));
   if (!advisory()) std::copy(offsets_.begin(), offsets_.end(), Int64("offset"));
   std::copy(capacities_.begin(), capacities_.end(), Int32("capacity"));
@@ -260,6 +263,15 @@ void SessionArenas::Apply(const Decision& decision, uint64_t epoch) {
   const std::vector<uint64_t> mask = ResultKeepMask(decision, layout_.words);
   std::copy(mask.begin(), mask.end(), Uint64("keep_mask"));
   std::atomic_ref<uint64_t>(*Uint64("epoch")).store(epoch, std::memory_order_release);
+}
+
+unsigned char* SessionArenas::DataForTest(const std::string& kind) const {
+  const HostArena* arena = kind == "kv"           ? kv_.get()
+                           : kind == "query_ring" ? ring_.get()
+                           : kind == "result"     ? result_.get()
+                           : kind == "h2o_acc"    ? h2o_.get()
+                                                  : nullptr;
+  return arena == nullptr ? nullptr : arena->data();
 }
 
 }  // namespace reasonalloc

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -68,9 +69,14 @@ class SessionArenas {
   absl::StatusOr<ArenaInputs> Read(int64_t step, uint64_t max_bytes = 0);
   // Checks that the decision's regions fit before anything is committed.
   absl::Status CheckFits(const Decision& decision) const;
-  // Managed: compacts K and V in place into the new head regions. Then writes len, offset (0 in
-  // advisory sessions), capacity, budget, keep_mask and finally epoch (release order).
-  void Apply(const Decision& decision, uint64_t epoch);
+  // Managed: compacts K and V in place into the decision's head regions (which become the
+  // sidecar's own copy). Advisory: takes the regions only. Call after CheckFits, before the commit.
+  void Compact(const Decision& decision);
+  // After the commit: writes len, offset (0 in advisory sessions), capacity, budget, keep_mask and
+  // finally epoch (release order), and clears the h2o accumulator arena.
+  void Publish(const Decision& decision, uint64_t epoch);
+  // Tests: the bytes of arena `kind` ("kv", "query_ring", "result", "h2o_acc"; null if absent).
+  unsigned char* DataForTest(const std::string& kind) const;
 
  private:
   explicit SessionArenas(const SessionConfig& config);

@@ -18,6 +18,7 @@
 #include "core/h2o.h"
 #include "core/inline_inputs.h"
 #include "proto/grpc_status.h"
+#include "server/event_planes.h"
 #include "server/external_buffers.h"
 #include "server/proto_convert.h"
 #include "spdlog/spdlog.h"
@@ -26,27 +27,6 @@ namespace reasonalloc {
 namespace {
 
 int64_t UnixMillis(absl::Time t) { return absl::ToUnixMillis(t); }
-
-// The worker's accumulated attention of an h2o event, [L, Hkv, N] fp32; empty when not sent.
-absl::StatusOr<std::vector<float>> H2oAttention(const v1::InlineTensors& in,
-                                                const SessionConfig& config, int64_t n_max) {
-  constexpr absl::string_view kField = "inline_tensors.attention";
-  auto raw = RawTensorFromProto(in.attention(), in.has_attention(), kField);
-  if (!raw.ok()) return raw.status();
-  if (!raw->present) return std::vector<float>();
-  if (raw->dtype != DType::kFloat32) {
-    return absl::InvalidArgumentError(absl::StrCat(kField, " must be DTYPE_FLOAT32"));
-  }
-  const std::vector<int64_t> want = {config.model.num_layers, config.model.num_kv_heads, n_max};
-  if (raw->shape != want) {
-    return absl::InvalidArgumentError(absl::StrCat(kField, " must have shape [", want[0], ", ",
-                                                   want[1], ", ", want[2], "] (L, Hkv, N)"));
-  }
-  if (auto s = CheckTensorBytes(kField, *raw); !s.ok()) return s;
-  std::vector<float> out(raw->data.size() / sizeof(float));
-  std::memcpy(out.data(), raw->data.data(), raw->data.size());
-  return out;
-}
 
 // Runs one handler body; memory exhaustion anywhere in it (a large reply, a profile, a decision)
 // becomes RESOURCE_EXHAUSTED for this caller instead of ending the process or reaching gRPC as
@@ -495,215 +475,27 @@ absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
   auto session_or = Use(context, request.session_id(), SessionRegistry::Renew::kYes);
   if (!session_or.ok()) return session_or.status();
   Session& session = **session_or;
-  auto guard = session.BeginCompress();
-  if (!guard.ok()) return guard.status();
-  if (auto s = session.CheckStep(request.step()); !s.ok()) return s;
+  PlaneLimits limits;
+  limits.max_event_bytes = options_.max_event_bytes;
+  limits.max_message_bytes = options_.max_message_bytes;
+  limits.testing_delay = options_.testing_compress_delay;
+  limits.cancelled = [context] { return context != nullptr && context->IsCancelled(); };
+  // The memory kind decides the plane; the transaction's order is the same for all of them.
+  std::unique_ptr<EventPlane> plane;
+  bool arena_answer = true;
   if (SessionArenas* arenas = session.arenas(); arenas != nullptr) {
-    return DoCompressArenas(context, request, session, *arenas, response, t0);
-  }
-  if (CudaSessionArenas* cuda = session.cuda_arenas(); cuda != nullptr) {
-    return DoCompressCuda(context, request, session, *cuda, response, t0);
-  }
-  if (!request.has_inline_tensors()) {
-    return absl::InvalidArgumentError(
-        "inline_tensors is required: the session's memory is MEMORY_KIND_INLINE");
-  }
-  if (!request.cuda_event_handle().empty()) {
-    return absl::FailedPreconditionError(
-        "cuda_event_handle must be empty for a MEMORY_KIND_INLINE session");
-  }
-  const auto engine = session.engine();
-  const SessionConfig& config = engine->config();
-  const v1::InlineTensors& in = request.inline_tensors();
-  auto q =
-      RawTensorFromProto(in.query_window(), in.has_query_window(), "inline_tensors.query_window");
-  if (!q.ok()) return q.status();
-  auto k = RawTensorFromProto(in.keys(), in.has_keys(), "inline_tensors.keys");
-  if (!k.ok()) return k.status();
-  auto v = RawTensorFromProto(in.values(), in.has_values(), "inline_tensors.values");
-  if (!v.ok()) return v.status();
-  auto prepared = PrepareInlineInputs(
-      config, *q, *k, *v,
-      std::span<const int32_t>(in.lengths().data(), static_cast<size_t>(in.lengths().size())));
-  if (!prepared.ok()) return prepared.status();
-  if (options_.testing_compress_delay > absl::ZeroDuration()) {
-    absl::SleepFor(options_.testing_compress_delay);
-  }
-
-  CompressInputs inputs = prepared->view();
-  inputs.cancelled = [context] { return context != nullptr && context->IsCancelled(); };
-  inputs.max_event_bytes = options_.max_event_bytes;
-  std::vector<float> accumulated;
-  if (H2oAccumulator* h2o = session.h2o(); h2o != nullptr) {
-    if (auto s = engine->CheckInputs(inputs); !s.ok()) return s;
-    auto attention = H2oAttention(in, config, prepared->n_max);
-    if (!attention.ok()) return attention.status();
-    auto acc =
-        h2o->Prepare(inputs, attention->empty() ? nullptr : attention->data(), request.step());
-    if (!acc.ok()) return acc.status();
-    accumulated = std::move(acc).value();
-    inputs.accumulated = accumulated.data();
-  } else if (in.has_attention()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "inline_tensors.attention is only for h2o sessions; this session's scorer is \"",
-        config.scorer.name, "\""));
-  }
-  absl::StatusOr<Decision> decision;
-  if (session.calibrating()) {
-    // Full cache while calibrating: measure, evict nothing.
-    const auto tc = std::chrono::steady_clock::now();
-    if (auto s = engine->CheckInputs(inputs); !s.ok()) return s;
-    if (auto s = session.ObserveCalibration(request.step(), inputs); !s.ok()) return s;
-    decision = KeepAll(config.model.num_layers, config.model.num_kv_heads, prepared->lengths);
-    decision->seconds.score =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+    plane = std::make_unique<HostShmPlane>(request, *arenas, std::move(limits));
+  } else if (CudaSessionArenas* cuda = session.cuda_arenas(); cuda != nullptr) {
+    plane = std::make_unique<CudaPlane>(request, *cuda, std::move(limits));
   } else {
-    decision = engine->Compress(inputs);
+    plane = std::make_unique<InlinePlane>(request, response, std::move(limits));
+    arena_answer = false;
   }
-  if (!decision.ok()) return decision.status();
-
-  if (config.managed) {
-    // The sidecar holds K and V: hand back each head's kept rows, compacted, in their own dtype.
-    const auto tc = std::chrono::steady_clock::now();
-    const int64_t max_kept = decision->max_kept();
-    const int64_t n_max = prepared->n_max;
-    const int d = config.model.head_dim;
-    for (auto [src, dst] : {std::pair{&*k, response->mutable_compacted_keys()},
-                            std::pair{&*v, response->mutable_compacted_values()}}) {
-      const size_t row_bytes = DTypeSize(src->dtype) * static_cast<size_t>(d);
-      dst->set_dtype(DTypeToProto(src->dtype));
-      for (int64_t dim : {int64_t{config.model.num_layers}, int64_t{config.model.num_kv_heads},
-                          max_kept, int64_t{d}}) {
-        dst->add_shape(dim);
-      }
-      std::string* bytes = dst->mutable_data();
-      bytes->resize(static_cast<size_t>(config.model.num_heads_total() * max_kept) * row_bytes);
-      GatherKeptRows(*decision, src->data.data(), n_max, row_bytes, max_kept, bytes->data());
-    }
-    decision->seconds.compact =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
-  }
-  decision->seconds.total =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-
-  response->set_session_id(session.id());
-  response->set_step(request.step());
-  DecisionToProto(*decision, prepared->n_max, !request.omit_keep_mask(),
-                  response->mutable_decision());
-  TimingsToProto(decision->seconds, response->mutable_timings());
-  // An answer that cannot be sent must not advance the session: the worker retries the same step.
-  const size_t bytes = response->ByteSizeLong() + 16;  // + the epoch, set below
-  if (bytes > options_.max_message_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the response would be ", bytes, " bytes, above max_message_bytes ",
-        options_.max_message_bytes, "; set omit_keep_mask or send fewer tokens per request"));
-  }
-  if (H2oAccumulator* h2o = session.h2o(); h2o != nullptr) {
-    h2o->Commit(*decision, accumulated, prepared->n_max, request.step());
-  }
-  const Session::CommitResult committed = session.Commit(request.step(), *decision);
-  response->set_epoch(committed.epoch);
-  RecordEvent(session, request.step(), committed, *decision);
+  auto outcome = RunCompressEvent(session, request.step(), *plane, t0);
+  if (!outcome.ok()) return outcome.status();
+  if (arena_answer) AnswerArenaEvent(session, request.step(), *outcome, response);
+  RecordEvent(session, request.step(), outcome->committed, outcome->decision);
   return absl::OkStatus();
-}
-
-absl::Status SidecarService::DoCompressArenas(grpc::ServerContext* context,
-                                              const v1::CompressRequest& request, Session& session,
-                                              SessionArenas& arenas, v1::CompressResponse* response,
-                                              std::chrono::steady_clock::time_point t0) {
-  if (request.has_inline_tensors()) {
-    return absl::FailedPreconditionError(
-        "inline_tensors must be empty for a MEMORY_KIND_HOST_SHM session: the worker writes keys, "
-        "values, queries and lengths into the session's arenas");
-  }
-  if (!request.cuda_event_handle().empty()) {
-    return absl::FailedPreconditionError(
-        "cuda_event_handle must be empty for a MEMORY_KIND_HOST_SHM session");
-  }
-  const auto engine = session.engine();
-  auto in = arenas.Read(request.step(), options_.max_event_bytes);
-  if (!in.ok()) return in.status();
-  if (options_.testing_compress_delay > absl::ZeroDuration()) {
-    absl::SleepFor(options_.testing_compress_delay);
-  }
-  CompressInputs inputs = in->view();
-  inputs.cancelled = [context] { return context != nullptr && context->IsCancelled(); };
-  inputs.max_event_bytes = options_.max_event_bytes;
-  inputs.fields = arenas.advisory()
-                      ? InputFields{"the registered keys", "the registered queries",
-                                    "result arena \"len\"", "h2o_acc arena \"attention\""}
-                      : kArenaFields;
-  std::vector<float> accumulated;
-  H2oAccumulator* h2o = session.h2o();
-  if (h2o != nullptr) {
-    if (auto s = engine->CheckInputs(inputs); !s.ok()) return s;
-    auto acc = h2o->Prepare(inputs, in->attention.empty() ? nullptr : in->attention.data(),
-                            request.step());
-    if (!acc.ok()) return acc.status();
-    accumulated = std::move(acc).value();
-    inputs.accumulated = accumulated.data();
-  }
-  auto decision = engine->Compress(inputs);
-  if (!decision.ok()) return decision.status();
-  if (auto s = arenas.CheckFits(*decision); !s.ok()) return s;
-  if (h2o != nullptr) h2o->Commit(*decision, accumulated, in->n_max, request.step());
-  const Session::CommitResult committed = session.Commit(request.step(), *decision);
-  const auto tc = std::chrono::steady_clock::now();
-  arenas.Apply(*decision, committed.epoch);
-  decision->seconds.compact =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
-  decision->seconds.total =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  AnswerArenaEvent(session, request.step(), committed, *decision, response);
-  return absl::OkStatus();
-}
-
-absl::Status SidecarService::DoCompressCuda(grpc::ServerContext*,
-                                            const v1::CompressRequest& request, Session& session,
-                                            CudaSessionArenas& arenas,
-                                            v1::CompressResponse* response,
-                                            std::chrono::steady_clock::time_point t0) {
-  if (request.has_inline_tensors()) {
-    return absl::FailedPreconditionError(
-        "inline_tensors must be empty for a MEMORY_KIND_CUDA_IPC session: the worker writes keys, "
-        "values, queries and lengths into the session's arenas");
-  }
-  if (options_.testing_compress_delay > absl::ZeroDuration()) {
-    absl::SleepFor(options_.testing_compress_delay);
-  }
-  auto decision = arenas.Compress(request.step(), request.cuda_event_handle());
-  if (!decision.ok()) return decision.status();
-  if (auto s = arenas.CheckFits(*decision); !s.ok()) return s;
-  const auto tc = std::chrono::steady_clock::now();
-  // Compaction can fail (GPU memory for its scratch) and then leaves the session as it was.
-  if (auto s = arenas.Compact(*decision); !s.ok()) return s;
-  decision->seconds.compact =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
-  const Session::CommitResult committed = session.Commit(request.step(), *decision);
-  if (auto s = arenas.Publish(*decision, committed.epoch); !s.ok()) {
-    // Only a device fault gets here: the rows moved but the result block could not be written.
-    return absl::InternalError(
-        absl::StrCat("writing the decision to the CUDA arenas failed: ", s.message()));
-  }
-  decision->seconds.total =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  AnswerArenaEvent(session, request.step(), committed, *decision, response);
-  return absl::OkStatus();
-}
-
-void SidecarService::AnswerArenaEvent(Session& session, int64_t step,
-                                      const Session::CommitResult& committed,
-                                      const Decision& decision, v1::CompressResponse* response) {
-  // The decision itself is in the result arena: the answer stays a few dozen bytes.
-  response->set_session_id(session.id());
-  response->set_step(step);
-  response->set_epoch(committed.epoch);
-  v1::Decision* d = response->mutable_decision();
-  d->set_num_layers(decision.num_layers);
-  d->set_num_kv_heads(decision.num_kv_heads);
-  d->set_evicted_tokens(decision.evicted_tokens);
-  TimingsToProto(decision.seconds, response->mutable_timings());
-  RecordEvent(session, step, committed, decision);
 }
 
 void SidecarService::RecordEvent(const Session& session, int64_t step,

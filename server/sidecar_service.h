@@ -95,18 +95,8 @@ class SidecarService final : public v1::KvSidecar::Service {
   void PublishEvent(const Session& session, int64_t step, uint64_t epoch, const Decision& decision);
   // Metrics and WatchMetrics of a committed event.
   // The answer of a committed shared-memory or CUDA arena event (the decision is in the arena).
-  void AnswerArenaEvent(Session& session, int64_t step, const Session::CommitResult& committed,
-                        const Decision& decision, v1::CompressResponse* response);
   void RecordEvent(const Session& session, int64_t step, const Session::CommitResult& committed,
                    const Decision& decision);
-  absl::Status DoCompressArenas(grpc::ServerContext* context, const v1::CompressRequest& request,
-                                Session& session, SessionArenas& arenas,
-                                v1::CompressResponse* response,
-                                std::chrono::steady_clock::time_point t0);
-  absl::Status DoCompressCuda(grpc::ServerContext* context, const v1::CompressRequest& request,
-                              Session& session, CudaSessionArenas& arenas,
-                              v1::CompressResponse* response,
-                              std::chrono::steady_clock::time_point t0);
   absl::Status DoCompress(grpc::ServerContext* context, const v1::CompressRequest& request,
                           v1::CompressResponse* response);
   grpc::Status Finish(absl::string_view method, const absl::Status& status);

@@ -1,0 +1,262 @@
+#include "server/event_planes.h"
+
+#include <chrono>
+#include <cstring>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/h2o.h"
+#include "server/proto_convert.h"
+
+namespace reasonalloc {
+namespace {
+
+// The worker's accumulated attention of an inline h2o event, [L, Hkv, N] fp32; empty when not
+// sent.
+absl::StatusOr<std::vector<float>> H2oAttention(const v1::InlineTensors& in,
+                                                const SessionConfig& config, int64_t n_max) {
+  constexpr absl::string_view kField = "inline_tensors.attention";
+  auto raw = RawTensorFromProto(in.attention(), in.has_attention(), kField);
+  if (!raw.ok()) return raw.status();
+  if (!raw->present) return std::vector<float>();
+  if (raw->dtype != DType::kFloat32) {
+    return absl::InvalidArgumentError(absl::StrCat(kField, " must be DTYPE_FLOAT32"));
+  }
+  const std::vector<int64_t> want = {config.model.num_layers, config.model.num_kv_heads, n_max};
+  if (raw->shape != want) {
+    return absl::InvalidArgumentError(absl::StrCat(kField, " must have shape [", want[0], ", ",
+                                                   want[1], ", ", want[2], "] (L, Hkv, N)"));
+  }
+  if (auto s = CheckTensorBytes(kField, *raw); !s.ok()) return s;
+  std::vector<float> out(raw->data.size() / sizeof(float));
+  std::memcpy(out.data(), raw->data.data(), raw->data.size());
+  return out;
+}
+
+void SleepForTesting(const PlaneLimits& limits) {
+  if (limits.testing_delay > absl::ZeroDuration()) absl::SleepFor(limits.testing_delay);
+}
+
+// h2o sessions: the accumulator's values for this event (committed with it), handed to the
+// engine through inputs->accumulated.
+absl::Status PrepareH2o(Session& session, const Engine& engine, const float* attention,
+                        int64_t step, CompressInputs* inputs, PlannedEvent* event) {
+  H2oAccumulator* h2o = session.h2o();
+  if (h2o == nullptr) return absl::OkStatus();
+  if (auto s = engine.CheckInputs(*inputs); !s.ok()) return s;
+  auto acc = h2o->Prepare(*inputs, attention, step);
+  if (!acc.ok()) return acc.status();
+  event->accumulated = std::move(acc).value();
+  event->commit_h2o = true;
+  inputs->accumulated = event->accumulated.data();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// ---- MEMORY_KIND_INLINE ----
+
+absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step) {
+  if (!request_.has_inline_tensors()) {
+    return absl::InvalidArgumentError(
+        "inline_tensors is required: the session's memory is MEMORY_KIND_INLINE");
+  }
+  if (!request_.cuda_event_handle().empty()) {
+    return absl::FailedPreconditionError(
+        "cuda_event_handle must be empty for a MEMORY_KIND_INLINE session");
+  }
+  const auto engine = session.engine();  // held: UpdateBudget may replace the session's engine
+  config_ = engine->config();
+  const v1::InlineTensors& in = request_.inline_tensors();
+  auto q =
+      RawTensorFromProto(in.query_window(), in.has_query_window(), "inline_tensors.query_window");
+  if (!q.ok()) return q.status();
+  auto k = RawTensorFromProto(in.keys(), in.has_keys(), "inline_tensors.keys");
+  if (!k.ok()) return k.status();
+  auto v = RawTensorFromProto(in.values(), in.has_values(), "inline_tensors.values");
+  if (!v.ok()) return v.status();
+  keys_ = *k;
+  values_ = *v;
+  auto prepared = PrepareInlineInputs(
+      config_, *q, *k, *v,
+      std::span<const int32_t>(in.lengths().data(), static_cast<size_t>(in.lengths().size())));
+  if (!prepared.ok()) return prepared.status();
+  SleepForTesting(limits_);
+
+  CompressInputs inputs = prepared->view();
+  inputs.cancelled = limits_.cancelled;
+  inputs.max_event_bytes = limits_.max_event_bytes;
+  PlannedEvent event;
+  event.n_max = prepared->n_max;
+  if (session.h2o() != nullptr) {
+    auto attention = H2oAttention(in, config_, prepared->n_max);
+    if (!attention.ok()) return attention.status();
+    if (auto s = PrepareH2o(session, *engine, attention->empty() ? nullptr : attention->data(),
+                            step, &inputs, &event);
+        !s.ok()) {
+      return s;
+    }
+  } else if (in.has_attention()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "inline_tensors.attention is only for h2o sessions; this session's scorer is \"",
+        config_.scorer.name, "\""));
+  }
+  if (session.calibrating()) {
+    // Full cache while calibrating: measure, evict nothing.
+    const auto tc = std::chrono::steady_clock::now();
+    if (auto s = engine->CheckInputs(inputs); !s.ok()) return s;
+    if (auto s = session.ObserveCalibration(step, inputs); !s.ok()) return s;
+    event.decision =
+        KeepAll(config_.model.num_layers, config_.model.num_kv_heads, prepared->lengths);
+    event.decision.seconds.score =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
+    return event;
+  }
+  auto decision = engine->Compress(inputs);
+  if (!decision.ok()) return decision.status();
+  event.decision = std::move(decision).value();
+  return event;
+}
+
+absl::Status InlinePlane::CheckFits(const PlannedEvent&) { return absl::OkStatus(); }
+
+absl::Status InlinePlane::Apply(PlannedEvent& event) {
+  const Decision& decision = event.decision;
+  if (config_.managed) {
+    // The sidecar holds K and V: hand back each head's kept rows, compacted, in their own dtype.
+    const int64_t max_kept = decision.max_kept();
+    const int d = config_.model.head_dim;
+    for (auto [src, dst] : {std::pair{&keys_, response_->mutable_compacted_keys()},
+                            std::pair{&values_, response_->mutable_compacted_values()}}) {
+      const size_t row_bytes = DTypeSize(src->dtype) * static_cast<size_t>(d);
+      dst->set_dtype(DTypeToProto(src->dtype));
+      for (int64_t dim : {int64_t{config_.model.num_layers}, int64_t{config_.model.num_kv_heads},
+                          max_kept, int64_t{d}}) {
+        dst->add_shape(dim);
+      }
+      std::string* bytes = dst->mutable_data();
+      bytes->resize(static_cast<size_t>(config_.model.num_heads_total() * max_kept) * row_bytes);
+      GatherKeptRows(decision, src->data.data(), event.n_max, row_bytes, max_kept, bytes->data());
+    }
+  }
+  response_->set_session_id(request_.session_id());
+  response_->set_step(request_.step());
+  DecisionToProto(decision, event.n_max, !request_.omit_keep_mask(), response_->mutable_decision());
+  // An answer that cannot be sent must not advance the session: the worker retries the same
+  // step. Room is left for the epoch and the timings, set when the event is published.
+  constexpr size_t kEpochAndTimings = 16 + 64;
+  const size_t bytes = response_->ByteSizeLong() + kEpochAndTimings;
+  if (bytes > limits_.max_message_bytes) {
+    response_->Clear();
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the response would be ", bytes, " bytes, above max_message_bytes ",
+        limits_.max_message_bytes, "; set omit_keep_mask or send fewer tokens per request"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status InlinePlane::Publish(const PlannedEvent& event, uint64_t epoch) {
+  TimingsToProto(event.decision.seconds, response_->mutable_timings());
+  response_->set_epoch(epoch);
+  return absl::OkStatus();
+}
+
+// ---- MEMORY_KIND_HOST_SHM ----
+
+absl::StatusOr<PlannedEvent> HostShmPlane::Decide(Session& session, int64_t step) {
+  if (request_.has_inline_tensors()) {
+    return absl::FailedPreconditionError(
+        "inline_tensors must be empty for a MEMORY_KIND_HOST_SHM session: the worker writes keys, "
+        "values, queries and lengths into the session's arenas");
+  }
+  if (!request_.cuda_event_handle().empty()) {
+    return absl::FailedPreconditionError(
+        "cuda_event_handle must be empty for a MEMORY_KIND_HOST_SHM session");
+  }
+  const auto engine = session.engine();
+  auto in = arenas_.Read(step, limits_.max_event_bytes);
+  if (!in.ok()) return in.status();
+  SleepForTesting(limits_);
+  CompressInputs inputs = in->view();
+  inputs.cancelled = limits_.cancelled;
+  inputs.max_event_bytes = limits_.max_event_bytes;
+  inputs.fields = arenas_.advisory()
+                      ? InputFields{"the registered keys", "the registered queries",
+                                    "result arena \"len\"", "h2o_acc arena \"attention\""}
+                      : kArenaFields;
+  PlannedEvent event;
+  event.n_max = in->n_max;
+  if (auto s = PrepareH2o(session, *engine, in->attention.empty() ? nullptr : in->attention.data(),
+                          step, &inputs, &event);
+      !s.ok()) {
+    return s;
+  }
+  auto decision = engine->Compress(inputs);
+  if (!decision.ok()) return decision.status();
+  event.decision = std::move(decision).value();
+  return event;
+}
+
+absl::Status HostShmPlane::CheckFits(const PlannedEvent& event) {
+  return arenas_.CheckFits(event.decision);
+}
+
+absl::Status HostShmPlane::Apply(PlannedEvent& event) {
+  arenas_.Compact(event.decision);
+  return absl::OkStatus();
+}
+
+absl::Status HostShmPlane::Publish(const PlannedEvent& event, uint64_t epoch) {
+  arenas_.Publish(event.decision, epoch);
+  return absl::OkStatus();
+}
+
+// ---- MEMORY_KIND_CUDA_IPC ----
+
+absl::StatusOr<PlannedEvent> CudaPlane::Decide(Session&, int64_t step) {
+  if (request_.has_inline_tensors()) {
+    return absl::FailedPreconditionError(
+        "inline_tensors must be empty for a MEMORY_KIND_CUDA_IPC session: the worker writes keys, "
+        "values, queries and lengths into the session's arenas");
+  }
+  SleepForTesting(limits_);
+  auto decision = arenas_.Compress(step, request_.cuda_event_handle());
+  if (!decision.ok()) return decision.status();
+  PlannedEvent event;
+  event.decision = std::move(decision).value();
+  return event;
+}
+
+absl::Status CudaPlane::CheckFits(const PlannedEvent& event) {
+  return arenas_.CheckFits(event.decision);
+}
+
+absl::Status CudaPlane::Apply(PlannedEvent& event) {
+  // Compaction can fail (GPU memory for its scratch) and then leaves the session as it was.
+  return arenas_.Compact(event.decision);
+}
+
+absl::Status CudaPlane::Publish(const PlannedEvent& event, uint64_t epoch) {
+  if (auto s = arenas_.Publish(event.decision, epoch); !s.ok()) {
+    // Only a device fault gets here: the rows moved but the result block could not be written.
+    return absl::InternalError(
+        absl::StrCat("writing the decision to the CUDA arenas failed: ", s.message()));
+  }
+  return absl::OkStatus();
+}
+
+void AnswerArenaEvent(const Session& session, int64_t step, const EventOutcome& outcome,
+                      v1::CompressResponse* response) {
+  response->set_session_id(session.id());
+  response->set_step(step);
+  response->set_epoch(outcome.committed.epoch);
+  v1::Decision* d = response->mutable_decision();
+  d->set_num_layers(outcome.decision.num_layers);
+  d->set_num_kv_heads(outcome.decision.num_kv_heads);
+  d->set_evicted_tokens(outcome.decision.evicted_tokens);
+  TimingsToProto(outcome.decision.seconds, response->mutable_timings());
+}
+
+}  // namespace reasonalloc

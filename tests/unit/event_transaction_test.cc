@@ -1,0 +1,266 @@
+// The compression event's transaction (server/event_transaction.h), in process: the order of its
+// stages for a scripted plane and for the real inline and host shared-memory planes, and that a
+// failure anywhere between deciding and applying commits nothing, so the same step can be retried.
+// (The CUDA plane runs the same transaction; tests/gpu covers it where a GPU exists.)
+#include "server/event_transaction.h"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/dtype.h"
+#include "core/engine.h"
+#include "server/event_planes.h"
+#include "server/session_arenas.h"
+#include "server/session_registry.h"
+
+namespace reasonalloc {
+namespace {
+
+constexpr int kL = 2, kHkv = 2, kG = 2, kD = 4, kWindow = 2, kBudget = 6, kDelta = 4;
+
+SessionConfig Config(bool managed = true) {
+  SessionConfig c;
+  c.model.name = "test";
+  c.model.num_layers = kL;
+  c.model.num_kv_heads = kHkv;
+  c.model.num_q_heads = kHkv * kG;
+  c.model.head_dim = kD;
+  c.model.dtype = DType::kFloat32;
+  c.model.max_context = 256;
+  c.budget.budget = kBudget;
+  c.budget.buffer = kDelta;
+  c.budget.window = kWindow;
+  c.scorer.name = "snapkv";
+  c.managed = managed;
+  return c;
+}
+
+std::shared_ptr<Session> MakeSession(const SessionConfig& config) {
+  auto engine = Engine::Create(config);
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  return std::make_shared<Session>("s1", std::shared_ptr<const Engine>(std::move(*engine)), 0,
+                                   "test", absl::Minutes(1), "");
+}
+
+// A plane whose stages are scripted: it records the order it is called in and can fail at any
+// stage.
+class ScriptedPlane : public EventPlane {
+ public:
+  explicit ScriptedPlane(std::vector<std::string>* log, std::string fail_at = "")
+      : log_(log), fail_at_(std::move(fail_at)) {}
+  absl::StatusOr<PlannedEvent> Decide(Session& session, int64_t) override {
+    log_->push_back(absl::StrCat("decide@", session.Snapshot().epoch));
+    if (fail_at_ == "decide") return absl::InvalidArgumentError("decide failed");
+    PlannedEvent e;
+    e.decision = KeepAll(kL, kHkv, std::vector<int32_t>(kL * kHkv, 3));
+    return e;
+  }
+  absl::Status CheckFits(const PlannedEvent&) override {
+    log_->push_back("fits");
+    return fail_at_ == "fits" ? absl::ResourceExhaustedError("does not fit") : absl::OkStatus();
+  }
+  absl::Status Apply(PlannedEvent&) override {
+    log_->push_back("apply");
+    return fail_at_ == "apply" ? absl::ResourceExhaustedError("apply failed") : absl::OkStatus();
+  }
+  absl::Status Publish(const PlannedEvent&, uint64_t epoch) override {
+    log_->push_back(absl::StrCat("publish@", epoch));
+    return absl::OkStatus();
+  }
+
+ private:
+  std::vector<std::string>* log_;
+  std::string fail_at_;
+};
+
+// Wraps a real plane and fails once at `fail_at` ("fits" or "apply": before the real stage runs).
+class FailOnce : public EventPlane {
+ public:
+  FailOnce(EventPlane* inner, std::string fail_at) : inner_(inner), fail_at_(std::move(fail_at)) {}
+  absl::StatusOr<PlannedEvent> Decide(Session& s, int64_t step) override {
+    return inner_->Decide(s, step);
+  }
+  absl::Status CheckFits(const PlannedEvent& e) override {
+    if (fail_at_ == "fits") return absl::ResourceExhaustedError("injected: fits");
+    return inner_->CheckFits(e);
+  }
+  absl::Status Apply(PlannedEvent& e) override {
+    if (fail_at_ == "apply") return absl::InternalError("injected: apply");
+    return inner_->Apply(e);
+  }
+  absl::Status Publish(const PlannedEvent& e, uint64_t epoch) override {
+    return inner_->Publish(e, epoch);
+  }
+
+ private:
+  EventPlane* inner_;
+  std::string fail_at_;
+};
+
+const auto kT0 = std::chrono::steady_clock::now();
+
+PlaneLimits MessageLimit(uint64_t bytes) {
+  PlaneLimits limits;
+  limits.max_message_bytes = bytes;
+  return limits;
+}
+
+TEST(EventTransaction, RunsDecideFitsApplyCommitPublishInOrder) {
+  auto session = MakeSession(Config());
+  std::vector<std::string> log;
+  ScriptedPlane plane(&log);
+  auto out = RunCompressEvent(*session, 5, plane, kT0);
+  ASSERT_TRUE(out.ok()) << out.status();
+  // Decided before the commit (epoch 0), published after it with the new epoch.
+  EXPECT_EQ(log, (std::vector<std::string>{"decide@0", "fits", "apply", "publish@1"}));
+  EXPECT_EQ(out->committed.epoch, 1u);
+  EXPECT_EQ(session->Snapshot().last_step, 5);
+  EXPECT_GT(out->decision.seconds.total, 0.0);
+}
+
+TEST(EventTransaction, AFailureBeforeTheCommitLeavesTheStepRetryable) {
+  for (const std::string stage : {"decide", "fits", "apply"}) {
+    SCOPED_TRACE(stage);
+    auto session = MakeSession(Config());
+    std::vector<std::string> log;
+    ScriptedPlane failing(&log, stage);
+    auto out = RunCompressEvent(*session, 7, failing, kT0);
+    ASSERT_FALSE(out.ok());
+    EXPECT_EQ(log.back().rfind("publish", 0), std::string::npos) << "published after a failure";
+    EXPECT_EQ(session->Snapshot().last_step, -1);
+    EXPECT_EQ(session->Snapshot().epoch, 0u);
+    ScriptedPlane ok(&log);
+    auto retry = RunCompressEvent(*session, 7, ok, kT0);
+    ASSERT_TRUE(retry.ok()) << retry.status();
+    EXPECT_EQ(retry->committed.epoch, 1u);
+  }
+}
+
+TEST(EventTransaction, StepAndGuardAreCheckedBeforeAnythingIsRead) {
+  auto session = MakeSession(Config());
+  std::vector<std::string> log;
+  ScriptedPlane plane(&log);
+  ASSERT_TRUE(RunCompressEvent(*session, 3, plane, kT0).ok());
+  log.clear();
+  auto again = RunCompressEvent(*session, 3, plane, kT0);
+  EXPECT_EQ(again.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_TRUE(log.empty());
+  auto guard = session->BeginCompress();
+  ASSERT_TRUE(guard.ok());
+  auto busy = RunCompressEvent(*session, 4, plane, kT0);
+  EXPECT_EQ(busy.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_NE(busy.status().message().find("in progress"), std::string::npos) << busy.status();
+  EXPECT_TRUE(log.empty());
+}
+
+// An inline request of N rows per head, every value finite.
+v1::CompressRequest InlineRequest(int64_t step, int n) {
+  v1::CompressRequest r;
+  r.set_session_id("s1");
+  r.set_step(step);
+  auto tensor = [](v1::Tensor* t, std::vector<int64_t> shape, float base) {
+    t->set_dtype(v1::DTYPE_FLOAT32);
+    int64_t count = 1;
+    for (int64_t s : shape) {
+      t->add_shape(s);
+      count *= s;
+    }
+    std::vector<float> v(static_cast<size_t>(count));
+    for (size_t i = 0; i < v.size(); ++i) v[i] = base + 0.01f * static_cast<float>(i % 97);
+    t->set_data(std::string(reinterpret_cast<const char*>(v.data()), v.size() * sizeof(float)));
+  };
+  auto* in = r.mutable_inline_tensors();
+  tensor(in->mutable_query_window(), {kL, kHkv * kG, kWindow, kD}, 0.5f);
+  tensor(in->mutable_keys(), {kL, kHkv, n, kD}, 0.1f);
+  tensor(in->mutable_values(), {kL, kHkv, n, kD}, 0.2f);
+  return r;
+}
+
+TEST(EventTransaction, InlinePlaneCommitsNothingWhenTheAnswerDoesNotFit) {
+  auto session = MakeSession(Config());
+  const v1::CompressRequest request = InlineRequest(0, 12);
+  for (const std::string fail_at : {"fits", "apply"}) {
+    SCOPED_TRACE(fail_at);
+    v1::CompressResponse response;
+    InlinePlane inline_plane(request, &response, MessageLimit(1 << 20));
+    FailOnce plane(&inline_plane, fail_at);
+    ASSERT_FALSE(RunCompressEvent(*session, 0, plane, kT0).ok());
+    EXPECT_EQ(session->Snapshot().epoch, 0u);
+  }
+  // The real plane's own refusal: an answer above max_message_bytes.
+  v1::CompressResponse small;
+  InlinePlane too_small(request, &small, MessageLimit(64));
+  auto refused = RunCompressEvent(*session, 0, too_small, kT0);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("max_message_bytes"), std::string::npos);
+  EXPECT_EQ(small.ByteSizeLong(), 0u) << "a refused answer must not carry a partial response";
+  EXPECT_EQ(session->Snapshot().last_step, -1);
+  // The same step, retried with room: committed, compacted rows returned.
+  v1::CompressResponse response;
+  InlinePlane plane(request, &response, MessageLimit(1 << 20));
+  auto out = RunCompressEvent(*session, 0, plane, kT0);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(response.epoch(), 1u);
+  EXPECT_EQ(response.decision().num_layers(), kL);
+  EXPECT_EQ(response.compacted_keys().shape(2), out->decision.max_kept());
+  EXPECT_GT(response.timings().total_seconds(), 0.0);
+}
+
+TEST(EventTransaction, HostShmPlaneCommitsNothingBeforeApplyAndPublishesTheEpochLast) {
+  const SessionConfig config = Config();
+  auto session = MakeSession(config);
+  auto arenas_or = SessionArenas::Create(config);
+  ASSERT_TRUE(arenas_or.ok()) << arenas_or.status();
+  SessionArenas& arenas = **arenas_or;
+  // The worker's side, written through the arenas' own memory: every head full to its capacity
+  // with finite keys, the query ring filled.
+  const SessionLayout layout = MakeSessionLayout(config);
+  unsigned char* kv = arenas.DataForTest("kv");
+  unsigned char* ring = arenas.DataForTest("query_ring");
+  unsigned char* result = arenas.DataForTest("result");
+  ASSERT_NE(kv, nullptr);
+  ASSERT_NE(ring, nullptr);
+  ASSERT_NE(result, nullptr);
+  auto fill = [](unsigned char* p, uint64_t bytes, float base_value) {
+    std::vector<float> v(bytes / sizeof(float));
+    for (size_t i = 0; i < v.size(); ++i) v[i] = base_value + 0.01f * static_cast<float>(i % 89);
+    std::memcpy(p, v.data(), v.size() * sizeof(float));
+  };
+  fill(kv + layout.kv.Get("k").byte_offset, layout.kv.Get("k").byte_length, 0.1f);
+  fill(kv + layout.kv.Get("v").byte_offset, layout.kv.Get("v").byte_length, 0.2f);
+  fill(ring + layout.query_ring.Get("q").byte_offset, layout.query_ring.Get("q").byte_length, 0.5f);
+  auto* len = reinterpret_cast<int32_t*>(result + layout.result.Get("len").byte_offset);
+  auto* epoch = reinterpret_cast<uint64_t*>(result + layout.result.Get("epoch").byte_offset);
+  for (int i = 0; i < kL * kHkv; ++i) len[i] = kBudget + kDelta;
+  const std::vector<unsigned char> kv_before(kv, kv + layout.kv.bytes);
+
+  v1::CompressRequest request;
+  request.set_session_id("s1");
+  request.set_step(kWindow);
+  for (const std::string fail_at : {"fits", "apply"}) {
+    SCOPED_TRACE(fail_at);
+    HostShmPlane host(request, arenas, {});
+    FailOnce plane(&host, fail_at);
+    ASSERT_FALSE(RunCompressEvent(*session, kWindow, plane, kT0).ok());
+    EXPECT_EQ(session->Snapshot().epoch, 0u);
+    EXPECT_EQ(*epoch, 0u);
+    EXPECT_EQ(len[0], kBudget + kDelta) << "the result block changed before the commit";
+    EXPECT_EQ(std::memcmp(kv, kv_before.data(), kv_before.size()), 0) << "rows moved";
+  }
+  HostShmPlane plane(request, arenas, {});
+  auto out = RunCompressEvent(*session, kWindow, plane, kT0);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->committed.epoch, 1u);
+  EXPECT_EQ(*epoch, 1u);
+  for (int i = 0; i < kL * kHkv; ++i) EXPECT_EQ(len[i], out->decision.kept_lengths[i]);
+  EXPECT_LE(len[0], kBudget);
+}
+
+}  // namespace
+}  // namespace reasonalloc
