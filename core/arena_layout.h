@@ -2,21 +2,22 @@
 // the in-place operations on them. Pure arithmetic and memory moves: the server maps the bytes
 // (host shared memory now, CUDA later) and the clients read the same descriptors.
 //
-//   kv          "k" and "v": [rows, d] in the model's dtype, rows = L·Hkv·(B + Δ). Heads are
-//               flattened varlen: head i (= l·Hkv + h) owns rows [offset[i], offset[i] +
-//               capacity[i]) with capacity[i] = budget[i] + Δ, so Σ capacity ≤ rows whatever the
-//               allocator does.
-//   query_ring  "q": [L, Hq, α, d] in the model's dtype; the query of decode step s is in slot s
-//   mod α. result      "len" int32 [L·Hkv] (the worker sets each head's live rows before Compress;
-//   the
-//               sidecar sets the kept count after), "offset" int64 [L·Hkv], "capacity" int32
-//               [L·Hkv], "budget" int32 [L·Hkv], "keep_mask" uint64 [L·Hkv, words] (pre-event
-//               positions), "epoch" uint64 [1], written last.
-//   h2o_acc     (h2o sessions) "attention" fp32 [rows], aligned with the rows of "k": the worker
-//   may
-//               add each decode step's attention (group mean) to its live tokens' rows and set
-//               "present" uint64 [1] to 1 before Compress; the sidecar then uses it instead of the
-//               window queries (InlineTensors.attention's meaning) and zeroes both after the event.
+// kv: "k" and "v", [rows, d] in the model's dtype, rows = L·Hkv·(B + Δ). Heads are flattened
+// varlen: head i (= l·Hkv + h) owns rows [offset[i], offset[i] + capacity[i]) with capacity[i] =
+// budget[i] + Δ, so Σ capacity ≤ rows whatever the allocator does.
+//
+// query_ring: "q", [L, Hq, α, d] in the model's dtype; the query of decode step s is in slot
+// s mod α.
+//
+// result: "len" int32 [L·Hkv] (the worker sets each head's live rows before Compress; the sidecar
+// sets the kept count after), "offset" int64 [L·Hkv], "capacity" int32 [L·Hkv], "budget" int32
+// [L·Hkv], "keep_mask" uint64 [L·Hkv, words] (pre-event positions), "epoch" uint64 [1], written
+// last.
+//
+// h2o_acc (h2o sessions): "attention" fp32 [rows], aligned with the rows of "k": the worker may add
+// each decode step's attention (group mean) to its live tokens' rows and set "present" uint64 [1]
+// to 1 before Compress; the sidecar then uses it instead of the window queries
+// (InlineTensors.attention's meaning) and zeroes both after the event.
 #ifndef REASONALLOC_CORE_ARENA_LAYOUT_H_
 #define REASONALLOC_CORE_ARENA_LAYOUT_H_
 

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/h2o.h"
+#include "core/status_macros.h"
 #include "server/proto_convert.h"
 
 namespace reasonalloc {
@@ -18,8 +19,9 @@ namespace {
 absl::StatusOr<std::vector<float>> H2oAttention(const v1::InlineTensors& in,
                                                 const SessionConfig& config, int64_t n_max) {
   constexpr absl::string_view kField = "inline_tensors.attention";
-  auto raw = RawTensorFromProto(in.attention(), in.has_attention(), kField);
-  if (!raw.ok()) return raw.status();
+  ASSIGN_OR_RETURN(const RawTensor raw_tensor,
+                   RawTensorFromProto(in.attention(), in.has_attention(), kField));
+  const RawTensor* raw = &raw_tensor;
   if (!raw->present) return std::vector<float>();
   if (raw->dtype != DType::kFloat32) {
     return absl::InvalidArgumentError(absl::StrCat(kField, " must be DTYPE_FLOAT32"));
@@ -29,7 +31,7 @@ absl::StatusOr<std::vector<float>> H2oAttention(const v1::InlineTensors& in,
     return absl::InvalidArgumentError(absl::StrCat(kField, " must have shape [", want[0], ", ",
                                                    want[1], ", ", want[2], "] (L, Hkv, N)"));
   }
-  if (auto s = CheckTensorBytes(kField, *raw); !s.ok()) return s;
+  RETURN_IF_ERROR(CheckTensorBytes(kField, *raw));
   std::vector<float> out(raw->data.size() / sizeof(float));
   std::memcpy(out.data(), raw->data.data(), raw->data.size());
   return out;
@@ -45,10 +47,8 @@ absl::Status PrepareH2o(Session& session, const Engine& engine, const float* att
                         int64_t step, CompressInputs* inputs, PlannedEvent* event) {
   H2oAccumulator* h2o = session.h2o();
   if (h2o == nullptr) return absl::OkStatus();
-  if (auto s = engine.CheckInputs(*inputs); !s.ok()) return s;
-  auto acc = h2o->Prepare(*inputs, attention, step);
-  if (!acc.ok()) return acc.status();
-  event->accumulated = std::move(acc).value();
+  RETURN_IF_ERROR(engine.CheckInputs(*inputs));
+  ASSIGN_OR_RETURN(event->accumulated, h2o->Prepare(*inputs, attention, step));
   event->commit_h2o = true;
   inputs->accumulated = event->accumulated.data();
   return absl::OkStatus();
@@ -70,19 +70,17 @@ absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step)
   const auto engine = session.engine();  // held: UpdateBudget may replace the session's engine
   config_ = engine->config();
   const v1::InlineTensors& in = request_.inline_tensors();
-  auto q =
-      RawTensorFromProto(in.query_window(), in.has_query_window(), "inline_tensors.query_window");
-  if (!q.ok()) return q.status();
-  auto k = RawTensorFromProto(in.keys(), in.has_keys(), "inline_tensors.keys");
-  if (!k.ok()) return k.status();
-  auto v = RawTensorFromProto(in.values(), in.has_values(), "inline_tensors.values");
-  if (!v.ok()) return v.status();
-  keys_ = *k;
-  values_ = *v;
-  auto prepared = PrepareInlineInputs(
-      config_, *q, *k, *v,
-      std::span<const int32_t>(in.lengths().data(), static_cast<size_t>(in.lengths().size())));
-  if (!prepared.ok()) return prepared.status();
+  ASSIGN_OR_RETURN(const RawTensor q, RawTensorFromProto(in.query_window(), in.has_query_window(),
+                                                         "inline_tensors.query_window"));
+  ASSIGN_OR_RETURN(keys_, RawTensorFromProto(in.keys(), in.has_keys(), "inline_tensors.keys"));
+  ASSIGN_OR_RETURN(values_,
+                   RawTensorFromProto(in.values(), in.has_values(), "inline_tensors.values"));
+  ASSIGN_OR_RETURN(
+      const PreparedInputs prepared_inputs,
+      PrepareInlineInputs(
+          config_, q, keys_, values_,
+          std::span<const int32_t>(in.lengths().data(), static_cast<size_t>(in.lengths().size()))));
+  const PreparedInputs* prepared = &prepared_inputs;
   SleepForTesting(limits_);
 
   CompressInputs inputs = prepared->view();
@@ -91,13 +89,10 @@ absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step)
   PlannedEvent event;
   event.n_max = prepared->n_max;
   if (session.h2o() != nullptr) {
-    auto attention = H2oAttention(in, config_, prepared->n_max);
-    if (!attention.ok()) return attention.status();
-    if (auto s = PrepareH2o(session, *engine, attention->empty() ? nullptr : attention->data(),
-                            step, &inputs, &event);
-        !s.ok()) {
-      return s;
-    }
+    ASSIGN_OR_RETURN(const std::vector<float> attention,
+                     H2oAttention(in, config_, prepared->n_max));
+    RETURN_IF_ERROR(PrepareH2o(session, *engine, attention.empty() ? nullptr : attention.data(),
+                               step, &inputs, &event));
   } else if (in.has_attention()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "inline_tensors.attention is only for h2o sessions; this session's scorer is \"",
@@ -106,17 +101,15 @@ absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step)
   if (session.calibrating()) {
     // Full cache while calibrating: measure, evict nothing.
     const auto tc = std::chrono::steady_clock::now();
-    if (auto s = engine->CheckInputs(inputs); !s.ok()) return s;
-    if (auto s = session.ObserveCalibration(step, inputs); !s.ok()) return s;
+    RETURN_IF_ERROR(engine->CheckInputs(inputs));
+    RETURN_IF_ERROR(session.ObserveCalibration(step, inputs));
     event.decision =
         KeepAll(config_.model.num_layers, config_.model.num_kv_heads, prepared->lengths);
     event.decision.seconds.score =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
     return event;
   }
-  auto decision = engine->Compress(inputs);
-  if (!decision.ok()) return decision.status();
-  event.decision = std::move(decision).value();
+  ASSIGN_OR_RETURN(event.decision, engine->Compress(inputs));
   return event;
 }
 
@@ -176,8 +169,8 @@ absl::StatusOr<PlannedEvent> HostShmPlane::Decide(Session& session, int64_t step
         "cuda_event_handle must be empty for a MEMORY_KIND_HOST_SHM session");
   }
   const auto engine = session.engine();
-  auto in = arenas_.Read(step, limits_.max_event_bytes);
-  if (!in.ok()) return in.status();
+  ASSIGN_OR_RETURN(ArenaInputs arena_inputs, arenas_.Read(step, limits_.max_event_bytes));
+  const ArenaInputs* in = &arena_inputs;
   SleepForTesting(limits_);
   CompressInputs inputs = in->view();
   inputs.cancelled = limits_.cancelled;
@@ -188,14 +181,10 @@ absl::StatusOr<PlannedEvent> HostShmPlane::Decide(Session& session, int64_t step
                       : kArenaFields;
   PlannedEvent event;
   event.n_max = in->n_max;
-  if (auto s = PrepareH2o(session, *engine, in->attention.empty() ? nullptr : in->attention.data(),
-                          step, &inputs, &event);
-      !s.ok()) {
-    return s;
-  }
-  auto decision = engine->Compress(inputs);
-  if (!decision.ok()) return decision.status();
-  event.decision = std::move(decision).value();
+  RETURN_IF_ERROR(PrepareH2o(session, *engine,
+                             in->attention.empty() ? nullptr : in->attention.data(), step, &inputs,
+                             &event));
+  ASSIGN_OR_RETURN(event.decision, engine->Compress(inputs));
   return event;
 }
 
@@ -222,10 +211,8 @@ absl::StatusOr<PlannedEvent> CudaPlane::Decide(Session&, int64_t step) {
         "values, queries and lengths into the session's arenas");
   }
   SleepForTesting(limits_);
-  auto decision = arenas_.Compress(step, request_.cuda_event_handle());
-  if (!decision.ok()) return decision.status();
   PlannedEvent event;
-  event.decision = std::move(decision).value();
+  ASSIGN_OR_RETURN(event.decision, arenas_.Compress(step, request_.cuda_event_handle()));
   return event;
 }
 

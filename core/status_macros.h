@@ -1,0 +1,31 @@
+// Early returns on error for absl::Status and absl::StatusOr.
+//
+//   RETURN_IF_ERROR(Check(x));                 // returns the status when it is not OK
+//   ASSIGN_OR_RETURN(auto value, Compute(x));  // returns the status, else moves the value out
+#ifndef REASONALLOC_CORE_STATUS_MACROS_H_
+#define REASONALLOC_CORE_STATUS_MACROS_H_
+
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+#define REASONALLOC_STATUS_CONCAT_INNER(a, b) a##b
+#define REASONALLOC_STATUS_CONCAT(a, b) REASONALLOC_STATUS_CONCAT_INNER(a, b)
+
+#define RETURN_IF_ERROR(expr)                                                         \
+  do {                                                                                \
+    if (const ::absl::Status reasonalloc_status_ = (expr); !reasonalloc_status_.ok()) \
+      return reasonalloc_status_;                                                     \
+  } while (false)
+
+#define ASSIGN_OR_RETURN(lhs, rexpr)                                                            \
+  REASONALLOC_ASSIGN_OR_RETURN_IMPL(REASONALLOC_STATUS_CONCAT(reasonalloc_statusor_, __LINE__), \
+                                    lhs, rexpr)
+
+#define REASONALLOC_ASSIGN_OR_RETURN_IMPL(statusor, lhs, rexpr) \
+  auto statusor = (rexpr);                                      \
+  if (!statusor.ok()) return std::move(statusor).status();      \
+  lhs = std::move(statusor).value()
+
+#endif  // REASONALLOC_CORE_STATUS_MACROS_H_
