@@ -29,9 +29,10 @@ class ABSL_LOCKABLE Mutex {
 
   void Lock() ABSL_EXCLUSIVE_LOCK_FUNCTION() { mu_.lock(); }
   void Unlock() ABSL_UNLOCK_FUNCTION() {
-    const bool wake = waiters_ > 0;
+    // Notified with the lock held: a woken waiter may destroy this Mutex (a Notification on its
+    // stack) as soon as it can lock it, so nothing here may touch the mutex after unlock().
+    if (waiters_ > 0) cv_.notify_all();
     mu_.unlock();
-    if (wake) cv_.notify_all();
   }
 
   // Blocks (lock held on entry and on return) until cond() is true or `deadline` passes; returns
@@ -40,6 +41,8 @@ class ABSL_LOCKABLE Mutex {
   bool AwaitWithDeadline(Cond cond, absl::Time deadline)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(this) ABSL_NO_THREAD_SAFETY_ANALYSIS {
     std::unique_lock<std::mutex> lock(mu_, std::adopt_lock);
+    // The caller may have changed the state other waiters wait on: they re-check it too.
+    if (waiters_ > 0) cv_.notify_all();
     ++waiters_;
     bool ok = cond();
     while (!ok && absl::Now() < deadline) {

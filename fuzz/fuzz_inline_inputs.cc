@@ -56,8 +56,7 @@ OwnedTensor PickTensor(FuzzedDataProvider& in, const std::vector<int64_t>& natur
                        ? static_cast<size_t>(want)
                        : in.ConsumeIntegralInRange<size_t>(0, 1 << 16);
   t.bytes = in.ConsumeBytesAsString(n);
-  t.raw.data = t.bytes;
-  return t;
+  return t;  // raw.data is set by the caller, once the bytes no longer move
 }
 
 }  // namespace
@@ -80,10 +79,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!reasonalloc::ValidateSessionConfig(config).ok()) return 0;
 
   const int64_t n = in.ConsumeIntegralInRange<int64_t>(1, m.max_context);
-  const OwnedTensor q =
-      PickTensor(in, {m.num_layers, m.num_q_heads, config.budget.window, m.head_dim});
-  const OwnedTensor k = PickTensor(in, {m.num_layers, m.num_kv_heads, n, m.head_dim});
-  const OwnedTensor v = PickTensor(in, {m.num_layers, m.num_kv_heads, n, m.head_dim});
+  OwnedTensor q = PickTensor(in, {m.num_layers, m.num_q_heads, config.budget.window, m.head_dim});
+  OwnedTensor k = PickTensor(in, {m.num_layers, m.num_kv_heads, n, m.head_dim});
+  OwnedTensor v = PickTensor(in, {m.num_layers, m.num_kv_heads, n, m.head_dim});
+  for (OwnedTensor* t : {&q, &k, &v}) t->raw.data = t->bytes;
   std::vector<int32_t> lengths;
   if (in.ConsumeBool()) {
     const int count =

@@ -76,11 +76,11 @@ absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step)
   ASSIGN_OR_RETURN(values_,
                    RawTensorFromProto(in.values(), in.has_values(), "inline_tensors.values"));
   ASSIGN_OR_RETURN(
-      const PreparedInputs prepared_inputs,
+      prepared_,
       PrepareInlineInputs(
           config_, q, keys_, values_,
           std::span<const int32_t>(in.lengths().data(), static_cast<size_t>(in.lengths().size()))));
-  const PreparedInputs* prepared = &prepared_inputs;
+  const PreparedInputs* prepared = &prepared_;
   SleepForTesting(limits_);
 
   CompressInputs inputs = prepared->view();
@@ -99,14 +99,13 @@ absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step)
         config_.scorer.name, "\""));
   }
   if (session.calibrating()) {
-    // Full cache while calibrating: measure, evict nothing.
-    const auto tc = std::chrono::steady_clock::now();
+    // Full cache while calibrating: evict nothing; the measurement is taken in Apply, the last
+    // stage that may fail, so a refused event records no sample and a retried step only one.
     RETURN_IF_ERROR(engine->CheckInputs(inputs));
-    RETURN_IF_ERROR(session.ObserveCalibration(step, inputs));
+    calibrating_session_ = &session;
+    step_ = step;
     event.decision =
         KeepAll(config_.model.num_layers, config_.model.num_kv_heads, prepared->lengths);
-    event.decision.seconds.score =
-        std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
     return event;
   }
   ASSIGN_OR_RETURN(event.decision, engine->Compress(inputs));
@@ -116,7 +115,7 @@ absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step)
 absl::Status InlinePlane::CheckFits(const PlannedEvent&) { return absl::OkStatus(); }
 
 absl::Status InlinePlane::Apply(PlannedEvent& event) {
-  const Decision& decision = event.decision;
+  Decision& decision = event.decision;
   if (config_.managed) {
     // The sidecar holds K and V: hand back each head's kept rows, compacted, in their own dtype.
     const int64_t max_kept = decision.max_kept();
@@ -146,6 +145,18 @@ absl::Status InlinePlane::Apply(PlannedEvent& event) {
     return absl::ResourceExhaustedError(absl::StrCat(
         "the response would be ", bytes, " bytes, above max_message_bytes ",
         limits_.max_message_bytes, "; set omit_keep_mask or send fewer tokens per request"));
+  }
+  if (calibrating_session_ != nullptr) {
+    const auto tc = std::chrono::steady_clock::now();
+    CompressInputs inputs = prepared_.view();
+    inputs.cancelled = limits_.cancelled;
+    inputs.max_event_bytes = limits_.max_event_bytes;
+    if (absl::Status s = calibrating_session_->ObserveCalibration(step_, inputs); !s.ok()) {
+      response_->Clear();
+      return s;
+    }
+    event.decision.seconds.score +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
   }
   return absl::OkStatus();
 }

@@ -41,6 +41,9 @@ class InlinePlane : public EventPlane {
   PlaneLimits limits_;
   SessionConfig config_;
   RawTensor keys_, values_;
+  PreparedInputs prepared_;
+  Session* calibrating_session_ = nullptr;  // set by Decide: measure in Apply
+  int64_t step_ = 0;
 };
 
 // MEMORY_KIND_HOST_SHM: keys, queries and lengths in the session's shared-memory arenas (or, for

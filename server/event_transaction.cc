@@ -14,8 +14,9 @@ double SecondsSince(std::chrono::steady_clock::time_point t) {
 
 }  // namespace
 
-absl::StatusOr<EventOutcome> RunCompressEvent(Session& session, int64_t step, EventPlane& plane,
-                                              std::chrono::steady_clock::time_point t0) {
+absl::StatusOr<EventOutcome> RunCompressEvent(
+    Session& session, int64_t step, EventPlane& plane, std::chrono::steady_clock::time_point t0,
+    const std::function<void(const EventOutcome&)>& record) {
   ASSIGN_OR_RETURN(const Session::CompressGuard guard, session.BeginCompress());
   RETURN_IF_ERROR(session.CheckStep(step));
   ASSIGN_OR_RETURN(PlannedEvent event, plane.Decide(session, step));
@@ -31,6 +32,7 @@ absl::StatusOr<EventOutcome> RunCompressEvent(Session& session, int64_t step, Ev
   event.decision.seconds.total = SecondsSince(t0);
   RETURN_IF_ERROR(plane.Publish(event, out.committed.epoch));
   out.decision = std::move(event.decision);
+  if (record) record(out);
   return out;
 }
 

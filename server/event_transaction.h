@@ -7,14 +7,16 @@
 //
 //   guard → step → decide (read + engine) → fits → apply → commit → publish
 //
-// Nothing the session or the worker can observe changes before apply, and apply either succeeds
-// or leaves the session's memory as it was; so any failure up to and including apply leaves the
-// session uncommitted (same step, same epoch) and the caller may retry the same step.
+// Nothing the session or the worker can observe changes before apply (a calibrating session's
+// measurement is taken in apply, after every check), and apply either succeeds or leaves the
+// session's memory as it was; so any failure up to and including apply leaves the session
+// uncommitted (same step, same epoch, no calibration sample) and the caller may retry the step.
 #ifndef REASONALLOC_SERVER_EVENT_TRANSACTION_H_
 #define REASONALLOC_SERVER_EVENT_TRANSACTION_H_
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -53,9 +55,12 @@ struct EventOutcome {
 };
 
 // Runs one event on `session` through `plane` in the order above. `t0` starts the event's total
-// time (the service passes the time the call arrived).
-absl::StatusOr<EventOutcome> RunCompressEvent(Session& session, int64_t step, EventPlane& plane,
-                                              std::chrono::steady_clock::time_point t0);
+// time (the service passes the time the call arrived). `record`, when given, runs after publish
+// while the session's compress guard is still held, so events are recorded (metrics,
+// WatchMetrics) in the order they were committed.
+absl::StatusOr<EventOutcome> RunCompressEvent(
+    Session& session, int64_t step, EventPlane& plane, std::chrono::steady_clock::time_point t0,
+    const std::function<void(const EventOutcome&)>& record = nullptr);
 
 }  // namespace reasonalloc
 

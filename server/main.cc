@@ -136,9 +136,9 @@ int main(int argc, char** argv) {
   if (const int rc = reasonalloc::MaybePrintHelp(argc, argv, help, std::cout, std::cerr); rc >= 0) {
     return rc;
   }
-  // SIGTERM/SIGINT go through a self-pipe: libraries start threads before main (OpenBLAS does), so
-  // blocking the signals here could not cover every thread, while a handler works whichever thread
-  // receives them.
+  // SIGTERM/SIGINT go through a handler and a self-pipe: a thread a library started before main
+  // keeps them unblocked (the mask below covers only threads started after it), and the handler
+  // works whichever thread receives them.
   if (pipe2(g_signal_pipe, O_CLOEXEC) != 0) {
     std::cerr << "reasonalloc-server: pipe2 failed\n";
     return 1;
@@ -295,7 +295,12 @@ int main(int argc, char** argv) {
         _exit(1);
       }
       spdlog::info("received {}", name);
-      drainer = std::thread([s] { s->Drain(); });
+      drainer = std::thread([s, &drain_signals] {
+        // The drain's own threads (and gRPC's during Shutdown) inherit this mask, so a second
+        // signal reaches the signal thread, never a thread asleep in gRPC.
+        pthread_sigmask(SIG_BLOCK, &drain_signals, nullptr);
+        s->Drain();
+      });
     }
   });
   (*server)->Start();

@@ -491,11 +491,14 @@ absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
     plane = std::make_unique<InlinePlane>(request, response, std::move(limits));
     arena_answer = false;
   }
-  auto outcome = RunCompressEvent(session, request.step(), *plane, t0);
-  if (!outcome.ok()) return outcome.status();
-  if (arena_answer) AnswerArenaEvent(session, request.step(), *outcome, response);
-  RecordEvent(session, request.step(), outcome->committed, outcome->decision);
-  return absl::OkStatus();
+  return RunCompressEvent(session, request.step(), *plane, t0,
+                          [&](const EventOutcome& outcome) {
+                            if (arena_answer)
+                              AnswerArenaEvent(session, request.step(), outcome, response);
+                            RecordEvent(session, request.step(), outcome.committed,
+                                        outcome.decision);
+                          })
+      .status();
 }
 
 void SidecarService::RecordEvent(const Session& session, int64_t step,

@@ -212,6 +212,54 @@ TEST(EventTransaction, InlinePlaneCommitsNothingWhenTheAnswerDoesNotFit) {
   EXPECT_GT(response.timings().total_seconds(), 0.0);
 }
 
+TEST(EventTransaction, ACalibrationSampleIsTakenOnlyWhenTheEventCommits) {
+  auto session = MakeSession(Config());
+  ASSERT_TRUE(session->StartCalibration(0.9, 1).ok());
+  auto samples = [&] {
+    int64_t total = 0;
+    for (int64_t s : session->CalibrationSamples()) total += s;
+    return total;
+  };
+  const v1::CompressRequest request = InlineRequest(0, 12);
+  v1::CompressResponse small;
+  InlinePlane refused(request, &small, MessageLimit(64));
+  ASSERT_FALSE(RunCompressEvent(*session, 0, refused, kT0).ok());
+  EXPECT_EQ(samples(), 0) << "a refused event recorded a sample";
+  v1::CompressResponse response;
+  InlinePlane plane(request, &response, MessageLimit(1 << 20));
+  auto out = RunCompressEvent(*session, 0, plane, kT0);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->decision.evicted_tokens, 0);
+  const int64_t one_event = samples();
+  EXPECT_GT(one_event, 0) << "the committed step was not measured";
+  // The next step refused again: still only the committed step's samples.
+  const v1::CompressRequest next = InlineRequest(1, 12);
+  v1::CompressResponse next_small;
+  InlinePlane next_refused(next, &next_small, MessageLimit(64));
+  ASSERT_FALSE(RunCompressEvent(*session, 1, next_refused, kT0).ok());
+  EXPECT_EQ(samples(), one_event);
+}
+
+TEST(EventTransaction, TheRecordCallbackRunsOnceAfterPublishUnderTheGuard) {
+  auto session = MakeSession(Config());
+  std::vector<std::string> log;
+  ScriptedPlane plane(&log);
+  int recorded = 0;
+  auto out = RunCompressEvent(*session, 0, plane, kT0, [&](const EventOutcome& o) {
+    ++recorded;
+    EXPECT_EQ(log.back(), "publish@1");
+    EXPECT_EQ(o.committed.epoch, 1u);
+    EXPECT_FALSE(session->BeginCompress().ok()) << "the guard was released before recording";
+  });
+  ASSERT_TRUE(out.ok());
+  EXPECT_EQ(recorded, 1);
+  std::vector<std::string> failing_log;
+  ScriptedPlane failing(&failing_log, "apply");
+  ASSERT_FALSE(
+      RunCompressEvent(*session, 1, failing, kT0, [&](const EventOutcome&) { ++recorded; }).ok());
+  EXPECT_EQ(recorded, 1) << "a failed event was recorded";
+}
+
 TEST(EventTransaction, HostShmPlaneCommitsNothingBeforeApplyAndPublishesTheEpochLast) {
   const SessionConfig config = Config();
   auto session = MakeSession(config);
