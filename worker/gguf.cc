@@ -8,6 +8,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "core/dtype.h"
@@ -370,7 +371,10 @@ std::string GgmlTypeName(uint32_t type) {
 
 int64_t GgufTensor::elements() const {
   int64_t n = 1;
-  for (int64_t d : dims) n *= d;
+  for (int64_t d : dims) {
+    // A tensor the reader accepted has at most 2^40; a hand-built one saturates.
+    if (__builtin_mul_overflow(n, d, &n)) return std::numeric_limits<int64_t>::max();
+  }
   return n;
 }
 
@@ -500,18 +504,19 @@ absl::Status GgufFile::Parse() {
   const uint64_t data_start = (c.pos() + alignment - 1) / alignment * alignment;
   for (size_t t = 0; t < tensors_.size(); ++t) {
     GgufTensor& tensor = tensors_[t];
+    // Up to 4 dims of ≤ 2^32 each could overflow: every tensor, of a known type or not, has at
+    // most 2^40 elements.
+    int64_t elements = 1;
+    for (int64_t d : tensor.dims) {
+      if (__builtin_mul_overflow(elements, d, &elements) || elements > (int64_t{1} << 40)) {
+        return absl::InvalidArgumentError(absl::StrCat("tensor ", tensor.name, ": too large"));
+      }
+    }
     const auto [block_bytes, block_elems] = BlockSize(tensor.type);
     if (block_bytes != 0) {
       if (tensor.row_length() % block_elems != 0) {
         return absl::InvalidArgumentError(absl::StrCat(
             "tensor ", tensor.name, ": row of ", tensor.row_length(), " is not whole blocks"));
-      }
-      // Up to 4 dims of ≤ 2^32 each could overflow: multiply with a bound.
-      int64_t elements = 1;
-      for (int64_t d : tensor.dims) {
-        if (__builtin_mul_overflow(elements, d, &elements) || elements > (int64_t{1} << 40)) {
-          return absl::InvalidArgumentError(absl::StrCat("tensor ", tensor.name, ": too large"));
-        }
       }
       tensor.bytes = static_cast<uint64_t>(tensor.elements() / block_elems) * block_bytes;
       if (offsets[t] > size_ || data_start > size_ - offsets[t] ||

@@ -299,6 +299,17 @@ TEST(Gguf, HugeAndNanFloatMetadataAreRead) {
   EXPECT_FALSE((*file)->GetInt("huge").ok());
 }
 
+// Found by fuzz_gguf: a tensor of a type the reader does not know, with dims whose product
+// overflows int64, made elements() overflow; every tensor is now bounded when the file is read.
+TEST(Gguf, HugeTensorsOfUnknownTypesAreRefused) {
+  const std::string path =
+      WriteTemp(MakeFile({{"huge", 99, {uint64_t{1} << 32, uint64_t{1} << 32}, ""}}));
+  auto file = GgufFile::Open(path);
+  unlink(path.c_str());
+  ASSERT_FALSE(file.ok());
+  EXPECT_NE(file.status().message().find("huge: too large"), std::string::npos) << file.status();
+}
+
 TEST(Gguf, CorruptFilesAreErrorsNotCrashes) {
   const std::string good = MakeFile({{"q8", 8, {32}, std::string(34, '\1')}});
   // Every truncation of the header and directory is an error.
