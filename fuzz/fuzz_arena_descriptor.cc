@@ -14,31 +14,22 @@
 
 #include "absl/strings/str_cat.h"
 #include "client/mapped_arena.h"
+#include "fuzz/fuzz_common.h"
 
 namespace {
 
 constexpr uint64_t kObjectBytes = 1 << 16;
 
-struct Object {
-  std::string name;
-  int fd = -1;
-};
-const Object& TheObject() {
-  static const Object* object = [] {
-    auto* o = new Object{absl::StrCat("/ra-fuzz-arena-", getpid()), -1};
-    o->fd = shm_open(o->name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
-    if (o->fd < 0 || ftruncate(o->fd, kObjectBytes) != 0) std::abort();
-    std::atexit([] { shm_unlink(TheObject().name.c_str()); });
-    return o;
-  }();
-  return *object;
+constexpr char kTag[] = "arena";
+const reasonalloc::fuzz::SharedObject& TheObject() {
+  return reasonalloc::fuzz::TheSharedObject<kTag>(kObjectBytes);
 }
 
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FuzzedDataProvider in(data, size);
-  const Object& object = TheObject();
+  const reasonalloc::fuzz::SharedObject& object = TheObject();
   const uint64_t object_bytes =
       in.ConsumeBool() ? kObjectBytes : in.ConsumeIntegralInRange<uint64_t>(0, kObjectBytes);
   if (ftruncate(object.fd, static_cast<off_t>(object_bytes)) != 0) std::abort();

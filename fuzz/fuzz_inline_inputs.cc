@@ -11,21 +11,12 @@
 
 #include "core/inline_inputs.h"
 #include "core/session_config.h"
+#include "fuzz/fuzz_common.h"
 
 namespace {
 
 using reasonalloc::DType;
-
-DType PickDType(FuzzedDataProvider& in) {
-  switch (in.ConsumeIntegralInRange<int>(0, 2)) {
-    case 0:
-      return DType::kFloat32;
-    case 1:
-      return DType::kFloat16;
-    default:
-      return DType::kBFloat16;
-  }
-}
+using reasonalloc::fuzz::PickDType;
 
 struct OwnedTensor {
   reasonalloc::RawTensor raw;
@@ -63,19 +54,9 @@ OwnedTensor PickTensor(FuzzedDataProvider& in, const std::vector<int64_t>& natur
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FuzzedDataProvider in(data, size);
-  reasonalloc::SessionConfig config;
-  auto& m = config.model;
-  m.name = "fuzz";
-  m.num_layers = in.ConsumeIntegralInRange<int>(1, 3);
-  m.num_kv_heads = in.ConsumeIntegralInRange<int>(1, 3);
-  m.num_q_heads = m.num_kv_heads * in.ConsumeIntegralInRange<int>(1, 2);
-  m.head_dim = in.ConsumeIntegralInRange<int>(1, 8);
-  m.dtype = PickDType(in);
-  m.max_context = in.ConsumeIntegralInRange<int>(1, 96);
-  config.budget.window = in.ConsumeIntegralInRange<int>(1, 4);
-  config.budget.budget = in.ConsumeIntegralInRange<int>(config.budget.window, 64);
-  config.budget.buffer = in.ConsumeIntegralInRange<int>(0, 16);
-  config.managed = in.ConsumeBool();
+  reasonalloc::SessionConfig config =
+      reasonalloc::fuzz::PickSmallConfig(in, /*max_context=*/96, /*managed=*/in.ConsumeBool());
+  const auto& m = config.model;
   if (!reasonalloc::ValidateSessionConfig(config).ok()) return 0;
 
   const int64_t n = in.ConsumeIntegralInRange<int64_t>(1, m.max_context);

@@ -16,6 +16,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/session_config.h"
+#include "fuzz/fuzz_common.h"
 #include "server/external_buffers.h"
 
 namespace {
@@ -24,20 +25,9 @@ using reasonalloc::v1::ArenaDescriptor;
 
 constexpr size_t kObjectBytes = 1 << 16;
 
-// One shared-memory object for the whole run, unlinked at exit.
-struct Object {
-  std::string name;
-  int fd = -1;
-};
-const Object& TheObject() {
-  static const Object* object = [] {
-    auto* o = new Object{absl::StrCat("/ra-fuzz-regbuf-", getpid()), -1};
-    o->fd = shm_open(o->name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
-    if (o->fd < 0 || ftruncate(o->fd, kObjectBytes) != 0) std::abort();
-    std::atexit([] { shm_unlink(TheObject().name.c_str()); });
-    return o;
-  }();
-  return *object;
+constexpr char kTag[] = "regbuf";
+const reasonalloc::fuzz::SharedObject& TheObject() {
+  return reasonalloc::fuzz::TheSharedObject<kTag>(kObjectBytes);
 }
 
 void Fill(FuzzedDataProvider& in, bool keys, const reasonalloc::SessionConfig& config,
@@ -80,18 +70,9 @@ void Fill(FuzzedDataProvider& in, bool keys, const reasonalloc::SessionConfig& c
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   FuzzedDataProvider in(data, size);
-  reasonalloc::SessionConfig config;
-  auto& m = config.model;
-  m.name = "fuzz";
-  m.num_layers = in.ConsumeIntegralInRange<int>(1, 3);
-  m.num_kv_heads = in.ConsumeIntegralInRange<int>(1, 2);
-  m.num_q_heads = m.num_kv_heads * in.ConsumeIntegralInRange<int>(1, 2);
-  m.head_dim = in.ConsumeIntegralInRange<int>(1, 8);
-  m.dtype = static_cast<reasonalloc::DType>(in.ConsumeIntegralInRange<int>(0, 2));
-  m.max_context = in.ConsumeIntegralInRange<int>(1, 64);
-  config.budget.window = in.ConsumeIntegralInRange<int>(1, 4);
-  config.budget.budget = in.ConsumeIntegralInRange<int>(config.budget.window, 64);
-  config.managed = false;
+  reasonalloc::SessionConfig config =
+      reasonalloc::fuzz::PickSmallConfig(in, /*max_context=*/64, /*managed=*/false);
+  const auto& m = config.model;
   if (!reasonalloc::ValidateSessionConfig(config).ok()) return 0;
 
   google::protobuf::RepeatedPtrField<ArenaDescriptor> buffers;

@@ -67,8 +67,9 @@ absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step)
     return absl::FailedPreconditionError(
         "cuda_event_handle must be empty for a MEMORY_KIND_INLINE session");
   }
-  const auto engine = session.engine();  // held: UpdateBudget may replace the session's engine
-  config_ = engine->config();
+  engine_ = session.engine();  // held: UpdateBudget may replace the session's engine
+  const Engine* engine = engine_.get();
+  const SessionConfig& config = engine_->config();
   const v1::InlineTensors& in = request_.inline_tensors();
   ASSIGN_OR_RETURN(const RawTensor q, RawTensorFromProto(in.query_window(), in.has_query_window(),
                                                          "inline_tensors.query_window"));
@@ -78,7 +79,7 @@ absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step)
   ASSIGN_OR_RETURN(
       prepared_,
       PrepareInlineInputs(
-          config_, q, keys_, values_,
+          config, q, keys_, values_,
           std::span<const int32_t>(in.lengths().data(), static_cast<size_t>(in.lengths().size()))));
   const PreparedInputs* prepared = &prepared_;
   SleepForTesting(limits_);
@@ -89,14 +90,13 @@ absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step)
   PlannedEvent event;
   event.n_max = prepared->n_max;
   if (session.h2o() != nullptr) {
-    ASSIGN_OR_RETURN(const std::vector<float> attention,
-                     H2oAttention(in, config_, prepared->n_max));
+    ASSIGN_OR_RETURN(const std::vector<float> attention, H2oAttention(in, config, prepared->n_max));
     RETURN_IF_ERROR(PrepareH2o(session, *engine, attention.empty() ? nullptr : attention.data(),
                                step, &inputs, &event));
   } else if (in.has_attention()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "inline_tensors.attention is only for h2o sessions; this session's scorer is \"",
-        config_.scorer.name, "\""));
+        config.scorer.name, "\""));
   }
   if (session.calibrating()) {
     // Full cache while calibrating: evict nothing; the measurement is taken in Apply, the last
@@ -104,8 +104,7 @@ absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step)
     RETURN_IF_ERROR(engine->CheckInputs(inputs));
     calibrating_session_ = &session;
     step_ = step;
-    event.decision =
-        KeepAll(config_.model.num_layers, config_.model.num_kv_heads, prepared->lengths);
+    event.decision = KeepAll(config.model.num_layers, config.model.num_kv_heads, prepared->lengths);
     return event;
   }
   ASSIGN_OR_RETURN(event.decision, engine->Compress(inputs));
@@ -116,20 +115,21 @@ absl::Status InlinePlane::CheckFits(const PlannedEvent&) { return absl::OkStatus
 
 absl::Status InlinePlane::Apply(PlannedEvent& event) {
   Decision& decision = event.decision;
-  if (config_.managed) {
+  const SessionConfig& config = engine_->config();
+  if (config.managed) {
     // The sidecar holds K and V: hand back each head's kept rows, compacted, in their own dtype.
     const int64_t max_kept = decision.max_kept();
-    const int d = config_.model.head_dim;
+    const int d = config.model.head_dim;
     for (auto [src, dst] : {std::pair{&keys_, response_->mutable_compacted_keys()},
                             std::pair{&values_, response_->mutable_compacted_values()}}) {
       const size_t row_bytes = DTypeSize(src->dtype) * static_cast<size_t>(d);
       dst->set_dtype(DTypeToProto(src->dtype));
-      for (int64_t dim : {int64_t{config_.model.num_layers}, int64_t{config_.model.num_kv_heads},
+      for (int64_t dim : {int64_t{config.model.num_layers}, int64_t{config.model.num_kv_heads},
                           max_kept, int64_t{d}}) {
         dst->add_shape(dim);
       }
       std::string* bytes = dst->mutable_data();
-      bytes->resize(static_cast<size_t>(config_.model.num_heads_total() * max_kept) * row_bytes);
+      bytes->resize(static_cast<size_t>(config.model.num_heads_total() * max_kept) * row_bytes);
       GatherKeptRows(decision, src->data.data(), event.n_max, row_bytes, max_kept, bytes->data());
     }
   }

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 
 #include "absl/time/time.h"
 #include "core/inline_inputs.h"
@@ -39,7 +40,7 @@ class InlinePlane : public EventPlane {
   const v1::CompressRequest& request_;
   v1::CompressResponse* response_;
   PlaneLimits limits_;
-  SessionConfig config_;
+  std::shared_ptr<const Engine> engine_;  // the session's, as of Decide
   RawTensor keys_, values_;
   PreparedInputs prepared_;
   Session* calibrating_session_ = nullptr;  // set by Decide: measure in Apply
