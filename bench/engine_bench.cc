@@ -26,8 +26,8 @@ void BM_Event(benchmark::State& state, Geometry g, const char* scorer, const cha
   SessionConfig c;
   c.model = {"bench", g.layers, g.hq, g.hkv, g.d, DType::kFloat16, 131072};
   c.budget.budget = g.budget;
-  c.scorer.name = scorer;
-  c.allocator.name = allocator;
+  c.scorer.kind = ParseScorer(scorer).value();
+  c.allocator.kind = ParseAllocator(allocator).value();
   // reasonalloc gets a wave-shaped layer profile so that both of its levels run.
   std::vector<double> demand;
   if (std::string(allocator) == "reasonalloc") {

@@ -52,8 +52,8 @@ SessionConfig Config(const std::string& scorer, const std::string& allocator) {
   c.model.max_context = 131072;
   c.budget.budget = kBudget;
   c.budget.window = kWindow;
-  c.scorer.name = scorer;
-  c.allocator.name = allocator;
+  c.scorer.kind = ParseScorer(scorer).value();
+  c.allocator.kind = ParseAllocator(allocator).value();
   return c;
 }
 

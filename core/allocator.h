@@ -50,14 +50,46 @@ absl::Status RouteFromPoolCounts(const SessionConfig& config, std::span<const in
                                  std::span<const int64_t> greater, std::span<const int64_t> equal,
                                  std::span<int32_t> budgets);
 
+// One layer's pool, as a head-routing allocator sees it: `total` selectable tokens to share among
+// the layer's heads; per head its candidates (live tokens past the window) and the counts of
+// CountLayerPool.
+struct LayerPool {
+  int64_t total = 0;
+  std::span<const int64_t> candidates;
+  std::span<const int64_t> greater;
+  std::span<const int64_t> equal;
+};
+
+// An allocation policy (one class per policy, in core/allocators/, each with its row in
+// core/policy.cc). Stateless: the registry holds one instance of each (AllocatorOf).
 class Allocator {
  public:
   virtual ~Allocator() = default;
-  // Fills `budgets` ([L * Hkv]).
-  virtual absl::Status Allocate(const AllocationInputs& in, std::span<int32_t> budgets) const = 0;
+  // Selectable tokens per layer (budget − window), Σ = L·(B − window). The default: uniform.
+  virtual absl::StatusOr<std::vector<int64_t>> LayerCaps(
+      const SessionConfig& config, std::span<const double> layer_demand) const;
+  // Whether this configuration reads a layer profile.
+  virtual bool UsesLayerProfile(const AllocatorConfig&) const { return false; }
+  // Whether this configuration routes budget between a layer's heads by the pool counts.
+  virtual bool RoutesHeads(const AllocatorConfig&) const { return false; }
+  // One layer's head budgets (window included) from its pool; called only when RoutesHeads.
+  virtual absl::Status RouteHeads(const SessionConfig& config, const LayerPool& pool,
+                                  std::span<int32_t> layer) const;
+
+  // Fills `budgets` ([L * Hkv]): the layer budgets for every head, or, when the configuration
+  // routes heads, the pool counts of the scores routed by RouteHeads.
+  absl::Status Allocate(const AllocationInputs& in, std::span<int32_t> budgets) const;
 };
 
+// The registry's instance for config.kind (never fails: kinds are parsed at the edge); kept as a
+// factory for callers that hold allocators by value.
 absl::StatusOr<std::unique_ptr<Allocator>> MakeAllocator(const AllocatorConfig& config);
+
+// Shared by the allocators: one layer's `total` selectable tokens split by the real shares `x`
+// (rounded preserving the sum, with the selectable floor), each head capped at its candidates and
+// the excess handed on by `weights`.
+void RouteLayer(std::span<const double> x, int64_t total, std::span<const int64_t> candidates,
+                std::span<const double> weights, int window, std::span<int32_t> budgets);
 
 }  // namespace reasonalloc
 

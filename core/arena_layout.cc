@@ -55,7 +55,7 @@ SessionLayout MakeSessionLayout(const SessionConfig& c) {
   Add(&s.result, "budget", ArrayType::kInt32, {heads}, 4);
   Add(&s.result, "keep_mask", ArrayType::kUint64, {heads, s.words}, 8);
   Add(&s.result, "epoch", ArrayType::kUint64, {1}, 8);
-  if (c.scorer.name == "h2o") {
+  if (PolicyOf(c.scorer.kind).needs_accumulator) {
     s.h2o_acc.kind = "h2o_acc";
     Add(&s.h2o_acc, "attention", ArrayType::kFloat32, {s.rows}, 4);
     Add(&s.h2o_acc, "present", ArrayType::kUint64, {1}, 8);

@@ -123,7 +123,7 @@ uint64_t Engine::EventBytes(const CompressInputs& in) const {
     }
   }
   per_event += largest_layer * sizeof(float);
-  if (config_.scorer.name == "h2o" && in.accumulated == nullptr) {
+  if (PolicyOf(config_.scorer.kind).needs_accumulator && in.accumulated == nullptr) {
     // The one-shot accumulator [L, Hkv, n_max] and its logits tile.
     per_event += static_cast<uint64_t>(heads) * static_cast<uint64_t>(in.n_max) * sizeof(float);
     const int n = static_cast<int>(in.n_max);
@@ -168,7 +168,7 @@ absl::StatusOr<Decision> Engine::Run(const CompressInputs& in) const {
   const float* accumulated = in.accumulated;
   std::vector<float> one_shot;
   double one_shot_seconds = 0;
-  if (config_.scorer.name == "h2o" && accumulated == nullptr) {
+  if (PolicyOf(config_.scorer.kind).needs_accumulator && accumulated == nullptr) {
     const auto ta = std::chrono::steady_clock::now();
     auto acc = H2oAccumulator(m, window).Prepare(in, nullptr, 0);
     if (!acc.ok()) return acc.status();

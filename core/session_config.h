@@ -2,8 +2,8 @@
 //
 // Defaults are those of docs/algorithms.md §5. Validate() is the single place where a configuration
 // is judged; every error message names the field as the v1 API spells it (e.g.
-// "model.num_kv_heads") and the bad value. A name the engine knows but this build does not
-// implement yet is Unimplemented, an unknown one is InvalidArgument.
+// "model.num_kv_heads") and the bad value. Scorer and allocator names are parsed before, where they
+// enter the process (core/policy.h).
 #ifndef REASONALLOC_CORE_SESSION_CONFIG_H_
 #define REASONALLOC_CORE_SESSION_CONFIG_H_
 
@@ -15,6 +15,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "core/dtype.h"
+#include "core/policy.h"
 
 namespace reasonalloc {
 
@@ -49,7 +50,7 @@ enum class PoolKind { kMax, kAvg };
 enum class GqaReduce { kMax, kMean, kMeanScores };
 
 struct ScorerConfig {
-  std::string name = "snapkv";
+  ScorerKind kind = ScorerKind::kSnapKv;
   int pool_kernel = 7;
   PoolKind pool_kind = PoolKind::kMax;
   GqaReduce gqa_reduce = GqaReduce::kMax;
@@ -59,10 +60,8 @@ struct ScorerConfig {
   bool softmax_all_keys = false;
 };
 
-enum class ReasonAllocMode { kFull, kLayer, kHead, kOff };
-
 struct AllocatorConfig {
-  std::string name = "uniform";
+  AllocatorKind kind = AllocatorKind::kUniform;
   double pyramid_beta = 20.0;
   double adakv_floor = 0.2;
   ReasonAllocMode reasonalloc_mode = ReasonAllocMode::kFull;
@@ -94,12 +93,6 @@ inline constexpr int kMaxHeadDim = 1024;
 inline constexpr int kMaxContext = 1 << 24;  // token positions stay exact in fp32
 inline constexpr int kMaxWindow = 1024;
 inline constexpr int kMaxPoolKernel = 63;
-
-// Names accepted by CreateSession, and those this build implements.
-std::span<const absl::string_view> KnownScorers();
-std::span<const absl::string_view> KnownAllocators();
-bool ScorerImplemented(absl::string_view name);
-bool AllocatorImplemented(absl::string_view name);
 
 absl::Status ValidateGeometry(const ModelGeometry& model);
 absl::Status ValidateBudget(const BudgetConfig& budget, const ModelGeometry& model);

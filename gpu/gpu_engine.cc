@@ -122,27 +122,32 @@ absl::Status GpuEngine::Impl::LaunchScoring(long long num_heads, long long strid
   p.recent = EffectiveRecent(config);
   p.lambda = static_cast<float>(sc.lambda);
   p.threshold = static_cast<float>(sc.threshold);
-  if (sc.name == "streaming") {
-    p.scorer = k::Scorer::kStreaming;
-  } else if (sc.name == "h2o") {
-    // With a carried accumulator the scores are a copy; without one (one-shot) they are the
-    // window's group-mean causal attention summed over the window (core/h2o.h): the mean-scores
-    // path with softmax over all keys, row weight 1 and no pooling.
-    p.scorer = accumulated_given ? k::Scorer::kH2oAccumulated : k::Scorer::kH2oWindow;
-    p.all_keys = true;
-    p.reduce = k::kReduceNone;
-    p.row_weight = 1.0f;
-    p.pool_kernel = 1;
-    p.pool_max = true;
-  } else {
-    p.scorer = sc.name == "rkv" ? k::Scorer::kRkv : k::Scorer::kSnapKv;
-    p.all_keys = sc.softmax_all_keys;
-    p.reduce = sc.gqa_reduce == GqaReduce::kMeanScores ? k::kReduceNone
-               : sc.gqa_reduce == GqaReduce::kMean     ? k::kReduceMean
-                                                       : k::kReduceMax;
-    p.row_weight = 1.0f / static_cast<float>(p.window);
-    p.pool_kernel = sc.pool_kernel;
-    p.pool_max = sc.pool_kind == PoolKind::kMax;
+  switch (sc.kind) {
+    case ScorerKind::kStreaming:
+      p.scorer = k::Scorer::kStreaming;
+      break;
+    case ScorerKind::kH2o:
+      // With a carried accumulator the scores are a copy; without one (one-shot) they are the
+      // window's group-mean causal attention summed over the window (core/h2o.h): the mean-scores
+      // path with softmax over all keys, row weight 1 and no pooling.
+      p.scorer = accumulated_given ? k::Scorer::kH2oAccumulated : k::Scorer::kH2oWindow;
+      p.all_keys = true;
+      p.reduce = k::kReduceNone;
+      p.row_weight = 1.0f;
+      p.pool_kernel = 1;
+      p.pool_max = true;
+      break;
+    case ScorerKind::kSnapKv:
+    case ScorerKind::kRkv:
+      p.scorer = sc.kind == ScorerKind::kRkv ? k::Scorer::kRkv : k::Scorer::kSnapKv;
+      p.all_keys = sc.softmax_all_keys;
+      p.reduce = sc.gqa_reduce == GqaReduce::kMeanScores ? k::kReduceNone
+                 : sc.gqa_reduce == GqaReduce::kMean     ? k::kReduceMean
+                                                         : k::kReduceMax;
+      p.row_weight = 1.0f / static_cast<float>(p.window);
+      p.pool_kernel = sc.pool_kernel;
+      p.pool_max = sc.pool_kind == PoolKind::kMax;
+      break;
   }
   // Heads go through in chunks whose logits fit the scratch (LogitsChunk); the per-head arrays
   // are offset, the logits reused.
@@ -154,7 +159,7 @@ absl::Status GpuEngine::Impl::LaunchScoring(long long num_heads, long long strid
     b.overflow = overflow.as<int>() + h0;
     b.logits = logits.as<float>();
     b.importance = importance.as<float>() == nullptr ? nullptr : importance.as<float>() + at;
-    if (sc.name == "rkv") {
+    if (sc.kind == ScorerKind::kRkv) {
       b.inv_norm = inv.as<float>() + at;
       b.rowsum = rowsum.as<double>() + at;
       b.partner = partner.as<int>() + h0 * stride;
@@ -259,8 +264,9 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
     }
   }
   const ScorerConfig& sc = config.scorer;
-  const bool h2o_one_shot = sc.name == "h2o" && !acc_given;
-  const bool logit_scorer = sc.name == "snapkv" || sc.name == "rkv" || h2o_one_shot;
+  const bool h2o_one_shot = sc.kind == ScorerKind::kH2o && !acc_given;
+  const bool logit_scorer =
+      PolicyOf(sc.kind).uses_queries && (sc.kind != ScorerKind::kH2o || h2o_one_shot);
   const long long rows =
       (h2o_one_shot || sc.gqa_reduce == GqaReduce::kMeanScores) ? 1ll * group * window : window;
   const size_t hs = static_cast<size_t>(num_heads) * static_cast<size_t>(stride);
@@ -276,7 +282,7 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
     }
     if (auto s = importance.Reserve(sizeof(float) * hs); !s.ok()) return s;
   }
-  if (sc.name == "rkv") {
+  if (sc.kind == ScorerKind::kRkv) {
     if (auto s = inv.Reserve(sizeof(float) * hs); !s.ok()) return s;
     if (auto s = rowsum.Reserve(sizeof(double) * hs); !s.ok()) return s;
     if (auto s = partner.Reserve(sizeof(int) * hs); !s.ok()) return s;
@@ -481,7 +487,12 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(int device,
   int smem_optin = 0;
   RA_CUDA(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   const long long smem = 4ll * 32 * (config.model.head_dim + 1);
-  if (config.scorer.name != "streaming" && smem > smem_optin) {
+  if (!PolicyOf(config.scorer.kind).cuda_kernel || !PolicyOf(config.allocator.kind).cuda) {
+    return absl::UnimplementedError(
+        absl::StrCat("scorer.name \"", NameOf(config.scorer.kind), "\" with allocator.name \"",
+                     NameOf(config.allocator.kind), "\" has no CUDA kernels in this build"));
+  }
+  if (PolicyOf(config.scorer.kind).uses_queries && smem > smem_optin) {
     return absl::InvalidArgumentError(absl::StrCat(
         "model.head_dim = ", config.model.head_dim, " needs ", smem,
         " bytes of shared memory per block on the CUDA backend; this GPU allows ", smem_optin));

@@ -17,11 +17,10 @@ absl::StatusOr<std::unique_ptr<CudaSessionArenas>> CudaSessionArenas::Create(
         "mode = SESSION_MODE_ADVISORY with memory = MEMORY_KIND_CUDA_IPC is not implemented in "
         "this build yet; use a managed session");
   }
-  if (config.scorer.name == "h2o") {
+  if ((PolicyOf(config.scorer.kind).managed_planes & kCudaIpcPlane) == 0) {
     return absl::UnimplementedError(
-        "scorer.name \"h2o\" with memory = MEMORY_KIND_CUDA_IPC is not implemented in this build "
-        "yet (its accumulator is carried on the host); use MEMORY_KIND_HOST_SHM or "
-        "MEMORY_KIND_INLINE");
+        absl::StrCat("scorer.name \"", NameOf(config.scorer.kind),
+                     "\" with memory = MEMORY_KIND_CUDA_IPC is not implemented in this build yet"));
   }
   std::unique_ptr<CudaSessionArenas> a(new CudaSessionArenas(config, device));
   for (auto [arena, layout] :

@@ -96,7 +96,7 @@ absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step)
   } else if (in.has_attention()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "inline_tensors.attention is only for h2o sessions; this session's scorer is \"",
-        config.scorer.name, "\""));
+        NameOf(config.scorer.kind), "\""));
   }
   if (session.calibrating()) {
     // Full cache while calibrating: evict nothing; the measurement is taken in Apply, the last

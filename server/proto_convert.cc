@@ -4,6 +4,8 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "core/policy.h"
+#include "core/status_macros.h"
 
 namespace reasonalloc {
 
@@ -64,7 +66,9 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::CreateSessionRequ
   c.budget.recent = b.recent();
 
   const v1::ScorerConfig& s = r.scorer();
-  if (!s.name().empty()) c.scorer.name = s.name();
+  if (!s.name().empty()) {
+    ASSIGN_OR_RETURN(c.scorer.kind, ParseScorer(s.name(), "scorer.name"));
+  }
   if (s.pool_kernel() != 0) c.scorer.pool_kernel = s.pool_kernel();
   switch (s.pool_kind()) {
     case v1::POOL_KIND_UNSPECIFIED:
@@ -98,7 +102,9 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::CreateSessionRequ
   c.scorer.softmax_all_keys = s.softmax_all_keys();
 
   const v1::AllocatorConfig& a = r.allocator();
-  if (!a.name().empty()) c.allocator.name = a.name();
+  if (!a.name().empty()) {
+    ASSIGN_OR_RETURN(c.allocator.kind, ParseAllocator(a.name(), "allocator.name"));
+  }
   if (a.has_pyramid_beta()) c.allocator.pyramid_beta = a.pyramid_beta();
   if (a.has_adakv_floor()) c.allocator.adakv_floor = a.adakv_floor();
   switch (a.reasonalloc_mode()) {
@@ -156,7 +162,7 @@ void SessionConfigToProto(const SessionConfig& c, v1::ModelGeometry* m, v1::Budg
   b->set_window(c.budget.window);
   b->set_sinks(EffectiveSinks(c));
   b->set_recent(EffectiveRecent(c));
-  s->set_name(c.scorer.name);
+  s->set_name(std::string(NameOf(c.scorer.kind)));
   s->set_pool_kernel(c.scorer.pool_kernel);
   s->set_pool_kind(c.scorer.pool_kind == PoolKind::kMax ? v1::POOL_KIND_MAX : v1::POOL_KIND_AVG);
   switch (c.scorer.gqa_reduce) {
@@ -173,7 +179,7 @@ void SessionConfigToProto(const SessionConfig& c, v1::ModelGeometry* m, v1::Budg
   s->set_softmax_all_keys(c.scorer.softmax_all_keys);
   s->set_lambda(c.scorer.lambda);
   s->set_threshold(c.scorer.threshold);
-  a->set_name(c.allocator.name);
+  a->set_name(std::string(NameOf(c.allocator.kind)));
   a->set_pyramid_beta(c.allocator.pyramid_beta);
   a->set_adakv_floor(c.allocator.adakv_floor);
   switch (c.allocator.reasonalloc_mode) {

@@ -79,7 +79,7 @@ Session::Session(std::string id, std::shared_ptr<const Engine> engine, uint64_t 
   state_.kept_lengths.assign(static_cast<size_t>(heads), 0);
   state_.lease = lease;
   state_.lease_deadline = created_ + lease;
-  if (engine_->config().scorer.name == "h2o") {
+  if (PolicyOf(engine_->config().scorer.kind).needs_accumulator) {
     h2o_ = std::make_unique<H2oAccumulator>(model_, engine_->config().budget.window);
   }
 }

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -17,6 +18,7 @@
 #include "core/build_info.h"
 #include "core/h2o.h"
 #include "core/inline_inputs.h"
+#include "core/policy.h"
 #include "proto/grpc_status.h"
 #include "server/event_planes.h"
 #include "server/external_buffers.h"
@@ -40,6 +42,55 @@ absl::Status Guarded(absl::string_view method, F&& body) {
         absl::StrCat(method,
                      ": the server ran out of memory for this request; send less per call "
                      "or retry later"));
+  }
+}
+
+uint32_t PlaneBit(v1::MemoryKind m) {
+  switch (m) {
+    case v1::MEMORY_KIND_INLINE:
+      return kInlinePlane;
+    case v1::MEMORY_KIND_HOST_SHM:
+      return kHostShmPlane;
+    case v1::MEMORY_KIND_CUDA_IPC:
+      return kCudaIpcPlane;
+    default:
+      return 0;
+  }
+}
+
+// The policy registry as GetServerInfo reports it; CUDA sessions only where the server has a
+// device.
+void FillPolicies(bool cuda, v1::ServerInfo* out) {
+  const std::array<v1::MemoryKind, 3> kinds = {v1::MEMORY_KIND_INLINE, v1::MEMORY_KIND_HOST_SHM,
+                                               v1::MEMORY_KIND_CUDA_IPC};
+  for (const ScorerPolicy& p : ScorerPolicies()) {
+    out->add_scorers(std::string(p.name));
+    v1::PolicyInfo* info = out->add_policies();
+    info->set_kind(v1::PolicyInfo::KIND_SCORER);
+    info->set_name(std::string(p.name));
+    info->set_summary(std::string(p.summary));
+    for (v1::MemoryKind m : kinds) {
+      if (m == v1::MEMORY_KIND_CUDA_IPC && !cuda) continue;
+      if ((p.managed_planes & PlaneBit(m)) != 0) info->add_managed_memory(m);
+      // No advisory CUDA sessions in this build (server/cuda_session_arenas.cc).
+      if ((p.advisory_planes & PlaneBit(m)) != 0 && m != v1::MEMORY_KIND_CUDA_IPC) {
+        info->add_advisory_memory(m);
+      }
+    }
+    info->set_uses_queries(p.uses_queries);
+    info->set_needs_accumulator(p.needs_accumulator);
+    info->set_cuda(p.cuda_kernel);
+    info->set_default_sinks(p.default_sinks);
+  }
+  for (const AllocatorPolicy& p : AllocatorPolicies()) {
+    out->add_allocators(std::string(p.name));
+    v1::PolicyInfo* info = out->add_policies();
+    info->set_kind(v1::PolicyInfo::KIND_ALLOCATOR);
+    info->set_name(std::string(p.name));
+    info->set_summary(std::string(p.summary));
+    info->set_uses_layer_profile(p.uses_layer_profile);
+    info->set_routes_heads(p.routes_heads);
+    info->set_cuda(p.cuda);
   }
 }
 
@@ -188,12 +239,7 @@ grpc::Status SidecarService::GetServerInfo(grpc::ServerContext* context,
                   const uint64_t capacity = registry_->capacity_bytes();
                   out->set_arena_capacity_bytes(capacity);
                   out->set_arena_free_bytes(capacity - registry_->reserved_bytes());
-                  for (absl::string_view s : KnownScorers()) {
-                    if (ScorerImplemented(s)) out->add_scorers(std::string(s));
-                  }
-                  for (absl::string_view a : KnownAllocators()) {
-                    if (AllocatorImplemented(a)) out->add_allocators(std::string(a));
-                  }
+                  FillPolicies(options_.cuda_device >= 0, out);
                   out->add_dtypes(v1::DTYPE_FLOAT32);
                   out->add_dtypes(v1::DTYPE_FLOAT16);
                   out->add_dtypes(v1::DTYPE_BFLOAT16);
@@ -259,20 +305,34 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
           "; an arena session's heads hold budget + buffer rows, so lower budget.buffer or raise "
           "model.max_context"));
     }
-    if (host_shm && config->scorer.name == "h2o" && !config->managed) {
-      return absl::UnimplementedError(
-          "scorer.name \"h2o\" with mode = SESSION_MODE_ADVISORY and memory = "
-          "MEMORY_KIND_HOST_SHM is not implemented in this build yet; use a managed session (its "
-          "h2o_acc arena) or MEMORY_KIND_INLINE");
+    // What the scorer supports on this data plane (core/policy.cc).
+    const ScorerPolicy& scorer = PolicyOf(config->scorer.kind);
+    const uint32_t plane = cuda_ipc ? kCudaIpcPlane : host_shm ? kHostShmPlane : kInlinePlane;
+    if (((config->managed ? scorer.managed_planes : scorer.advisory_planes) & plane) == 0) {
+      const v1::MemoryKind memory = cuda_ipc   ? v1::MEMORY_KIND_CUDA_IPC
+                                    : host_shm ? v1::MEMORY_KIND_HOST_SHM
+                                               : v1::MEMORY_KIND_INLINE;
+      const v1::SessionMode mode =
+          config->managed ? v1::SESSION_MODE_MANAGED : v1::SESSION_MODE_ADVISORY;
+      std::string supported;
+      for (v1::MemoryKind m :
+           {v1::MEMORY_KIND_INLINE, v1::MEMORY_KIND_HOST_SHM, v1::MEMORY_KIND_CUDA_IPC}) {
+        if (((config->managed ? scorer.managed_planes : scorer.advisory_planes) & PlaneBit(m)) !=
+            0) {
+          absl::StrAppend(&supported, supported.empty() ? "" : ", ", v1::MemoryKind_Name(m));
+        }
+      }
+      return absl::UnimplementedError(absl::StrCat(
+          "scorer.name \"", scorer.name, "\" with mode = ", v1::SessionMode_Name(mode),
+          " and memory = ", v1::MemoryKind_Name(memory),
+          " is not implemented in this build yet; with this mode it runs on: ", supported));
     }
     // ReasonAlloc's layer level follows the model's profile (or the one named); without one the
     // layers are uniform and the answer says so.
     std::vector<double> demand;
     std::string profile_name;
     std::string warning;
-    if (config->allocator.name == "reasonalloc" &&
-        (config->allocator.reasonalloc_mode == ReasonAllocMode::kLayer ||
-         config->allocator.reasonalloc_mode == ReasonAllocMode::kFull)) {
+    if (AllocatorOf(config->allocator.kind).UsesLayerProfile(config->allocator)) {
       const bool named = !config->allocator.profile.empty();
       const std::string name = named ? config->allocator.profile : config->model.name;
       if (named && !ProfileStore::ValidName(name)) {
@@ -335,8 +395,8 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
         "({} arena bytes), owner {}",
         (*session)->id(), config->model.name, config->model.num_layers, config->model.num_q_heads,
         config->model.num_kv_heads, config->model.head_dim, config->budget.budget,
-        config->scorer.name, config->allocator.name, (*session)->reserved_bytes(),
-        caller->peer.Describe());
+        std::string(NameOf(config->scorer.kind)), std::string(NameOf(config->allocator.kind)),
+        (*session)->reserved_bytes(), caller->peer.Describe());
     return absl::OkStatus();
   };
   return Finish("CreateSession", Guarded("CreateSession", run));
@@ -506,7 +566,8 @@ void SidecarService::RecordEvent(const Session& session, int64_t step,
   const auto engine = session.engine();  // held: UpdateBudget may replace the session's engine
   const SessionConfig& config = engine->config();
   metrics_->ObserveCompress(decision.seconds);
-  metrics_->ObserveEvent(config.scorer.name, config.allocator.name, config.model.name, decision);
+  metrics_->ObserveEvent(NameOf(config.scorer.kind), NameOf(config.allocator.kind),
+                         config.model.name, decision);
   metrics_->AddKeptTokens(committed.kept_delta);
   if (events_.active()) PublishEvent(session, step, committed.epoch, decision);
 }

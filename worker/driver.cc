@@ -36,9 +36,13 @@ class SlotStore : public KvStore {
 
 }  // namespace
 
+std::string Policy::mode_name() const {
+  return allocator == AllocatorKind::kReasonAlloc ? std::string(NameOf(reasonalloc_mode)) : "";
+}
+
 std::string Policy::Name() const {
-  std::string name = absl::StrCat(scorer, "/", allocator);
-  if (allocator == "reasonalloc") absl::StrAppend(&name, "-", reasonalloc_mode);
+  std::string name = absl::StrCat(NameOf(scorer), "/", NameOf(allocator));
+  if (allocator == AllocatorKind::kReasonAlloc) absl::StrAppend(&name, "-", mode_name());
   if (sinks >= 0) absl::StrAppend(&name, "+s", sinks);
   if (recent > window) absl::StrAppend(&name, "+r", recent);
   if (lambda > 0) absl::StrAppend(&name, "+l", lambda);
@@ -65,12 +69,20 @@ absl::StatusOr<Policy> ParsePolicy(absl::string_view text) {
     return bad("no scorer/allocator");
   }
   Policy p;
-  p.scorer = names[0];
-  p.allocator = names[1];
-  if (p.allocator.rfind("reasonalloc-", 0) == 0) {
-    p.reasonalloc_mode = p.allocator.substr(12);
-    p.allocator = "reasonalloc";
+  auto scorer = ParseScorer(names[0], "scorer");
+  if (!scorer.ok()) return bad(scorer.status().message());
+  p.scorer = *scorer;
+  std::string allocator = names[1];
+  const std::string reasonalloc = absl::StrCat(NameOf(AllocatorKind::kReasonAlloc), "-");
+  if (allocator.rfind(reasonalloc, 0) == 0) {
+    auto mode = ParseReasonAllocMode(allocator.substr(reasonalloc.size()), "mode");
+    if (!mode.ok()) return bad(mode.status().message());
+    p.reasonalloc_mode = *mode;
+    allocator = allocator.substr(0, reasonalloc.size() - 1);
   }
+  auto kind = ParseAllocator(allocator, "allocator");
+  if (!kind.ok()) return bad(kind.status().message());
+  p.allocator = *kind;
   for (size_t i = 1; i < parts.size(); ++i) {
     const std::string& knob = parts[i];
     if (knob.size() < 2) return bad(absl::StrCat("knob \"", knob, "\""));
@@ -110,21 +122,25 @@ absl::StatusOr<v1::CreateSessionRequest> SessionRequest(const ModelConfig& confi
   r.mutable_budget()->set_window(policy.window);
   if (policy.sinks != -1) r.mutable_budget()->set_sinks(policy.sinks);
   r.mutable_budget()->set_recent(policy.recent);
-  r.mutable_scorer()->set_name(policy.scorer);
+  r.mutable_scorer()->set_name(policy.scorer_name());
   if (policy.lambda > 0) r.mutable_scorer()->set_lambda(policy.lambda);
   auto* a = r.mutable_allocator();
-  a->set_name(policy.allocator);
+  a->set_name(policy.allocator_name());
   a->set_profile(policy.profile);
-  if (policy.allocator == "reasonalloc") {
-    if (policy.reasonalloc_mode == "layer") {
-      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_LAYER);
-    } else if (policy.reasonalloc_mode == "head") {
-      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_HEAD);
-    } else if (policy.reasonalloc_mode == "full") {
-      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_FULL);
-    } else {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--mode \"", policy.reasonalloc_mode, "\" is not one of layer, head, full"));
+  if (policy.allocator == AllocatorKind::kReasonAlloc) {
+    switch (policy.reasonalloc_mode) {
+      case ReasonAllocMode::kLayer:
+        a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_LAYER);
+        break;
+      case ReasonAllocMode::kHead:
+        a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_HEAD);
+        break;
+      case ReasonAllocMode::kFull:
+        a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_FULL);
+        break;
+      case ReasonAllocMode::kOff:
+        a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_OFF);
+        break;
     }
   }
   r.set_mode(v1::SESSION_MODE_MANAGED);

@@ -19,6 +19,7 @@
 #include "absl/strings/string_view.h"
 #include "client/client.h"
 #include "client/session_view.h"
+#include "core/policy.h"
 #include "worker/model.h"
 
 namespace reasonalloc::worker {
@@ -54,16 +55,20 @@ class FullCacheBackend : public KvBackend {
 
 // The eviction policy of a sidecar session.
 struct Policy {
-  std::string scorer = "rkv";
-  std::string allocator = "uniform";
-  std::string reasonalloc_mode = "full";  // layer | head | full (reasonalloc only)
-  std::string profile;                    // layer profile name; empty = the model name
-  int budget = 64;                        // tokens per head (mean)
-  int buffer = 64;                        // Δ: steps between events
-  int window = 8;                         // α
-  int sinks = -1;                         // always-kept first tokens; -1 = the scorer's default
-  int recent = 0;                         // always-kept last tokens; 0 = the window
-  double lambda = 0;                      // rkv's λ; 0 = the sidecar's default
+  ScorerKind scorer = ScorerKind::kRkv;
+  AllocatorKind allocator = AllocatorKind::kUniform;
+  ReasonAllocMode reasonalloc_mode = ReasonAllocMode::kFull;  // reasonalloc only
+  std::string profile;  // layer profile name; empty = the model name
+  int budget = 64;      // tokens per head (mean)
+  int buffer = 64;      // Δ: steps between events
+  int window = 8;       // α
+  int sinks = -1;       // always-kept first tokens; -1 = the scorer's default
+  int recent = 0;       // always-kept last tokens; 0 = the window
+  double lambda = 0;    // rkv's λ; 0 = the sidecar's default
+  std::string scorer_name() const { return std::string(NameOf(scorer)); }
+  std::string allocator_name() const { return std::string(NameOf(allocator)); }
+  // The reasonalloc mode's name; empty for other allocators.
+  std::string mode_name() const;
   // scorer/allocator[-mode], then +sN, +rN, +lX for knobs away from their defaults and @profile
   // for a layer profile other than the model's (the syntax ParsePolicy reads).
   std::string Name() const;

@@ -23,6 +23,8 @@
 #include "core/cli_args.h"
 #include "core/cli_help.h"
 #include "core/npy.h"
+#include "core/policy.h"
+#include "core/status_macros.h"
 #include "worker/chat_template.h"
 #include "worker/driver.h"
 #include "worker/model_files.h"
@@ -46,11 +48,12 @@ ABSL_FLAG(uint64_t, seed, 0, "generate: sampling seed");
 ABSL_FLAG(bool, ignore_eos, false,
           "generate, calibrate: never choose a control token (end of turn, ...): generate exactly "
           "--max_tokens");
-ABSL_FLAG(std::string, scorer, "rkv", "generate, calibrate: snapkv | h2o | streaming | rkv");
+ABSL_FLAG(std::string, scorer, "rkv",
+          absl::StrCat("generate, calibrate: ", reasonalloc::ScorerNames()));
 ABSL_FLAG(std::string, allocator, "reasonalloc",
-          "generate: uniform | pyramid | adakv | reasonalloc");
+          absl::StrCat("generate: ", reasonalloc::AllocatorNames()));
 ABSL_FLAG(std::string, mode, "full",
-          "generate: the reasonalloc allocator's mode: layer | head | full");
+          "generate: the reasonalloc allocator's mode: layer | head | full | off");
 ABSL_FLAG(std::string, profile, "",
           "generate: layer profile name; calibrate: the name of the profile written (empty = the "
           "model name)");
@@ -203,11 +206,11 @@ absl::StatusOr<std::unique_ptr<Client>> Connect() {
   return Client::Connect(options);
 }
 
-Policy PolicyFromFlags() {
+absl::StatusOr<Policy> PolicyFromFlags() {
   Policy p;
-  p.scorer = absl::GetFlag(FLAGS_scorer);
-  p.allocator = absl::GetFlag(FLAGS_allocator);
-  p.reasonalloc_mode = absl::GetFlag(FLAGS_mode);
+  ASSIGN_OR_RETURN(p.scorer, ParseScorer(absl::GetFlag(FLAGS_scorer), "--scorer"));
+  ASSIGN_OR_RETURN(p.allocator, ParseAllocator(absl::GetFlag(FLAGS_allocator), "--allocator"));
+  ASSIGN_OR_RETURN(p.reasonalloc_mode, ParseReasonAllocMode(absl::GetFlag(FLAGS_mode), "--mode"));
   p.profile = absl::GetFlag(FLAGS_profile);
   p.budget = absl::GetFlag(FLAGS_budget);
   p.buffer = absl::GetFlag(FLAGS_buffer);
@@ -254,7 +257,9 @@ int Generate() {
   std::unique_ptr<Client> client;
   std::unique_ptr<KvBackend> backend;
   SidecarBackend* sidecar = nullptr;
-  const Policy policy = PolicyFromFlags();
+  auto flags_policy = PolicyFromFlags();
+  if (!flags_policy.ok()) return Fail(flags_policy.status());
+  const Policy policy = *flags_policy;
   if (absl::GetFlag(FLAGS_full_cache)) {
     backend = std::make_unique<FullCacheBackend>(config, static_cast<int>(ids.size()));
   } else {
@@ -408,8 +413,11 @@ int CalibrateSensitivity() {
     ids.push_back(*std::move(prompt));
   }
   SensitivityOptions options;
-  options.policy = PolicyFromFlags();
-  options.policy.allocator = "uniform";  // one group of layers at a time: its budget is B
+  auto flags_policy = PolicyFromFlags();
+  if (!flags_policy.ok()) return Fail(flags_policy.status());
+  options.policy = *flags_policy;
+  options.policy.allocator =
+      AllocatorKind::kUniform;  // one group of layers at a time: its budget is B
   options.layer_group = absl::GetFlag(FLAGS_layer_group);
   options.max_tokens = absl::GetFlag(FLAGS_max_tokens);
   options.batch = std::max(1, absl::GetFlag(FLAGS_batch));
@@ -443,8 +451,8 @@ int CalibrateSensitivity() {
                    std::filesystem::path(loaded->path).filename().string(), ": ", ids.size(),
                    " probe prompts from ", absl::GetFlag(FLAGS_prompts), ", ", options.max_tokens,
                    " generated tokens each (greedy, full cache), then each group of ",
-                   options.layer_group, " layer(s) compressed alone by ", p.scorer, " at budget ",
-                   p.budget, ", delta ", p.buffer, ", window ", p.window,
+                   options.layer_group, " layer(s) compressed alone by ", NameOf(p.scorer),
+                   " at budget ", p.budget, ", delta ", p.buffer, ", window ", p.window,
                    "; demand = the group's mean KL(full || compressed) per token over "
                    "its mean across layers"));
   std::string json;
@@ -460,7 +468,7 @@ int CalibrateSensitivity() {
   std::printf(
       "sensitivity of %d layers (groups of %d) at budget %d with %s: full cache %.1f s, probes "
       "%.1f s, %lld events; wrote %s\n",
-      c.layers, options.layer_group, p.budget, p.scorer.c_str(), result->full_seconds,
+      c.layers, options.layer_group, p.budget, p.scorer_name().c_str(), result->full_seconds,
       result->probe_seconds, static_cast<long long>(result->events), out_path.c_str());
   std::printf("layer  KL/token  demand\n");
   for (int l = 0; l < c.layers; ++l) {
@@ -500,7 +508,9 @@ int Calibrate() {
   auto client = Connect();
   if (!client.ok()) return Fail(client.status());
   const ModelConfig& c = loaded->model->config();
-  Policy policy = PolicyFromFlags();
+  auto flags_policy = PolicyFromFlags();
+  if (!flags_policy.ok()) return Fail(flags_policy.status());
+  Policy policy = *flags_policy;
   auto request = SessionRequest(c, loaded->ModelName(), policy);
   if (!request.ok()) return Fail(request.status());
   request->set_mode(v1::SESSION_MODE_ADVISORY);

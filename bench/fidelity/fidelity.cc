@@ -301,10 +301,10 @@ int Main(int argc, char** argv) {
           }
         }
         const std::string name = c.policy.Name();
-        runs << name << "," << c.policy.scorer << "," << c.policy.allocator << ","
-             << (c.policy.allocator == "reasonalloc" ? c.policy.reasonalloc_mode : "") << ","
-             << c.policy.budget << "," << c.policy.buffer << "," << (free_pass ? "free" : "forced")
-             << "," << b << "," << ids[static_cast<size_t>(b)].size() << "," << gen.size() << ",";
+        runs << name << "," << c.policy.scorer_name() << "," << c.policy.allocator_name() << ","
+             << c.policy.mode_name() << "," << c.policy.budget << "," << c.policy.buffer << ","
+             << (free_pass ? "free" : "forced") << "," << b << ","
+             << ids[static_cast<size_t>(b)].size() << "," << gen.size() << ",";
         if (free_pass == 0) {
           runs << st.kl_sum / std::max(1, st.positions) << ","
                << static_cast<double>(st.agree) / std::max(1, st.positions) << ",";

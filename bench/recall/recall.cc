@@ -262,12 +262,11 @@ int Main(int argc, char** argv) {
       const std::string text = (*tok)->Decode(r->generated[static_cast<size_t>(slot)]);
       const bool ok = AnswerMatches(t.answer, text);
       correct += ok ? 1 : 0;
-      runs << p.Name() << "," << p.scorer << "," << p.allocator << ","
-           << (p.allocator == "reasonalloc" ? p.reasonalloc_mode : "") << "," << p.budget << ","
-           << p.buffer << "," << t.id << "," << t.kind << "," << t.distance << "," << t.ids.size()
-           << "," << (ok ? 1 : 0) << "," << r->peak_bytes[static_cast<size_t>(slot)] << ","
-           << full_bytes[seqs[s].second] << "," << (*backend)->events(slot) << "," << Csv(t.answer)
-           << "," << Csv(text) << "\n";
+      runs << p.Name() << "," << p.scorer_name() << "," << p.allocator_name() << ","
+           << p.mode_name() << "," << p.budget << "," << p.buffer << "," << t.id << "," << t.kind
+           << "," << t.distance << "," << t.ids.size() << "," << (ok ? 1 : 0) << ","
+           << r->peak_bytes[static_cast<size_t>(slot)] << "," << full_bytes[seqs[s].second] << ","
+           << (*backend)->events(slot) << "," << Csv(t.answer) << "," << Csv(text) << "\n";
     }
     runs.flush();
     std::fprintf(stderr,

@@ -38,6 +38,7 @@
 #include "core/cli_args.h"
 #include "core/cli_help.h"
 #include "core/npy.h"
+#include "core/policy.h"
 #include "proto/grpc_status.h"
 #include "proto/json.h"
 
@@ -71,8 +72,9 @@ ABSL_FLAG(int32_t, sinks, -1,
           "streaming, 0 for the others)");
 ABSL_FLAG(int32_t, recent, 0, "compress: last tokens of every head always kept (0 = the window)");
 ABSL_FLAG(int32_t, max_context, 131072, "compress: model.max_context (raised to N if smaller)");
-ABSL_FLAG(std::string, scorer, "snapkv", "compress: snapkv | streaming | h2o | rkv");
-ABSL_FLAG(std::string, allocator, "uniform", "compress: uniform | pyramid | adakv | reasonalloc");
+ABSL_FLAG(std::string, scorer, "snapkv", absl::StrCat("compress: ", reasonalloc::ScorerNames()));
+ABSL_FLAG(std::string, allocator, "uniform",
+          absl::StrCat("compress: ", reasonalloc::AllocatorNames()));
 ABSL_FLAG(std::string, reasonalloc_mode, "full", "compress: full | layer | head | off");
 ABSL_FLAG(int32_t, pool_kernel, 7, "compress: pooling kernel (odd)");
 ABSL_FLAG(std::string, pool_kind, "max", "compress: max | avg");
@@ -129,6 +131,30 @@ int Info(Client& client) {
   std::cout << "\nmetrics        " << info->metrics_address() << "\n"
             << "max message    " << info->max_message_bytes() << " bytes\n"
             << absl::StrFormat("uptime         %.1f s\n", info->uptime_seconds());
+  // The policy registry: what each policy needs and the memory kinds it runs on here.
+  auto kinds = [](const auto& list) {
+    std::string out;
+    for (int m : list) {
+      absl::StrAppend(&out, out.empty() ? "" : ",",
+                      v1::MemoryKind_Name(static_cast<v1::MemoryKind>(m)));
+    }
+    return out.empty() ? std::string("none") : out;
+  };
+  for (const v1::PolicyInfo& p : info->policies()) {
+    const bool scorer = p.kind() == v1::PolicyInfo::KIND_SCORER;
+    std::cout << absl::StrFormat("%-14s %-12s %s\n", scorer ? "scorer" : "allocator", p.name(),
+                                 p.summary());
+    if (scorer) {
+      std::cout << absl::StrFormat(
+          "%-27s managed: %s; advisory: %s%s%s\n", "", kinds(p.managed_memory()),
+          kinds(p.advisory_memory()), p.needs_accumulator() ? "; carries an accumulator" : "",
+          p.default_sinks() > 0 ? absl::StrCat("; ", p.default_sinks(), " sinks by default") : "");
+    } else {
+      std::cout << absl::StrFormat(
+          "%-27s %s%s\n", "", p.uses_layer_profile() ? "reads a layer profile; " : "",
+          p.routes_heads() ? "routes between heads" : "layer budgets only");
+    }
+  }
   return 0;
 }
 
@@ -335,6 +361,13 @@ int CompressCommand(Client& client) {
       create.mutable_budget()->set_sinks(absl::GetFlag(FLAGS_sinks));
     }
     create.mutable_budget()->set_recent(absl::GetFlag(FLAGS_recent));
+    // Names are checked here, against this build's registry, so that a typo names the flag.
+    if (auto s = ParseScorer(absl::GetFlag(FLAGS_scorer), "--scorer"); !s.ok()) {
+      return Fail(kUsageError, "compress", s.status());
+    }
+    if (auto a = ParseAllocator(absl::GetFlag(FLAGS_allocator), "--allocator"); !a.ok()) {
+      return Fail(kUsageError, "compress", a.status());
+    }
     create.mutable_scorer()->set_name(absl::GetFlag(FLAGS_scorer));
     create.mutable_scorer()->set_pool_kernel(absl::GetFlag(FLAGS_pool_kernel));
     const std::string pool = absl::GetFlag(FLAGS_pool_kind);

@@ -20,6 +20,7 @@
 #include "absl/strings/str_split.h"
 #include "core/engine.h"
 #include "core/npy.h"
+#include "core/policy.h"
 #include "core/quality.h"
 
 ABSL_FLAG(std::string, trace, "", "replay: trace folder (see README, 'Offline replay')");
@@ -159,9 +160,13 @@ int ReplayCommand() {
         if (!absl::SimpleAtoi(budget_text, &c.budget.budget)) {
           return Fail(absl::InvalidArgumentError(absl::StrCat("--budgets: \"", budget_text, "\"")));
         }
-        c.scorer.name = scorer;
+        auto scorer_kind = ParseScorer(scorer, "--scorers");
+        if (!scorer_kind.ok()) return Fail(scorer_kind.status());
+        c.scorer.kind = *scorer_kind;
         const std::vector<std::string> spec = absl::StrSplit(allocator_spec, ':');
-        c.allocator.name = spec[0];
+        auto allocator_kind = ParseAllocator(spec[0], "--allocators");
+        if (!allocator_kind.ok()) return Fail(allocator_kind.status());
+        c.allocator.kind = *allocator_kind;
         if (spec.size() > 1) {
           const std::string& mode = spec[1];
           if (mode == "layer")
@@ -173,8 +178,9 @@ int ReplayCommand() {
           else if (mode != "full")
             return Fail(absl::InvalidArgumentError("reasonalloc mode " + mode));
         }
-        auto engine =
-            Engine::Create(c, c.allocator.name == "reasonalloc" ? demand : std::vector<double>{});
+        auto engine = Engine::Create(c, AllocatorOf(c.allocator.kind).UsesLayerProfile(c.allocator)
+                                            ? demand
+                                            : std::vector<double>{});
         if (!engine.ok()) return Fail(engine.status());
         auto decision = (*engine)->Compress({q->data.data(), k->data.data(), n_max, lengths, {}});
         if (!decision.ok()) return Fail(decision.status());

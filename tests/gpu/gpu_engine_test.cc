@@ -91,7 +91,7 @@ std::vector<Case> Cases() {
                 std::min(k.config.budget.budget - *k.config.budget.sinks,
                          k.config.budget.window + static_cast<int>(rng() % 20));
           }
-          k.config.scorer.name = scorer;
+          k.config.scorer.kind = ParseScorer(scorer).value();
           k.config.scorer.pool_kernel = 1 + 2 * static_cast<int>(rng() % 5);
           k.config.scorer.pool_kind = rng() % 2 ? PoolKind::kMax : PoolKind::kAvg;
           const int reduce = static_cast<int>(rng() % 3);
@@ -101,7 +101,7 @@ std::vector<Case> Cases() {
           k.config.scorer.softmax_all_keys = rng() % 3 == 0;
           k.config.scorer.lambda = 0.05 + 0.9 * (rng() % 100) / 100.0;
           k.config.scorer.threshold = (rng() % 4 == 0) ? -0.2 : 0.2 + 0.7 * (rng() % 100) / 100.0;
-          k.config.allocator.name = allocator;
+          k.config.allocator.kind = ParseAllocator(allocator).value();
           const ReasonAllocMode modes[] = {ReasonAllocMode::kFull, ReasonAllocMode::kLayer,
                                            ReasonAllocMode::kHead, ReasonAllocMode::kOff};
           k.config.allocator.reasonalloc_mode = modes[rng() % 4];
@@ -223,7 +223,7 @@ std::vector<std::vector<float>> CpuScores(const Case& k, const Event& e) {
   const CompressInputs in = CpuInputs(e);
   std::vector<float> one_shot;
   const float* acc = in.accumulated;
-  if (k.config.scorer.name == "h2o" && acc == nullptr) {
+  if (k.config.scorer.kind == ScorerKind::kH2o && acc == nullptr) {
     one_shot = H2oAccumulator(m, window).Prepare(in, nullptr, 0).value();
     acc = one_shot.data();
   }
@@ -447,8 +447,8 @@ TEST_F(GpuEngineTest, LlamaGeometryEventAtBatchFour) {
   k.config = Geometry(32, 8, 4, 128, DType::kFloat16);
   k.config.budget.budget = 512;
   k.config.budget.window = 8;
-  k.config.scorer.name = "rkv";
-  k.config.allocator.name = "reasonalloc";
+  k.config.scorer.kind = ScorerKind::kRkv;
+  k.config.allocator.kind = AllocatorKind::kReasonAlloc;
   for (int l = 0; l < 32; ++l) k.demand.push_back(0.5 + std::abs(std::sin(l * 0.4)));
   k.events = 4;
   k.seed = 11;
@@ -469,8 +469,8 @@ TEST_F(GpuEngineTest, StreamingRanksRaggedHeadsByAgeFromTheirEnds) {
     c.budget.budget = 8;
     c.budget.window = 2;
     c.budget.sinks = 4;
-    c.scorer.name = "streaming";
-    c.allocator.name = allocator;
+    c.scorer.kind = ScorerKind::kStreaming;
+    c.allocator.kind = ParseAllocator(allocator).value();
     c.allocator.reasonalloc_mode = ReasonAllocMode::kHead;
     auto gpu = GpuEngine::Create(0, c);
     ASSERT_TRUE(gpu.ok()) << gpu.status();

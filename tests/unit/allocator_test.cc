@@ -20,7 +20,7 @@ SessionConfig Config(int L, int hkv, int budget, int window, const std::string& 
   c.model = {"m", L, hkv, hkv, 4, DType::kFloat32, 1 << 16};
   c.budget.budget = budget;
   c.budget.window = window;
-  c.allocator.name = allocator;
+  c.allocator.kind = ParseAllocator(allocator).value();
   return c;
 }
 
@@ -117,8 +117,8 @@ TEST(Allocators, InvariantsOnRandomInputs) {
     c.model = {"m", L, hkv * group, hkv, d, DType::kFloat32, 1 << 16};
     c.budget.window = 1 + trial % 6;
     c.budget.budget = c.budget.window + 1 + trial % 17;
-    c.scorer.name = trial % 2 ? "rkv" : "snapkv";
-    c.allocator.name = allocators[trial % 4];
+    c.scorer.kind = trial % 2 ? ScorerKind::kRkv : ScorerKind::kSnapKv;
+    c.allocator.kind = ParseAllocator(allocators[trial % 4]).value();
     c.allocator.reasonalloc_mode = modes[(trial / 4) % 4];
     std::vector<double> demand;
     if (trial % 8 == 3) {
@@ -139,8 +139,8 @@ TEST(Allocators, InvariantsOnRandomInputs) {
     auto dec = (*engine)->Compress({q.data(), k.data(), n_max, lengths, {}});
     ASSERT_TRUE(dec.ok()) << dec.status();
     const int window = c.budget.window;
-    const bool head_wise = c.allocator.name == std::string("adakv") ||
-                           (c.allocator.name == std::string("reasonalloc") &&
+    const bool head_wise = c.allocator.kind == AllocatorKind::kAdaKv ||
+                           (c.allocator.kind == AllocatorKind::kReasonAlloc &&
                             (c.allocator.reasonalloc_mode == ReasonAllocMode::kHead ||
                              c.allocator.reasonalloc_mode == ReasonAllocMode::kFull));
     int64_t sum = 0;
@@ -174,9 +174,9 @@ TEST(ReasonAlloc, BothLevelsOffSelectsExactlyWhatUniformRkvSelects) {
     SessionConfig c;
     c.model = {"m", 3, 8, 2, 16, DType::kFloat32, 1 << 16};
     c.budget.budget = 12 + trial;
-    c.scorer.name = "rkv";
+    c.scorer.kind = ScorerKind::kRkv;
     SessionConfig off = c;
-    off.allocator.name = "reasonalloc";
+    off.allocator.kind = AllocatorKind::kReasonAlloc;
     off.allocator.reasonalloc_mode = ReasonAllocMode::kOff;
     auto uniform = Engine::Create(c);
     auto reasonalloc = Engine::Create(off, {1, 2, 3});

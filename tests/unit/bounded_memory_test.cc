@@ -63,7 +63,7 @@ TEST(TiledScoring, SnapKvTilesGiveTheWholeBlockScores) {
   for (GqaReduce gqa : {GqaReduce::kMax, GqaReduce::kMean, GqaReduce::kMeanScores}) {
     for (bool all_keys : {false, true}) {
       ScorerConfig c;
-      c.name = "snapkv";
+      c.kind = ScorerKind::kSnapKv;
       c.gqa_reduce = gqa;
       c.softmax_all_keys = all_keys;
       const auto whole = ScoreWith(c, in);
@@ -96,7 +96,7 @@ TEST(TiledScoring, RkvRowTilesGiveTheWholeMatrixScores) {
   HeadInputs in{q.data(), k.data(), kN, kGroup, kWindow, kD, nullptr};
   for (double threshold : {0.5, 0.9, -0.2}) {
     ScorerConfig c;
-    c.name = "rkv";
+    c.kind = ScorerKind::kRkv;
     c.threshold = threshold;
     const auto whole = ScoreWith(c, in);
     for (size_t tile_rows : {1, 7, 64}) {
@@ -129,7 +129,7 @@ SessionConfig Config(int layers, int hq, int hkv, int d, int budget, int window,
   c.model = {"m", layers, hq, hkv, d, DType::kFloat32, 1 << 20};
   c.budget.budget = budget;
   c.budget.window = window;
-  c.scorer.name = scorer;
+  c.scorer.kind = ParseScorer(scorer).value();
   return c;
 }
 

@@ -17,7 +17,7 @@ SessionConfig Config(int L, int hq, int hkv, int d, int budget, const std::strin
   SessionConfig c;
   c.model = {"m", L, hq, hkv, d, DType::kFloat32, 1 << 16};
   c.budget.budget = budget;
-  c.scorer.name = scorer;
+  c.scorer.kind = ParseScorer(scorer).value();
   return c;
 }
 
@@ -126,7 +126,7 @@ TEST(Engine, StreamingRanksRaggedHeadsByAgeFromTheirEnds) {
     SessionConfig c = Config(1, 2, 2, 4, 8, "streaming");
     c.budget.window = 2;
     c.budget.sinks = 4;
-    c.allocator.name = allocator;
+    c.allocator.kind = ParseAllocator(allocator).value();
     c.allocator.reasonalloc_mode = ReasonAllocMode::kHead;
     auto engine = Engine::Create(c);
     ASSERT_TRUE(engine.ok()) << engine.status();
@@ -151,7 +151,7 @@ TEST(Engine, SinksAndRecentAreKeptByEveryScorer) {
       c.budget.window = 4;
       c.budget.sinks = 3;
       c.budget.recent = 12;
-      c.allocator.name = allocator;
+      c.allocator.kind = ParseAllocator(allocator).value();
       c.allocator.reasonalloc_mode = ReasonAllocMode::kHead;
       auto engine = Engine::Create(c);
       ASSERT_TRUE(engine.ok()) << engine.status();

@@ -36,7 +36,7 @@ SessionConfig Config(bool managed = true) {
   c.budget.budget = kBudget;
   c.budget.buffer = kDelta;
   c.budget.window = kWindow;
-  c.scorer.name = "snapkv";
+  c.scorer.kind = ScorerKind::kSnapKv;
   c.managed = managed;
   return c;
 }

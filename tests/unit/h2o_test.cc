@@ -42,7 +42,7 @@ SessionConfig OneHead(int budget) {
   c.model = {"h2o", 1, 1, 1, 1, DType::kFloat32, 4096};
   c.budget.budget = budget;
   c.budget.window = 1;
-  c.scorer.name = "h2o";
+  c.scorer.kind = ScorerKind::kH2o;
   return c;
 }
 

@@ -26,8 +26,8 @@ TEST(ProtoConvert, UnsetFieldsTakeTheSpecDefaults) {
   EXPECT_EQ(c->budget.window, 8);
   EXPECT_FALSE(c->budget.sinks.has_value());  // the scorer's default
   EXPECT_EQ(c->budget.recent, 0);
-  EXPECT_EQ(c->scorer.name, "snapkv");
-  EXPECT_EQ(c->allocator.name, "uniform");
+  EXPECT_EQ(c->scorer.kind, ScorerKind::kSnapKv);
+  EXPECT_EQ(c->allocator.kind, AllocatorKind::kUniform);
   EXPECT_TRUE(c->managed);
   EXPECT_EQ(c->allocator.reasonalloc_mode, ReasonAllocMode::kFull);
 }

@@ -28,7 +28,7 @@ std::vector<float> Score(const ScorerConfig& config, const std::vector<float>& q
 
 ScorerConfig SnapKv(int kernel, PoolKind pool = PoolKind::kMax, GqaReduce gqa = GqaReduce::kMax) {
   ScorerConfig c;
-  c.name = "snapkv";
+  c.kind = ScorerKind::kSnapKv;
   c.pool_kernel = kernel;
   c.pool_kind = pool;
   c.gqa_reduce = gqa;
@@ -102,7 +102,7 @@ TEST(SnapKv, NothingToScoreWhenAllTokensAreInTheWindow) {
 
 TEST(Streaming, NewestFirstByAgeFromTheEnd) {
   ScorerConfig c;
-  c.name = "streaming";
+  c.kind = ScorerKind::kStreaming;
   const auto s = Score(c, {}, std::vector<float>(10, 0.0f), 10, 1, 2, 1);
   ASSERT_EQ(s.size(), 8u);
   for (int j = 0; j < 7; ++j) EXPECT_LT(s[j], s[j + 1]);  // newer beats older
@@ -139,7 +139,7 @@ TEST(Rkv, ImportanceMinusRedundancyWithRetainLast) {
   // Retain last zeroes, per row, the largest j with S > T: S[0,2], S[1,2], S[2,1]. Left: S[0,1],
   // S[1,0], S[2,0] = 1. Column means over the 4 rows: [2/4, 1/4, 0, 0]. R = softmax of those.
   ScorerConfig c;
-  c.name = "rkv";
+  c.kind = ScorerKind::kRkv;
   c.pool_kernel = 1;
   const std::vector<float> q = {0, 0};
   const std::vector<float> k = {1, 0, 1, 0, 1, 0, 0, 1};
@@ -155,16 +155,15 @@ TEST(Rkv, ImportanceMinusRedundancyWithRetainLast) {
 
 TEST(Rkv, ZeroNormKeysScoreFinite) {
   ScorerConfig c;
-  c.name = "rkv";
+  c.kind = ScorerKind::kRkv;
   const std::vector<float> q = {1, 1};
   const std::vector<float> k(2 * 6, 0.0f);
   for (float v : Score(c, q, k, 6, 1, 1, 2)) EXPECT_TRUE(std::isfinite(v));
 }
 
 TEST(Scorer, UnknownNamesAreRefused) {
-  ScorerConfig c;
-  c.name = "oracle";
-  EXPECT_FALSE(MakeScorer(c).ok());
+  // Names become kinds where they enter the process; an unknown one never reaches MakeScorer.
+  EXPECT_FALSE(ParseScorer("oracle").ok());
 }
 
 TEST(SnapKv, SoftmaxOverAllKeysIsCausalInTheWindow) {
@@ -209,7 +208,7 @@ TEST(SnapKv, MeanScoresPoolsEachQueryHeadBeforeTheGroupMean) {
 
 TEST(H2o, ScoreIsTheAccumulator) {
   ScorerConfig c;
-  c.name = "h2o";
+  c.kind = ScorerKind::kH2o;
   auto scorer = MakeScorer(c);
   ASSERT_TRUE(scorer.ok());
   const std::vector<float> acc = {0.5f, 0.25f, 2.0f, 9.0f};

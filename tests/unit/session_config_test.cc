@@ -6,6 +6,10 @@
 
 #include <functional>
 
+#include "core/allocator.h"
+#include "core/policy.h"
+#include "core/scorer.h"
+
 namespace reasonalloc {
 namespace {
 
@@ -32,7 +36,7 @@ TEST(SessionConfig, DefaultsMatchTheSpec) {
   EXPECT_EQ(c.budget.window, 8);
   EXPECT_FALSE(c.budget.sinks.has_value());
   EXPECT_EQ(EffectiveSinks(c), 0);  // snapkv: none unless asked
-  c.scorer.name = "streaming";
+  c.scorer.kind = ScorerKind::kStreaming;
   EXPECT_EQ(EffectiveSinks(c), 4);
   c.budget.sinks = 0;
   EXPECT_EQ(EffectiveSinks(c), 0);
@@ -80,9 +84,11 @@ TEST(SessionConfig, RejectsBadFieldsNamingThem) {
          c.budget.recent = c.budget.budget - 3;
        },
        absl::StatusCode::kInvalidArgument, "budget.sinks + budget.recent"},
-      {"unknown scorer", [](auto& c) { c.scorer.name = "magic"; },
+      {"scorer kind outside the registry",
+       [](auto& c) { c.scorer.kind = static_cast<ScorerKind>(200); },
        absl::StatusCode::kInvalidArgument, "scorer.name"},
-      {"unknown allocator", [](auto& c) { c.allocator.name = "fair"; },
+      {"allocator kind outside the registry",
+       [](auto& c) { c.allocator.kind = static_cast<AllocatorKind>(200); },
        absl::StatusCode::kInvalidArgument, "allocator.name"},
       {"even kernel", [](auto& c) { c.scorer.pool_kernel = 4; }, absl::StatusCode::kInvalidArgument,
        "scorer.pool_kernel"},
@@ -104,20 +110,72 @@ TEST(SessionConfig, RejectsBadFieldsNamingThem) {
   }
 }
 
-TEST(SessionConfig, KnownButUnimplementedNamesAreUnimplemented) {
-  for (absl::string_view name : KnownScorers()) {
-    SessionConfig c = Valid();
-    c.scorer.name = std::string(name);
-    const absl::Status s = ValidateSessionConfig(c);
-    if (ScorerImplemented(name)) {
-      EXPECT_TRUE(s.ok()) << s;
-    } else {
-      EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << name;
+TEST(SessionConfig, EveryRegisteredPolicyValidates) {
+  for (const ScorerPolicy& scorer : ScorerPolicies()) {
+    for (const AllocatorPolicy& allocator : AllocatorPolicies()) {
+      SessionConfig c = Valid();
+      c.scorer.kind = scorer.kind;
+      c.allocator.kind = allocator.kind;
+      const absl::Status s = ValidateSessionConfig(c);
+      EXPECT_TRUE(s.ok()) << scorer.name << "/" << allocator.name << ": " << s;
     }
   }
-  EXPECT_TRUE(ScorerImplemented("snapkv"));
-  EXPECT_TRUE(ScorerImplemented("streaming"));
-  EXPECT_TRUE(AllocatorImplemented("uniform"));
+}
+
+TEST(Policy, UnknownNamesAreRefusedNamingTheField) {
+  auto scorer = ParseScorer("magic");
+  EXPECT_EQ(scorer.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(scorer.status().message()), HasSubstr("scorer.name \"magic\""));
+  EXPECT_THAT(std::string(scorer.status().message()), HasSubstr("snapkv, streaming, h2o, rkv"));
+  auto allocator = ParseAllocator("fair");
+  EXPECT_EQ(allocator.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(allocator.status().message()), HasSubstr("allocator.name"));
+  // The field is the caller's: a flag, a list entry.
+  EXPECT_THAT(std::string(ParseScorer("", "--scorer").status().message()),
+              HasSubstr("--scorer is empty"));
+  EXPECT_THAT(std::string(ParseScorer(std::string(300, 'x')).status().message()),
+              HasSubstr("300 bytes long"));
+  EXPECT_THAT(std::string(ParseReasonAllocMode("both", "--mode").status().message()),
+              HasSubstr("--mode \"both\""));
+}
+
+TEST(Policy, NamesRoundTripAndRowsDescribeTheirPolicies) {
+  for (const ScorerPolicy& p : ScorerPolicies()) {
+    EXPECT_EQ(ParseScorer(p.name).value(), p.kind);
+    EXPECT_EQ(&PolicyOf(p.kind), &p);
+    ScorerConfig config;
+    config.kind = p.kind;
+    auto scorer = MakeScorer(config);
+    ASSERT_TRUE(scorer.ok()) << p.name;
+    // Managed sessions run every scorer inline; advisory sessions never run where managed ones
+    // cannot.
+    EXPECT_NE(p.managed_planes & kInlinePlane, 0u) << p.name;
+    EXPECT_EQ(p.advisory_planes & ~p.managed_planes, 0u) << p.name;
+  }
+  for (const AllocatorPolicy& p : AllocatorPolicies()) {
+    EXPECT_EQ(ParseAllocator(p.name).value(), p.kind);
+    EXPECT_EQ(&PolicyOf(p.kind), &p);
+    AllocatorConfig c;
+    c.kind = p.kind;
+    // The row says what the policy may do; the class, what this configuration does.
+    if (AllocatorOf(p.kind).RoutesHeads(c)) {
+      EXPECT_TRUE(p.routes_heads) << p.name;
+    }
+    if (AllocatorOf(p.kind).UsesLayerProfile(c)) {
+      EXPECT_TRUE(p.uses_layer_profile) << p.name;
+    }
+  }
+  for (ReasonAllocMode m : {ReasonAllocMode::kFull, ReasonAllocMode::kLayer, ReasonAllocMode::kHead,
+                            ReasonAllocMode::kOff}) {
+    EXPECT_EQ(ParseReasonAllocMode(NameOf(m), "mode").value(), m);
+  }
+  // What the server, the arena layout and the engine read from the rows.
+  EXPECT_TRUE(PolicyOf(ScorerKind::kH2o).needs_accumulator);
+  EXPECT_EQ(PolicyOf(ScorerKind::kH2o).managed_planes & kCudaIpcPlane, 0u);
+  EXPECT_EQ(PolicyOf(ScorerKind::kStreaming).default_sinks, kDefaultStreamingSinks);
+  EXPECT_FALSE(PolicyOf(AllocatorKind::kUniform).reshapes_budgets);
+  EXPECT_EQ(ScorerNames(), "snapkv | streaming | h2o | rkv");
+  EXPECT_EQ(AllocatorNames(", "), "uniform, pyramid, adakv, reasonalloc");
 }
 
 TEST(SessionConfig, ArenaBytesAreTheLayoutsPages) {
@@ -129,9 +187,9 @@ TEST(SessionConfig, ArenaBytesAreTheLayoutsPages) {
   EXPECT_EQ(b.accumulator, 0u);
   // len, offset, capacity, budget, 3 mask words per head and the epoch: 512 bytes, one page.
   EXPECT_EQ(b.result, 4096u);
-  c.scorer.name = "h2o";
+  c.scorer.kind = ScorerKind::kH2o;
   EXPECT_EQ(ComputeArenaBytes(c).accumulator, 8192u);  // 4·2·192 floats + present: two pages
-  c.scorer.name = "snapkv";
+  c.scorer.kind = ScorerKind::kSnapKv;
   c.managed = false;  // advisory: only the result block is the server's
   EXPECT_EQ(ComputeArenaBytes(c).kv, 0u);
   EXPECT_EQ(ComputeArenaBytes(c).query_ring, 0u);

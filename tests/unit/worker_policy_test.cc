@@ -13,9 +13,9 @@ using ::testing::HasSubstr;
 TEST(ParsePolicy, ReadsEveryKnobAndWritesTheSameName) {
   auto p = ParsePolicy("rkv/reasonalloc-full+s4+r32+l0.07@mymodel.sensitivity");
   ASSERT_TRUE(p.ok()) << p.status();
-  EXPECT_EQ(p->scorer, "rkv");
-  EXPECT_EQ(p->allocator, "reasonalloc");
-  EXPECT_EQ(p->reasonalloc_mode, "full");
+  EXPECT_EQ(p->scorer, ScorerKind::kRkv);
+  EXPECT_EQ(p->allocator, AllocatorKind::kReasonAlloc);
+  EXPECT_EQ(p->reasonalloc_mode, ReasonAllocMode::kFull);
   EXPECT_EQ(p->sinks, 4);
   EXPECT_EQ(p->recent, 32);
   EXPECT_DOUBLE_EQ(p->lambda, 0.07);
@@ -61,7 +61,8 @@ TEST(ParsePolicy, DefaultsAreLeftToTheSidecar) {
 TEST(ParsePolicy, BadNamesAreErrorsThatShowTheSyntax) {
   for (const char* bad : {"", "rkv", "rkv/", "/uniform", "rkv/uniform+", "rkv/uniform+x3",
                           "rkv/uniform+s-1", "rkv/uniform+sx", "rkv/uniform+l0", "rkv/uniform+l2",
-                          "rkv/uniform@", "rkv/uniform@bad name", "rkv/uniform@.hidden"}) {
+                          "rkv/uniform@", "rkv/uniform@bad name", "rkv/uniform@.hidden",
+                          "magic/uniform", "rkv/fair", "rkv/reasonalloc-both"}) {
     auto p = ParsePolicy(bad);
     ASSERT_FALSE(p.ok()) << bad;
     EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
