@@ -14,6 +14,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "core/api_defaults.h"
 #include "core/build_info.h"
 #include "core/sync.h"
 #include "grpc/health/v1/health.grpc.pb.h"
@@ -24,9 +25,9 @@ namespace reasonalloc {
 class Client {
  public:
   struct Options {
-    std::string target = kDefaultTarget;              // unix:///path or host:port
-    uint64_t max_message_bytes = uint64_t{64} << 20;  // keep in step with the server's limit
-    absl::Duration timeout = absl::Seconds(30);       // per call
+    std::string target = kDefaultTarget;  // unix:///path or host:port
+    uint64_t max_message_bytes = kDefaultMaxMessageBytes;
+    absl::Duration timeout = absl::Seconds(30);  // per call
   };
 
   // Never blocks: a server that is not there shows up as UNAVAILABLE on the first call.

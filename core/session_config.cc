@@ -47,15 +47,28 @@ absl::Status ValidateGeometry(const ModelGeometry& m) {
   return absl::OkStatus();
 }
 
+absl::Status CheckBudgetValue(int budget, const BudgetConfig& b, const ModelGeometry& m,
+                              absl::string_view field) {
+  if (budget < b.window + 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " = ", budget, " is smaller than budget.window ", b.window, " + 1"));
+  }
+  if (budget > m.max_context) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, " = ", budget, " is larger than model.max_context = ", m.max_context));
+  }
+  if (b.recent > b.window && b.sinks.value_or(0) + b.recent > budget) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "budget.sinks + budget.recent = ", b.sinks.value_or(0), " + ", b.recent, " is larger than ",
+        field, " = ", budget, " (the always-kept tokens must fit it)"));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ValidateBudget(const BudgetConfig& b, const ModelGeometry& m) {
   if (auto s = CheckRange("budget.window", b.window, 1, kMaxWindow); !s.ok()) return s;
-  if (b.budget < b.window + 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "budget.budget = ", b.budget, " is smaller than budget.window ", b.window, " + 1"));
-  }
-  if (b.budget > m.max_context) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "budget.budget = ", b.budget, " is larger than model.max_context = ", m.max_context));
+  if (b.budget < b.window + 1 || b.budget > m.max_context) {
+    return CheckBudgetValue(b.budget, b, m, "budget.budget");
   }
   if (auto s = CheckRange("budget.buffer", b.buffer, 1, m.max_context); !s.ok()) return s;
   if (b.sinks.has_value()) {
@@ -64,12 +77,7 @@ absl::Status ValidateBudget(const BudgetConfig& b, const ModelGeometry& m) {
   if (auto s = CheckRange("budget.recent", b.recent, 0, kMaxWindow); !s.ok()) return s;
   // Sinks beyond what the budget leaves are dropped newest-first, as streaming always did; a
   // recency guarantee beyond the window must fit beside the sinks.
-  if (b.recent > b.window && b.sinks.value_or(0) + b.recent > b.budget) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "budget.sinks + budget.recent = ", b.sinks.value_or(0), " + ", b.recent,
-        " is larger than budget.budget = ", b.budget, " (the always-kept tokens must fit it)"));
-  }
-  return absl::OkStatus();
+  return CheckBudgetValue(b.budget, b, m, "budget.budget");
 }
 
 int EffectiveSinks(const SessionConfig& c) {

@@ -96,6 +96,10 @@ inline constexpr int kMaxPoolKernel = 63;
 
 absl::Status ValidateGeometry(const ModelGeometry& model);
 absl::Status ValidateBudget(const BudgetConfig& budget, const ModelGeometry& model);
+// The checks of budget.budget for a value `budget` that replaces it, the errors naming `field`
+// (UpdateBudget's request names it "budget").
+absl::Status CheckBudgetValue(int budget, const BudgetConfig& current, const ModelGeometry& model,
+                              absl::string_view field);
 absl::Status ValidateSessionConfig(const SessionConfig& config);
 
 // Bytes a session reserves against the server's arena pool: the shared-memory objects a

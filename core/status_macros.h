@@ -9,9 +9,26 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/string_view.h"
 
 #define REASONALLOC_STATUS_CONCAT_INNER(a, b) a##b
 #define REASONALLOC_STATUS_CONCAT(a, b) REASONALLOC_STATUS_CONCAT_INNER(a, b)
+
+namespace reasonalloc {
+
+// "where: message", with the code and payloads kept: how the layer that knows a value's wire path
+// (events[3], arenas, buffers[1]) names an error that a lower layer reported by its own parameter
+// names. OK stays OK.
+inline absl::Status WithContext(const absl::Status& status, absl::string_view where) {
+  if (status.ok() || where.empty()) return status;
+  absl::Status out(status.code(), absl::StrCat(where, ": ", status.message()));
+  status.ForEachPayload(
+      [&out](absl::string_view url, const absl::Cord& payload) { out.SetPayload(url, payload); });
+  return out;
+}
+
+}  // namespace reasonalloc
 
 #define RETURN_IF_ERROR(expr)                                                         \
   do {                                                                                \

@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/allocator.h"
 #include "core/selector.h"
+#include "core/status_macros.h"
 #include "gpu/cuda_status.h"
 #include "gpu/gpu_launch.h"
 
@@ -107,7 +108,10 @@ struct GpuEngine::Impl {
   }
   long long logit_rows = 0;  // window, or G·window (mean_scores, one-shot h2o)
   long long logits_bytes = kLogitsBytes;
-  absl::StatusOr<std::vector<Decision>> Compress(std::span<const DeviceEventInputs> events);
+  absl::StatusOr<std::vector<Decision>> Compress(std::span<const DeviceEventInputs> events,
+                                                 std::span<const std::string> names);
+  // One event's checks, its fields named as DeviceEventInputs names them.
+  absl::Status CheckEvent(const DeviceEventInputs& ev) const;
 };
 
 absl::Status GpuEngine::Impl::LaunchScoring(long long num_heads, long long stride) {
@@ -175,8 +179,45 @@ absl::Status GpuEngine::Impl::LaunchScoring(long long num_heads, long long strid
   return absl::OkStatus();
 }
 
+absl::Status GpuEngine::Impl::CheckEvent(const DeviceEventInputs& ev) const {
+  const int window = config.budget.window;
+  const long long hl = config.model.num_heads_total();
+  if (ev.keys == nullptr || ev.query_window == nullptr) {
+    return absl::InvalidArgumentError("keys and query_window must be device pointers");
+  }
+  if (ev.n_max <= 0 || ev.n_max > kMaxContext) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("n_max = ", ev.n_max, " is out of range [1, ", kMaxContext, "]"));
+  }
+  CompressInputs ci;
+  ci.n_max = ev.n_max;
+  ci.lengths = ev.lengths;
+  RETURN_IF_ERROR(cpu->CheckInputs(ci));
+  if (!ev.head_row_offsets.empty()) {
+    if (static_cast<long long>(ev.head_row_offsets.size()) != hl) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("head_row_offsets has ", ev.head_row_offsets.size(),
+                       " entries; expected num_layers * num_kv_heads = ", hl));
+    }
+    for (int64_t o : ev.head_row_offsets) {
+      if (o < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("head_row_offsets holds a negative row ", o));
+      }
+    }
+  }
+  if (ev.ring_start < 0 || ev.ring_start >= window) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("ring_start = ", ev.ring_start, " is outside [0, window ", window, ")"));
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
-    std::span<const DeviceEventInputs> events) {
+    std::span<const DeviceEventInputs> events, std::span<const std::string> names) {
+  auto event_name = [&](size_t e) {
+    return e < names.size() ? names[e] : absl::StrCat("events[", e, "]");
+  };
   const auto t0 = std::chrono::steady_clock::now();
   const ModelGeometry& m = config.model;
   const int window = config.budget.window;
@@ -190,37 +231,7 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
   bool check_finite = false;
   for (size_t e = 0; e < events.size(); ++e) {
     const DeviceEventInputs& ev = events[e];
-    if (ev.keys == nullptr || ev.query_window == nullptr) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("events[", e, "]: keys and query_window must be device pointers"));
-    }
-    if (ev.n_max <= 0 || ev.n_max > kMaxContext) {
-      return absl::InvalidArgumentError(absl::StrCat("events[", e, "].n_max = ", ev.n_max,
-                                                     " is out of range [1, ", kMaxContext, "]"));
-    }
-    CompressInputs ci;
-    ci.n_max = ev.n_max;
-    ci.lengths = ev.lengths;
-    if (auto s = cpu->CheckInputs(ci); !s.ok()) {
-      return absl::Status(s.code(), absl::StrCat("events[", e, "]: ", s.message()));
-    }
-    if (!ev.head_row_offsets.empty()) {
-      if (static_cast<long long>(ev.head_row_offsets.size()) != hl) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("events[", e, "].head_row_offsets has ", ev.head_row_offsets.size(),
-                         " entries; expected num_layers * num_kv_heads = ", hl));
-      }
-      for (int64_t o : ev.head_row_offsets) {
-        if (o < 0) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("events[", e, "].head_row_offsets holds a negative row ", o));
-        }
-      }
-    }
-    if (ev.ring_start < 0 || ev.ring_start >= window) {
-      return absl::InvalidArgumentError(absl::StrCat("events[", e, "].ring_start = ", ev.ring_start,
-                                                     " is outside [0, window ", window, ")"));
-    }
+    RETURN_IF_ERROR(WithContext(CheckEvent(ev), event_name(e)));
     check_finite |= ev.check_finite;
     if (e > 0 && (ev.accumulated != nullptr) != acc_given) {
       return absl::InvalidArgumentError(
@@ -341,8 +352,8 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
     if (bad_h[gh] != 0 && events[gh / static_cast<size_t>(hl)].check_finite) {
       const long long head = static_cast<long long>(gh) % hl;
       return absl::InvalidArgumentError(
-          absl::StrCat("events[", static_cast<long long>(gh) / hl,
-                       "]: keys or query_window hold NaN or Inf in layer ", head / m.num_kv_heads,
+          absl::StrCat(event_name(gh / static_cast<size_t>(hl)),
+                       ": keys or query_window hold NaN or Inf in layer ", head / m.num_kv_heads,
                        ", kv head ", head % m.num_kv_heads));
     }
   }
@@ -502,9 +513,9 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(int device,
 }
 
 absl::StatusOr<std::vector<Decision>> GpuEngine::CompressBatch(
-    std::span<const DeviceEventInputs> events) {
+    std::span<const DeviceEventInputs> events, std::span<const std::string> event_names) {
   std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->Compress(events);
+  return impl_->Compress(events, event_names);
 }
 
 absl::StatusOr<std::vector<std::vector<std::vector<float>>>> GpuEngine::LastScores() {

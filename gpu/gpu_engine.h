@@ -67,9 +67,11 @@ class GpuEngine {
   int device() const;
 
   // One event per element of `events`, all with this engine's configuration, in one set of
-  // launches. Checks what Engine::CheckInputs checks, per event, naming the event's index.
+  // launches. Checks what Engine::CheckInputs checks, per event; an error names the event by
+  // event_names[e] when the caller gives names (its wire path), else as "events[e]".
   // Thread-safe (events on one engine run one batch at a time).
-  absl::StatusOr<std::vector<Decision>> CompressBatch(std::span<const DeviceEventInputs> events);
+  absl::StatusOr<std::vector<Decision>> CompressBatch(
+      std::span<const DeviceEventInputs> events, std::span<const std::string> event_names = {});
 
   // After CompressBatch: the candidate scores of the last batch, [events][L * Hkv][n - window],
   // copied to the host (tests compare them with the CPU scorer's).

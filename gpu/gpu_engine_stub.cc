@@ -23,7 +23,8 @@ namespace {
 absl::Status NotBuilt() { return absl::UnavailableError("this build has no CUDA backend"); }
 }  // namespace
 
-absl::StatusOr<std::vector<Decision>> GpuEngine::CompressBatch(std::span<const DeviceEventInputs>) {
+absl::StatusOr<std::vector<Decision>> GpuEngine::CompressBatch(std::span<const DeviceEventInputs>,
+                                                               std::span<const std::string>) {
   return NotBuilt();
 }
 absl::StatusOr<std::vector<std::vector<std::vector<float>>>> GpuEngine::LastScores() {

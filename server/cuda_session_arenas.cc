@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
 #include "server/session_arenas.h"
 
 namespace reasonalloc {
@@ -108,16 +109,12 @@ absl::StatusOr<Decision> CudaSessionArenas::Compress(int64_t step,
   in.head_row_offsets = offsets_;
   in.ring_start = static_cast<int>((((step - window + 1) % window) + window) % window);
   in.check_finite = true;
-  auto decisions = engine_->CompressBatch(std::span<const gpu::DeviceEventInputs>(&in, 1));
-  if (!decisions.ok()) {
-    // The engine names events[0]; a session has one.
-    const std::string msg(decisions.status().message());
-    const std::string prefix = "events[0]: ";
-    return absl::Status(
-        decisions.status().code(),
-        absl::StrCat("arenas: ", msg.rfind(prefix, 0) == 0 ? msg.substr(prefix.size()) : msg));
-  }
-  return std::move((*decisions)[0]);
+  // The event's inputs are this session's arenas: errors name them so.
+  const std::string name = "arenas";
+  ASSIGN_OR_RETURN(std::vector<Decision> decisions,
+                   engine_->CompressBatch(std::span<const gpu::DeviceEventInputs>(&in, 1),
+                                          std::span<const std::string>(&name, 1)));
+  return std::move(decisions[0]);
 }
 
 absl::Status CudaSessionArenas::CheckFits(const Decision& decision) const {

@@ -16,6 +16,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "core/api_defaults.h"
 #include "core/build_info.h"
 #include "server/health_service.h"
 #include "server/metrics.h"
@@ -43,7 +44,7 @@ struct ServerOptions {
   int max_watchers = 8;     // WatchMetrics streams at once
   int watch_queue = 1024;   // events buffered per watcher
   std::string profile_dir;  // empty = no layer profiles
-  uint64_t max_message_bytes = uint64_t{64} << 20;
+  uint64_t max_message_bytes = kDefaultMaxMessageBytes;
   absl::Duration drain_timeout = absl::Seconds(10);
   absl::Duration testing_compress_delay = absl::ZeroDuration();
   // Most scratch bytes one compression event may allocate; 0 = DefaultMaxEventBytes().

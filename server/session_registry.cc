@@ -7,6 +7,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "core/status_macros.h"
 
 namespace reasonalloc {
 
@@ -311,14 +312,11 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::UpdateBudget(const std
   if (!s.ok()) return s.status();
   Session& session = **s;
   SessionConfig config = session.engine()->config();
+  // The request's field is `budget`; the rest of the configuration was validated at creation.
+  RETURN_IF_ERROR(CheckBudgetValue(budget, config.budget, config.model, "budget"));
   config.budget.budget = budget;
-  auto engine = Engine::Create(config, session.engine()->layer_demand());
-  if (!engine.ok()) {
-    // The request's field is `budget`, not the session's `budget.budget`.
-    std::string message(engine.status().message());
-    if (absl::StartsWith(message, "budget.budget")) message = "budget" + message.substr(13);
-    return absl::Status(engine.status().code(), message);
-  }
+  ASSIGN_OR_RETURN(std::shared_ptr<Engine> engine,
+                   Engine::Create(config, session.engine()->layer_demand()));
   const uint64_t bytes = ComputeArenaBytes(config).total();
   MutexLock lock(&mu_);
   if (sessions_.find(id) == sessions_.end()) {
@@ -334,7 +332,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::UpdateBudget(const std
   }
   reserved_ = reserved_ - session.reserved_ + bytes;
   session.reserved_ = bytes;
-  session.engine_ = std::move(engine).value();
+  session.engine_ = std::move(engine);
   return s;
 }
 

@@ -14,6 +14,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/api_defaults.h"
 #include "core/blas.h"
 #include "core/build_info.h"
 #include "core/h2o.h"
@@ -622,8 +623,8 @@ grpc::Status SidecarService::StartCalibration(grpc::ServerContext* context,
         auto run = [&]() -> absl::Status {
           auto session = Use(context, request->session_id(), SessionRegistry::Renew::kYes);
           if (!session.ok()) return session.status();
-          const double rho = request->rho() == 0 ? 0.93 : request->rho();
-          const int stride = request->stride() == 0 ? 16 : request->stride();
+          const double rho = request->rho() == 0 ? kDefaultCalibrationRho : request->rho();
+          const int stride = request->stride() == 0 ? kDefaultCalibrationStride : request->stride();
           if ((*session)->arenas() != nullptr || (*session)->cuda_arenas() != nullptr) {
             return absl::UnimplementedError(
                 "calibration of a MEMORY_KIND_HOST_SHM or MEMORY_KIND_CUDA_IPC session is not "

@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "core/api_defaults.h"
 #include "core/cli_args.h"
 #include "core/cli_help.h"
 #include "core/npy.h"
@@ -83,8 +84,9 @@ ABSL_FLAG(std::string, objective, "k_rho",
           "Wave) or sensitivity (the KL cost of compressing each layer group alone to --budget "
           "with --scorer)");
 ABSL_FLAG(int, layer_group, 1, "calibrate --objective sensitivity: layers compressed together");
-ABSL_FLAG(double, rho, 0.93, "calibrate: attention-mass fraction ρ");
-ABSL_FLAG(int, stride, 16, "calibrate: measure every stride-th step");
+ABSL_FLAG(double, rho, reasonalloc::kDefaultCalibrationRho, "calibrate: attention-mass fraction ρ");
+ABSL_FLAG(int, stride, reasonalloc::kDefaultCalibrationStride,
+          "calibrate: measure every stride-th step");
 ABSL_FLAG(bool, json, false, "generate: print a JSON summary line");
 
 namespace reasonalloc::worker {

@@ -34,18 +34,21 @@
 #include "client/cli/watch.h"
 #include "client/client.h"
 #include "client/npy_tensor.h"
+#include "core/api_defaults.h"
 #include "core/build_info.h"
 #include "core/cli_args.h"
 #include "core/cli_help.h"
 #include "core/npy.h"
 #include "core/policy.h"
+#include "core/session_config.h"
 #include "proto/grpc_status.h"
 #include "proto/json.h"
 
 ABSL_FLAG(std::string, target, "",
           "Server address (default: $REASONALLOC_TARGET, else the server's default socket)");
 ABSL_FLAG(double, timeout_seconds, 60, "Deadline of each call");
-ABSL_FLAG(uint64_t, max_message_bytes, uint64_t{64} << 20, "Largest message sent or received");
+ABSL_FLAG(uint64_t, max_message_bytes, reasonalloc::kDefaultMaxMessageBytes,
+          "Largest message sent or received");
 ABSL_FLAG(bool, json, false, "Print the server's answer as JSON");
 ABSL_FLAG(std::string, service, "", "health: the service to check (empty = the server)");
 ABSL_FLAG(std::string, model, "", "sessions, watch: only this model");
@@ -65,8 +68,9 @@ ABSL_FLAG(std::string, session_token, "",
           "another uid than the creator's or over TCP");
 ABSL_FLAG(int64_t, step, 0, "compress: decode step of the event");
 ABSL_FLAG(std::string, model_name, "cli", "compress: model name of a temporary session");
-ABSL_FLAG(int32_t, budget, 512, "compress: B, tokens kept per head (window included)");
-ABSL_FLAG(int32_t, buffer, 128, "compress: Δ");
+ABSL_FLAG(int32_t, budget, reasonalloc::BudgetConfig{}.budget,
+          "compress: B, tokens kept per head (window included)");
+ABSL_FLAG(int32_t, buffer, reasonalloc::BudgetConfig{}.buffer, "compress: Δ");
 ABSL_FLAG(int32_t, sinks, -1,
           "compress: first tokens of every head always kept (-1 = the scorer's default: 4 for "
           "streaming, 0 for the others)");

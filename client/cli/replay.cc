@@ -18,6 +18,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "core/api_defaults.h"
 #include "core/engine.h"
 #include "core/npy.h"
 #include "core/policy.h"
@@ -29,7 +30,8 @@ ABSL_FLAG(std::string, allocators, "uniform,pyramid,adakv,reasonalloc:head,reaso
           "replay: allocators (reasonalloc:full|layer|head|off)");
 ABSL_FLAG(std::string, budgets, "32,64,128,256", "replay: budgets B to compare");
 ABSL_FLAG(std::string, layer_demand, "", "replay: per-layer demand D for reasonalloc (comma list)");
-ABSL_FLAG(double, rho, 0.93, "replay: recall threshold for the recall>=rho share");
+ABSL_FLAG(double, rho, reasonalloc::kDefaultCalibrationRho,
+          "replay: recall threshold for the recall>=rho share");
 ABSL_FLAG(std::string, csv, "", "replay: also write the table as CSV to this file");
 
 namespace reasonalloc {

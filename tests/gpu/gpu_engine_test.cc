@@ -530,6 +530,13 @@ TEST_F(GpuEngineTest, RejectsBadInputsNamingThem) {
   auto st = (*gpu)->CompressBatch(std::span<const DeviceEventInputs>(&in, 1)).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("events[0]"), std::string::npos) << st;
+  // A caller that knows the event's wire path names it.
+  const std::string name = "arenas";
+  st = (*gpu)
+           ->CompressBatch(std::span<const DeviceEventInputs>(&in, 1),
+                           std::span<const std::string>(&name, 1))
+           .status();
+  EXPECT_EQ(st.message().rfind("arenas: keys and query_window", 0), 0u) << st;
   void* p = (*gpu)->Allocate(1 << 16).value();
   in.keys = p;
   in.query_window = p;

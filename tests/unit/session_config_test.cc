@@ -9,6 +9,7 @@
 #include "core/allocator.h"
 #include "core/policy.h"
 #include "core/scorer.h"
+#include "core/status_macros.h"
 
 namespace reasonalloc {
 namespace {
@@ -194,6 +195,27 @@ TEST(SessionConfig, ArenaBytesAreTheLayoutsPages) {
   EXPECT_EQ(ComputeArenaBytes(c).kv, 0u);
   EXPECT_EQ(ComputeArenaBytes(c).query_ring, 0u);
   EXPECT_EQ(ComputeArenaBytes(c).total(), 4096u);
+}
+
+TEST(WithContext, PrefixesTheWirePathAndKeepsCodeAndPayload) {
+  absl::Status s = absl::InvalidArgumentError("n_max = 0 is out of range");
+  s.SetPayload("type.example/x", absl::Cord("y"));
+  const absl::Status named = WithContext(s, "events[2]");
+  EXPECT_EQ(named.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(named.message(), "events[2]: n_max = 0 is out of range");
+  EXPECT_EQ(named.GetPayload("type.example/x"), absl::Cord("y"));
+  EXPECT_TRUE(WithContext(absl::OkStatus(), "events[2]").ok());
+}
+
+TEST(SessionConfig, ABudgetValueIsCheckedUnderTheCallersName) {
+  const SessionConfig c = Valid();
+  const absl::Status s = CheckBudgetValue(3, c.budget, c.model, "budget");
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(s.message().rfind("budget = 3 is smaller than budget.window", 0), 0u) << s;
+  EXPECT_TRUE(CheckBudgetValue(c.budget.window + 1, c.budget, c.model, "budget").ok());
+  EXPECT_THAT(
+      std::string(CheckBudgetValue(c.model.max_context + 1, c.budget, c.model, "budget").message()),
+      HasSubstr("larger than model.max_context"));
 }
 
 }  // namespace

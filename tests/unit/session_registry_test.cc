@@ -170,7 +170,11 @@ TEST(SessionRegistry, UpdateBudgetReaccounts) {
   EXPECT_EQ((*s)->engine()->config().budget.budget, 16);
   EXPECT_EQ(reg.UpdateBudget((*s)->id(), 512).status().code(),
             absl::StatusCode::kResourceExhausted);
-  EXPECT_EQ(reg.UpdateBudget((*s)->id(), 4).status().code(), absl::StatusCode::kInvalidArgument);
+  const absl::Status too_small = reg.UpdateBudget((*s)->id(), 4).status();
+  EXPECT_EQ(too_small.code(), absl::StatusCode::kInvalidArgument);
+  // The request's field is `budget` (the session's budget.budget is what it replaces).
+  EXPECT_EQ(too_small.message().rfind("budget = 4 is smaller than budget.window", 0), 0u)
+      << too_small;
   EXPECT_EQ((*s)->engine()->config().budget.budget, 16);
 }
 
