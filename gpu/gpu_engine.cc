@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -110,6 +111,8 @@ struct GpuEngine::Impl {
   long long logits_bytes = kLogitsBytes;
   absl::StatusOr<std::vector<Decision>> Compress(std::span<const DeviceEventInputs> events,
                                                  std::span<const std::string> names);
+  std::atomic<uint64_t> batches{0};
+  std::atomic<int> last_batch_events{0};
   // One event's checks, its fields named as DeviceEventInputs names them.
   absl::Status CheckEvent(const DeviceEventInputs& ev) const;
 };
@@ -253,6 +256,8 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
   last_stride = 0;
   const long long num_events = static_cast<long long>(events.size());
   const long long num_heads = num_events * hl;
+  batches.fetch_add(1);
+  last_batch_events.store(static_cast<int>(num_events));
   RA_CUDA(cudaSetDevice(device));
 
   // Head descriptors.
@@ -518,7 +523,14 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::CompressBatch(
   return impl_->Compress(events, event_names);
 }
 
-absl::StatusOr<std::vector<std::vector<std::vector<float>>>> GpuEngine::LastScores() {
+absl::Status GpuEngine::CheckEvent(const DeviceEventInputs& event) const {
+  return impl_->CheckEvent(event);
+}
+
+uint64_t GpuEngine::BatchesForTest() const { return impl_->batches.load(); }
+int GpuEngine::LastBatchEventsForTest() const { return impl_->last_batch_events.load(); }
+
+absl::StatusOr<std::vector<std::vector<std::vector<float>>>> GpuEngine::LastScoresForTest() {
   std::lock_guard<std::mutex> lock(impl_->mu);
   Impl& x = *impl_;
   if (x.last_lengths.empty()) return absl::FailedPreconditionError("no batch has run yet");
@@ -541,7 +553,7 @@ absl::StatusOr<std::vector<std::vector<std::vector<float>>>> GpuEngine::LastScor
   return out;
 }
 
-absl::StatusOr<std::vector<uint64_t>> GpuEngine::LastKeepMask(int e) {
+absl::StatusOr<std::vector<uint64_t>> GpuEngine::LastKeepMaskForTest(int e) {
   std::lock_guard<std::mutex> lock(impl_->mu);
   Impl& x = *impl_;
   if (e < 0 || e >= static_cast<int>(x.last_lengths.size())) {
@@ -561,7 +573,8 @@ absl::StatusOr<std::vector<uint64_t>> GpuEngine::LastKeepMask(int e) {
   return out;
 }
 
-absl::Status GpuEngine::GatherKept(std::span<const DeviceGatherTarget> targets, size_t row_bytes) {
+absl::Status GpuEngine::GatherKeptForTest(std::span<const DeviceGatherTarget> targets,
+                                          size_t row_bytes) {
   std::lock_guard<std::mutex> lock(impl_->mu);
   Impl& x = *impl_;
   if (targets.size() != x.last_lengths.size()) {

@@ -73,15 +73,26 @@ class GpuEngine {
   absl::StatusOr<std::vector<Decision>> CompressBatch(
       std::span<const DeviceEventInputs> events, std::span<const std::string> event_names = {});
 
+  // One event's checks (pointers, n_max, lengths and the work limit, head_row_offsets,
+  // ring_start), its fields named as DeviceEventInputs names them; CompressBatch runs them for
+  // every event. A caller batching several sessions' events checks each alone first, so that one
+  // session's bad input fails only that session.
+  absl::Status CheckEvent(const DeviceEventInputs& event) const;
+
+  // Batches that reached the device (each one launch set), and the events in the last of them.
+  // Sessions sharing this engine show here whether their events ran together.
+  uint64_t BatchesForTest() const;
+  int LastBatchEventsForTest() const;
+
   // After CompressBatch: the candidate scores of the last batch, [events][L * Hkv][n - window],
   // copied to the host (tests compare them with the CPU scorer's).
-  absl::StatusOr<std::vector<std::vector<std::vector<float>>>> LastScores();
+  absl::StatusOr<std::vector<std::vector<std::vector<float>>>> LastScoresForTest();
   // After CompressBatch: the keep bitmask the last batch wrote on the device for event `e`, copied
   // to the host, [L * Hkv][WordsPerHead(n_max)] (the layout of BuildKeepMask).
-  absl::StatusOr<std::vector<uint64_t>> LastKeepMask(int e);
+  absl::StatusOr<std::vector<uint64_t>> LastKeepMaskForTest(int e);
   // After CompressBatch: gathers each event's kept rows of `targets[e].src` to `targets[e].dst`
   // (rows of `row_bytes`) on the device, rows past a head's kept length zeroed, and waits for it.
-  absl::Status GatherKept(std::span<const DeviceGatherTarget> targets, size_t row_bytes);
+  absl::Status GatherKeptForTest(std::span<const DeviceGatherTarget> targets, size_t row_bytes);
 
   // Managed arenas: after CompressBatch of one event whose keys used head_row_offsets, moves each
   // head's kept rows of `k` and `v` ([rows, row_bytes] on the device) from old_offsets[i] +

@@ -27,11 +27,14 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::CompressBatch(std::span<const D
                                                                std::span<const std::string>) {
   return NotBuilt();
 }
-absl::StatusOr<std::vector<std::vector<std::vector<float>>>> GpuEngine::LastScores() {
+absl::Status GpuEngine::CheckEvent(const DeviceEventInputs&) const { return NotBuilt(); }
+uint64_t GpuEngine::BatchesForTest() const { return 0; }
+int GpuEngine::LastBatchEventsForTest() const { return 0; }
+absl::StatusOr<std::vector<std::vector<std::vector<float>>>> GpuEngine::LastScoresForTest() {
   return NotBuilt();
 }
-absl::StatusOr<std::vector<uint64_t>> GpuEngine::LastKeepMask(int) { return NotBuilt(); }
-absl::Status GpuEngine::GatherKept(std::span<const DeviceGatherTarget>, size_t) {
+absl::StatusOr<std::vector<uint64_t>> GpuEngine::LastKeepMaskForTest(int) { return NotBuilt(); }
+absl::Status GpuEngine::GatherKeptForTest(std::span<const DeviceGatherTarget>, size_t) {
   return NotBuilt();
 }
 absl::Status GpuEngine::CompactInPlace(const Decision&, std::span<const int64_t>,

@@ -8,11 +8,12 @@
 
 namespace reasonalloc {
 
-CudaSessionArenas::CudaSessionArenas(const SessionConfig& config, int device)
-    : config_(config), device_(device), layout_(MakeSessionLayout(config)) {}
+CudaSessionArenas::CudaSessionArenas(const SessionConfig& config,
+                                     std::shared_ptr<gpu::GpuEngine> engine)
+    : config_(config), layout_(MakeSessionLayout(config)), engine_(std::move(engine)) {}
 
 absl::StatusOr<std::unique_ptr<CudaSessionArenas>> CudaSessionArenas::Create(
-    const SessionConfig& config, int device, std::vector<double> layer_demand) {
+    const SessionConfig& config, std::shared_ptr<gpu::GpuEngine> engine) {
   if (!config.managed) {
     return absl::UnimplementedError(
         "mode = SESSION_MODE_ADVISORY with memory = MEMORY_KIND_CUDA_IPC is not implemented in "
@@ -23,7 +24,8 @@ absl::StatusOr<std::unique_ptr<CudaSessionArenas>> CudaSessionArenas::Create(
         absl::StrCat("scorer.name \"", NameOf(config.scorer.kind),
                      "\" with memory = MEMORY_KIND_CUDA_IPC is not implemented in this build yet"));
   }
-  std::unique_ptr<CudaSessionArenas> a(new CudaSessionArenas(config, device));
+  const int device = engine->device();
+  std::unique_ptr<CudaSessionArenas> a(new CudaSessionArenas(config, std::move(engine)));
   for (auto [arena, layout] :
        {std::pair{&a->kv_, &a->layout_.kv}, std::pair{&a->ring_, &a->layout_.query_ring},
         std::pair{&a->result_, &a->layout_.result}}) {
@@ -31,9 +33,6 @@ absl::StatusOr<std::unique_ptr<CudaSessionArenas>> CudaSessionArenas::Create(
     if (!created.ok()) return created.status();
     *arena = std::move(created).value();
   }
-  auto engine = gpu::GpuEngine::Create(device, config, std::move(layer_demand));
-  if (!engine.ok()) return engine.status();
-  a->engine_ = std::move(engine).value();
   // Compaction's scratch up front: an event never needs GPU memory it might not get.
   if (auto s = a->engine_->ReserveCompaction(
           a->layout_.rows,
@@ -75,8 +74,8 @@ absl::Status CudaSessionArenas::WriteResult(const char* name, const void* data, 
   return result_->cuda().CopyFromHost(layout_.result.Get(name).byte_offset, data, bytes);
 }
 
-absl::StatusOr<Decision> CudaSessionArenas::Compress(int64_t step,
-                                                     const std::string& event_handle) {
+absl::StatusOr<gpu::DeviceEventInputs> CudaSessionArenas::Prepare(int64_t step,
+                                                                  const std::string& event_handle) {
   const ModelGeometry& m = config_.model;
   const int64_t heads = m.num_heads_total();
   const int window = config_.budget.window;
@@ -84,17 +83,17 @@ absl::StatusOr<Decision> CudaSessionArenas::Compress(int64_t step,
     if (auto s = engine_->WaitIpcEvent(event_handle); !s.ok()) return s;
   }
   // Read on the engine's stream, after the worker's event when one was given.
-  std::vector<int32_t> lengths(static_cast<size_t>(heads));
-  if (auto s = engine_->Download(lengths.data(),
+  event_lengths_.assign(static_cast<size_t>(heads), 0);
+  if (auto s = engine_->Download(event_lengths_.data(),
                                  static_cast<const unsigned char*>(result_->cuda().device_ptr()) +
                                      layout_.result.Get("len").byte_offset,
-                                 lengths.size() * sizeof(int32_t));
+                                 event_lengths_.size() * sizeof(int32_t));
       !s.ok()) {
     return s;
   }
   int64_t n_max = 1;
   for (int64_t i = 0; i < heads; ++i) {
-    const int32_t n = lengths[static_cast<size_t>(i)];
+    const int32_t n = event_lengths_[static_cast<size_t>(i)];
     const int32_t cap = capacities_[static_cast<size_t>(i)];
     if (auto s = CheckHeadLength(config_, i, n, cap); !s.ok()) return s;
     n_max = std::max<int64_t>(n_max, n);
@@ -105,10 +104,17 @@ absl::StatusOr<Decision> CudaSessionArenas::Compress(int64_t step,
   in.query_window = static_cast<const unsigned char*>(ring_->cuda().device_ptr()) +
                     layout_.query_ring.Get("q").byte_offset;
   in.n_max = n_max;
-  in.lengths = lengths;
+  in.lengths = event_lengths_;
   in.head_row_offsets = offsets_;
   in.ring_start = static_cast<int>((((step - window + 1) % window) + window) % window);
   in.check_finite = true;
+  RETURN_IF_ERROR(WithContext(engine_->CheckEvent(in), "arenas"));
+  return in;
+}
+
+absl::StatusOr<Decision> CudaSessionArenas::Compress(int64_t step,
+                                                     const std::string& event_handle) {
+  ASSIGN_OR_RETURN(const gpu::DeviceEventInputs in, Prepare(step, event_handle));
   // The event's inputs are this session's arenas: errors name them so.
   const std::string name = "arenas";
   ASSIGN_OR_RETURN(std::vector<Decision> decisions,

@@ -30,9 +30,10 @@ namespace reasonalloc {
 
 class CudaSessionArenas {
  public:
-  // Managed sessions of every scorer but h2o (its accumulator is carried on the host).
+  // Managed sessions of every scorer but h2o (its accumulator is carried on the host), computed
+  // by `engine` (shared with the other sessions of this configuration: GpuEnginePool).
   static absl::StatusOr<std::unique_ptr<CudaSessionArenas>> Create(
-      const SessionConfig& config, int device, std::vector<double> layer_demand);
+      const SessionConfig& config, std::shared_ptr<gpu::GpuEngine> engine);
 
   uint64_t bytes() const;
   void Describe(google::protobuf::RepeatedPtrField<v1::ArenaDescriptor>* out) const;
@@ -41,6 +42,12 @@ class CudaSessionArenas {
   // scores, allocates and selects on the GPU over each head's live rows and the query ring's α
   // newest slots (steps step − α + 1 .. step).
   absl::StatusOr<Decision> Compress(int64_t step, const std::string& event_handle);
+  // Compress in two halves, so that sessions sharing an engine decide in one batch: Prepare
+  // waits, reads and checks (the event alone), returning the engine's inputs (valid until the
+  // next Prepare); the caller then runs them through engine().CompressBatch with others, naming
+  // this one "arenas".
+  absl::StatusOr<gpu::DeviceEventInputs> Prepare(int64_t step, const std::string& event_handle);
+  gpu::GpuEngine& engine() const { return *engine_; }
   absl::Status CheckFits(const Decision& decision) const;
   // Compacts K and V in place on the GPU into the new head regions, before the session commits the
   // event (its scratch is reserved at creation; a device fault here leaves the session as it
@@ -50,15 +57,15 @@ class CudaSessionArenas {
   absl::Status Publish(const Decision& decision, uint64_t epoch);
 
  private:
-  CudaSessionArenas(const SessionConfig& config, int device);
+  CudaSessionArenas(const SessionConfig& config, std::shared_ptr<gpu::GpuEngine> engine);
   absl::Status WriteResult(const char* name, const void* data, size_t bytes);
 
   SessionConfig config_;
-  int device_;
   SessionLayout layout_;
   std::unique_ptr<DeviceArena> kv_, ring_, result_;
-  std::unique_ptr<gpu::GpuEngine> engine_;
-  std::vector<int64_t> offsets_;  // the sidecar's own copy of the head regions
+  std::shared_ptr<gpu::GpuEngine> engine_;
+  std::vector<int32_t> event_lengths_;  // the prepared event's "len"
+  std::vector<int64_t> offsets_;        // the sidecar's own copy of the head regions
   std::vector<int32_t> capacities_;
 };
 

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/check.h"
 #include "core/h2o.h"
 #include "core/status_macros.h"
 #include "server/proto_convert.h"
@@ -215,16 +216,64 @@ absl::Status HostShmPlane::Publish(const PlannedEvent& event, uint64_t epoch) {
 
 // ---- MEMORY_KIND_CUDA_IPC ----
 
-absl::StatusOr<PlannedEvent> CudaPlane::Decide(Session&, int64_t step) {
+absl::Status CudaPlane::Prepare(Session&, int64_t step) {
   if (request_.has_inline_tensors()) {
     return absl::FailedPreconditionError(
         "inline_tensors must be empty for a MEMORY_KIND_CUDA_IPC session: the worker writes keys, "
         "values, queries and lengths into the session's arenas");
   }
   SleepForTesting(limits_);
-  PlannedEvent event;
-  ASSIGN_OR_RETURN(event.decision, arenas_.Compress(step, request_.cuda_event_handle()));
-  return event;
+  ASSIGN_OR_RETURN(prepared_, arenas_.Prepare(step, request_.cuda_event_handle()));
+  return absl::OkStatus();
+}
+
+void CudaPlane::DecideTogether(std::span<EventPlane* const> planes,
+                               std::span<absl::StatusOr<PlannedEvent>> out) {
+  // Every plane here shares this one's engine (its batch key), so each is a CudaPlane.
+  gpu::GpuEngine& engine = arenas_.engine();
+  std::vector<gpu::DeviceEventInputs> inputs;
+  for (EventPlane* p : planes) {
+    REASONALLOC_DCHECK(p->batch_key() == batch_key());
+    inputs.push_back(static_cast<CudaPlane*>(p)->prepared_);
+  }
+  const std::vector<std::string> names(planes.size(), "arenas");
+  auto decided = engine.CompressBatch(inputs, names);
+  if (decided.ok()) {
+    if (limits_.on_device_batch) limits_.on_device_batch(static_cast<int>(planes.size()));
+    for (size_t i = 0; i < planes.size(); ++i) {
+      PlannedEvent event;
+      event.decision = std::move((*decided)[i]);
+      out[i] = std::move(event);
+    }
+    return;
+  }
+  if (planes.size() == 1) {
+    out[0] = decided.status();
+    return;
+  }
+  // The batch fails as a whole (NaN in one session's keys, logits overflowing, a device fault):
+  // each event again alone, so that only the events at fault fail.
+  for (size_t i = 0; i < planes.size(); ++i) {
+    auto one = engine.CompressBatch(std::span<const gpu::DeviceEventInputs>(&inputs[i], 1),
+                                    std::span<const std::string>(&names[i], 1));
+    if (!one.ok()) {
+      out[i] = one.status();
+      continue;
+    }
+    if (limits_.on_device_batch) limits_.on_device_batch(1);
+    PlannedEvent event;
+    event.decision = std::move((*one)[0]);
+    out[i] = std::move(event);
+  }
+}
+
+absl::StatusOr<PlannedEvent> CudaPlane::Decide(Session& session, int64_t step) {
+  RETURN_IF_ERROR(Prepare(session, step));
+  EventPlane* self = this;
+  absl::StatusOr<PlannedEvent> out = absl::UnknownError("not decided");
+  DecideTogether(std::span<EventPlane* const>(&self, 1),
+                 std::span<absl::StatusOr<PlannedEvent>>(&out, 1));
+  return out;
 }
 
 absl::Status CudaPlane::CheckFits(const PlannedEvent& event) {

@@ -22,6 +22,7 @@ struct PlaneLimits {
   uint64_t max_message_bytes = 0;  // the answer (inline: it carries the compacted rows)
   absl::Duration testing_delay = absl::ZeroDuration();  // slept after reading (tests only)
   std::function<bool()> cancelled;                      // the call was cancelled
+  std::function<void(int events)> on_device_batch;      // after each CUDA launch set
 };
 
 // MEMORY_KIND_INLINE: the tensors come in the request; managed sessions get their compacted rows
@@ -66,6 +67,7 @@ class HostShmPlane : public EventPlane {
 };
 
 // MEMORY_KIND_CUDA_IPC: the whole event on the GPU (scoring, allocation, selection, compaction).
+// Sessions sharing an engine batch: their events of one message run as one CompressBatch.
 class CudaPlane : public EventPlane {
  public:
   CudaPlane(const v1::CompressRequest& request, CudaSessionArenas& arenas, PlaneLimits limits)
@@ -74,11 +76,16 @@ class CudaPlane : public EventPlane {
   absl::Status CheckFits(const PlannedEvent& event) override;
   absl::Status Apply(PlannedEvent& event) override;
   absl::Status Publish(const PlannedEvent& event, uint64_t epoch) override;
+  const void* batch_key() const override { return &arenas_.engine(); }
+  absl::Status Prepare(Session& session, int64_t step) override;
+  void DecideTogether(std::span<EventPlane* const> planes,
+                      std::span<absl::StatusOr<PlannedEvent>> out) override;
 
  private:
   const v1::CompressRequest& request_;
   CudaSessionArenas& arenas_;
   PlaneLimits limits_;
+  gpu::DeviceEventInputs prepared_;
 };
 
 // The answer of an arena event (host or CUDA): the decision itself is in the result arena, so the

@@ -7,6 +7,10 @@
 //
 //   guard → step → decide (read + engine) → fits → apply → commit → publish
 //
+// Sessions whose planes share a batch key (CUDA sessions of one engine, server/gpu_engine_pool.h)
+// can decide together: RunCompressEvents takes a message's events, runs "decide" once for each
+// group of them (one launch set on the GPU) and every other step per event, in the same order.
+//
 // Nothing the session or the worker can observe changes before apply (a calibrating session's
 // measurement is taken in apply, after every check), and apply either succeeds or leaves the
 // session's memory as it was; so any failure up to and including apply leaves the session
@@ -17,6 +21,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -47,6 +52,17 @@ class EventPlane {
   // After the commit: makes the new epoch visible to the worker (result block, answer). A failure
   // here is a device fault (the event is committed, the worker learns of it by the error).
   virtual absl::Status Publish(const PlannedEvent& event, uint64_t epoch) = 0;
+
+  // Deciding together. A plane that can decide with others returns a key that exactly the planes
+  // it can batch with share (they are then of its type); null, the default, decides alone.
+  virtual const void* batch_key() const { return nullptr; }
+  // Batched planes: Decide's first half, the event's inputs read and checked alone.
+  virtual absl::Status Prepare(Session& session, int64_t step);
+  // Batched planes: decides the prepared events of `planes` (all with this plane's batch key, this
+  // one among them) together; out[i] is planes[i]'s decision or its own error. One event's bad
+  // input or fault never fails another's.
+  virtual void DecideTogether(std::span<EventPlane* const> planes,
+                              std::span<absl::StatusOr<PlannedEvent>> out);
 };
 
 struct EventOutcome {
@@ -61,6 +77,24 @@ struct EventOutcome {
 absl::StatusOr<EventOutcome> RunCompressEvent(
     Session& session, int64_t step, EventPlane& plane, std::chrono::steady_clock::time_point t0,
     const std::function<void(const EventOutcome&)>& record = nullptr);
+
+// One event of a message (CompressStream).
+struct EventJob {
+  Session* session = nullptr;
+  int64_t step = 0;
+  EventPlane* plane = nullptr;
+  // When the event's time starts; unset (the epoch) = when the run reaches it.
+  std::chrono::steady_clock::time_point t0;
+  std::function<void(const EventOutcome&)> record;
+  absl::StatusOr<EventOutcome> outcome = absl::UnknownError("not run");  // set by the run
+};
+
+// Runs every job, each with RunCompressEvent's order and guarantees, except that jobs whose planes
+// share a batch key decide together (guard, step and Prepare per job; one DecideTogether per
+// group; then fits, apply, commit, publish and record per job, in the jobs' order). A session's
+// later job runs after its earlier one has finished (the message is cut into waves at the first
+// repeated session), so two events of one session keep their order.
+void RunCompressEvents(std::span<EventJob> jobs);
 
 }  // namespace reasonalloc
 

@@ -90,6 +90,13 @@ Metrics::Metrics(absl::string_view backend, absl::string_view device, absl::stri
                         .Name("reasonalloc_sessions_ended_total")
                         .Help("Sessions that left the server, by reason (closed, expired)")
                         .Register(*registry_)),
+      device_batch_events_(
+          prometheus::BuildHistogram()
+              .Name("reasonalloc_device_batch_events")
+              .Help("Compression events decided together in one CUDA launch set (sessions "
+                    "sharing an engine, from one CompressStream message)")
+              .Register(*registry_)
+              .Add({}, prometheus::Histogram::BucketBoundaries{1, 2, 4, 8, 16, 32, 64, 128})),
       sessions_(prometheus::BuildGauge()
                     .Name("reasonalloc_sessions")
                     .Help("Live sessions")
@@ -282,6 +289,10 @@ void Metrics::SetPool(int sessions, uint64_t capacity, uint64_t reserved, int64_
 
 void Metrics::CountSessionEnd(absl::string_view why) {
   session_ends_.Add({{"reason", std::string(why)}}).Increment();
+}
+
+void Metrics::ObserveDeviceBatch(int events) {
+  device_batch_events_.Observe(static_cast<double>(events));
 }
 
 }  // namespace reasonalloc

@@ -54,6 +54,8 @@ class Metrics {
   // capacity_tokens: Σ over sessions of L·Hkv·(B + Δ), the tokens their arenas can hold.
   void SetPool(int sessions, uint64_t capacity, uint64_t reserved, int64_t capacity_tokens);
   void CountSessionEnd(absl::string_view why);  // "closed" | "expired"
+  // One launch set of the CUDA backend: how many sessions' events it decided together.
+  void ObserveDeviceBatch(int events);
 
   prometheus::Registry& registry() { return *registry_; }
 
@@ -81,6 +83,7 @@ class Metrics {
   std::map<std::string, std::vector<prometheus::Gauge*>> layer_children_
       ABSL_GUARDED_BY(children_mu_);
   prometheus::Family<prometheus::Counter>& session_ends_;
+  prometheus::Histogram& device_batch_events_;
   prometheus::Gauge& sessions_;
   prometheus::Family<prometheus::Gauge>& arena_;
   prometheus::Gauge& arena_capacity_;

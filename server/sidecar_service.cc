@@ -20,6 +20,7 @@
 #include "core/h2o.h"
 #include "core/inline_inputs.h"
 #include "core/policy.h"
+#include "core/status_macros.h"
 #include "proto/grpc_status.h"
 #include "server/event_planes.h"
 #include "server/external_buffers.h"
@@ -369,7 +370,12 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
                                      profile_name, caller->peer);
     if (!session.ok()) return session.status();
     if (cuda_ipc) {
-      auto arenas = CudaSessionArenas::Create(*config, options_.cuda_device, layer_demand);
+      auto engine = gpu_engines_.Get(options_.cuda_device, *config, layer_demand);
+      if (!engine.ok()) {
+        (void)registry_->Close((*session)->id());
+        return engine.status();
+      }
+      auto arenas = CudaSessionArenas::Create(*config, std::move(engine).value());
       if (!arenas.ok()) {
         (void)registry_->Close((*session)->id());
         return arenas.status();
@@ -529,37 +535,43 @@ grpc::Status SidecarService::RegisterBuffers(grpc::ServerContext* context,
   return Finish("RegisterBuffers", Guarded("RegisterBuffers", run));
 }
 
-absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
-                                        const v1::CompressRequest& request,
-                                        v1::CompressResponse* response) {
-  const auto t0 = std::chrono::steady_clock::now();
-  auto session_or = Use(context, request.session_id(), SessionRegistry::Renew::kYes);
-  if (!session_or.ok()) return session_or.status();
-  Session& session = **session_or;
+absl::StatusOr<SidecarService::CompressJob> SidecarService::MakeCompressJob(
+    grpc::ServerContext* context, const v1::CompressRequest& request,
+    v1::CompressResponse* response) {
+  CompressJob job;
+  job.t0 = std::chrono::steady_clock::now();
+  ASSIGN_OR_RETURN(job.session, Use(context, request.session_id(), SessionRegistry::Renew::kYes));
+  Session& session = *job.session;
   PlaneLimits limits;
   limits.max_event_bytes = options_.max_event_bytes;
   limits.max_message_bytes = options_.max_message_bytes;
   limits.testing_delay = options_.testing_compress_delay;
   limits.cancelled = [context] { return context != nullptr && context->IsCancelled(); };
+  limits.on_device_batch = [this](int events) { metrics_->ObserveDeviceBatch(events); };
   // The memory kind decides the plane; the transaction's order is the same for all of them.
-  std::unique_ptr<EventPlane> plane;
   bool arena_answer = true;
   if (SessionArenas* arenas = session.arenas(); arenas != nullptr) {
-    plane = std::make_unique<HostShmPlane>(request, *arenas, std::move(limits));
+    job.plane = std::make_unique<HostShmPlane>(request, *arenas, std::move(limits));
   } else if (CudaSessionArenas* cuda = session.cuda_arenas(); cuda != nullptr) {
-    plane = std::make_unique<CudaPlane>(request, *cuda, std::move(limits));
+    job.plane = std::make_unique<CudaPlane>(request, *cuda, std::move(limits));
   } else {
-    plane = std::make_unique<InlinePlane>(request, response, std::move(limits));
+    job.plane = std::make_unique<InlinePlane>(request, response, std::move(limits));
     arena_answer = false;
   }
-  return RunCompressEvent(session, request.step(), *plane, t0,
-                          [&](const EventOutcome& outcome) {
-                            if (arena_answer)
-                              AnswerArenaEvent(session, request.step(), outcome, response);
-                            RecordEvent(session, request.step(), outcome.committed,
-                                        outcome.decision);
-                          })
-      .status();
+  const int64_t step = request.step();
+  Session* s = job.session.get();
+  job.record = [this, s, step, response, arena_answer](const EventOutcome& outcome) {
+    if (arena_answer) AnswerArenaEvent(*s, step, outcome, response);
+    RecordEvent(*s, step, outcome.committed, outcome.decision);
+  };
+  return job;
+}
+
+absl::Status SidecarService::DoCompress(grpc::ServerContext* context,
+                                        const v1::CompressRequest& request,
+                                        v1::CompressResponse* response) {
+  ASSIGN_OR_RETURN(CompressJob job, MakeCompressJob(context, request, response));
+  return RunCompressEvent(*job.session, request.step(), *job.plane, job.t0, job.record).status();
 }
 
 void SidecarService::RecordEvent(const Session& session, int64_t step,
@@ -586,13 +598,44 @@ grpc::Status SidecarService::CompressStream(
   v1::CompressBatch batch;
   while (!context->IsCancelled() && stream->Read(&batch)) {
     v1::CompressBatchResult out;
-    for (const v1::CompressRequest& request : batch.requests()) {
+    // One job per request; the events of sessions sharing a CUDA engine decide together
+    // (RunCompressEvents), everything else as Compress would.
+    std::vector<absl::Status> status(static_cast<size_t>(batch.requests_size()));
+    std::vector<CompressJob> prepared;
+    std::vector<EventJob> jobs;
+    std::vector<size_t> job_of;  // request index of each job
+    for (int i = 0; i < batch.requests_size(); ++i) {
       v1::CompressResult* result = out.add_results();
-      absl::Status s = Guarded("CompressStream", [&] {
-        return DoCompress(context, request, result->mutable_response());
+      status[static_cast<size_t>(i)] = Guarded("CompressStream", [&]() -> absl::Status {
+        ASSIGN_OR_RETURN(CompressJob job,
+                         MakeCompressJob(context, batch.requests(i), result->mutable_response()));
+        prepared.push_back(std::move(job));
+        job_of.push_back(static_cast<size_t>(i));
+        return absl::OkStatus();
       });
+    }
+    for (size_t k = 0; k < prepared.size(); ++k) {
+      EventJob j;
+      j.session = prepared[k].session.get();
+      j.step = batch.requests(static_cast<int>(job_of[k])).step();
+      j.plane = prepared[k].plane.get();
+      // t0 stays unset: each event's time starts when it starts, as for Compress.
+      j.record = prepared[k].record;
+      jobs.push_back(std::move(j));
+    }
+    const absl::Status run = Guarded("CompressStream", [&] {
+      RunCompressEvents(jobs);
+      return absl::OkStatus();
+    });
+    for (size_t k = 0; k < jobs.size(); ++k) {
+      status[job_of[k]] = run.ok() ? jobs[k].outcome.status() : run;
+    }
+    for (int i = 0; i < batch.requests_size(); ++i) {
+      const absl::Status& s = status[static_cast<size_t>(i)];
       metrics_->CountRequest("CompressStream.item", static_cast<int>(s.code()));
       if (!s.ok()) {
+        v1::CompressResult* result = out.mutable_results(i);
+        result->clear_response();
         result->mutable_error()->set_code(static_cast<int>(s.code()));
         result->mutable_error()->set_message(std::string(s.message()));
       }

@@ -5,6 +5,8 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -13,6 +15,8 @@
 #include "absl/time/time.h"
 #include "reasonalloc/v1/sidecar.grpc.pb.h"
 #include "server/event_hub.h"
+#include "server/event_transaction.h"
+#include "server/gpu_engine_pool.h"
 #include "server/metrics.h"
 #include "server/peer.h"
 #include "server/profile_store.h"
@@ -97,6 +101,17 @@ class SidecarService final : public v1::KvSidecar::Service {
   // The answer of a committed shared-memory or CUDA arena event (the decision is in the arena).
   void RecordEvent(const Session& session, int64_t step, const Session::CommitResult& committed,
                    const Decision& decision);
+  // One Compress request made ready to run: its session, its plane (by memory kind) and what to
+  // record once committed (the answer of arena events, metrics, WatchMetrics).
+  struct CompressJob {
+    std::shared_ptr<Session> session;
+    std::unique_ptr<EventPlane> plane;
+    std::function<void(const EventOutcome&)> record;
+    std::chrono::steady_clock::time_point t0;
+  };
+  absl::StatusOr<CompressJob> MakeCompressJob(grpc::ServerContext* context,
+                                              const v1::CompressRequest& request,
+                                              v1::CompressResponse* response);
   absl::Status DoCompress(grpc::ServerContext* context, const v1::CompressRequest& request,
                           v1::CompressResponse* response);
   grpc::Status Finish(absl::string_view method, const absl::Status& status);
@@ -118,6 +133,7 @@ class SidecarService final : public v1::KvSidecar::Service {
   const Options options_;
   SessionRegistry* const registry_;
   ProfileStore* const profiles_;
+  GpuEnginePool gpu_engines_;  // CUDA sessions of one configuration share an engine
   Metrics* const metrics_;
   const absl::Time started_;
   std::atomic<bool> draining_{false};

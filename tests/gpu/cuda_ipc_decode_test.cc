@@ -8,7 +8,9 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <deque>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -211,6 +213,115 @@ TEST(CudaIpcDecodeLoop, BadUseIsRefusedNamingTheField) {
   auto refused = c.Compress(r);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kInvalidArgument) << refused.status();
   EXPECT_NE(refused.status().message().find("\"len\"[1]"), std::string::npos) << refused.status();
+}
+
+// A metric's value from the /metrics text (0 when absent).
+double MetricValue(const std::string& text, const std::string& name) {
+  const size_t at = text.find("\n" + name + " ");
+  if (at == std::string::npos) return 0;
+  return std::stod(text.substr(at + name.size() + 2));
+}
+
+// CUDA sessions of one configuration share an engine: the events of one CompressStream message
+// for several of them run as one launch set (reasonalloc_device_batch_events observes it), each
+// session gets its own decision, and a session whose keys hold NaN fails alone.
+TEST(CudaIpcDecodeLoop, CompressStreamOfSeveralSessionsIsOneLaunchSet) {
+  std::string why;
+  if (!HaveGpu(&why)) GTEST_SKIP() << why;
+  auto server = ServerProcess::Start({"--device=cuda:0"});
+  ASSERT_TRUE(server.ok()) << server.status();
+  Client& c = (*server)->client();
+  const std::vector<std::string> scorers = {"snapkv", "snapkv", "snapkv", "rkv"};
+  std::vector<std::string> ids;
+  std::vector<std::unique_ptr<CudaSessionView>> views;
+  for (const std::string& scorer : scorers) {
+    auto created = c.CreateSession(shm_test::ShmTestRequest(
+        "cuda-test", scorer, "uniform", v1::MEMORY_KIND_CUDA_IPC, v1::SESSION_MODE_MANAGED));
+    ASSERT_TRUE(created.ok()) << created.status();
+    ids.push_back(created->session().session_id());
+    auto view = CudaSessionView::Map(created->session());
+    ASSERT_TRUE(view.ok()) << view.status();
+    views.push_back(std::move(view).value());
+  }
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal;
+  const int step = kDelta + 2;
+  auto fill = [&](CudaSessionView& s, bool nan_keys) {
+    for (int t = 0; t <= step; ++t) {
+      std::vector<uint16_t> ks(kHeads * kD), vs(kHeads * kD), q(size_t{kL} * kHq * kD);
+      for (auto& x : ks) x = FloatToHalf(nan_keys && t == 3 ? NAN : normal(rng));
+      for (auto& x : vs) x = FloatToHalf(normal(rng));
+      for (auto& x : q) x = FloatToHalf(normal(rng));
+      ASSERT_TRUE(s.Append(t, ks.data(), vs.data(), q.data()).ok());
+    }
+  };
+  for (auto& v : views) fill(*v, false);
+  auto metrics = [&] {
+    auto body = testing::HttpGet(c.GetServerInfo()->metrics_address(), "/metrics");
+    EXPECT_TRUE(body.ok()) << body.status();
+    return body.ok() ? *body : std::string();
+  };
+  auto send = [&](const std::vector<std::string>& sessions, int at) {
+    grpc::ClientContext ctx;
+    auto stream = c.stub().CompressStream(&ctx);
+    v1::CompressBatch batch;
+    for (const std::string& id : sessions) {
+      v1::CompressRequest* r = batch.add_requests();
+      r->set_session_id(id);
+      r->set_step(at);
+    }
+    EXPECT_TRUE(stream->Write(batch));
+    v1::CompressBatchResult result;
+    EXPECT_TRUE(stream->Read(&result));
+    stream->WritesDone();
+    EXPECT_TRUE(stream->Finish().ok());
+    return result;
+  };
+  const std::string before = metrics();
+  const v1::CompressBatchResult result = send(ids, step);
+  ASSERT_EQ(result.results_size(), 4);
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_TRUE(result.results(i).has_response()) << result.results(i).error().message();
+    EXPECT_EQ(result.results(i).response().epoch(), 1u);
+    ASSERT_TRUE(views[static_cast<size_t>(i)]->Refresh().ok());
+    EXPECT_EQ(views[static_cast<size_t>(i)]->epoch(), 1u);
+  }
+  const std::string after = metrics();
+  // Two launch sets: the three snapkv sessions together, the rkv one (another engine) alone.
+  EXPECT_EQ(MetricValue(after, "reasonalloc_device_batch_events_count") -
+                MetricValue(before, "reasonalloc_device_batch_events_count"),
+            2);
+  EXPECT_EQ(MetricValue(after, "reasonalloc_device_batch_events_sum") -
+                MetricValue(before, "reasonalloc_device_batch_events_sum"),
+            4);
+
+  // Three more sessions of the shared configuration, one with NaN keys: it fails alone, naming
+  // its arenas; the others are decided.
+  std::vector<std::string> more;
+  std::vector<std::unique_ptr<CudaSessionView>> more_views;
+  for (int i = 0; i < 3; ++i) {
+    auto created = c.CreateSession(shm_test::ShmTestRequest(
+        "cuda-test", "snapkv", "uniform", v1::MEMORY_KIND_CUDA_IPC, v1::SESSION_MODE_MANAGED));
+    ASSERT_TRUE(created.ok()) << created.status();
+    more.push_back(created->session().session_id());
+    auto view = CudaSessionView::Map(created->session());
+    ASSERT_TRUE(view.ok()) << view.status();
+    fill(**view, i == 1);
+    more_views.push_back(std::move(view).value());
+  }
+  const v1::CompressBatchResult mixed = send(more, step);
+  ASSERT_EQ(mixed.results_size(), 3);
+  EXPECT_TRUE(mixed.results(0).has_response());
+  ASSERT_TRUE(mixed.results(1).has_error());
+  EXPECT_EQ(mixed.results(1).error().code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(mixed.results(1).error().message().rfind("arenas: keys or query_window hold NaN", 0),
+            0u)
+      << mixed.results(1).error().message();
+  EXPECT_TRUE(mixed.results(2).has_response());
+  views.clear();
+  more_views.clear();
+  for (const std::string& id : ids) EXPECT_TRUE(c.CloseSession(id).ok());
+  for (const std::string& id : more) EXPECT_TRUE(c.CloseSession(id).ok());
 }
 
 }  // namespace

@@ -304,7 +304,7 @@ void RunCase(const Case& k, Tally* tally) {
   }
   auto decisions = (*gpu)->CompressBatch(inputs);
   ASSERT_TRUE(decisions.ok()) << decisions.status();
-  auto gpu_scores = (*gpu)->LastScores();
+  auto gpu_scores = (*gpu)->LastScoresForTest();
   ASSERT_TRUE(gpu_scores.ok()) << gpu_scores.status();
   const ModelGeometry& m = k.config.model;
   const int window = k.config.budget.window;
@@ -344,7 +344,7 @@ void RunCase(const Case& k, Tally* tally) {
       const auto got = g.Kept(head);
       ASSERT_EQ(std::vector<int32_t>(got.begin(), got.end()), want) << "head " << head;
     }
-    auto mask = (*gpu)->LastKeepMask(static_cast<int>(ei));
+    auto mask = (*gpu)->LastKeepMaskForTest(static_cast<int>(ei));
     ASSERT_TRUE(mask.ok()) << mask.status();
     EXPECT_EQ(*mask, BuildKeepMask(g, e.n_max));
 
@@ -413,7 +413,7 @@ void RunCase(const Case& k, Tally* tally) {
       device.push_back(t.dst);
       targets.push_back(t);
     }
-    ASSERT_TRUE((*gpu)->GatherKept(targets, row_bytes).ok());
+    ASSERT_TRUE((*gpu)->GatherKeptForTest(targets, row_bytes).ok());
     for (size_t ei = 0; ei < events.size(); ++ei) {
       const size_t bytes = static_cast<size_t>(hl * targets[ei].max_kept) * row_bytes;
       std::vector<unsigned char> got(bytes), want(bytes);

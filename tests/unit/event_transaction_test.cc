@@ -6,9 +6,11 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -308,6 +310,108 @@ TEST(EventTransaction, HostShmPlaneCommitsNothingBeforeApplyAndPublishesTheEpoch
   EXPECT_EQ(*epoch, 1u);
   for (int i = 0; i < kL * kHkv; ++i) EXPECT_EQ(len[i], out->decision.kept_lengths[i]);
   EXPECT_LE(len[0], kBudget);
+}
+
+// A plane that batches with the others of its `key` (as CUDA sessions sharing an engine do): it
+// logs its stages with its name, and DecideTogether logs the names it decides together.
+class BatchedPlane : public ScriptedPlane {
+ public:
+  BatchedPlane(std::vector<std::string>* log, std::string name, const void* key,
+               std::string fail_at = "")
+      : ScriptedPlane(log, fail_at),
+        log_(log),
+        name_(std::move(name)),
+        key_(key),
+        fail_at_(std::move(fail_at)) {}
+  const void* batch_key() const override { return key_; }
+  absl::Status Prepare(Session&, int64_t) override {
+    log_->push_back("prepare " + name_);
+    return fail_at_ == "prepare" ? absl::InvalidArgumentError("prepare failed " + name_)
+                                 : absl::OkStatus();
+  }
+  void DecideTogether(std::span<EventPlane* const> planes,
+                      std::span<absl::StatusOr<PlannedEvent>> out) override {
+    std::string names;
+    for (EventPlane* p : planes) names += " " + static_cast<BatchedPlane*>(p)->name_;
+    log_->push_back("together" + names);
+    for (size_t i = 0; i < planes.size(); ++i) {
+      if (static_cast<BatchedPlane*>(planes[i])->fail_at_ == "decide") {
+        out[i] = absl::InvalidArgumentError("bad keys");
+        continue;
+      }
+      PlannedEvent e;
+      e.decision = KeepAll(kL, kHkv, std::vector<int32_t>(kL * kHkv, 3));
+      out[i] = std::move(e);
+    }
+  }
+
+ private:
+  std::vector<std::string>* log_;
+  std::string name_;
+  const void* key_;
+  std::string fail_at_;
+};
+
+std::shared_ptr<Session> NamedSession(const std::string& id) {
+  auto engine = Engine::Create(Config());
+  EXPECT_TRUE(engine.ok()) << engine.status();
+  return std::make_shared<Session>(id, std::shared_ptr<const Engine>(std::move(*engine)), 0, "test",
+                                   absl::Minutes(1), "");
+}
+
+TEST(EventTransaction, PlanesSharingABatchKeyDecideTogetherAndFailAlone) {
+  std::vector<std::string> log;
+  const int engine_a = 0, engine_b = 0;
+  auto s1 = NamedSession("s1"), s2 = NamedSession("s2"), s3 = NamedSession("s3"),
+       s4 = NamedSession("s4"), s5 = NamedSession("s5");
+  BatchedPlane p1(&log, "a1", &engine_a), p2(&log, "a2", &engine_a, "decide"),
+      p3(&log, "b1", &engine_b), p4(&log, "a3", &engine_a), p5(&log, "a4", &engine_a, "prepare");
+  std::vector<EventJob> jobs(5);
+  Session* sessions[] = {s1.get(), s2.get(), s3.get(), s4.get(), s5.get()};
+  EventPlane* planes[] = {&p1, &p2, &p3, &p4, &p5};
+  int recorded = 0;
+  for (size_t i = 0; i < jobs.size(); ++i) {
+    jobs[i].session = sessions[i];
+    jobs[i].step = 0;
+    jobs[i].plane = planes[i];
+    jobs[i].record = [&recorded](const EventOutcome&) { ++recorded; };
+  }
+  RunCompressEvents(jobs);
+  // One decision per key, with every prepared plane of that key; a1 and a3 commit, a2 fails alone
+  // (its session stays at step 0, retryable), a4 never got past its own prepare.
+  const std::vector<std::string> want = {
+      "prepare a1",  "prepare a2", "prepare b1", "prepare a3", "prepare a4", "together a1 a2 a3",
+      "fits",        "apply",      "publish@1",  "fits",       "apply",      "publish@1",
+      "together b1", "fits",       "apply",      "publish@1"};
+  EXPECT_EQ(log, want);
+  EXPECT_TRUE(jobs[0].outcome.ok()) << jobs[0].outcome.status();
+  EXPECT_EQ(jobs[1].outcome.status().message(), "bad keys");
+  EXPECT_TRUE(jobs[2].outcome.ok());
+  EXPECT_TRUE(jobs[3].outcome.ok());
+  EXPECT_EQ(jobs[4].outcome.status().message(), "prepare failed a4");
+  EXPECT_EQ(recorded, 3);
+  EXPECT_EQ(s2->Snapshot().epoch, 0u);
+  EXPECT_EQ(s1->Snapshot().epoch, 1u);
+  // Every guard is released: each session takes its next event.
+  for (Session* s : sessions) EXPECT_TRUE(s->BeginCompress().ok()) << s->id();
+}
+
+TEST(EventTransaction, ASessionsSecondEventInOneMessageRunsAfterItsFirst) {
+  std::vector<std::string> log;
+  const int engine = 0;
+  auto s1 = NamedSession("s1"), s2 = NamedSession("s2");
+  BatchedPlane first(&log, "s1@0", &engine), other(&log, "s2@0", &engine),
+      second(&log, "s1@4", &engine);
+  std::vector<EventJob> jobs(3);
+  jobs[0] = {s1.get(), 0, &first, {}, nullptr, absl::UnknownError("")};
+  jobs[1] = {s2.get(), 0, &other, {}, nullptr, absl::UnknownError("")};
+  jobs[2] = {s1.get(), kDelta, &second, {}, nullptr, absl::UnknownError("")};
+  RunCompressEvents(jobs);
+  for (const EventJob& j : jobs) EXPECT_TRUE(j.outcome.ok()) << j.outcome.status();
+  EXPECT_EQ(log[0], "prepare s1@0");
+  EXPECT_EQ(log[2], "together s1@0 s2@0");
+  EXPECT_NE(std::find(log.begin(), log.end(), "together s1@4"), log.end());
+  EXPECT_EQ(s1->Snapshot().epoch, 2u);
 }
 
 }  // namespace

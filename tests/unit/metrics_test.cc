@@ -42,6 +42,7 @@ TEST(Metrics, NamesTypesAndLabelSetsArePinned) {
   m.CountWatchDropped(1);
   m.SetWatchers(1);
   m.CountIpcImportFailure("bad_handle");
+  m.ObserveDeviceBatch(3);
 
   std::map<std::string, std::pair<std::string, std::set<std::string>>> got;
   for (const auto& family : m.registry().Collect()) {
@@ -57,6 +58,7 @@ TEST(Metrics, NamesTypesAndLabelSetsArePinned) {
       {"reasonalloc_tokens_evicted_total", {"counter", {"scorer", "allocator", "model"}}},
       {"reasonalloc_tokens_kept_total", {"counter", {"scorer", "allocator", "model"}}},
       {"reasonalloc_head_budget_spread_ratio", {"histogram", {"allocator"}}},
+      {"reasonalloc_device_batch_events", {"histogram", {}}},
       {"reasonalloc_layer_budget_share", {"gauge", {"model", "layer"}}},
       {"reasonalloc_watch_events_dropped_total", {"counter", {}}},
       {"reasonalloc_watchers", {"gauge", {}}},
