@@ -7,8 +7,10 @@
 #include <new>
 
 #include "absl/strings/str_cat.h"
+#include "core/compute_backend.h"
 #include "core/h2o.h"
 #include "core/selector.h"
+#include "core/status_macros.h"
 #include "core/thread_pool.h"
 
 namespace reasonalloc {
@@ -34,50 +36,56 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const SessionConfig& conf
   if (auto s = ValidateSessionConfig(config); !s.ok()) return s;
   auto scorer = MakeScorer(config.scorer);
   if (!scorer.ok()) return scorer.status();
-  auto allocator = MakeAllocator(config.allocator);
-  if (!allocator.ok()) return allocator.status();
   // Bad profiles fail here, at session creation, not at the first event.
   if (auto layers = LayerBudgets(config, layer_demand); !layers.ok()) return layers.status();
-  return std::unique_ptr<Engine>(new Engine(config, std::move(scorer).value(),
-                                            std::move(allocator).value(), std::move(layer_demand)));
+  return std::unique_ptr<Engine>(
+      new Engine(config, std::move(scorer).value(), std::move(layer_demand)));
 }
 
 Engine::Engine(SessionConfig config, std::unique_ptr<Scorer> scorer,
-               std::unique_ptr<Allocator> allocator, std::vector<double> layer_demand)
+               std::vector<double> layer_demand)
     : config_(std::move(config)),
       scorer_(std::move(scorer)),
-      allocator_(std::move(allocator)),
       layer_demand_(std::move(layer_demand)) {}
 
-absl::Status Engine::CheckInputs(const CompressInputs& in) const {
-  const ModelGeometry& m = config_.model;
+absl::Status CheckEventShape(const SessionConfig& config, const Scorer& scorer,
+                             std::span<const int32_t> lengths, int64_t n_max,
+                             const InputFields& fields) {
+  const ModelGeometry& m = config.model;
   const int64_t heads = m.num_heads_total();
-  if (static_cast<int64_t>(in.lengths.size()) != heads) {
+  if (static_cast<int64_t>(lengths.size()) != heads) {
     return absl::InvalidArgumentError(
-        absl::StrCat(in.fields.lengths, " has ", in.lengths.size(),
+        absl::StrCat(fields.lengths, " has ", lengths.size(),
                      " entries; expected num_layers * num_kv_heads = ", heads));
   }
   for (int64_t i = 0; i < heads; ++i) {
-    if (in.lengths[static_cast<size_t>(i)] < 0 || in.lengths[static_cast<size_t>(i)] > in.n_max) {
-      return absl::InvalidArgumentError(absl::StrCat(in.fields.lengths, "[", i,
-                                                     "] = ", in.lengths[static_cast<size_t>(i)],
-                                                     " is out of range [0, ", in.n_max, "]"));
+    if (lengths[static_cast<size_t>(i)] < 0 || lengths[static_cast<size_t>(i)] > n_max) {
+      return absl::InvalidArgumentError(absl::StrCat(fields.lengths, "[", i,
+                                                     "] = ", lengths[static_cast<size_t>(i)],
+                                                     " is out of range [0, ", n_max, "]"));
     }
   }
   int64_t work = 0;
   for (int64_t head = 0; head < heads; ++head) {
     HeadInputs hi;
-    hi.n = in.lengths[static_cast<size_t>(head)];
+    hi.n = lengths[static_cast<size_t>(head)];
     hi.group = m.group_size();
-    hi.window = config_.budget.window;
+    hi.window = config.budget.window;
     hi.head_dim = m.head_dim;
-    work += scorer_->Work(hi);
+    work += scorer.Work(hi);
   }
   if (work > kMaxEventWork) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        in.fields.keys, ": this event needs ", work, " multiply-adds, above the limit of ",
+        fields.keys, ": this event needs ", work, " multiply-adds, above the limit of ",
         kMaxEventWork, "; send fewer tokens or a smaller query window"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status Engine::CheckInputs(const CompressInputs& in) const {
+  const ModelGeometry& m = config_.model;
+  const int64_t heads = m.num_heads_total();
+  RETURN_IF_ERROR(CheckEventShape(config_, *scorer_, in.lengths, in.n_max, in.fields));
   if (in.max_event_bytes > 0) {
     const uint64_t bytes = EventBytes(in);
     if (bytes > in.max_event_bytes) {
@@ -150,130 +158,216 @@ absl::StatusOr<Decision> Engine::Compress(const CompressInputs& in) const {
   }
 }
 
+namespace {
+
+// The CPU backend: the session's scorer per head (on the shared pool for big events), the pool
+// counts from the scores, the selector per head. One event per batch.
+class CpuBackend final : public ComputeBackend {
+ public:
+  CpuBackend(const SessionConfig& config, const Scorer& scorer, const CompressInputs& in,
+             const float* accumulated)
+      : config_(config), scorer_(scorer), in_(in), accumulated_(accumulated) {}
+
+  absl::Status Score() override {
+    const ModelGeometry& m = config_.model;
+    const int64_t heads = m.num_heads_total();
+    const int window = config_.budget.window;
+    const int sinks = EffectiveSinks(config_);
+    const int recent = EffectiveRecent(config_);
+    int64_t work = 0;
+    for (int64_t head = 0; head < heads; ++head) work += scorer_.Work(HeadAt(head));
+    // Heads are scored independently: on the shared pool when the event is big enough to repay the
+    // hand-off (a few µs per head), inline otherwise. Results do not depend on which thread runs
+    // a head.
+    scores_.assign(static_cast<size_t>(heads), {});
+    std::vector<char> overflow(static_cast<size_t>(heads), 0);
+    std::atomic<int64_t> unpolled_work{0};
+    std::atomic<bool> cancelled{false};
+    // Polled by the scorers between the tiles of a long head: one head's scoring can take seconds.
+    const std::function<bool()> stop = [&] {
+      if (cancelled.load(std::memory_order_relaxed)) return true;
+      if (in_.cancelled && in_.cancelled()) cancelled.store(true);
+      return cancelled.load();
+    };
+    auto score_head = [&](int64_t head) {
+      if (cancelled.load(std::memory_order_relaxed)) return;
+      HeadInputs hi = HeadAt(head);
+      hi.stop = &stop;
+      const int64_t w = scorer_.Work(hi);
+      if (in_.cancelled && unpolled_work.fetch_add(w) + w >= in_.cancel_poll_work) {
+        unpolled_work.store(0);
+        if (in_.cancelled()) {
+          cancelled.store(true);
+          return;
+        }
+      }
+      auto& s = scores_[static_cast<size_t>(head)];
+      s.assign(static_cast<size_t>(std::max(0, hi.n - window)), 0.0f);
+      if (!s.empty() && !scorer_.ScoreHead(hi, s)) overflow[static_cast<size_t>(head)] = 1;
+      ProtectScores(hi.n, window, sinks, recent, s);
+    };
+    if (work >= kParallelWork && heads > 1) {
+      ThreadPool::Shared().ParallelFor(heads, score_head);
+    } else {
+      for (int64_t head = 0; head < heads; ++head) score_head(head);
+    }
+    if (cancelled.load()) {
+      return absl::CancelledError("the compression event was cancelled (caller gone or drain)");
+    }
+    for (int64_t head = 0; head < heads; ++head) {
+      if (overflow[static_cast<size_t>(head)]) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(in_.fields.queries, " and ", in_.fields.keys,
+                         ": attention logits overflow float32 in layer ", head / m.num_kv_heads,
+                         ", kv head ", head % m.num_kv_heads, " (input magnitudes too large)"));
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status PoolCounts(std::span<const int64_t> k, std::span<int64_t> greater,
+                          std::span<int64_t> equal) override {
+    const size_t heads = static_cast<size_t>(config_.model.num_kv_heads);
+    for (size_t l = 0; l < k.size(); ++l) {
+      CountLayerPool(std::span<const std::vector<float>>(scores_).subspan(l * heads, heads), k[l],
+                     greater.data() + l * heads, equal.data() + l * heads);
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status Select(std::span<Decision> decisions) override {
+    Decision& out = decisions[0];
+    const int64_t heads = config_.model.num_heads_total();
+    auto select_head = [&](int64_t head) {
+      SelectHeadInto(scores_[static_cast<size_t>(head)], in_.lengths[static_cast<size_t>(head)],
+                     out.budgets[static_cast<size_t>(head)], config_.budget.window,
+                     out.kept_indices.data() + out.head_offsets[static_cast<size_t>(head)]);
+    };
+    // Selection is O(N) per head; worth the pool only for big events.
+    if (out.head_offsets.back() >= (int64_t{1} << 16) && heads > 1) {
+      ThreadPool::Shared().ParallelFor(heads, select_head);
+    } else {
+      for (int64_t head = 0; head < heads; ++head) select_head(head);
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  HeadInputs HeadAt(int64_t head) const {
+    const ModelGeometry& m = config_.model;
+    const int window = config_.budget.window;
+    const int group = m.group_size();
+    const int d = m.head_dim;
+    const int64_t l = head / m.num_kv_heads, h = head % m.num_kv_heads;
+    HeadInputs hi;
+    hi.queries = in_.query_window + ((l * m.num_q_heads + h * group) * window) * d;
+    hi.keys = in_.keys + head * in_.n_max * d;
+    hi.n = in_.lengths[static_cast<size_t>(head)];
+    hi.group = group;
+    hi.window = window;
+    hi.head_dim = d;
+    if (accumulated_ != nullptr) hi.accumulated = accumulated_ + head * in_.n_max;
+    return hi;
+  }
+
+  const SessionConfig& config_;
+  const Scorer& scorer_;
+  const CompressInputs& in_;
+  const float* accumulated_;
+  std::vector<std::vector<float>> scores_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::vector<Decision>> RunBatch(const SessionConfig& config,
+                                               std::span<const double> layer_demand,
+                                               std::span<const std::span<const int32_t>> lengths,
+                                               ComputeBackend& backend) {
+  const ModelGeometry& m = config.model;
+  const int64_t hl = m.num_heads_total();
+  const size_t events = lengths.size();
+  const auto t0 = std::chrono::steady_clock::now();
+  RETURN_IF_ERROR(backend.Score());
+  const double score_seconds = SecondsSince(t0);
+
+  auto t = std::chrono::steady_clock::now();
+  std::vector<Decision> out(events);
+  const bool routes = UsesPoolCounts(config);
+  std::vector<int64_t> greater, equal;
+  if (routes) {
+    ASSIGN_OR_RETURN(const std::vector<int64_t> k, PoolSizes(config, layer_demand));
+    greater.assign(events * static_cast<size_t>(hl), 0);
+    equal.assign(events * static_cast<size_t>(hl), 0);
+    RETURN_IF_ERROR(backend.PoolCounts(k, greater, equal));
+  }
+  std::vector<int32_t> layers;
+  if (!routes) {
+    ASSIGN_OR_RETURN(layers, LayerBudgets(config, layer_demand));
+  }
+  for (size_t e = 0; e < events; ++e) {
+    Decision& dec = out[e];
+    dec.num_layers = m.num_layers;
+    dec.num_kv_heads = m.num_kv_heads;
+    dec.budgets.assign(static_cast<size_t>(hl), 0);
+    if (routes) {
+      const size_t first = e * static_cast<size_t>(hl);
+      RETURN_IF_ERROR(RouteFromPoolCounts(
+          config, lengths[e], layer_demand,
+          std::span<const int64_t>(greater).subspan(first, static_cast<size_t>(hl)),
+          std::span<const int64_t>(equal).subspan(first, static_cast<size_t>(hl)), dec.budgets));
+    } else {
+      for (int64_t head = 0; head < hl; ++head) {
+        dec.budgets[static_cast<size_t>(head)] = layers[static_cast<size_t>(head / m.num_kv_heads)];
+      }
+    }
+    dec.kept_lengths.assign(static_cast<size_t>(hl), 0);
+    dec.head_offsets.assign(static_cast<size_t>(hl) + 1, 0);
+    for (int64_t head = 0; head < hl; ++head) {
+      const int n = lengths[e][static_cast<size_t>(head)];
+      const int kept = KeptCount(n, dec.budgets[static_cast<size_t>(head)]);
+      dec.kept_lengths[static_cast<size_t>(head)] = kept;
+      dec.head_offsets[static_cast<size_t>(head) + 1] =
+          dec.head_offsets[static_cast<size_t>(head)] + kept;
+      dec.evicted_tokens += n - kept;
+    }
+    dec.kept_indices.resize(static_cast<size_t>(dec.head_offsets.back()));
+  }
+  const double allocate_seconds = SecondsSince(t);
+
+  t = std::chrono::steady_clock::now();
+  RETURN_IF_ERROR(backend.Select(out));
+  const double select_seconds = SecondsSince(t);
+  const double total_seconds = SecondsSince(t0);
+  for (Decision& dec : out) {
+    dec.seconds.score = score_seconds;
+    dec.seconds.allocate = allocate_seconds;
+    dec.seconds.select = select_seconds;
+    dec.seconds.total = total_seconds;
+  }
+  return out;
+}
+
 absl::StatusOr<Decision> Engine::Run(const CompressInputs& in) const {
   const ModelGeometry& m = config_.model;
-  const int64_t heads = m.num_heads_total();
-  const int window = config_.budget.window;
-  const int group = m.group_size();
-  const int d = m.head_dim;
-  const int sinks = EffectiveSinks(config_);
-  const int recent = EffectiveRecent(config_);
-  if (auto status = CheckInputs(in); !status.ok()) return status;
+  RETURN_IF_ERROR(CheckInputs(in));
   const auto t0 = std::chrono::steady_clock::now();
-  Decision out;
-  out.num_layers = m.num_layers;
-  out.num_kv_heads = m.num_kv_heads;
-
   // h2o without a carried accumulator: a one-shot event over the window's attention.
   const float* accumulated = in.accumulated;
   std::vector<float> one_shot;
   double one_shot_seconds = 0;
   if (PolicyOf(config_.scorer.kind).needs_accumulator && accumulated == nullptr) {
     const auto ta = std::chrono::steady_clock::now();
-    auto acc = H2oAccumulator(m, window).Prepare(in, nullptr, 0);
-    if (!acc.ok()) return acc.status();
-    one_shot = std::move(acc).value();
+    ASSIGN_OR_RETURN(one_shot, H2oAccumulator(m, config_.budget.window).Prepare(in, nullptr, 0));
     accumulated = one_shot.data();
     one_shot_seconds = SecondsSince(ta);
   }
-  auto head_inputs = [&](int l, int h) {
-    const int64_t head = int64_t{l} * m.num_kv_heads + h;
-    HeadInputs hi;
-    hi.queries = in.query_window + ((int64_t{l} * m.num_q_heads + int64_t{h} * group) * window) * d;
-    hi.keys = in.keys + head * in.n_max * d;
-    hi.n = in.lengths[static_cast<size_t>(head)];
-    hi.group = group;
-    hi.window = window;
-    hi.head_dim = d;
-    if (accumulated != nullptr) hi.accumulated = accumulated + head * in.n_max;
-    return hi;
-  };
-  int64_t work = 0;
-  for (int64_t head = 0; head < heads; ++head) {
-    work += scorer_->Work(head_inputs(static_cast<int>(head / m.num_kv_heads),
-                                      static_cast<int>(head % m.num_kv_heads)));
-  }
-
-  // Heads are scored independently: on the shared pool when the event is big enough to repay the
-  // hand-off (a few µs per head), inline otherwise. Results do not depend on which thread runs a
-  // head.
-  std::vector<std::vector<float>> scores(static_cast<size_t>(heads));
-  std::vector<char> overflow(static_cast<size_t>(heads), 0);
-  std::atomic<int64_t> unpolled_work{0};
-  std::atomic<bool> cancelled{false};
-  // Polled by the scorers between the tiles of a long head: one head's scoring can take seconds.
-  const std::function<bool()> stop = [&] {
-    if (cancelled.load(std::memory_order_relaxed)) return true;
-    if (in.cancelled && in.cancelled()) cancelled.store(true);
-    return cancelled.load();
-  };
-  auto score_head = [&](int64_t head) {
-    if (cancelled.load(std::memory_order_relaxed)) return;
-    HeadInputs hi = head_inputs(static_cast<int>(head / m.num_kv_heads),
-                                static_cast<int>(head % m.num_kv_heads));
-    hi.stop = &stop;
-    const int64_t w = scorer_->Work(hi);
-    if (in.cancelled && unpolled_work.fetch_add(w) + w >= in.cancel_poll_work) {
-      unpolled_work.store(0);
-      if (in.cancelled()) {
-        cancelled.store(true);
-        return;
-      }
-    }
-    auto& s = scores[static_cast<size_t>(head)];
-    s.assign(static_cast<size_t>(std::max(0, hi.n - window)), 0.0f);
-    if (!s.empty() && !scorer_->ScoreHead(hi, s)) overflow[static_cast<size_t>(head)] = 1;
-    ProtectScores(hi.n, window, sinks, recent, s);
-  };
-  auto t = std::chrono::steady_clock::now();
-  if (work >= kParallelWork && heads > 1) {
-    ThreadPool::Shared().ParallelFor(heads, score_head);
-  } else {
-    for (int64_t head = 0; head < heads; ++head) score_head(head);
-  }
-  if (cancelled.load()) {
-    return absl::CancelledError("the compression event was cancelled (caller gone or drain)");
-  }
-  for (int64_t head = 0; head < heads; ++head) {
-    if (overflow[static_cast<size_t>(head)]) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(in.fields.queries, " and ", in.fields.keys,
-                       ": attention logits overflow float32 in layer ", head / m.num_kv_heads,
-                       ", kv head ", head % m.num_kv_heads, " (input magnitudes too large)"));
-    }
-  }
-  out.seconds.score = SecondsSince(t) + one_shot_seconds;
-
-  t = std::chrono::steady_clock::now();
-  out.budgets.assign(static_cast<size_t>(heads), 0);
-  AllocationInputs ai{&config_, in.lengths, scores, layer_demand_};
-  if (auto s = allocator_->Allocate(ai, out.budgets); !s.ok()) return s;
-  out.seconds.allocate = SecondsSince(t);
-
-  t = std::chrono::steady_clock::now();
-  out.kept_lengths.assign(static_cast<size_t>(heads), 0);
-  out.head_offsets.assign(static_cast<size_t>(heads) + 1, 0);
-  for (int64_t head = 0; head < heads; ++head) {
-    const int n = in.lengths[static_cast<size_t>(head)];
-    const int kept = KeptCount(n, out.budgets[static_cast<size_t>(head)]);
-    out.kept_lengths[static_cast<size_t>(head)] = kept;
-    out.head_offsets[static_cast<size_t>(head) + 1] =
-        out.head_offsets[static_cast<size_t>(head)] + kept;
-    out.evicted_tokens += n - kept;
-  }
-  out.kept_indices.resize(static_cast<size_t>(out.head_offsets.back()));
-  auto select_head = [&](int64_t head) {
-    SelectHeadInto(scores[static_cast<size_t>(head)], in.lengths[static_cast<size_t>(head)],
-                   out.budgets[static_cast<size_t>(head)], window,
-                   out.kept_indices.data() + out.head_offsets[static_cast<size_t>(head)]);
-  };
-  // Selection is O(N) per head; worth the pool only for big events.
-  if (out.head_offsets.back() >= (int64_t{1} << 16) && heads > 1) {
-    ThreadPool::Shared().ParallelFor(heads, select_head);
-  } else {
-    for (int64_t head = 0; head < heads; ++head) select_head(head);
-  }
-  out.seconds.select = SecondsSince(t);
+  CpuBackend backend(config_, *scorer_, in, accumulated);
+  const std::span<const int32_t> lengths = in.lengths;
+  ASSIGN_OR_RETURN(std::vector<Decision> decisions,
+                   RunBatch(config_, layer_demand_,
+                            std::span<const std::span<const int32_t>>(&lengths, 1), backend));
+  Decision out = std::move(decisions[0]);
+  out.seconds.score += one_shot_seconds;
   out.seconds.total = SecondsSince(t0);
   return out;
 }

@@ -1,6 +1,7 @@
 // The compression engine: Scorer -> Allocator -> Selector (-> Compactor in managed mode),
 // device-agnostic and free of gRPC. One Engine serves one session configuration; Compress is const
-// and thread-safe.
+// and thread-safe. It runs on the CPU backend; the order of an event and its bookkeeping are
+// RunBatch's (core/compute_backend.h), which the CUDA backend shares.
 //
 // Tensors are fp32 here; inline_inputs.h validates and converts what arrives on the wire.
 #ifndef REASONALLOC_CORE_ENGINE_H_
@@ -95,13 +96,11 @@ class Engine {
   absl::StatusOr<Decision> Compress(const CompressInputs& in) const;
 
  private:
-  Engine(SessionConfig config, std::unique_ptr<Scorer> scorer, std::unique_ptr<Allocator> allocator,
-         std::vector<double> layer_demand);
+  Engine(SessionConfig config, std::unique_ptr<Scorer> scorer, std::vector<double> layer_demand);
   absl::StatusOr<Decision> Run(const CompressInputs& in) const;
 
   SessionConfig config_;
   std::unique_ptr<Scorer> scorer_;
-  std::unique_ptr<Allocator> allocator_;
   std::vector<double> layer_demand_;
 };
 

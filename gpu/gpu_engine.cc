@@ -8,11 +8,13 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "core/allocator.h"
+#include "core/compute_backend.h"
 #include "core/selector.h"
 #include "core/status_macros.h"
 #include "gpu/cuda_status.h"
@@ -27,10 +29,6 @@ namespace k = launch;
   do {                                                            \
     if (auto _s = CudaStatus(#call, (call)); !_s.ok()) return _s; \
   } while (0)
-
-double SecondsSince(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 // A grow-only device buffer.
 class DeviceBuffer {
@@ -76,9 +74,7 @@ struct GpuEngine::Impl {
   int device = 0;
   SessionConfig config;
   std::vector<double> layer_demand;
-  std::unique_ptr<Engine> cpu;  // validation (CheckInputs) and the layer budgets
-  std::unique_ptr<Allocator> allocator;
-  std::vector<int64_t> pool_k;  // [L] when the allocator routes from pool counts
+  std::unique_ptr<Scorer> scorer;  // the cost model of an event's work (CheckEventShape)
   cudaStream_t stream = nullptr;
   bool accumulated_given = false;  // h2o: this batch carries accumulators
   std::mutex mu;
@@ -111,6 +107,17 @@ struct GpuEngine::Impl {
   long long logits_bytes = kLogitsBytes;
   absl::StatusOr<std::vector<Decision>> Compress(std::span<const DeviceEventInputs> events,
                                                  std::span<const std::string> names);
+  // One batch as the compute backend's steps see it (core/compute_backend.h).
+  struct BatchState {
+    std::span<const DeviceEventInputs> events;
+    std::function<std::string(size_t)> name;  // an event's name in errors
+    long long stride = 1;                     // the largest n_max: rows per head in the scratch
+    bool check_finite = false;
+  };
+  absl::Status ScoreBatch(const BatchState& b);
+  absl::Status PoolCountsBatch(const BatchState& b, std::span<const int64_t> k,
+                               std::span<int64_t> greater_out, std::span<int64_t> equal_out);
+  absl::Status SelectBatch(const BatchState& b, std::span<Decision> decisions);
   std::atomic<uint64_t> batches{0};
   std::atomic<int> last_batch_events{0};
   // One event's checks, its fields named as DeviceEventInputs names them.
@@ -182,6 +189,29 @@ absl::Status GpuEngine::Impl::LaunchScoring(long long num_heads, long long strid
   return absl::OkStatus();
 }
 
+namespace {
+
+// The CUDA compute backend of RunBatch: the engine's kernels on its stream.
+class GpuBackend final : public ComputeBackend {
+ public:
+  GpuBackend(GpuEngine::Impl& impl, const GpuEngine::Impl::BatchState& batch)
+      : impl_(impl), batch_(batch) {}
+  absl::Status Score() override { return impl_.ScoreBatch(batch_); }
+  absl::Status PoolCounts(std::span<const int64_t> k, std::span<int64_t> greater,
+                          std::span<int64_t> equal) override {
+    return impl_.PoolCountsBatch(batch_, k, greater, equal);
+  }
+  absl::Status Select(std::span<Decision> decisions) override {
+    return impl_.SelectBatch(batch_, decisions);
+  }
+
+ private:
+  GpuEngine::Impl& impl_;
+  const GpuEngine::Impl::BatchState& batch_;
+};
+
+}  // namespace
+
 absl::Status GpuEngine::Impl::CheckEvent(const DeviceEventInputs& ev) const {
   const int window = config.budget.window;
   const long long hl = config.model.num_heads_total();
@@ -192,10 +222,9 @@ absl::Status GpuEngine::Impl::CheckEvent(const DeviceEventInputs& ev) const {
     return absl::InvalidArgumentError(
         absl::StrCat("n_max = ", ev.n_max, " is out of range [1, ", kMaxContext, "]"));
   }
-  CompressInputs ci;
-  ci.n_max = ev.n_max;
-  ci.lengths = ev.lengths;
-  RETURN_IF_ERROR(cpu->CheckInputs(ci));
+  // The shape checks every backend makes, naming DeviceEventInputs' fields.
+  RETURN_IF_ERROR(CheckEventShape(config, *scorer, ev.lengths, ev.n_max,
+                                  InputFields{"keys", "query_window", "lengths", "accumulated"}));
   if (!ev.head_row_offsets.empty()) {
     if (static_cast<long long>(ev.head_row_offsets.size()) != hl) {
       return absl::InvalidArgumentError(
@@ -221,13 +250,7 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
   auto event_name = [&](size_t e) {
     return e < names.size() ? names[e] : absl::StrCat("events[", e, "]");
   };
-  const auto t0 = std::chrono::steady_clock::now();
   const ModelGeometry& m = config.model;
-  const int window = config.budget.window;
-  const int group = m.group_size();
-  const int d = m.head_dim;
-  const long long hl = m.num_heads_total();
-  const size_t esize = DTypeSize(m.dtype);
   if (events.empty()) return absl::InvalidArgumentError("events is empty");
   long long stride = 1;
   bool acc_given = false;
@@ -255,11 +278,36 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
   last_max_kept.clear();
   last_stride = 0;
   const long long num_events = static_cast<long long>(events.size());
-  const long long num_heads = num_events * hl;
   batches.fetch_add(1);
   last_batch_events.store(static_cast<int>(num_events));
   RA_CUDA(cudaSetDevice(device));
+  BatchState b{events, event_name, stride, check_finite};
+  GpuBackend backend(*this, b);
+  std::vector<std::span<const int32_t>> lengths;
+  for (const DeviceEventInputs& ev : events) lengths.push_back(ev.lengths);
+  ASSIGN_OR_RETURN(std::vector<Decision> out, RunBatch(config, layer_demand, lengths, backend));
+  for (long long e = 0; e < num_events; ++e) {
+    const auto& ev = events[static_cast<size_t>(e)];
+    last_lengths.emplace_back(ev.lengths.begin(), ev.lengths.end());
+    last_n_max.push_back(ev.n_max);
+    last_max_kept.push_back(out[static_cast<size_t>(e)].max_kept());
+  }
+  last_stride = stride;
+  last_words = WordsPerHead(stride);
+  return out;
+}
 
+absl::Status GpuEngine::Impl::ScoreBatch(const BatchState& b) {
+  const std::span<const DeviceEventInputs> events = b.events;
+  const ModelGeometry& m = config.model;
+  const int window = config.budget.window;
+  const int group = m.group_size();
+  const int d = m.head_dim;
+  const long long hl = m.num_heads_total();
+  const size_t esize = DTypeSize(m.dtype);
+  const long long num_events = static_cast<long long>(events.size());
+  const long long num_heads = num_events * hl;
+  const long long stride = b.stride;
   // Head descriptors.
   std::vector<k::HeadDesc> hd(static_cast<size_t>(num_heads));
   for (long long e = 0; e < num_events; ++e) {
@@ -280,7 +328,7 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
     }
   }
   const ScorerConfig& sc = config.scorer;
-  const bool h2o_one_shot = sc.kind == ScorerKind::kH2o && !acc_given;
+  const bool h2o_one_shot = sc.kind == ScorerKind::kH2o && !accumulated_given;
   const bool logit_scorer =
       PolicyOf(sc.kind).uses_queries && (sc.kind != ScorerKind::kH2o || h2o_one_shot);
   const long long rows =
@@ -310,8 +358,7 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
   RA_CUDA(cudaMemsetAsync(overflow.as<void>(), 0, sizeof(int) * static_cast<size_t>(num_heads),
                           stream));
 
-  auto t = std::chrono::steady_clock::now();
-  if (check_finite) {
+  if (b.check_finite) {
     if (auto s = bad.Reserve(sizeof(int) * static_cast<size_t>(num_heads)); !s.ok()) return s;
     RA_CUDA(
         cudaMemsetAsync(bad.as<void>(), 0, sizeof(int) * static_cast<size_t>(num_heads), stream));
@@ -320,102 +367,93 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
   }
   if (auto s = LaunchScoring(num_heads, stride); !s.ok()) return s;
 
-  // Pool counts for head-wise allocators, then one sync to read them with the overflow flags.
-  const bool counts = UsesPoolCounts(config);
-  std::vector<long long> greater_h, equal_h;
-  if (counts) {
-    if (auto s = pool_k_dev.Reserve(sizeof(long long) * pool_k.size()); !s.ok()) return s;
-    if (auto s = greater.Reserve(sizeof(long long) * static_cast<size_t>(num_heads)); !s.ok())
-      return s;
-    if (auto s = equal.Reserve(sizeof(long long) * static_cast<size_t>(num_heads)); !s.ok())
-      return s;
-    std::vector<long long> pk(pool_k.begin(), pool_k.end());
-    RA_CUDA(cudaMemcpyAsync(pool_k_dev.as<void>(), pk.data(), sizeof(long long) * pk.size(),
-                            cudaMemcpyHostToDevice, stream));
-    RA_CUDA(k::LayerPool(heads.as<k::HeadDesc>(), num_events, m.num_layers, m.num_kv_heads, window,
-                         stride, scores.as<float>(), pool_k_dev.as<long long>(),
-                         greater.as<long long>(), equal.as<long long>(), stream));
-    greater_h.resize(static_cast<size_t>(num_heads));
-    equal_h.resize(static_cast<size_t>(num_heads));
-    RA_CUDA(cudaMemcpyAsync(greater_h.data(), greater.as<void>(),
-                            sizeof(long long) * greater_h.size(), cudaMemcpyDeviceToHost, stream));
-    RA_CUDA(cudaMemcpyAsync(equal_h.data(), equal.as<void>(), sizeof(long long) * equal_h.size(),
-                            cudaMemcpyDeviceToHost, stream));
-  }
   std::vector<int> overflow_h(static_cast<size_t>(num_heads));
   RA_CUDA(cudaMemcpyAsync(overflow_h.data(), overflow.as<void>(), sizeof(int) * overflow_h.size(),
                           cudaMemcpyDeviceToHost, stream));
-  std::vector<int> bad_h(check_finite ? static_cast<size_t>(num_heads) : 0);
-  if (check_finite) {
+  std::vector<int> bad_h(b.check_finite ? static_cast<size_t>(num_heads) : 0);
+  if (b.check_finite) {
     RA_CUDA(cudaMemcpyAsync(bad_h.data(), bad.as<void>(), sizeof(int) * bad_h.size(),
                             cudaMemcpyDeviceToHost, stream));
   }
   RA_CUDA(cudaStreamSynchronize(stream));
-  const double score_seconds = SecondsSince(t);
   for (size_t gh = 0; gh < bad_h.size(); ++gh) {
     // Only events that asked for the check are judged by it.
     if (bad_h[gh] != 0 && events[gh / static_cast<size_t>(hl)].check_finite) {
       const long long head = static_cast<long long>(gh) % hl;
-      return absl::InvalidArgumentError(
-          absl::StrCat(event_name(gh / static_cast<size_t>(hl)),
-                       ": keys or query_window hold NaN or Inf in layer ", head / m.num_kv_heads,
-                       ", kv head ", head % m.num_kv_heads));
+      return absl::InvalidArgumentError(absl::StrCat(
+          b.name(gh / static_cast<size_t>(hl)), ": keys or query_window hold NaN or Inf in layer ",
+          head / m.num_kv_heads, ", kv head ", head % m.num_kv_heads));
     }
   }
   for (long long gh = 0; gh < num_heads; ++gh) {
     if (overflow_h[static_cast<size_t>(gh)] != 0) {
       const long long head = gh % hl;
       return absl::InvalidArgumentError(
-          absl::StrCat("events[", gh / hl,
-                       "]: query_window and keys: attention logits overflow float32 in layer ",
+          absl::StrCat(b.name(static_cast<size_t>(gh / hl)),
+                       ": query_window and keys: attention logits overflow float32 in layer ",
                        head / m.num_kv_heads, ", kv head ", head % m.num_kv_heads,
                        " (input magnitudes too large)"));
     }
   }
+  return absl::OkStatus();
+}
 
-  // Budgets on the host, from the counts (the CPU engine's routing).
-  t = std::chrono::steady_clock::now();
-  std::vector<Decision> out(static_cast<size_t>(num_events));
+absl::Status GpuEngine::Impl::PoolCountsBatch(const BatchState& b,
+                                              std::span<const int64_t> k_layers,
+                                              std::span<int64_t> greater_out,
+                                              std::span<int64_t> equal_out) {
+  const std::span<const DeviceEventInputs> events = b.events;
+  const ModelGeometry& m = config.model;
+  const int window = config.budget.window;
+  const long long hl = m.num_heads_total();
+  const long long num_events = static_cast<long long>(events.size());
+  const long long num_heads = num_events * hl;
+  const long long stride = b.stride;
+  if (auto s = pool_k_dev.Reserve(sizeof(long long) * k_layers.size()); !s.ok()) return s;
+  if (auto s = greater.Reserve(sizeof(long long) * static_cast<size_t>(num_heads)); !s.ok()) {
+    return s;
+  }
+  if (auto s = equal.Reserve(sizeof(long long) * static_cast<size_t>(num_heads)); !s.ok()) {
+    return s;
+  }
+  const std::vector<long long> pk(k_layers.begin(), k_layers.end());
+  RA_CUDA(cudaMemcpyAsync(pool_k_dev.as<void>(), pk.data(), sizeof(long long) * pk.size(),
+                          cudaMemcpyHostToDevice, stream));
+  RA_CUDA(k::LayerPool(heads.as<k::HeadDesc>(), num_events, m.num_layers, m.num_kv_heads, window,
+                       stride, scores.as<float>(), pool_k_dev.as<long long>(),
+                       greater.as<long long>(), equal.as<long long>(), stream));
+  std::vector<long long> greater_h(static_cast<size_t>(num_heads)),
+      equal_h(static_cast<size_t>(num_heads));
+  RA_CUDA(cudaMemcpyAsync(greater_h.data(), greater.as<void>(),
+                          sizeof(long long) * greater_h.size(), cudaMemcpyDeviceToHost, stream));
+  RA_CUDA(cudaMemcpyAsync(equal_h.data(), equal.as<void>(), sizeof(long long) * equal_h.size(),
+                          cudaMemcpyDeviceToHost, stream));
+  RA_CUDA(cudaStreamSynchronize(stream));
+  std::copy(greater_h.begin(), greater_h.end(), greater_out.begin());
+  std::copy(equal_h.begin(), equal_h.end(), equal_out.begin());
+  return absl::OkStatus();
+}
+
+absl::Status GpuEngine::Impl::SelectBatch(const BatchState& b, std::span<Decision> decisions) {
+  const std::span<const DeviceEventInputs> events = b.events;
+  const ModelGeometry& m = config.model;
+  const int window = config.budget.window;
+  const long long hl = m.num_heads_total();
+  const long long num_events = static_cast<long long>(events.size());
+  const long long num_heads = num_events * hl;
+  const long long stride = b.stride;
   std::vector<int> budgets_h(static_cast<size_t>(num_heads));
   std::vector<long long> offsets_h(static_cast<size_t>(num_heads) + 1, 0);
   std::vector<int> kept_lengths_h(static_cast<size_t>(num_heads));
-  const std::vector<std::vector<float>> no_scores(static_cast<size_t>(hl));
   for (long long e = 0; e < num_events; ++e) {
-    Decision& dec = out[static_cast<size_t>(e)];
-    dec.num_layers = m.num_layers;
-    dec.num_kv_heads = m.num_kv_heads;
-    dec.budgets.assign(static_cast<size_t>(hl), 0);
-    const auto lengths = events[static_cast<size_t>(e)].lengths;
-    if (counts) {
-      std::vector<int64_t> g(greater_h.begin() + e * hl, greater_h.begin() + (e + 1) * hl);
-      std::vector<int64_t> q(equal_h.begin() + e * hl, equal_h.begin() + (e + 1) * hl);
-      if (auto s = RouteFromPoolCounts(config, lengths, layer_demand, g, q, dec.budgets); !s.ok()) {
-        return s;
-      }
-    } else {
-      AllocationInputs ai{&config, lengths, no_scores, layer_demand};
-      if (auto s = allocator->Allocate(ai, dec.budgets); !s.ok()) return s;
-    }
-    dec.kept_lengths.assign(static_cast<size_t>(hl), 0);
-    dec.head_offsets.assign(static_cast<size_t>(hl) + 1, 0);
+    const Decision& dec = decisions[static_cast<size_t>(e)];
     for (long long head = 0; head < hl; ++head) {
-      const int n = lengths[static_cast<size_t>(head)];
-      const int b = dec.budgets[static_cast<size_t>(head)];
-      const int kept = KeptCount(n, b);
       const size_t gh = static_cast<size_t>(e * hl + head);
-      budgets_h[gh] = b;
-      kept_lengths_h[gh] = kept;
-      offsets_h[gh + 1] = offsets_h[gh] + kept;
-      dec.kept_lengths[static_cast<size_t>(head)] = kept;
-      dec.head_offsets[static_cast<size_t>(head) + 1] =
-          dec.head_offsets[static_cast<size_t>(head)] + kept;
-      dec.evicted_tokens += n - kept;
+      budgets_h[gh] = dec.budgets[static_cast<size_t>(head)];
+      kept_lengths_h[gh] = dec.kept_lengths[static_cast<size_t>(head)];
+      offsets_h[gh + 1] = offsets_h[gh] + kept_lengths_h[gh];
     }
   }
-  const double allocate_seconds = SecondsSince(t);
-
-  // Selection: kept indices and the keep bitmask.
-  t = std::chrono::steady_clock::now();
   const int words = WordsPerHead(stride);
   const size_t total_kept = static_cast<size_t>(offsets_h.back());
   if (auto s = budgets.Reserve(sizeof(int) * budgets_h.size()); !s.ok()) return s;
@@ -440,28 +478,12 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
                             cudaMemcpyDeviceToHost, stream));
   }
   RA_CUDA(cudaStreamSynchronize(stream));
-  const double select_seconds = SecondsSince(t);
-  const double total_seconds = SecondsSince(t0);
-
-  last_lengths.clear();
-  last_n_max.clear();
-  last_max_kept.clear();
   for (long long e = 0; e < num_events; ++e) {
-    Decision& dec = out[static_cast<size_t>(e)];
+    Decision& dec = decisions[static_cast<size_t>(e)];
     const auto begin = kept_h.begin() + offsets_h[static_cast<size_t>(e * hl)];
-    dec.kept_indices.assign(begin, begin + dec.head_offsets.back());
-    dec.seconds.score = score_seconds;
-    dec.seconds.allocate = allocate_seconds;
-    dec.seconds.select = select_seconds;
-    dec.seconds.total = total_seconds;
-    const auto& ev = events[static_cast<size_t>(e)];
-    last_lengths.emplace_back(ev.lengths.begin(), ev.lengths.end());
-    last_n_max.push_back(ev.n_max);
-    last_max_kept.push_back(dec.max_kept());
+    std::copy(begin, begin + dec.head_offsets.back(), dec.kept_indices.begin());
   }
-  last_stride = stride;
-  last_words = words;
-  return out;
+  return absl::OkStatus();
 }
 
 GpuEngine::GpuEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -473,20 +495,13 @@ int GpuEngine::device() const { return impl_->device; }
 absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(int device,
                                                              const SessionConfig& config,
                                                              std::vector<double> layer_demand) {
-  auto cpu = Engine::Create(config, layer_demand);
-  if (!cpu.ok()) return cpu.status();
-  auto allocator = MakeAllocator(config.allocator);
-  if (!allocator.ok()) return allocator.status();
+  RETURN_IF_ERROR(ValidateSessionConfig(config));
+  // Bad profiles fail here, at creation, not at the first event.
+  RETURN_IF_ERROR(LayerBudgets(config, layer_demand).status());
   auto impl = std::make_unique<Impl>();
   impl->device = device;
   impl->config = config;
-  impl->cpu = std::move(cpu).value();
-  impl->allocator = std::move(allocator).value();
-  if (UsesPoolCounts(config)) {
-    auto pk = PoolSizes(config, layer_demand);
-    if (!pk.ok()) return pk.status();
-    impl->pool_k = std::move(pk).value();
-  }
+  ASSIGN_OR_RETURN(impl->scorer, MakeScorer(config.scorer));
   impl->layer_demand = std::move(layer_demand);
   // Tests shrink the logits scratch to exercise chunked scoring.
   if (const char* v = std::getenv("REASONALLOC_GPU_LOGITS_BYTES"); v != nullptr) {

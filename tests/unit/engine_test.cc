@@ -8,6 +8,9 @@
 #include <random>
 #include <set>
 
+#include "core/compute_backend.h"
+#include "core/selector.h"
+
 namespace reasonalloc {
 namespace {
 
@@ -301,6 +304,106 @@ TEST(Quality, HandWorkedRecallAndOutputError) {
   EXPECT_EQ(q.recall_at_rho, 0.0);
   EXPECT_EQ(q.samples, 1);
   EXPECT_EQ(q.budget_spread, 1.0);
+}
+
+// A backend that scores a batch of events with the CPU scorer, one event after another, and
+// counts its calls: RunBatch must give each event of a batch what Engine::Compress gives it alone,
+// with one Score, at most one PoolCounts and one Select per batch.
+class ReplayBackend final : public ComputeBackend {
+ public:
+  ReplayBackend(const SessionConfig& c, std::vector<const RandomInputs*> events)
+      : config_(c), events_(std::move(events)), scorer_(MakeScorer(c.scorer).value()) {}
+  absl::Status Score() override {
+    ++score_calls;
+    const ModelGeometry& m = config_.model;
+    const int window = config_.budget.window;
+    for (const RandomInputs* in : events_) {
+      for (int64_t head = 0; head < m.num_heads_total(); ++head) {
+        const int64_t l = head / m.num_kv_heads, h = head % m.num_kv_heads;
+        HeadInputs hi;
+        hi.queries =
+            in->q.data() + ((l * m.num_q_heads + h * m.group_size()) * window) * m.head_dim;
+        hi.keys = in->k.data() + head * in->n_max * m.head_dim;
+        hi.n = in->lengths[static_cast<size_t>(head)];
+        hi.group = m.group_size();
+        hi.window = window;
+        hi.head_dim = m.head_dim;
+        std::vector<float> s(static_cast<size_t>(std::max(0, hi.n - window)));
+        if (!s.empty()) scorer_->ScoreHead(hi, s);
+        ProtectScores(hi.n, window, EffectiveSinks(config_), EffectiveRecent(config_), s);
+        scores_.push_back(std::move(s));
+      }
+    }
+    return absl::OkStatus();
+  }
+  absl::Status PoolCounts(std::span<const int64_t> k, std::span<int64_t> greater,
+                          std::span<int64_t> equal) override {
+    ++count_calls;
+    const size_t heads = static_cast<size_t>(config_.model.num_kv_heads);
+    const size_t L = k.size();
+    for (size_t e = 0; e < events_.size(); ++e) {
+      for (size_t l = 0; l < L; ++l) {
+        const size_t first = (e * L + l) * heads;
+        CountLayerPool(std::span<const std::vector<float>>(scores_).subspan(first, heads), k[l],
+                       greater.data() + first, equal.data() + first);
+      }
+    }
+    return absl::OkStatus();
+  }
+  absl::Status Select(std::span<Decision> decisions) override {
+    ++select_calls;
+    const int64_t hl = config_.model.num_heads_total();
+    for (size_t e = 0; e < decisions.size(); ++e) {
+      Decision& d = decisions[e];
+      for (int64_t head = 0; head < hl; ++head) {
+        SelectHeadInto(scores_[e * static_cast<size_t>(hl) + static_cast<size_t>(head)],
+                       events_[e]->lengths[static_cast<size_t>(head)],
+                       d.budgets[static_cast<size_t>(head)], config_.budget.window,
+                       d.kept_indices.data() + d.head_offsets[static_cast<size_t>(head)]);
+      }
+    }
+    return absl::OkStatus();
+  }
+  int score_calls = 0, count_calls = 0, select_calls = 0;
+
+ private:
+  const SessionConfig& config_;
+  std::vector<const RandomInputs*> events_;
+  std::unique_ptr<Scorer> scorer_;
+  std::vector<std::vector<float>> scores_;
+};
+
+TEST(Engine, ABatchThroughABackendDecidesEachEventAsTheEngineDoesAlone) {
+  std::mt19937 rng(3);
+  for (const char* allocator : {"uniform", "pyramid", "adakv", "reasonalloc"}) {
+    SessionConfig c = Config(3, 4, 2, 8, 12, "rkv");
+    c.budget.window = 4;
+    c.allocator.kind = ParseAllocator(allocator).value();
+    const std::vector<double> demand = {1.0, 3.0, 0.5};
+    auto engine = Engine::Create(c, demand);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    const RandomInputs a = MakeInputs(c, 40, rng), b = MakeInputs(c, 40, rng),
+                       e3 = MakeInputs(c, 40, rng);
+    ReplayBackend backend(c, {&a, &b, &e3});
+    const std::vector<std::span<const int32_t>> lengths = {a.lengths, b.lengths, e3.lengths};
+    auto batch = RunBatch(c, demand, lengths, backend);
+    ASSERT_TRUE(batch.ok()) << batch.status();
+    ASSERT_EQ(batch->size(), 3u);
+    EXPECT_EQ(backend.score_calls, 1);
+    EXPECT_EQ(backend.select_calls, 1);
+    EXPECT_EQ(backend.count_calls, UsesPoolCounts(c) ? 1 : 0) << allocator;
+    int i = 0;
+    for (const RandomInputs* in : {&a, &b, &e3}) {
+      auto alone = (*engine)->Compress(in->view());
+      ASSERT_TRUE(alone.ok()) << alone.status();
+      const Decision& got = (*batch)[static_cast<size_t>(i++)];
+      EXPECT_EQ(got.budgets, alone->budgets) << allocator;
+      EXPECT_EQ(got.kept_lengths, alone->kept_lengths) << allocator;
+      EXPECT_EQ(got.kept_indices, alone->kept_indices) << allocator;
+      EXPECT_EQ(got.head_offsets, alone->head_offsets) << allocator;
+      EXPECT_EQ(got.evicted_tokens, alone->evicted_tokens) << allocator;
+    }
+  }
 }
 
 }  // namespace
