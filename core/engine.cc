@@ -320,6 +320,13 @@ absl::StatusOr<std::vector<Decision>> RunBatch(const SessionConfig& config,
         dec.budgets[static_cast<size_t>(head)] = layers[static_cast<size_t>(head / m.num_kv_heads)];
       }
     }
+  }
+  const double allocate_seconds = SecondsSince(t);
+
+  // Selection: each head's kept count and the decision's offsets, then the backend's positions.
+  t = std::chrono::steady_clock::now();
+  for (size_t e = 0; e < events; ++e) {
+    Decision& dec = out[e];
     dec.kept_lengths.assign(static_cast<size_t>(hl), 0);
     dec.head_offsets.assign(static_cast<size_t>(hl) + 1, 0);
     for (int64_t head = 0; head < hl; ++head) {
@@ -332,9 +339,6 @@ absl::StatusOr<std::vector<Decision>> RunBatch(const SessionConfig& config,
     }
     dec.kept_indices.resize(static_cast<size_t>(dec.head_offsets.back()));
   }
-  const double allocate_seconds = SecondsSince(t);
-
-  t = std::chrono::steady_clock::now();
   RETURN_IF_ERROR(backend.Select(out));
   const double select_seconds = SecondsSince(t);
   const double total_seconds = SecondsSince(t0);

@@ -9,6 +9,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+#include <cuda/functional>
 
 #include "gpu/gpu_launch.h"
 
@@ -56,49 +59,41 @@ __device__ __forceinline__ T WarpMax(T v) {
   return v;
 }
 
-// Sum / max over the block, returned to every thread. `sh` holds kWarps values.
+// Sum / max over the block (cub::BlockReduce), returned to every thread. Each instantiation has
+// its own shared storage; the barrier before returning lets the next call reuse it.
 template <typename T>
-__device__ T BlockSum(T v, T* sh) {
-  v = WarpSum(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+__device__ T BlockSum(T v) {
+  using Reduce = cub::BlockReduce<T, kBlock>;
+  __shared__ typename Reduce::TempStorage temp;
+  __shared__ T result;
+  const T total = Reduce(temp).Sum(v);
+  if (threadIdx.x == 0) result = total;
   __syncthreads();
-  if (lane == 0) sh[warp] = v;
+  const T out = result;
   __syncthreads();
-  T total = sh[0];
-  for (int w = 1; w < kWarps; ++w) total += sh[w];
-  return total;
+  return out;
 }
 template <typename T>
-__device__ T BlockMax(T v, T* sh) {
-  v = WarpMax(v);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+__device__ T BlockMax(T v) {
+  using Reduce = cub::BlockReduce<T, kBlock>;
+  __shared__ typename Reduce::TempStorage temp;
+  __shared__ T result;
+  const T m = Reduce(temp).Reduce(v, ::cuda::maximum<>{});
+  if (threadIdx.x == 0) result = m;
   __syncthreads();
-  if (lane == 0) sh[warp] = v;
+  const T out = result;
   __syncthreads();
-  T m = sh[0];
-  for (int w = 1; w < kWarps; ++w) m = max(m, sh[w]);
-  return m;
+  return out;
 }
 
-// Exclusive prefix sum of `flag` over the block; *total gets the block's sum. `sh` holds kWarps
-// ints.
-__device__ int BlockExclusiveScan(int flag, int* sh, int* total) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int v = flag;
-  for (int o = 1; o < 32; o <<= 1) {
-    const int u = __shfl_up_sync(kFullMask, v, o);
-    if (lane >= o) v += u;
-  }
-  __syncthreads();
-  if (lane == 31) sh[warp] = v;
-  __syncthreads();
-  int before = 0, sum = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    if (w < warp) before += sh[w];
-    sum += sh[w];
-  }
-  *total = sum;
-  return before + v - flag;
+// Exclusive prefix sum of `flag` over the block (cub::BlockScan); *total gets the block's sum.
+__device__ int BlockExclusiveScan(int flag, int* total) {
+  using Scan = cub::BlockScan<int, kBlock>;
+  __shared__ typename Scan::TempStorage temp;
+  int before;
+  Scan(temp).ExclusiveSum(flag, before, *total);
+  __syncthreads();  // temp reusable by the next call
+  return before;
 }
 
 // Order-preserving map of a score to 32 bits: larger score, larger key; -0 and +0 are one key (the
@@ -222,7 +217,6 @@ __global__ void __launch_bounds__(kBlock)
     SoftmaxPoolKernel(const HeadDesc* heads, int group, int window, bool all_keys, int reduce,
                       float row_weight, int pool_kernel, bool pool_max, long long stride,
                       const float* logits, float* importance, float* scores, int* overflow) {
-  __shared__ float sh[kWarps];
   const long long gh = blockIdx.x;
   const int n = heads[gh].n;
   const int cand = n - window;
@@ -245,14 +239,14 @@ __global__ void __launch_bounds__(kBlock)
       const int len = all_keys ? cand + a + 1 : cand;
       float m = -INFINITY;
       for (int j = threadIdx.x; j < len; j += kBlock) m = fmaxf(m, row[j]);
-      m = BlockMax(m, sh);
+      m = BlockMax(m);
       if (!isfinite(m)) {
         if (threadIdx.x == 0) overflow[gh] = 1;
         return;  // m is the same in every thread: the whole block leaves
       }
       float sum = 0.0f;
       for (int j = threadIdx.x; j < len; j += kBlock) sum += expf(row[j] - m);
-      sum = BlockSum(sum, sh);
+      sum = BlockSum(sum);
       const float inv = row_weight / sum;
       for (int j = threadIdx.x; j < cand; j += kBlock) im[j] += expf(row[j] - m) * inv;
     }
@@ -456,7 +450,6 @@ __global__ void __launch_bounds__(kBlock)
     RkvFinishKernel(const HeadDesc* heads, int window, long long stride, float lambda,
                     const double* rowsum, const int* partner, const float* partner_value,
                     double* column, float* scores) {
-  __shared__ double sh[kWarps];
   const long long gh = blockIdx.x;
   const int n = heads[gh].n;
   const int cand = n - window;
@@ -474,10 +467,10 @@ __global__ void __launch_bounds__(kBlock)
     col[j] /= n;
     m = max(m, col[j]);
   }
-  m = BlockMax(m, sh);
+  m = BlockMax(m);
   double z = 0.0;
   for (int j = threadIdx.x; j < n; j += kBlock) z += exp(col[j] - m);
-  z = BlockSum(z, sh);
+  z = BlockSum(z);
   float* out = scores + gh * stride;
   for (int j = threadIdx.x; j < cand; j += kBlock) {
     const float r = static_cast<float>(exp(col[j] - m) / z);
@@ -495,7 +488,6 @@ __global__ void __launch_bounds__(kBlock)
                     long long stride, const float* scores, const long long* pool_k,
                     long long* greater, long long* equal) {
   __shared__ SelectShared sel;
-  __shared__ long long shl[kWarps];
   const long long first = static_cast<long long>(blockIdx.x) * kv_heads;
   const long long k = pool_k[blockIdx.x % num_layers];
   long long pool = 0;
@@ -525,8 +517,8 @@ __global__ void __launch_bounds__(kBlock)
       gt += key > tau;
       eq += key == tau;
     }
-    gt = BlockSum(gt, shl);
-    eq = BlockSum(eq, shl);
+    gt = BlockSum(gt);
+    eq = BlockSum(eq);
     if (threadIdx.x == 0) {
       greater[first + h] = gt;
       equal[first + h] = eq;
@@ -542,7 +534,6 @@ __global__ void __launch_bounds__(kBlock)
                  const int* budgets, const long long* offsets, int words, int* kept,
                  unsigned long long* mask) {
   __shared__ SelectShared sel;
-  __shared__ int shi[kWarps];
   const long long gh = blockIdx.x;
   const int n = heads[gh].n;
   const int b = budgets[gh];
@@ -573,10 +564,10 @@ __global__ void __launch_bounds__(kBlock)
     const uint32_t key = valid ? OrderKey(s[j]) : 0u;
     const int eq = valid && key == tau;
     int eq_total;
-    const int eq_rank = eq_before + BlockExclusiveScan(eq, shi, &eq_total);
+    const int eq_rank = eq_before + BlockExclusiveScan(eq, &eq_total);
     const int keep = valid && (key > tau || (eq && eq_rank < need));
     int keep_total;
-    const int pos = kept_before + BlockExclusiveScan(keep, shi, &keep_total);
+    const int pos = kept_before + BlockExclusiveScan(keep, &keep_total);
     if (keep) out[pos] = j;
     const unsigned bits = __ballot_sync(kFullMask, keep);
     if (lane == 0 && bits != 0) {
@@ -596,7 +587,6 @@ __global__ void __launch_bounds__(kBlock)
 template <typename L>
 __global__ void __launch_bounds__(kBlock)
     FiniteKernel(const HeadDesc* heads, int group, int window, int d, int* bad) {
-  __shared__ int sh[kWarps];
   const long long gh = blockIdx.x;
   const HeadDesc h = heads[gh];
   using S = typename L::Storage;
@@ -607,7 +597,7 @@ __global__ void __launch_bounds__(kBlock)
   for (long long i = threadIdx.x; i < key_elems; i += kBlock) found |= !isfinite(L::Load(k + i));
   const long long q_elems = static_cast<long long>(group) * window * d;
   for (long long i = threadIdx.x; i < q_elems; i += kBlock) found |= !isfinite(L::Load(q + i));
-  found = BlockSum(found, sh);
+  found = BlockSum(found);
   if (threadIdx.x == 0 && found != 0) bad[gh] = 1;
 }
 
