@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <array>
+#include <iterator>
 
 #include "absl/strings/str_cat.h"
 #include "core/allocator.h"
@@ -15,7 +16,7 @@ namespace reasonalloc {
 namespace {
 
 // One row per policy, in the enumerators' order.
-constexpr std::array<ScorerPolicy, 4> kScorers = {{
+constexpr ScorerPolicy kScorers[] = {
     {.kind = ScorerKind::kSnapKv,
      .name = "snapkv",
      .summary = "window queries' pooled attention on each token (SnapKV)",
@@ -58,9 +59,9 @@ constexpr std::array<ScorerPolicy, 4> kScorers = {{
      .managed_planes = kEveryPlane,
      .advisory_planes = kInlinePlane | kHostShmPlane,
      .make = &MakeRkvScorer},
-}};
+};
 
-constexpr std::array<AllocatorPolicy, 4> kAllocators = {{
+constexpr AllocatorPolicy kAllocators[] = {
     {.kind = AllocatorKind::kUniform,
      .name = "uniform",
      .summary = "budget.budget tokens for every head of every layer",
@@ -93,13 +94,13 @@ constexpr std::array<AllocatorPolicy, 4> kAllocators = {{
      .reshapes_budgets = true,
      .cuda = true,
      .make = &MakeReasonAllocAllocator},
-}};
+};
 
 constexpr bool RowsInOrder() {
-  for (size_t i = 0; i < kScorers.size(); ++i) {
+  for (size_t i = 0; i < std::size(kScorers); ++i) {
     if (static_cast<size_t>(kScorers[i].kind) != i) return false;
   }
-  for (size_t i = 0; i < kAllocators.size(); ++i) {
+  for (size_t i = 0; i < std::size(kAllocators); ++i) {
     if (static_cast<size_t>(kAllocators[i].kind) != i) return false;
   }
   return true;
@@ -138,20 +139,20 @@ std::span<const AllocatorPolicy> AllocatorPolicies() { return kAllocators; }
 
 const ScorerPolicy& PolicyOf(ScorerKind kind) {
   const size_t i = static_cast<size_t>(kind);
-  REASONALLOC_DCHECK(i < kScorers.size());
-  return kScorers[std::min(i, kScorers.size() - 1)];
+  REASONALLOC_DCHECK(i < std::size(kScorers));
+  return kScorers[std::min(i, std::size(kScorers) - 1)];
 }
 
 const AllocatorPolicy& PolicyOf(AllocatorKind kind) {
   const size_t i = static_cast<size_t>(kind);
-  REASONALLOC_DCHECK(i < kAllocators.size());
-  return kAllocators[std::min(i, kAllocators.size() - 1)];
+  REASONALLOC_DCHECK(i < std::size(kAllocators));
+  return kAllocators[std::min(i, std::size(kAllocators) - 1)];
 }
 
 const Allocator& AllocatorOf(AllocatorKind kind) {
   static const auto* const instances = [] {
-    auto* a = new std::array<std::unique_ptr<Allocator>, kAllocators.size()>();
-    for (size_t i = 0; i < kAllocators.size(); ++i) (*a)[i] = kAllocators[i].make();
+    auto* a = new std::array<std::unique_ptr<Allocator>, std::size(kAllocators)>();
+    for (size_t i = 0; i < std::size(kAllocators); ++i) (*a)[i] = kAllocators[i].make();
     return a;
   }();
   return *(*instances)[static_cast<size_t>(PolicyOf(kind).kind)];

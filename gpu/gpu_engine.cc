@@ -9,7 +9,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
-#include <mutex>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -17,6 +16,7 @@
 #include "core/compute_backend.h"
 #include "core/selector.h"
 #include "core/status_macros.h"
+#include "core/sync.h"
 #include "gpu/cuda_status.h"
 #include "gpu/gpu_launch.h"
 
@@ -65,6 +65,12 @@ launch::Elem Elem(DType dtype) {
                                      : launch::Elem::kF32;
 }
 
+// An error of event `e` of the batch: its index as payload (EventIndexOf).
+absl::Status ForEvent(absl::Status s, size_t e) {
+  if (!s.ok()) s.SetPayload(kEventIndexPayload, absl::Cord(std::to_string(e)));
+  return s;
+}
+
 // Scratch for the window logits of one scoring launch (1 GiB); bigger batches are scored in chunks.
 constexpr long long kLogitsBytes = 1ll << 30;
 
@@ -77,7 +83,7 @@ struct GpuEngine::Impl {
   std::unique_ptr<Scorer> scorer;  // the cost model of an event's work (CheckEventShape)
   cudaStream_t stream = nullptr;
   bool accumulated_given = false;  // h2o: this batch carries accumulators
-  std::mutex mu;
+  Mutex mu;                        // one batch, copy or compaction at a time on the stream
 
   DeviceBuffer heads, logits, importance, scores, overflow, inv, rowsum, partner, partner_value,
       column, pool_k_dev, greater, equal, budgets, offsets, kept, kept_lengths, mask, gather, bad,
@@ -118,8 +124,6 @@ struct GpuEngine::Impl {
   absl::Status PoolCountsBatch(const BatchState& b, std::span<const int64_t> k,
                                std::span<int64_t> greater_out, std::span<int64_t> equal_out);
   absl::Status SelectBatch(const BatchState& b, std::span<Decision> decisions);
-  std::atomic<uint64_t> batches{0};
-  std::atomic<int> last_batch_events{0};
   // One event's checks, its fields named as DeviceEventInputs names them.
   absl::Status CheckEvent(const DeviceEventInputs& ev) const;
 };
@@ -257,7 +261,7 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
   bool check_finite = false;
   for (size_t e = 0; e < events.size(); ++e) {
     const DeviceEventInputs& ev = events[e];
-    RETURN_IF_ERROR(WithContext(CheckEvent(ev), event_name(e)));
+    RETURN_IF_ERROR(ForEvent(WithContext(CheckEvent(ev), event_name(e)), e));
     check_finite |= ev.check_finite;
     if (e > 0 && (ev.accumulated != nullptr) != acc_given) {
       return absl::InvalidArgumentError(
@@ -278,8 +282,6 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
   last_max_kept.clear();
   last_stride = 0;
   const long long num_events = static_cast<long long>(events.size());
-  batches.fetch_add(1);
-  last_batch_events.store(static_cast<int>(num_events));
   RA_CUDA(cudaSetDevice(device));
   BatchState b{events, event_name, stride, check_finite};
   GpuBackend backend(*this, b);
@@ -380,19 +382,22 @@ absl::Status GpuEngine::Impl::ScoreBatch(const BatchState& b) {
     // Only events that asked for the check are judged by it.
     if (bad_h[gh] != 0 && events[gh / static_cast<size_t>(hl)].check_finite) {
       const long long head = static_cast<long long>(gh) % hl;
-      return absl::InvalidArgumentError(absl::StrCat(
-          b.name(gh / static_cast<size_t>(hl)), ": keys or query_window hold NaN or Inf in layer ",
-          head / m.num_kv_heads, ", kv head ", head % m.num_kv_heads));
+      return ForEvent(absl::InvalidArgumentError(
+                          absl::StrCat(b.name(gh / static_cast<size_t>(hl)),
+                                       ": keys or query_window hold NaN or Inf in layer ",
+                                       head / m.num_kv_heads, ", kv head ", head % m.num_kv_heads)),
+                      gh / static_cast<size_t>(hl));
     }
   }
   for (long long gh = 0; gh < num_heads; ++gh) {
     if (overflow_h[static_cast<size_t>(gh)] != 0) {
       const long long head = gh % hl;
-      return absl::InvalidArgumentError(
-          absl::StrCat(b.name(static_cast<size_t>(gh / hl)),
-                       ": query_window and keys: attention logits overflow float32 in layer ",
-                       head / m.num_kv_heads, ", kv head ", head % m.num_kv_heads,
-                       " (input magnitudes too large)"));
+      return ForEvent(absl::InvalidArgumentError(absl::StrCat(
+                          b.name(static_cast<size_t>(gh / hl)),
+                          ": query_window and keys: attention logits overflow float32 in layer ",
+                          head / m.num_kv_heads, ", kv head ", head % m.num_kv_heads,
+                          " (input magnitudes too large)")),
+                      static_cast<size_t>(gh / hl));
     }
   }
   return absl::OkStatus();
@@ -534,7 +539,7 @@ absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(int device,
 
 absl::StatusOr<std::vector<Decision>> GpuEngine::CompressBatch(
     std::span<const DeviceEventInputs> events, std::span<const std::string> event_names) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   return impl_->Compress(events, event_names);
 }
 
@@ -542,11 +547,8 @@ absl::Status GpuEngine::CheckEvent(const DeviceEventInputs& event) const {
   return impl_->CheckEvent(event);
 }
 
-uint64_t GpuEngine::BatchesForTest() const { return impl_->batches.load(); }
-int GpuEngine::LastBatchEventsForTest() const { return impl_->last_batch_events.load(); }
-
 absl::StatusOr<std::vector<std::vector<std::vector<float>>>> GpuEngine::LastScoresForTest() {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   Impl& x = *impl_;
   if (x.last_lengths.empty()) return absl::FailedPreconditionError("no batch has run yet");
   const long long hl = x.config.model.num_heads_total();
@@ -569,7 +571,7 @@ absl::StatusOr<std::vector<std::vector<std::vector<float>>>> GpuEngine::LastScor
 }
 
 absl::StatusOr<std::vector<uint64_t>> GpuEngine::LastKeepMaskForTest(int e) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   Impl& x = *impl_;
   if (e < 0 || e >= static_cast<int>(x.last_lengths.size())) {
     return absl::OutOfRangeError(absl::StrCat("event ", e, " is not in the last batch"));
@@ -590,7 +592,7 @@ absl::StatusOr<std::vector<uint64_t>> GpuEngine::LastKeepMaskForTest(int e) {
 
 absl::Status GpuEngine::GatherKeptForTest(std::span<const DeviceGatherTarget> targets,
                                           size_t row_bytes) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   Impl& x = *impl_;
   if (targets.size() != x.last_lengths.size()) {
     return absl::InvalidArgumentError(absl::StrCat("targets has ", targets.size(),
@@ -631,7 +633,7 @@ absl::Status GpuEngine::CompactInPlace(const Decision& decision,
                                        std::span<const int64_t> old_offsets,
                                        std::span<const int64_t> new_offsets, size_t row_bytes,
                                        void* k, void* v) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   Impl& x = *impl_;
   const size_t heads = decision.kept_lengths.size();
   if (old_offsets.size() != heads || new_offsets.size() != heads || row_bytes == 0) {
@@ -675,7 +677,7 @@ absl::Status GpuEngine::CompactInPlace(const Decision& decision,
 }
 
 absl::Status GpuEngine::ReserveCompaction(int64_t rows, size_t row_bytes) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   RA_CUDA(cudaSetDevice(impl_->device));
   const size_t n = static_cast<size_t>(std::max<int64_t>(rows, 1));
   if (auto s = impl_->row_lists.Reserve(4 * sizeof(long long) * n); !s.ok()) return s;
@@ -688,7 +690,7 @@ absl::Status GpuEngine::WaitIpcEvent(const std::string& handle) {
                                                    " bytes; a cudaIpcEventHandle_t has ",
                                                    sizeof(cudaIpcEventHandle_t)));
   }
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   RA_CUDA(cudaSetDevice(impl_->device));
   cudaIpcEventHandle_t h;
   std::memcpy(&h, handle.data(), sizeof(h));
@@ -719,7 +721,7 @@ absl::Status GpuEngine::Free(void* ptr) {
 // On the engine's (non-blocking) stream and waited for: a plain cudaMemcpy from pageable memory
 // may return before its DMA lands, and nothing would order it before the next batch's kernels.
 absl::Status GpuEngine::Upload(void* dst, const void* src, uint64_t bytes) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   RA_CUDA(cudaSetDevice(impl_->device));
   RA_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, impl_->stream));
   RA_CUDA(cudaStreamSynchronize(impl_->stream));
@@ -727,7 +729,7 @@ absl::Status GpuEngine::Upload(void* dst, const void* src, uint64_t bytes) {
 }
 
 absl::Status GpuEngine::Download(void* dst, const void* src, uint64_t bytes) {
-  std::lock_guard<std::mutex> lock(impl_->mu);
+  MutexLock lock(&impl_->mu);
   RA_CUDA(cudaSetDevice(impl_->device));
   RA_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, impl_->stream));
   RA_CUDA(cudaStreamSynchronize(impl_->stream));

@@ -18,11 +18,14 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/cord.h"
+#include "absl/strings/numbers.h"
 #include "core/dtype.h"
 #include "core/engine.h"
 #include "core/session_config.h"
@@ -54,6 +57,17 @@ struct DeviceGatherTarget {
   int64_t max_kept = 0;
 };
 
+// CompressBatch's errors that concern one event (its checks, NaN/Inf in its inputs, logits
+// overflowing) carry the event's index in the batch as this payload, so that a caller batching
+// several sessions can fail that one and run the others.
+inline constexpr char kEventIndexPayload[] = "type.reasonalloc/batch-event-index";
+inline std::optional<size_t> EventIndexOf(const absl::Status& status) {
+  const auto p = status.GetPayload(kEventIndexPayload);
+  size_t index = 0;
+  if (!p.has_value() || !absl::SimpleAtoi(std::string(*p), &index)) return std::nullopt;
+  return index;
+}
+
 class GpuEngine {
  public:
   // An engine for `config` on CUDA device `device`.
@@ -68,7 +82,8 @@ class GpuEngine {
 
   // One event per element of `events`, all with this engine's configuration, in one set of
   // launches. Checks what Engine::CheckInputs checks, per event; an error names the event by
-  // event_names[e] when the caller gives names (its wire path), else as "events[e]".
+  // event_names[e] when the caller gives names (its wire path), else as "events[e]", and carries
+  // its index (EventIndexOf).
   // Thread-safe (events on one engine run one batch at a time).
   absl::StatusOr<std::vector<Decision>> CompressBatch(
       std::span<const DeviceEventInputs> events, std::span<const std::string> event_names = {});
@@ -78,11 +93,6 @@ class GpuEngine {
   // every event. A caller batching several sessions' events checks each alone first, so that one
   // session's bad input fails only that session.
   absl::Status CheckEvent(const DeviceEventInputs& event) const;
-
-  // Batches that reached the device (each one launch set), and the events in the last of them.
-  // Sessions sharing this engine show here whether their events ran together.
-  uint64_t BatchesForTest() const;
-  int LastBatchEventsForTest() const;
 
   // After CompressBatch: the candidate scores of the last batch, [events][L * Hkv][n - window],
   // copied to the host (tests compare them with the CPU scorer's).

@@ -28,8 +28,6 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::CompressBatch(std::span<const D
   return NotBuilt();
 }
 absl::Status GpuEngine::CheckEvent(const DeviceEventInputs&) const { return NotBuilt(); }
-uint64_t GpuEngine::BatchesForTest() const { return 0; }
-int GpuEngine::LastBatchEventsForTest() const { return 0; }
 absl::StatusOr<std::vector<std::vector<std::vector<float>>>> GpuEngine::LastScoresForTest() {
   return NotBuilt();
 }

@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
-#include <cuda/functional>
 
 #include "gpu/gpu_launch.h"
 
@@ -59,6 +58,15 @@ __device__ __forceinline__ T WarpMax(T v) {
   return v;
 }
 
+// max() as the warp helpers take it (fmaxf for floats: a NaN loses to a number), as a functor
+// for cub (CCCL's own cuda::maximum is newer than the CUDA 12.8 the images pin).
+struct MaxOp {
+  template <typename T>
+  __device__ __forceinline__ T operator()(const T& a, const T& b) const {
+    return max(a, b);
+  }
+};
+
 // Sum / max over the block (cub::BlockReduce), returned to every thread. Each instantiation has
 // its own shared storage; the barrier before returning lets the next call reuse it.
 template <typename T>
@@ -78,7 +86,7 @@ __device__ T BlockMax(T v) {
   using Reduce = cub::BlockReduce<T, kBlock>;
   __shared__ typename Reduce::TempStorage temp;
   __shared__ T result;
-  const T m = Reduce(temp).Reduce(v, ::cuda::maximum<>{});
+  const T m = Reduce(temp).Reduce(v, MaxOp());
   if (threadIdx.x == 0) result = m;
   __syncthreads();
   const T out = result;

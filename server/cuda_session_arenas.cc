@@ -112,17 +112,6 @@ absl::StatusOr<gpu::DeviceEventInputs> CudaSessionArenas::Prepare(int64_t step,
   return in;
 }
 
-absl::StatusOr<Decision> CudaSessionArenas::Compress(int64_t step,
-                                                     const std::string& event_handle) {
-  ASSIGN_OR_RETURN(const gpu::DeviceEventInputs in, Prepare(step, event_handle));
-  // The event's inputs are this session's arenas: errors name them so.
-  const std::string name = "arenas";
-  ASSIGN_OR_RETURN(std::vector<Decision> decisions,
-                   engine_->CompressBatch(std::span<const gpu::DeviceEventInputs>(&in, 1),
-                                          std::span<const std::string>(&name, 1)));
-  return std::move(decisions[0]);
-}
-
 absl::Status CudaSessionArenas::CheckFits(const Decision& decision) const {
   return CheckRegionsFit(decision, config_.budget.buffer, layout_);
 }

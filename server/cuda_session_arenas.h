@@ -38,13 +38,10 @@ class CudaSessionArenas {
   uint64_t bytes() const;
   void Describe(google::protobuf::RepeatedPtrField<v1::ArenaDescriptor>* out) const;
 
-  // The event's decision: waits for `event_handle` (when not empty), reads and checks "len", then
-  // scores, allocates and selects on the GPU over each head's live rows and the query ring's α
-  // newest slots (steps step − α + 1 .. step).
-  absl::StatusOr<Decision> Compress(int64_t step, const std::string& event_handle);
-  // Compress in two halves, so that sessions sharing an engine decide in one batch: Prepare
-  // waits, reads and checks (the event alone), returning the engine's inputs (valid until the
-  // next Prepare); the caller then runs them through engine().CompressBatch with others, naming
+  // An event's inputs: waits for `event_handle` (when not empty), reads and checks "len", and
+  // returns the engine's inputs over each head's live rows and the query ring's α newest slots
+  // (steps step − α + 1 .. step), valid until the next Prepare. The caller decides them with
+  // engine().CompressBatch, alone or with other sessions of the same engine (CudaPlane), naming
   // this one "arenas".
   absl::StatusOr<gpu::DeviceEventInputs> Prepare(int64_t step, const std::string& event_handle);
   gpu::GpuEngine& engine() const { return *engine_; }

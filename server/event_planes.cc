@@ -1,7 +1,9 @@
 #include "server/event_planes.h"
 
 #include <chrono>
+#include <cstddef>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -231,39 +233,37 @@ void CudaPlane::DecideTogether(std::span<EventPlane* const> planes,
                                std::span<absl::StatusOr<PlannedEvent>> out) {
   // Every plane here shares this one's engine (its batch key), so each is a CudaPlane.
   gpu::GpuEngine& engine = arenas_.engine();
-  std::vector<gpu::DeviceEventInputs> inputs;
-  for (EventPlane* p : planes) {
-    REASONALLOC_DCHECK(p->batch_key() == batch_key());
-    inputs.push_back(static_cast<CudaPlane*>(p)->prepared_);
-  }
-  const std::vector<std::string> names(planes.size(), "arenas");
-  auto decided = engine.CompressBatch(inputs, names);
-  if (decided.ok()) {
-    if (limits_.on_device_batch) limits_.on_device_batch(static_cast<int>(planes.size()));
-    for (size_t i = 0; i < planes.size(); ++i) {
-      PlannedEvent event;
-      event.decision = std::move((*decided)[i]);
-      out[i] = std::move(event);
-    }
-    return;
-  }
-  if (planes.size() == 1) {
-    out[0] = decided.status();
-    return;
-  }
-  // The batch fails as a whole (NaN in one session's keys, logits overflowing, a device fault):
-  // each event again alone, so that only the events at fault fail.
+  std::vector<size_t> pending(planes.size());
   for (size_t i = 0; i < planes.size(); ++i) {
-    auto one = engine.CompressBatch(std::span<const gpu::DeviceEventInputs>(&inputs[i], 1),
-                                    std::span<const std::string>(&names[i], 1));
-    if (!one.ok()) {
-      out[i] = one.status();
-      continue;
+    REASONALLOC_DCHECK(planes[i]->batch_key() == batch_key());
+    pending[i] = i;
+  }
+  // One launch set for the batch. An event at fault (NaN keys, logits overflowing) fails alone
+  // and the rest run again together: at most one extra launch set per event at fault. An error
+  // that names no event (a device fault) fails the batch's events, each retryable.
+  while (!pending.empty()) {
+    std::vector<gpu::DeviceEventInputs> inputs;
+    for (size_t i : pending) inputs.push_back(static_cast<CudaPlane*>(planes[i])->prepared_);
+    const std::vector<std::string> names(pending.size(), "arenas");
+    auto decided = engine.CompressBatch(inputs, names);
+    if (decided.ok()) {
+      if (limits_.on_device_batch) limits_.on_device_batch(static_cast<int>(pending.size()));
+      for (size_t k = 0; k < pending.size(); ++k) {
+        PlannedEvent event;
+        event.decision = std::move((*decided)[k]);
+        out[pending[k]] = std::move(event);
+      }
+      return;
     }
-    if (limits_.on_device_batch) limits_.on_device_batch(1);
-    PlannedEvent event;
-    event.decision = std::move((*one)[0]);
-    out[i] = std::move(event);
+    const std::optional<size_t> at = gpu::EventIndexOf(decided.status());
+    if (!at.has_value() || *at >= pending.size()) {
+      for (size_t i : pending) out[i] = decided.status();
+      return;
+    }
+    absl::Status own = decided.status();
+    own.ErasePayload(gpu::kEventIndexPayload);
+    out[pending[*at]] = own;
+    pending.erase(pending.begin() + static_cast<std::ptrdiff_t>(*at));
   }
 }
 

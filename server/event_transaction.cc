@@ -51,17 +51,24 @@ absl::StatusOr<EventOutcome> FinishEvent(Session& session, int64_t step, EventPl
 
 // Jobs of distinct sessions.
 void RunWave(std::span<EventJob> jobs) {
+  auto start = [](EventJob& j) {
+    if (j.t0 == std::chrono::steady_clock::time_point{}) j.t0 = std::chrono::steady_clock::now();
+  };
+  // Planes that decide alone run first, whole, in order: the batched sessions' guards are not
+  // held meanwhile and their time does not include these events.
+  for (EventJob& j : jobs) {
+    if (j.plane->batch_key() != nullptr) continue;
+    start(j);
+    j.outcome = RunCompressEvent(*j.session, j.step, *j.plane, j.t0, j.record);
+  }
   std::vector<std::optional<Session::CompressGuard>> guards(jobs.size());
   // Batch groups in the order their first job appears.
   std::vector<std::pair<const void*, std::vector<size_t>>> groups;
   for (size_t i = 0; i < jobs.size(); ++i) {
     EventJob& j = jobs[i];
-    if (j.t0 == std::chrono::steady_clock::time_point{}) j.t0 = std::chrono::steady_clock::now();
     const void* key = j.plane->batch_key();
-    if (key == nullptr) {
-      j.outcome = RunCompressEvent(*j.session, j.step, *j.plane, j.t0, j.record);
-      continue;
-    }
+    if (key == nullptr) continue;
+    start(j);
     auto guard = j.session->BeginCompress();
     if (!guard.ok()) {
       j.outcome = guard.status();

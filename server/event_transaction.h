@@ -86,8 +86,13 @@ struct EventJob {
   // When the event's time starts; unset (the epoch) = when the run reaches it.
   std::chrono::steady_clock::time_point t0;
   std::function<void(const EventOutcome&)> record;
-  absl::StatusOr<EventOutcome> outcome = absl::UnknownError("not run");  // set by the run
+  absl::StatusOr<EventOutcome> outcome = NotRun();  // set by the run
+  static absl::Status NotRun() { return absl::UnknownError("not run"); }
 };
+// Whether a job's outcome is still the one it started with (the run never reached it).
+inline bool IsNotRun(const absl::StatusOr<EventOutcome>& outcome) {
+  return !outcome.ok() && outcome.status() == EventJob::NotRun();
+}
 
 // Runs every job, each with RunCompressEvent's order and guarantees, except that jobs whose planes
 // share a batch key decide together (guard, step and Prepare per job; one DecideTogether per

@@ -628,7 +628,9 @@ grpc::Status SidecarService::CompressStream(
       return absl::OkStatus();
     });
     for (size_t k = 0; k < jobs.size(); ++k) {
-      status[job_of[k]] = run.ok() ? jobs[k].outcome.status() : run;
+      // Out of memory part-way: the events that ran keep their own outcome (some are committed);
+      // only those it never reached report it.
+      status[job_of[k]] = !run.ok() && IsNotRun(jobs[k].outcome) ? run : jobs[k].outcome.status();
     }
     for (int i = 0; i < batch.requests_size(); ++i) {
       const absl::Status& s = status[static_cast<size_t>(i)];

@@ -517,7 +517,7 @@ int Calibrate() {
   if (!request.ok()) return Fail(request.status());
   request->set_mode(v1::SESSION_MODE_ADVISORY);
   request->set_memory(v1::MEMORY_KIND_INLINE);
-  request->mutable_allocator()->set_name("uniform");
+  request->mutable_allocator()->set_name(std::string(NameOf(AllocatorKind::kUniform)));
   auto created = (*client)->CreateSession(*request);
   if (!created.ok()) return Fail(created.status());
   const std::string id = created->session().session_id();

@@ -76,18 +76,24 @@ ABSL_FLAG(int32_t, sinks, -1,
           "streaming, 0 for the others)");
 ABSL_FLAG(int32_t, recent, 0, "compress: last tokens of every head always kept (0 = the window)");
 ABSL_FLAG(int32_t, max_context, 131072, "compress: model.max_context (raised to N if smaller)");
-ABSL_FLAG(std::string, scorer, "snapkv", absl::StrCat("compress: ", reasonalloc::ScorerNames()));
-ABSL_FLAG(std::string, allocator, "uniform",
+ABSL_FLAG(std::string, scorer, std::string(reasonalloc::NameOf(reasonalloc::ScorerConfig{}.kind)),
+          absl::StrCat("compress: ", reasonalloc::ScorerNames()));
+ABSL_FLAG(std::string, allocator,
+          std::string(reasonalloc::NameOf(reasonalloc::AllocatorConfig{}.kind)),
           absl::StrCat("compress: ", reasonalloc::AllocatorNames()));
-ABSL_FLAG(std::string, reasonalloc_mode, "full", "compress: full | layer | head | off");
-ABSL_FLAG(int32_t, pool_kernel, 7, "compress: pooling kernel (odd)");
+ABSL_FLAG(std::string, reasonalloc_mode,
+          std::string(reasonalloc::NameOf(reasonalloc::AllocatorConfig{}.reasonalloc_mode)),
+          "compress: full | layer | head | off");
+ABSL_FLAG(int32_t, pool_kernel, reasonalloc::ScorerConfig{}.pool_kernel,
+          "compress: pooling kernel (odd)");
 ABSL_FLAG(std::string, pool_kind, "max", "compress: max | avg");
 ABSL_FLAG(std::string, gqa_reduce, "max",
           "compress: max | mean (on logits, before the softmax) | mean_scores (after pooling)");
 ABSL_FLAG(bool, softmax_all_keys, false,
           "compress: window softmax over all keys, causal in the window (kvpress), not candidates");
-ABSL_FLAG(double, lambda, 0.1, "compress: rkv importance weight λ");
-ABSL_FLAG(double, threshold, 0.5, "compress: rkv redundancy threshold T");
+ABSL_FLAG(double, lambda, reasonalloc::ScorerConfig{}.lambda, "compress: rkv importance weight λ");
+ABSL_FLAG(double, threshold, reasonalloc::ScorerConfig{}.threshold,
+          "compress: rkv redundancy threshold T");
 ABSL_FLAG(double, pyramid_beta, 20.0, "compress: pyramid β");
 ABSL_FLAG(double, adakv_floor, 0.2, "compress: adakv floor a");
 
@@ -392,22 +398,24 @@ int CompressCommand(Client& client) {
     create.mutable_allocator()->set_pyramid_beta(absl::GetFlag(FLAGS_pyramid_beta));
     create.mutable_allocator()->set_adakv_floor(absl::GetFlag(FLAGS_adakv_floor));
     create.mutable_allocator()->set_name(absl::GetFlag(FLAGS_allocator));
-    const std::string mode = absl::GetFlag(FLAGS_reasonalloc_mode);
-    static const std::pair<const char*, v1::AllocatorConfig::ReasonAllocMode> kModes[] = {
-        {"full", v1::AllocatorConfig::REASONALLOC_MODE_FULL},
-        {"layer", v1::AllocatorConfig::REASONALLOC_MODE_LAYER},
-        {"head", v1::AllocatorConfig::REASONALLOC_MODE_HEAD},
-        {"off", v1::AllocatorConfig::REASONALLOC_MODE_OFF}};
-    bool known_mode = false;
-    for (const auto& [name, value] : kModes) {
-      if (mode == name) {
-        create.mutable_allocator()->set_reasonalloc_mode(value);
-        known_mode = true;
-      }
-    }
-    if (!known_mode) {
-      return Fail(kUsageError, "compress",
-                  absl::InvalidArgumentError("--reasonalloc_mode must be full|layer|head|off"));
+    auto mode = ParseReasonAllocMode(absl::GetFlag(FLAGS_reasonalloc_mode), "--reasonalloc_mode");
+    if (!mode.ok()) return Fail(kUsageError, "compress", mode.status());
+    switch (*mode) {
+      case ReasonAllocMode::kFull:
+        create.mutable_allocator()->set_reasonalloc_mode(
+            v1::AllocatorConfig::REASONALLOC_MODE_FULL);
+        break;
+      case ReasonAllocMode::kLayer:
+        create.mutable_allocator()->set_reasonalloc_mode(
+            v1::AllocatorConfig::REASONALLOC_MODE_LAYER);
+        break;
+      case ReasonAllocMode::kHead:
+        create.mutable_allocator()->set_reasonalloc_mode(
+            v1::AllocatorConfig::REASONALLOC_MODE_HEAD);
+        break;
+      case ReasonAllocMode::kOff:
+        create.mutable_allocator()->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_OFF);
+        break;
     }
     create.set_mode(has_values ? v1::SESSION_MODE_MANAGED : v1::SESSION_MODE_ADVISORY);
     create.set_memory(v1::MEMORY_KIND_INLINE);

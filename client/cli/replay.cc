@@ -170,15 +170,9 @@ int ReplayCommand() {
         if (!allocator_kind.ok()) return Fail(allocator_kind.status());
         c.allocator.kind = *allocator_kind;
         if (spec.size() > 1) {
-          const std::string& mode = spec[1];
-          if (mode == "layer")
-            c.allocator.reasonalloc_mode = ReasonAllocMode::kLayer;
-          else if (mode == "head")
-            c.allocator.reasonalloc_mode = ReasonAllocMode::kHead;
-          else if (mode == "off")
-            c.allocator.reasonalloc_mode = ReasonAllocMode::kOff;
-          else if (mode != "full")
-            return Fail(absl::InvalidArgumentError("reasonalloc mode " + mode));
+          auto mode = ParseReasonAllocMode(spec[1], "--allocators mode");
+          if (!mode.ok()) return Fail(mode.status());
+          c.allocator.reasonalloc_mode = *mode;
         }
         auto engine = Engine::Create(c, AllocatorOf(c.allocator.kind).UsesLayerProfile(c.allocator)
                                             ? demand

@@ -61,14 +61,21 @@ TEST(Mutex, AwaitWithDeadlineTimesOutAndSeesAStateChangedBeforeItWaited) {
 TEST(Mutex, EveryWaiterWhoseConditionHoldsWakes) {
   Mutex mu;
   int stage = 0;
+  int waiting = 0;
   std::atomic<int> woken{0};
   std::vector<std::thread> threads;
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&, t] {
       MutexLock lock(&mu);
+      ++waiting;
       mu.Await([&]() ABSL_NO_THREAD_SAFETY_ANALYSIS { return stage > t % 2; });
       ++woken;
     });
+  }
+  // Once the count reaches 4 under the lock, all four are parked inside Await.
+  for (bool all = false; !all;) {
+    MutexLock lock(&mu);
+    all = waiting == 4;
   }
   {
     MutexLock lock(&mu);
