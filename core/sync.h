@@ -50,7 +50,8 @@ class ABSL_LOCKABLE Mutex {
     SignalWaiters();
     Waiter self;
     self.cond = &cond;
-    self.eval = [](void* c) { return (*static_cast<Cond*>(c))(); };
+    // Called by releasing threads, which hold the lock (SignalWaiters runs under mu_).
+    self.eval = [](void* c) ABSL_NO_THREAD_SAFETY_ANALYSIS { return (*static_cast<Cond*>(c))(); };
     // Linked in front; unlinked before returning (the node lives on this stack).
     self.next = waiters_;
     waiters_ = &self;
