@@ -24,7 +24,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   config.model.num_kv_heads = pm.num_kv_heads();
   config.model.head_dim = pm.head_dim();
   config.model.max_context = 4096;
-  config.allocator.kind = AllocatorKind::kReasonAlloc;
+  config.allocator.kind = reasonalloc::AllocatorKind::kReasonAlloc;
   config.allocator.profile = profile->name();
   if (!reasonalloc::ValidateSessionConfig(config).ok()) return 0;
   if (!reasonalloc::ProfileStore::CheckGeometry(*profile, config.model).ok()) std::abort();
