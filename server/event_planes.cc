@@ -12,31 +12,27 @@
 #include "core/check.h"
 #include "core/h2o.h"
 #include "core/status_macros.h"
-#include "server/proto_convert.h"
 
 namespace reasonalloc {
 namespace {
 
 // The worker's accumulated attention of an inline h2o event, [L, Hkv, N] fp32; empty when not
 // sent.
-absl::StatusOr<std::vector<float>> H2oAttention(const v1::InlineTensors& in,
-                                                const SessionConfig& config, int64_t n_max) {
+absl::StatusOr<std::vector<float>> H2oAttention(const RawTensor& raw, const SessionConfig& config,
+                                                int64_t n_max) {
   constexpr absl::string_view kField = "inline_tensors.attention";
-  ASSIGN_OR_RETURN(const RawTensor raw_tensor,
-                   RawTensorFromProto(in.attention(), in.has_attention(), kField));
-  const RawTensor* raw = &raw_tensor;
-  if (!raw->present) return std::vector<float>();
-  if (raw->dtype != DType::kFloat32) {
+  if (!raw.present) return std::vector<float>();
+  if (raw.dtype != DType::kFloat32) {
     return absl::InvalidArgumentError(absl::StrCat(kField, " must be DTYPE_FLOAT32"));
   }
   const std::vector<int64_t> want = {config.model.num_layers, config.model.num_kv_heads, n_max};
-  if (raw->shape != want) {
+  if (raw.shape != want) {
     return absl::InvalidArgumentError(absl::StrCat(kField, " must have shape [", want[0], ", ",
                                                    want[1], ", ", want[2], "] (L, Hkv, N)"));
   }
-  RETURN_IF_ERROR(CheckTensorBytes(kField, *raw));
-  std::vector<float> out(raw->data.size() / sizeof(float));
-  std::memcpy(out.data(), raw->data.data(), raw->data.size());
+  RETURN_IF_ERROR(CheckTensorBytes(kField, raw));
+  std::vector<float> out(raw.data.size() / sizeof(float));
+  std::memcpy(out.data(), raw.data.data(), raw.data.size());
   return out;
 }
 
@@ -62,41 +58,36 @@ absl::Status PrepareH2o(Session& session, const Engine& engine, const float* att
 // ---- MEMORY_KIND_INLINE ----
 
 absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step) {
-  if (!request_.has_inline_tensors()) {
+  if (!call_.inline_tensors.has_value()) {
     return absl::InvalidArgumentError(
         "inline_tensors is required: the session's memory is MEMORY_KIND_INLINE");
   }
-  if (!request_.cuda_event_handle().empty()) {
+  if (!call_.cuda_event_handle.empty()) {
     return absl::FailedPreconditionError(
         "cuda_event_handle must be empty for a MEMORY_KIND_INLINE session");
   }
   engine_ = session.engine();  // held: UpdateBudget may replace the session's engine
   const Engine* engine = engine_.get();
   const SessionConfig& config = engine_->config();
-  const v1::InlineTensors& in = request_.inline_tensors();
-  ASSIGN_OR_RETURN(const RawTensor q, RawTensorFromProto(in.query_window(), in.has_query_window(),
-                                                         "inline_tensors.query_window"));
-  ASSIGN_OR_RETURN(keys_, RawTensorFromProto(in.keys(), in.has_keys(), "inline_tensors.keys"));
-  ASSIGN_OR_RETURN(values_,
-                   RawTensorFromProto(in.values(), in.has_values(), "inline_tensors.values"));
-  ASSIGN_OR_RETURN(
-      prepared_,
-      PrepareInlineInputs(
-          config, q, keys_, values_,
-          std::span<const int32_t>(in.lengths().data(), static_cast<size_t>(in.lengths().size()))));
+  const InlineTensorsIn& in = *call_.inline_tensors;
+  keys_ = in.keys;
+  values_ = in.values;
+  ASSIGN_OR_RETURN(prepared_,
+                   PrepareInlineInputs(config, in.query_window, keys_, values_, in.lengths));
   const PreparedInputs* prepared = &prepared_;
   SleepForTesting(limits_);
 
   CompressInputs inputs = prepared->view();
-  inputs.cancelled = limits_.cancelled;
+  inputs.cancelled = call_.cancelled;
   inputs.max_event_bytes = limits_.max_event_bytes;
   PlannedEvent event;
   event.n_max = prepared->n_max;
   if (session.h2o() != nullptr) {
-    ASSIGN_OR_RETURN(const std::vector<float> attention, H2oAttention(in, config, prepared->n_max));
+    ASSIGN_OR_RETURN(const std::vector<float> attention,
+                     H2oAttention(in.attention, config, prepared->n_max));
     RETURN_IF_ERROR(PrepareH2o(session, *engine, attention.empty() ? nullptr : attention.data(),
                                step, &inputs, &event));
-  } else if (in.has_attention()) {
+  } else if (in.attention.present) {
     return absl::InvalidArgumentError(absl::StrCat(
         "inline_tensors.attention is only for h2o sessions; this session's scorer is \"",
         NameOf(config.scorer.kind), "\""));
@@ -119,66 +110,52 @@ absl::Status InlinePlane::CheckFits(const PlannedEvent&) { return absl::OkStatus
 absl::Status InlinePlane::Apply(PlannedEvent& event) {
   Decision& decision = event.decision;
   const SessionConfig& config = engine_->config();
+  std::optional<CompactedRows> keys, values;
   if (config.managed) {
     // The sidecar holds K and V: hand back each head's kept rows, compacted, in their own dtype.
     const int64_t max_kept = decision.max_kept();
     const int d = config.model.head_dim;
-    for (auto [src, dst] : {std::pair{&keys_, response_->mutable_compacted_keys()},
-                            std::pair{&values_, response_->mutable_compacted_values()}}) {
+    for (auto [src, dst] : {std::pair{&keys_, &keys}, std::pair{&values_, &values}}) {
       const size_t row_bytes = DTypeSize(src->dtype) * static_cast<size_t>(d);
-      dst->set_dtype(DTypeToProto(src->dtype));
-      for (int64_t dim : {int64_t{config.model.num_layers}, int64_t{config.model.num_kv_heads},
-                          max_kept, int64_t{d}}) {
-        dst->add_shape(dim);
-      }
-      std::string* bytes = dst->mutable_data();
-      bytes->resize(static_cast<size_t>(config.model.num_heads_total() * max_kept) * row_bytes);
-      GatherKeptRows(decision, src->data.data(), event.n_max, row_bytes, max_kept, bytes->data());
+      CompactedRows& rows = dst->emplace();
+      rows.dtype = src->dtype;
+      rows.shape = {config.model.num_layers, config.model.num_kv_heads, max_kept, d};
+      rows.bytes.resize(static_cast<size_t>(config.model.num_heads_total() * max_kept) * row_bytes);
+      GatherKeptRows(decision, src->data.data(), event.n_max, row_bytes, max_kept,
+                     rows.bytes.data());
     }
   }
-  response_->set_session_id(request_.session_id());
-  response_->set_step(request_.step());
-  DecisionToProto(decision, event.n_max, !request_.omit_keep_mask(), response_->mutable_decision());
-  // An answer that cannot be sent must not advance the session: the worker retries the same
-  // step. Room is left for the epoch and the timings, set when the event is published.
-  constexpr size_t kEpochAndTimings = 16 + 64;
-  const size_t bytes = response_->ByteSizeLong() + kEpochAndTimings;
-  if (bytes > limits_.max_message_bytes) {
-    response_->Clear();
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the response would be ", bytes, " bytes, above max_message_bytes ",
-        limits_.max_message_bytes, "; set omit_keep_mask or send fewer tokens per request"));
+  // The answer is handed over before the commit: one that cannot be delivered must not advance
+  // the session (the worker retries the same step).
+  if (call_.answer) {
+    const InlineAnswerView answer{decision, event.n_max, !call_.omit_keep_mask,
+                                  keys.has_value() ? &*keys : nullptr,
+                                  values.has_value() ? &*values : nullptr};
+    RETURN_IF_ERROR(call_.answer(answer));
   }
   if (calibrating_session_ != nullptr) {
     const auto tc = std::chrono::steady_clock::now();
     CompressInputs inputs = prepared_.view();
-    inputs.cancelled = limits_.cancelled;
+    inputs.cancelled = call_.cancelled;
     inputs.max_event_bytes = limits_.max_event_bytes;
-    if (absl::Status s = calibrating_session_->ObserveCalibration(step_, inputs); !s.ok()) {
-      response_->Clear();
-      return s;
-    }
+    RETURN_IF_ERROR(calibrating_session_->ObserveCalibration(step_, inputs));
     event.decision.seconds.score +=
         std::chrono::duration<double>(std::chrono::steady_clock::now() - tc).count();
   }
   return absl::OkStatus();
 }
 
-absl::Status InlinePlane::Publish(const PlannedEvent& event, uint64_t epoch) {
-  TimingsToProto(event.decision.seconds, response_->mutable_timings());
-  response_->set_epoch(epoch);
-  return absl::OkStatus();
-}
+absl::Status InlinePlane::Publish(const PlannedEvent&, uint64_t) { return absl::OkStatus(); }
 
 // ---- MEMORY_KIND_HOST_SHM ----
 
 absl::StatusOr<PlannedEvent> HostShmPlane::Decide(Session& session, int64_t step) {
-  if (request_.has_inline_tensors()) {
+  if (call_.inline_tensors.has_value()) {
     return absl::FailedPreconditionError(
         "inline_tensors must be empty for a MEMORY_KIND_HOST_SHM session: the worker writes keys, "
         "values, queries and lengths into the session's arenas");
   }
-  if (!request_.cuda_event_handle().empty()) {
+  if (!call_.cuda_event_handle.empty()) {
     return absl::FailedPreconditionError(
         "cuda_event_handle must be empty for a MEMORY_KIND_HOST_SHM session");
   }
@@ -187,7 +164,7 @@ absl::StatusOr<PlannedEvent> HostShmPlane::Decide(Session& session, int64_t step
   const ArenaInputs* in = &arena_inputs;
   SleepForTesting(limits_);
   CompressInputs inputs = in->view();
-  inputs.cancelled = limits_.cancelled;
+  inputs.cancelled = call_.cancelled;
   inputs.max_event_bytes = limits_.max_event_bytes;
   inputs.fields = arenas_.advisory()
                       ? InputFields{"the registered keys", "the registered queries",
@@ -219,13 +196,13 @@ absl::Status HostShmPlane::Publish(const PlannedEvent& event, uint64_t epoch) {
 // ---- MEMORY_KIND_CUDA_IPC ----
 
 absl::Status CudaPlane::Prepare(Session&, int64_t step) {
-  if (request_.has_inline_tensors()) {
+  if (call_.inline_tensors.has_value()) {
     return absl::FailedPreconditionError(
         "inline_tensors must be empty for a MEMORY_KIND_CUDA_IPC session: the worker writes keys, "
         "values, queries and lengths into the session's arenas");
   }
   SleepForTesting(limits_);
-  ASSIGN_OR_RETURN(prepared_, arenas_.Prepare(step, request_.cuda_event_handle()));
+  ASSIGN_OR_RETURN(prepared_, arenas_.Prepare(step, call_.cuda_event_handle));
   return absl::OkStatus();
 }
 
@@ -292,18 +269,6 @@ absl::Status CudaPlane::Publish(const PlannedEvent& event, uint64_t epoch) {
         absl::StrCat("writing the decision to the CUDA arenas failed: ", s.message()));
   }
   return absl::OkStatus();
-}
-
-void AnswerArenaEvent(const Session& session, int64_t step, const EventOutcome& outcome,
-                      v1::CompressResponse* response) {
-  response->set_session_id(session.id());
-  response->set_step(step);
-  response->set_epoch(outcome.committed.epoch);
-  v1::Decision* d = response->mutable_decision();
-  d->set_num_layers(outcome.decision.num_layers);
-  d->set_num_kv_heads(outcome.decision.num_kv_heads);
-  d->set_evicted_tokens(outcome.decision.evicted_tokens);
-  TimingsToProto(outcome.decision.seconds, response->mutable_timings());
 }
 
 }  // namespace reasonalloc

@@ -1,45 +1,95 @@
 // The three memory kinds of a session as EventPlanes (server/event_transaction.h): what each
-// reads, checks, applies and publishes for one CompressRequest.
+// reads, checks, applies and publishes for one compression call. Calls and answers are domain
+// types (CompressCall, InlineAnswerView); the gRPC adapter converts messages into them
+// (server/proto_convert.h).
 #ifndef REASONALLOC_SERVER_EVENT_PLANES_H_
 #define REASONALLOC_SERVER_EVENT_PLANES_H_
 
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
 
 #include "absl/time/time.h"
+#include "core/dtype.h"
 #include "core/inline_inputs.h"
-#include "reasonalloc/v1/sidecar.pb.h"
 #include "server/cuda_session_arenas.h"
 #include "server/event_transaction.h"
 #include "server/session_arenas.h"
 
 namespace reasonalloc {
 
+// Where a session's KV cache lives: one plane each.
+enum class MemoryKind { kInline, kHostShm, kCudaIpc };
+// The wire spelling ("MEMORY_KIND_HOST_SHM"), from the proto descriptor (server/proto_convert.cc).
+std::string MemoryKindName(MemoryKind memory);
+
+// An inline event's tensors as they arrived (not owned; each names its wire field in errors).
+struct InlineTensorsIn {
+  RawTensor query_window, keys, values;
+  RawTensor attention;               // h2o sessions only, optional
+  std::span<const int32_t> lengths;  // empty = N everywhere
+};
+
+// A managed inline session's kept rows of K or V, gathered to each head's start:
+// [L, Hkv, max kept, d] in the session's dtype; rows past a head's kept length are zero.
+struct CompactedRows {
+  DType dtype = DType::kFloat32;
+  std::vector<int64_t> shape;
+  std::string bytes;
+};
+
+// An inline event's answer, handed to CompressCall::answer after the decision and before the
+// commit: the sink takes what it keeps (it may move the rows out) and refuses an answer it cannot
+// deliver (the gRPC adapter: one above max_message_bytes), in which case nothing is committed and
+// the same step may be retried. The epoch and the stage timings come with the event's outcome.
+struct InlineAnswerView {
+  const Decision& decision;
+  int64_t n_max;        // positions before the event (the keep mask's width)
+  bool keep_mask;       // the caller wants the keep bitmask
+  CompactedRows* keys;  // managed sessions; null for advisory ones
+  CompactedRows* values;
+};
+using InlineAnswerSink = std::function<absl::Status(const InlineAnswerView&)>;
+
+// One compression event as a caller asks for it.
+struct CompressCall {
+  std::string session_id;
+  int64_t step = 0;
+  // MEMORY_KIND_INLINE sessions: the tensors (required there, refused elsewhere).
+  std::optional<InlineTensorsIn> inline_tensors;
+  // MEMORY_KIND_CUDA_IPC sessions: a cudaIpcEventHandle_t to wait on before reading (bytes).
+  std::string cuda_event_handle;
+  bool omit_keep_mask = false;
+  // The caller went away (polled between heads).
+  std::function<bool()> cancelled;
+  // Inline sessions: where the answer goes. Unset = discarded.
+  InlineAnswerSink answer;
+};
+
 // What every plane needs from the server.
 struct PlaneLimits {
-  uint64_t max_event_bytes = 0;    // 0 = no limit
-  uint64_t max_message_bytes = 0;  // the answer (inline: it carries the compacted rows)
+  uint64_t max_event_bytes = 0;                         // 0 = no limit
   absl::Duration testing_delay = absl::ZeroDuration();  // slept after reading (tests only)
-  std::function<bool()> cancelled;                      // the call was cancelled
   std::function<void(int events)> on_device_batch;      // after each CUDA launch set
 };
 
-// MEMORY_KIND_INLINE: the tensors come in the request; managed sessions get their compacted rows
-// back in the response. Calibrating sessions keep everything and measure.
+// MEMORY_KIND_INLINE: the tensors come with the call; managed sessions get their compacted rows
+// back in the answer. Calibrating sessions keep everything and measure.
 class InlinePlane : public EventPlane {
  public:
-  InlinePlane(const v1::CompressRequest& request, v1::CompressResponse* response,
-              PlaneLimits limits)
-      : request_(request), response_(response), limits_(std::move(limits)) {}
+  InlinePlane(const CompressCall& call, PlaneLimits limits)
+      : call_(call), limits_(std::move(limits)) {}
   absl::StatusOr<PlannedEvent> Decide(Session& session, int64_t step) override;
   absl::Status CheckFits(const PlannedEvent& event) override;
   absl::Status Apply(PlannedEvent& event) override;
   absl::Status Publish(const PlannedEvent& event, uint64_t epoch) override;
 
  private:
-  const v1::CompressRequest& request_;
-  v1::CompressResponse* response_;
+  const CompressCall& call_;
   PlaneLimits limits_;
   std::shared_ptr<const Engine> engine_;  // the session's, as of Decide
   RawTensor keys_, values_;
@@ -53,15 +103,15 @@ class InlinePlane : public EventPlane {
 // result arena.
 class HostShmPlane : public EventPlane {
  public:
-  HostShmPlane(const v1::CompressRequest& request, SessionArenas& arenas, PlaneLimits limits)
-      : request_(request), arenas_(arenas), limits_(std::move(limits)) {}
+  HostShmPlane(const CompressCall& call, SessionArenas& arenas, PlaneLimits limits)
+      : call_(call), arenas_(arenas), limits_(std::move(limits)) {}
   absl::StatusOr<PlannedEvent> Decide(Session& session, int64_t step) override;
   absl::Status CheckFits(const PlannedEvent& event) override;
   absl::Status Apply(PlannedEvent& event) override;
   absl::Status Publish(const PlannedEvent& event, uint64_t epoch) override;
 
  private:
-  const v1::CompressRequest& request_;
+  const CompressCall& call_;
   SessionArenas& arenas_;
   PlaneLimits limits_;
 };
@@ -70,8 +120,8 @@ class HostShmPlane : public EventPlane {
 // Sessions sharing an engine batch: their events of one message run as one CompressBatch.
 class CudaPlane : public EventPlane {
  public:
-  CudaPlane(const v1::CompressRequest& request, CudaSessionArenas& arenas, PlaneLimits limits)
-      : request_(request), arenas_(arenas), limits_(std::move(limits)) {}
+  CudaPlane(const CompressCall& call, CudaSessionArenas& arenas, PlaneLimits limits)
+      : call_(call), arenas_(arenas), limits_(std::move(limits)) {}
   absl::StatusOr<PlannedEvent> Decide(Session& session, int64_t step) override;
   absl::Status CheckFits(const PlannedEvent& event) override;
   absl::Status Apply(PlannedEvent& event) override;
@@ -82,16 +132,11 @@ class CudaPlane : public EventPlane {
                       std::span<absl::StatusOr<PlannedEvent>> out) override;
 
  private:
-  const v1::CompressRequest& request_;
+  const CompressCall& call_;
   CudaSessionArenas& arenas_;
   PlaneLimits limits_;
   gpu::DeviceEventInputs prepared_;
 };
-
-// The answer of an arena event (host or CUDA): the decision itself is in the result arena, so the
-// answer stays a few dozen bytes.
-void AnswerArenaEvent(const Session& session, int64_t step, const EventOutcome& outcome,
-                      v1::CompressResponse* response);
 
 }  // namespace reasonalloc
 

@@ -1,7 +1,10 @@
 #include "server/proto_convert.h"
 
+#include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstring>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "core/policy.h"
@@ -240,6 +243,142 @@ void TimingsToProto(const StageSeconds& s, v1::StageTimings* out) {
   out->set_select_seconds(s.select);
   out->set_compact_seconds(s.compact);
   out->set_total_seconds(s.total);
+}
+
+absl::StatusOr<MemoryKind> MemoryKindFromProto(v1::MemoryKind memory, absl::string_view field) {
+  switch (memory) {
+    case v1::MEMORY_KIND_UNSPECIFIED:
+    case v1::MEMORY_KIND_INLINE:
+      return MemoryKind::kInline;
+    case v1::MEMORY_KIND_HOST_SHM:
+      return MemoryKind::kHostShm;
+    case v1::MEMORY_KIND_CUDA_IPC:
+      return MemoryKind::kCudaIpc;
+    default:
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, " = ", static_cast<int>(memory), " is not a known MemoryKind"));
+  }
+}
+
+v1::MemoryKind MemoryKindToProto(MemoryKind memory) {
+  switch (memory) {
+    case MemoryKind::kInline:
+      return v1::MEMORY_KIND_INLINE;
+    case MemoryKind::kHostShm:
+      return v1::MEMORY_KIND_HOST_SHM;
+    case MemoryKind::kCudaIpc:
+      return v1::MEMORY_KIND_CUDA_IPC;
+  }
+  return v1::MEMORY_KIND_UNSPECIFIED;
+}
+
+std::string MemoryKindName(MemoryKind memory) {
+  return v1::MemoryKind_Name(MemoryKindToProto(memory));
+}
+
+std::string SessionModeName(bool managed) {
+  return v1::SessionMode_Name(managed ? v1::SESSION_MODE_MANAGED : v1::SESSION_MODE_ADVISORY);
+}
+
+absl::StatusOr<CompressCall> CompressCallFromProto(const v1::CompressRequest& request) {
+  CompressCall call;
+  call.session_id = request.session_id();
+  call.step = request.step();
+  call.cuda_event_handle = request.cuda_event_handle();
+  call.omit_keep_mask = request.omit_keep_mask();
+  if (request.has_inline_tensors()) {
+    const v1::InlineTensors& in = request.inline_tensors();
+    InlineTensorsIn& t = call.inline_tensors.emplace();
+    ASSIGN_OR_RETURN(t.query_window, RawTensorFromProto(in.query_window(), in.has_query_window(),
+                                                        "inline_tensors.query_window"));
+    ASSIGN_OR_RETURN(t.keys, RawTensorFromProto(in.keys(), in.has_keys(), "inline_tensors.keys"));
+    ASSIGN_OR_RETURN(t.values,
+                     RawTensorFromProto(in.values(), in.has_values(), "inline_tensors.values"));
+    ASSIGN_OR_RETURN(t.attention, RawTensorFromProto(in.attention(), in.has_attention(),
+                                                     "inline_tensors.attention"));
+    t.lengths =
+        std::span<const int32_t>(in.lengths().data(), static_cast<size_t>(in.lengths().size()));
+  }
+  return call;
+}
+
+namespace {
+
+void RowsToProto(CompactedRows& rows, v1::Tensor* out) {
+  out->set_dtype(DTypeToProto(rows.dtype));
+  for (int64_t dim : rows.shape) out->add_shape(dim);
+  out->set_data(std::move(rows.bytes));
+}
+
+}  // namespace
+
+InlineAnswerSink WireAnswerSink(const v1::CompressRequest& request, v1::CompressResponse* response,
+                                uint64_t max_message_bytes) {
+  return [&request, response, max_message_bytes](const InlineAnswerView& answer) -> absl::Status {
+    response->set_session_id(request.session_id());
+    response->set_step(request.step());
+    DecisionToProto(answer.decision, answer.n_max, answer.keep_mask, response->mutable_decision());
+    if (answer.keys != nullptr) RowsToProto(*answer.keys, response->mutable_compacted_keys());
+    if (answer.values != nullptr) {
+      RowsToProto(*answer.values, response->mutable_compacted_values());
+    }
+    // Room for the epoch and the timings, set once the event commits.
+    constexpr size_t kEpochAndTimings = 16 + 64;
+    const size_t bytes = response->ByteSizeLong() + kEpochAndTimings;
+    if (bytes > max_message_bytes) {
+      response->Clear();
+      return absl::ResourceExhaustedError(
+          absl::StrCat("the response would be ", bytes, " bytes, above max_message_bytes ",
+                       max_message_bytes, "; set omit_keep_mask or send fewer tokens per request"));
+    }
+    return absl::OkStatus();
+  };
+}
+
+void CompressOutcomeToProto(const CompressCall& call, const EventOutcome& outcome,
+                            v1::CompressResponse* response) {
+  response->set_session_id(call.session_id);
+  response->set_step(call.step);
+  response->set_epoch(outcome.committed.epoch);
+  if (!call.inline_tensors.has_value()) {
+    // An arena event: the decision itself is in the result arena, so the answer stays a few
+    // dozen bytes.
+    v1::Decision* d = response->mutable_decision();
+    d->set_num_layers(outcome.decision.num_layers);
+    d->set_num_kv_heads(outcome.decision.num_kv_heads);
+    d->set_evicted_tokens(outcome.decision.evicted_tokens);
+  }
+  TimingsToProto(outcome.decision.seconds, response->mutable_timings());
+}
+
+v1::CompressEvent CompressEventToProto(const std::string& session_id, const std::string& model,
+                                       int64_t step, uint64_t epoch, const Decision& decision,
+                                       absl::Time now) {
+  v1::CompressEvent e;
+  e.set_session_id(session_id);
+  e.set_model_name(model);
+  e.set_step(step);
+  e.set_epoch(epoch);
+  int32_t lo = 0;
+  int32_t hi = 0;
+  for (int l = 0; l < decision.num_layers; ++l) {
+    int32_t layer = 0;
+    for (int h = 0; h < decision.num_kv_heads; ++h) {
+      const int32_t b = decision.budgets[static_cast<size_t>(l * decision.num_kv_heads + h)];
+      layer += b;
+      lo = (l == 0 && h == 0) ? b : std::min(lo, b);
+      hi = std::max(hi, b);
+    }
+    // Tokens per KV head, the mean over the layer's heads (rounded): the unit of --budget and
+    // of GetSession's layer_budgets.
+    e.add_layer_budgets(static_cast<int32_t>(
+        std::lround(static_cast<double>(layer) / std::max(decision.num_kv_heads, 1))));
+  }
+  e.set_head_budget_spread(lo > 0 ? static_cast<double>(hi) / lo : 0.0);
+  e.set_evicted_tokens(decision.evicted_tokens);
+  TimingsToProto(decision.seconds, e.mutable_timings());
+  e.set_unix_ms(absl::ToUnixMillis(now));
+  return e;
 }
 
 }  // namespace reasonalloc

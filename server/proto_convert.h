@@ -3,12 +3,16 @@
 #ifndef REASONALLOC_SERVER_PROTO_CONVERT_H_
 #define REASONALLOC_SERVER_PROTO_CONVERT_H_
 
+#include <string>
+
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 #include "core/engine.h"
 #include "core/inline_inputs.h"
 #include "core/session_config.h"
 #include "reasonalloc/v1/sidecar.pb.h"
+#include "server/event_planes.h"
 
 namespace reasonalloc {
 
@@ -25,6 +29,29 @@ void SessionConfigToProto(const SessionConfig& config, v1::ModelGeometry* model,
 // A view of a wire tensor; `present` is false for a tensor that was not set.
 absl::StatusOr<RawTensor> RawTensorFromProto(const v1::Tensor& tensor, bool present,
                                              absl::string_view field);
+
+absl::StatusOr<MemoryKind> MemoryKindFromProto(v1::MemoryKind memory, absl::string_view field);
+v1::MemoryKind MemoryKindToProto(MemoryKind memory);
+// "SESSION_MODE_MANAGED" or "SESSION_MODE_ADVISORY".
+std::string SessionModeName(bool managed);
+
+// A Compress request as the application layer takes it. The call's tensors are views into
+// `request`, which must outlive it; its answer goes to WireAnswerSink(response, ...) and the
+// caller's cancellation is the adapter's to set.
+absl::StatusOr<CompressCall> CompressCallFromProto(const v1::CompressRequest& request);
+// An inline event's answer written into `response` (ids of `request`, decision, compacted rows);
+// refused, with `response` cleared, when the whole response would exceed `max_message_bytes` once
+// the epoch and the timings are added. `request` and `response` must outlive the sink.
+InlineAnswerSink WireAnswerSink(const v1::CompressRequest& request, v1::CompressResponse* response,
+                                uint64_t max_message_bytes);
+// The rest of a committed event's answer: ids, epoch and timings, and for arena events (whose
+// decision is in the result arena) the decision's shape and evicted tokens.
+void CompressOutcomeToProto(const CompressCall& call, const EventOutcome& outcome,
+                            v1::CompressResponse* response);
+// What WatchMetrics streams for a committed event.
+v1::CompressEvent CompressEventToProto(const std::string& session_id, const std::string& model,
+                                       int64_t step, uint64_t epoch, const Decision& decision,
+                                       absl::Time now);
 
 void DecisionToProto(const Decision& decision, int64_t n_max, bool with_mask, v1::Decision* out);
 void TimingsToProto(const StageSeconds& seconds, v1::StageTimings* out);

@@ -99,15 +99,16 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
   std::unique_ptr<Server> server(new Server(options));
   Server& s = *server;
 
-  SidecarService::Options so;
+  Sidecar::Options ao;         // the application layer's
+  SidecarService::Options so;  // the gRPC adapter's
   so.max_message_bytes = options.max_message_bytes;
-  so.max_watchers = options.max_watchers;
-  so.watch_queue = static_cast<size_t>(std::max(1, options.watch_queue));
-  so.testing_compress_delay = options.testing_compress_delay;
-  so.max_event_bytes =
+  ao.max_watchers = options.max_watchers;
+  ao.watch_queue = static_cast<size_t>(std::max(1, options.watch_queue));
+  ao.testing_compress_delay = options.testing_compress_delay;
+  ao.max_event_bytes =
       options.max_event_bytes == 0 ? DefaultMaxEventBytes() : options.max_event_bytes;
   if (options.device == "cpu") {
-    so.backend = "cpu";
+    ao.backend = "cpu";
     so.device_name = CpuModelName();
   } else if (absl::StartsWith(options.device, "cuda:")) {
     int index = -1;
@@ -128,11 +129,11 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
                        dev.compute_major, ".", dev.compute_minor,
                        "; the CUDA backend is built for 8.0 and 9.0"));
     }
-    so.backend = "cuda";
+    ao.backend = "cuda";
     so.device_name = dev.name;
     so.device_uuid = dev.uuid;
     so.driver_version = gpu::FormatDriverVersion(probe.driver_version);
-    so.cuda_device = index;
+    ao.cuda_device = index;
   } else {
     return absl::InvalidArgumentError(
         absl::StrCat("device \"", options.device, "\" is not cpu or cuda:N"));
@@ -199,17 +200,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Create(const ServerOptions& opti
     spdlog::warn("removed {} shared-memory arena(s) left by a server that is no longer running",
                  stale);
   }
-  s.metrics_ = std::make_unique<Metrics>(so.backend, so.device_name, so.driver_version);
+  s.metrics_ = std::make_unique<Metrics>(ao.backend, so.device_name, so.driver_version);
   s.registry_ =
       std::make_unique<SessionRegistry>(options.sessions, [&s](Session& session, const char* why) {
         // Sessions exist only once the service does; the registry is destroyed before it.
-        if (s.service_) s.service_->OnSessionReleased(session, why);
+        if (s.app_) s.app_->OnSessionReleased(session, why);
       });
   s.peers_ = std::make_unique<PeerTable>();
   so.peers = s.peers_.get();
-  so.allow_uids = options.allow_uids;
-  s.service_ =
-      std::make_unique<SidecarService>(so, s.registry_.get(), s.metrics_.get(), s.profiles_.get());
+  ao.allow_uids = options.allow_uids;
+  s.app_ = std::make_unique<Sidecar>(ao, s.registry_.get(), s.metrics_.get(), s.profiles_.get());
+  s.service_ = std::make_unique<SidecarService>(so, s.app_.get(), s.metrics_.get());
   s.health_ = std::make_unique<HealthService>(
       std::initializer_list<std::string>{"", "reasonalloc.v1.KvSidecar"});
 
@@ -319,7 +320,7 @@ void Server::Drain() {
   }
   spdlog::info("draining: refusing new calls, waiting up to {} for in-flight calls",
                absl::FormatDuration(options_.drain_timeout));
-  service_->SetDraining();
+  app_->SetDraining();
   health_->Shutdown();
   unix_listener_->Stop();
   // The metrics endpoint stops while calls drain.

@@ -85,6 +85,7 @@ class Server {
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<ProfileStore> profiles_;
   std::unique_ptr<SessionRegistry> registry_;
+  std::unique_ptr<Sidecar> app_;
   std::unique_ptr<SidecarService> service_;
   std::unique_ptr<HealthService> health_;
   std::unique_ptr<PeerTable> peers_;

@@ -18,6 +18,7 @@
 #include "core/dtype.h"
 #include "core/engine.h"
 #include "server/event_planes.h"
+#include "server/proto_convert.h"
 #include "server/session_arenas.h"
 #include "server/session_registry.h"
 
@@ -107,11 +108,22 @@ class FailOnce : public EventPlane {
 
 const auto kT0 = std::chrono::steady_clock::now();
 
-PlaneLimits MessageLimit(uint64_t bytes) {
-  PlaneLimits limits;
-  limits.max_message_bytes = bytes;
-  return limits;
-}
+// The inline plane as the gRPC adapter drives it: the call converted from `request`, its answer
+// written into `response` and refused above `max_message_bytes` (server/proto_convert.h).
+struct WireInline {
+  WireInline(const v1::CompressRequest& request, v1::CompressResponse* response,
+             uint64_t max_message_bytes)
+      : call(Convert(request, response, max_message_bytes)), plane(call, {}) {}
+  static CompressCall Convert(const v1::CompressRequest& request, v1::CompressResponse* response,
+                              uint64_t max_message_bytes) {
+    auto call = CompressCallFromProto(request);
+    EXPECT_TRUE(call.ok()) << call.status();
+    call->answer = WireAnswerSink(request, response, max_message_bytes);
+    return *std::move(call);
+  }
+  CompressCall call;
+  InlinePlane plane;
+};
 
 TEST(EventTransaction, RunsDecideFitsApplyCommitPublishInOrder) {
   auto session = MakeSession(Config());
@@ -190,24 +202,25 @@ TEST(EventTransaction, InlinePlaneCommitsNothingWhenTheAnswerDoesNotFit) {
   for (const std::string fail_at : {"fits", "apply"}) {
     SCOPED_TRACE(fail_at);
     v1::CompressResponse response;
-    InlinePlane inline_plane(request, &response, MessageLimit(1 << 20));
-    FailOnce plane(&inline_plane, fail_at);
+    WireInline inline_plane(request, &response, 1 << 20);
+    FailOnce plane(&inline_plane.plane, fail_at);
     ASSERT_FALSE(RunCompressEvent(*session, 0, plane, kT0).ok());
     EXPECT_EQ(session->Snapshot().epoch, 0u);
   }
   // The real plane's own refusal: an answer above max_message_bytes.
   v1::CompressResponse small;
-  InlinePlane too_small(request, &small, MessageLimit(64));
-  auto refused = RunCompressEvent(*session, 0, too_small, kT0);
+  WireInline too_small(request, &small, 64);
+  auto refused = RunCompressEvent(*session, 0, too_small.plane, kT0);
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
   EXPECT_NE(refused.status().message().find("max_message_bytes"), std::string::npos);
   EXPECT_EQ(small.ByteSizeLong(), 0u) << "a refused answer must not carry a partial response";
   EXPECT_EQ(session->Snapshot().last_step, -1);
   // The same step, retried with room: committed, compacted rows returned.
   v1::CompressResponse response;
-  InlinePlane plane(request, &response, MessageLimit(1 << 20));
-  auto out = RunCompressEvent(*session, 0, plane, kT0);
+  WireInline plane(request, &response, 1 << 20);
+  auto out = RunCompressEvent(*session, 0, plane.plane, kT0);
   ASSERT_TRUE(out.ok()) << out.status();
+  CompressOutcomeToProto(plane.call, *out, &response);
   EXPECT_EQ(response.epoch(), 1u);
   EXPECT_EQ(response.decision().num_layers(), kL);
   EXPECT_EQ(response.compacted_keys().shape(2), out->decision.max_kept());
@@ -224,12 +237,12 @@ TEST(EventTransaction, ACalibrationSampleIsTakenOnlyWhenTheEventCommits) {
   };
   const v1::CompressRequest request = InlineRequest(0, 12);
   v1::CompressResponse small;
-  InlinePlane refused(request, &small, MessageLimit(64));
-  ASSERT_FALSE(RunCompressEvent(*session, 0, refused, kT0).ok());
+  WireInline refused(request, &small, 64);
+  ASSERT_FALSE(RunCompressEvent(*session, 0, refused.plane, kT0).ok());
   EXPECT_EQ(samples(), 0) << "a refused event recorded a sample";
   v1::CompressResponse response;
-  InlinePlane plane(request, &response, MessageLimit(1 << 20));
-  auto out = RunCompressEvent(*session, 0, plane, kT0);
+  WireInline plane(request, &response, 1 << 20);
+  auto out = RunCompressEvent(*session, 0, plane.plane, kT0);
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_EQ(out->decision.evicted_tokens, 0);
   const int64_t one_event = samples();
@@ -237,8 +250,8 @@ TEST(EventTransaction, ACalibrationSampleIsTakenOnlyWhenTheEventCommits) {
   // The next step refused again: still only the committed step's samples.
   const v1::CompressRequest next = InlineRequest(1, 12);
   v1::CompressResponse next_small;
-  InlinePlane next_refused(next, &next_small, MessageLimit(64));
-  ASSERT_FALSE(RunCompressEvent(*session, 1, next_refused, kT0).ok());
+  WireInline next_refused(next, &next_small, 64);
+  ASSERT_FALSE(RunCompressEvent(*session, 1, next_refused.plane, kT0).ok());
   EXPECT_EQ(samples(), one_event);
 }
 
@@ -290,12 +303,12 @@ TEST(EventTransaction, HostShmPlaneCommitsNothingBeforeApplyAndPublishesTheEpoch
   for (int i = 0; i < kL * kHkv; ++i) len[i] = kBudget + kDelta;
   const std::vector<unsigned char> kv_before(kv, kv + layout.kv.bytes);
 
-  v1::CompressRequest request;
-  request.set_session_id("s1");
-  request.set_step(kWindow);
+  CompressCall call;
+  call.session_id = "s1";
+  call.step = kWindow;
   for (const std::string fail_at : {"fits", "apply"}) {
     SCOPED_TRACE(fail_at);
-    HostShmPlane host(request, arenas, {});
+    HostShmPlane host(call, arenas, {});
     FailOnce plane(&host, fail_at);
     ASSERT_FALSE(RunCompressEvent(*session, kWindow, plane, kT0).ok());
     EXPECT_EQ(session->Snapshot().epoch, 0u);
@@ -303,7 +316,7 @@ TEST(EventTransaction, HostShmPlaneCommitsNothingBeforeApplyAndPublishesTheEpoch
     EXPECT_EQ(len[0], kBudget + kDelta) << "the result block changed before the commit";
     EXPECT_EQ(std::memcmp(kv, kv_before.data(), kv_before.size()), 0) << "rows moved";
   }
-  HostShmPlane plane(request, arenas, {});
+  HostShmPlane plane(call, arenas, {});
   auto out = RunCompressEvent(*session, kWindow, plane, kT0);
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_EQ(out->committed.epoch, 1u);
