@@ -122,4 +122,22 @@ void CompactInPlace(const Decision& decision, std::span<const int64_t> old_offse
   }
 }
 
+absl::Status CompactIntoRegions(const Decision& decision, int buffer, size_t row_bytes,
+                                Compactor* compactor, void* k, void* v,
+                                std::vector<int64_t>* offsets, std::vector<int32_t>* capacities) {
+  std::vector<int64_t> new_offsets;
+  std::vector<int32_t> new_capacities;
+  HeadRegions(decision.budgets, buffer, &new_offsets, &new_capacities);
+  if (compactor != nullptr) {
+    if (absl::Status s =
+            compactor->CompactInPlace(decision, *offsets, new_offsets, row_bytes, k, v);
+        !s.ok()) {
+      return s;
+    }
+  }
+  *offsets = std::move(new_offsets);
+  *capacities = std::move(new_capacities);
+  return absl::OkStatus();
+}
+
 }  // namespace reasonalloc

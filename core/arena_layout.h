@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "core/compute_backend.h"
 #include "core/dtype.h"
 #include "core/engine.h"
 #include "core/session_config.h"
@@ -67,6 +68,14 @@ SessionLayout MakeSessionLayout(const SessionConfig& config);
 // Δ.
 void HeadRegions(std::span<const int32_t> budgets, int buffer, std::vector<int64_t>* offsets,
                  std::vector<int32_t>* capacities);
+
+// An arena session's compaction, the same for host and device memory: the head regions of
+// `decision`'s budgets, and each head's kept rows of `k` and `v` moved into them by `compactor`
+// (null: an advisory session, whose rows the worker moves). On success the new regions replace
+// *offsets and *capacities; on error they and the rows are as they were.
+absl::Status CompactIntoRegions(const Decision& decision, int buffer, size_t row_bytes,
+                                Compactor* compactor, void* k, void* v,
+                                std::vector<int64_t>* offsets, std::vector<int32_t>* capacities);
 
 // Gathers each head's live rows (lengths[i] rows from offsets[i]) of `rows_base` ([rows, d] in
 // `dtype`) into fp32 [heads, n_max, d]. Returns the first non-finite element as a message naming

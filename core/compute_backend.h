@@ -11,6 +11,11 @@
 // The CPU backend (core/engine.cc) runs the scorers of core/scorers/ and the selector on host
 // memory; the CUDA backend (gpu/gpu_engine.cc) runs its kernels on device memory, batched over
 // sessions. Both route through the same host code, so equal scores give equal decisions.
+//
+// Compaction, the last stage, runs later, once the event's decision is known to fit the session's
+// memory (server/event_transaction.h): a Compactor moves the kept rows in that memory
+// (HostCompactor on host arenas, the CUDA engine on device arenas; inline sessions get theirs
+// gathered into the answer by GatherKeptRows).
 #ifndef REASONALLOC_CORE_COMPUTE_BACKEND_H_
 #define REASONALLOC_CORE_COMPUTE_BACKEND_H_
 
@@ -38,6 +43,29 @@ class ComputeBackend {
   // Writes each head's KeptCount(n, budget) positions, ascending, into decisions[e].kept_indices
   // (sized by the engine from head_offsets).
   virtual absl::Status Select(std::span<Decision> decisions) = 0;
+};
+
+// Moves each head's kept rows of K and V (decision.Kept(i), positions relative to old_offsets[i],
+// rows of `row_bytes`) to new_offsets[i] onward, in place, in the backend's memory. An error leaves
+// the rows as they were.
+class Compactor {
+ public:
+  virtual ~Compactor() = default;
+  virtual absl::Status CompactInPlace(const Decision& decision,
+                                      std::span<const int64_t> old_offsets,
+                                      std::span<const int64_t> new_offsets, size_t row_bytes,
+                                      void* k, void* v) = 0;
+};
+
+// The CPU backend's compaction, on host memory; keeps its scratch between events.
+class HostCompactor final : public Compactor {
+ public:
+  absl::Status CompactInPlace(const Decision& decision, std::span<const int64_t> old_offsets,
+                              std::span<const int64_t> new_offsets, size_t row_bytes, void* k,
+                              void* v) override;
+
+ private:
+  std::vector<unsigned char> scratch_;
 };
 
 // Runs a batch through `backend`: one decision per element of `lengths` (each [L · Hkv], in

@@ -7,6 +7,7 @@
 #include <new>
 
 #include "absl/strings/str_cat.h"
+#include "core/arena_layout.h"
 #include "core/compute_backend.h"
 #include "core/h2o.h"
 #include "core/selector.h"
@@ -419,6 +420,17 @@ void GatherKeptRows(const Decision& decision, const void* src, int64_t n_max, si
     std::memset(hd + static_cast<size_t>(r) * row_bytes, 0,
                 static_cast<size_t>(max_kept - r) * row_bytes);
   }
+}
+
+absl::Status HostCompactor::CompactInPlace(const Decision& decision,
+                                           std::span<const int64_t> old_offsets,
+                                           std::span<const int64_t> new_offsets, size_t row_bytes,
+                                           void* k, void* v) {
+  // The scratch is the only allocation, and it happens before any row moves.
+  reasonalloc::CompactInPlace(decision, old_offsets, new_offsets, row_bytes,
+                              static_cast<unsigned char*>(k), static_cast<unsigned char*>(v),
+                              &scratch_);
+  return absl::OkStatus();
 }
 
 }  // namespace reasonalloc

@@ -26,6 +26,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/cord.h"
 #include "absl/strings/numbers.h"
+#include "core/compute_backend.h"
 #include "core/dtype.h"
 #include "core/engine.h"
 #include "core/session_config.h"
@@ -68,7 +69,7 @@ inline std::optional<size_t> EventIndexOf(const absl::Status& status) {
   return index;
 }
 
-class GpuEngine {
+class GpuEngine final : public Compactor {
  public:
   // An engine for `config` on CUDA device `device`.
   static absl::StatusOr<std::unique_ptr<GpuEngine>> Create(int device, const SessionConfig& config,
@@ -107,9 +108,10 @@ class GpuEngine {
   // Managed arenas: after CompressBatch of one event whose keys used head_row_offsets, moves each
   // head's kept rows of `k` and `v` ([rows, row_bytes] on the device) from old_offsets[i] +
   // kept position to new_offsets[i] onward, in place (through a device scratch), and waits.
+  // The CUDA backend's Compactor (core/compute_backend.h).
   absl::Status CompactInPlace(const Decision& decision, std::span<const int64_t> old_offsets,
                               std::span<const int64_t> new_offsets, size_t row_bytes, void* k,
-                              void* v);
+                              void* v) override;
 
   // Reserves CompactInPlace's scratch for up to `rows` kept rows of `row_bytes`, so that later
   // compactions of that size allocate nothing (and cannot fail for memory).

@@ -117,21 +117,12 @@ absl::Status CudaSessionArenas::CheckFits(const Decision& decision) const {
 }
 
 absl::Status CudaSessionArenas::Compact(const Decision& decision) {
-  std::vector<int64_t> offsets;
-  std::vector<int32_t> capacities;
-  HeadRegions(decision.budgets, config_.budget.buffer, &offsets, &capacities);
   const size_t row_bytes =
       DTypeSize(config_.model.dtype) * static_cast<size_t>(config_.model.head_dim);
   auto* kv = static_cast<unsigned char*>(kv_->cuda().device_ptr());
-  if (auto s = engine_->CompactInPlace(decision, offsets_, offsets, row_bytes,
-                                       kv + layout_.kv.Get("k").byte_offset,
-                                       kv + layout_.kv.Get("v").byte_offset);
-      !s.ok()) {
-    return s;
-  }
-  offsets_ = std::move(offsets);
-  capacities_ = std::move(capacities);
-  return absl::OkStatus();
+  return CompactIntoRegions(decision, config_.budget.buffer, row_bytes, engine_.get(),
+                            kv + layout_.kv.Get("k").byte_offset,
+                            kv + layout_.kv.Get("v").byte_offset, &offsets_, &capacities_);
 }
 
 absl::Status CudaSessionArenas::Publish(const Decision& decision, uint64_t epoch) {

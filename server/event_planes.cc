@@ -183,10 +183,7 @@ absl::Status HostShmPlane::CheckFits(const PlannedEvent& event) {
   return arenas_.CheckFits(event.decision);
 }
 
-absl::Status HostShmPlane::Apply(PlannedEvent& event) {
-  arenas_.Compact(event.decision);
-  return absl::OkStatus();
-}
+absl::Status HostShmPlane::Apply(PlannedEvent& event) { return arenas_.Compact(event.decision); }
 
 absl::Status HostShmPlane::Publish(const PlannedEvent& event, uint64_t epoch) {
   arenas_.Publish(event.decision, epoch);

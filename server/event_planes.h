@@ -16,6 +16,7 @@
 #include "absl/time/time.h"
 #include "core/dtype.h"
 #include "core/inline_inputs.h"
+#include "core/policy.h"
 #include "server/cuda_session_arenas.h"
 #include "server/event_transaction.h"
 #include "server/session_arenas.h"
@@ -24,6 +25,14 @@ namespace reasonalloc {
 
 // Where a session's KV cache lives: one plane each.
 enum class MemoryKind { kInline, kHostShm, kCudaIpc };
+inline constexpr MemoryKind kMemoryKinds[] = {MemoryKind::kInline, MemoryKind::kHostShm,
+                                              MemoryKind::kCudaIpc};
+// The memory kind's bit in a policy's plane sets (core/policy.h).
+constexpr uint32_t PlaneBit(MemoryKind m) {
+  return m == MemoryKind::kInline    ? kInlinePlane
+         : m == MemoryKind::kHostShm ? kHostShmPlane
+                                     : kCudaIpcPlane;
+}
 // The wire spelling ("MEMORY_KIND_HOST_SHM"), from the proto descriptor (server/proto_convert.cc).
 std::string MemoryKindName(MemoryKind memory);
 

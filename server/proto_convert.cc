@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/policy.h"
 #include "core/status_macros.h"
+#include "proto/policy_enums.h"
 
 namespace reasonalloc {
 
@@ -185,20 +186,7 @@ void SessionConfigToProto(const SessionConfig& c, v1::ModelGeometry* m, v1::Budg
   a->set_name(std::string(NameOf(c.allocator.kind)));
   a->set_pyramid_beta(c.allocator.pyramid_beta);
   a->set_adakv_floor(c.allocator.adakv_floor);
-  switch (c.allocator.reasonalloc_mode) {
-    case ReasonAllocMode::kFull:
-      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_FULL);
-      break;
-    case ReasonAllocMode::kLayer:
-      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_LAYER);
-      break;
-    case ReasonAllocMode::kHead:
-      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_HEAD);
-      break;
-    case ReasonAllocMode::kOff:
-      a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_OFF);
-      break;
-  }
+  a->set_reasonalloc_mode(ReasonAllocModeToProto(c.allocator.reasonalloc_mode));
   a->set_layer_exponent(c.allocator.layer_exponent);
   a->set_head_exponent(c.allocator.head_exponent);
   a->set_head_floor(c.allocator.head_floor);

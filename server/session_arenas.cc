@@ -232,19 +232,14 @@ absl::Status SessionArenas::CheckFits(const Decision& decision) const {
   return CheckRegionsFit(decision, config_.budget.buffer, layout_);
 }
 
-void SessionArenas::Compact(const Decision& decision) {
-  std::vector<int64_t> offsets;
-  std::vector<int32_t> capacities;
-  HeadRegions(decision.budgets, config_.budget.buffer, &offsets, &capacities);
-  if (!advisory()) {
-    const size_t row_bytes =
-        DTypeSize(config_.model.dtype) * static_cast<size_t>(config_.model.head_dim);
-    CompactInPlace(decision, offsets_, offsets, row_bytes,
-                   kv_->data() + layout_.kv.Get("k").byte_offset,
-                   kv_->data() + layout_.kv.Get("v").byte_offset, &scratch_);
-  }
-  offsets_ = std::move(offsets);
-  capacities_ = std::move(capacities);
+absl::Status SessionArenas::Compact(const Decision& decision) {
+  const size_t row_bytes =
+      DTypeSize(config_.model.dtype) * static_cast<size_t>(config_.model.head_dim);
+  unsigned char* kv = advisory() ? nullptr : kv_->data();
+  return CompactIntoRegions(
+      decision, config_.budget.buffer, row_bytes, advisory() ? nullptr : &compactor_,
+      kv == nullptr ? nullptr : kv + layout_.kv.Get("k").byte_offset,
+      kv == nullptr ? nullptr : kv + layout_.kv.Get("v").byte_offset, &offsets_, &capacities_);
 }
 
 void SessionArenas::Publish(const Decision& decision, uint64_t epoch) {

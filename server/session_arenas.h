@@ -18,6 +18,7 @@
 
 #include "absl/status/statusor.h"
 #include "core/arena_layout.h"
+#include "core/compute_backend.h"
 #include "core/engine.h"
 #include "core/session_config.h"
 #include "reasonalloc/v1/types.pb.h"
@@ -70,8 +71,9 @@ class SessionArenas {
   // Checks that the decision's regions fit before anything is committed.
   absl::Status CheckFits(const Decision& decision) const;
   // Managed: compacts K and V in place into the decision's head regions (which become the
-  // sidecar's own copy). Advisory: takes the regions only. Call after CheckFits, before the commit.
-  void Compact(const Decision& decision);
+  // sidecar's own copy) with the CPU backend's compactor. Advisory: takes the regions only. Call
+  // after CheckFits, before the commit; on error the arenas are as they were.
+  absl::Status Compact(const Decision& decision);
   // After the commit: writes len, offset (0 in advisory sessions), capacity, budget, keep_mask and
   // finally epoch (release order), and clears the h2o accumulator arena.
   void Publish(const Decision& decision, uint64_t epoch);
@@ -91,7 +93,7 @@ class SessionArenas {
   std::unique_ptr<ExternalBuffers> external_;      // advisory sessions, once registered
   std::vector<int64_t> offsets_;                   // the sidecar's own copy of the head regions
   std::vector<int32_t> capacities_;
-  std::vector<unsigned char> scratch_;
+  HostCompactor compactor_;  // keeps its scratch between events
   // fp32 copies of the event's keys and queries, kept across events (no allocation, no page
   // faults in the steady state).
   std::vector<float> keys_, queries_;

@@ -17,24 +17,6 @@
 #include "spdlog/spdlog.h"
 
 namespace reasonalloc {
-namespace {
-
-uint32_t PlaneBit(MemoryKind m) {
-  switch (m) {
-    case MemoryKind::kInline:
-      return kInlinePlane;
-    case MemoryKind::kHostShm:
-      return kHostShmPlane;
-    case MemoryKind::kCudaIpc:
-      return kCudaIpcPlane;
-  }
-  return 0;
-}
-
-constexpr MemoryKind kMemoryKinds[] = {MemoryKind::kInline, MemoryKind::kHostShm,
-                                       MemoryKind::kCudaIpc};
-
-}  // namespace
 
 Sidecar::Sidecar(Options options, SessionRegistry* registry, Metrics* metrics,
                  ProfileStore* profiles)

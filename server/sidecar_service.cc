@@ -1,6 +1,5 @@
 #include "server/sidecar_service.h"
 
-#include <array>
 #include <chrono>
 #include <utility>
 
@@ -18,36 +17,21 @@ namespace {
 
 int64_t UnixMillis(absl::Time t) { return absl::ToUnixMillis(t); }
 
-uint32_t PlaneBit(v1::MemoryKind m) {
-  switch (m) {
-    case v1::MEMORY_KIND_INLINE:
-      return kInlinePlane;
-    case v1::MEMORY_KIND_HOST_SHM:
-      return kHostShmPlane;
-    case v1::MEMORY_KIND_CUDA_IPC:
-      return kCudaIpcPlane;
-    default:
-      return 0;
-  }
-}
-
 // The policy registry as GetServerInfo reports it; CUDA sessions only where the server has a
 // device.
 void FillPolicies(bool cuda, v1::ServerInfo* out) {
-  const std::array<v1::MemoryKind, 3> kinds = {v1::MEMORY_KIND_INLINE, v1::MEMORY_KIND_HOST_SHM,
-                                               v1::MEMORY_KIND_CUDA_IPC};
   for (const ScorerPolicy& p : ScorerPolicies()) {
     out->add_scorers(std::string(p.name));
     v1::PolicyInfo* info = out->add_policies();
     info->set_kind(v1::PolicyInfo::KIND_SCORER);
     info->set_name(std::string(p.name));
     info->set_summary(std::string(p.summary));
-    for (v1::MemoryKind m : kinds) {
-      if (m == v1::MEMORY_KIND_CUDA_IPC && !cuda) continue;
-      if ((p.managed_planes & PlaneBit(m)) != 0) info->add_managed_memory(m);
+    for (MemoryKind m : kMemoryKinds) {
+      if (m == MemoryKind::kCudaIpc && !cuda) continue;
+      if ((p.managed_planes & PlaneBit(m)) != 0) info->add_managed_memory(MemoryKindToProto(m));
       // No advisory CUDA sessions in this build (server/cuda_session_arenas.cc).
-      if ((p.advisory_planes & PlaneBit(m)) != 0 && m != v1::MEMORY_KIND_CUDA_IPC) {
-        info->add_advisory_memory(m);
+      if ((p.advisory_planes & PlaneBit(m)) != 0 && m != MemoryKind::kCudaIpc) {
+        info->add_advisory_memory(MemoryKindToProto(m));
       }
     }
     info->set_uses_queries(p.uses_queries);

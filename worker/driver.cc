@@ -9,6 +9,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "core/thread_pool.h"
+#include "proto/policy_enums.h"
 #include "worker/model_files.h"
 
 namespace reasonalloc::worker {
@@ -128,20 +129,7 @@ absl::StatusOr<v1::CreateSessionRequest> SessionRequest(const ModelConfig& confi
   a->set_name(policy.allocator_name());
   a->set_profile(policy.profile);
   if (policy.allocator == AllocatorKind::kReasonAlloc) {
-    switch (policy.reasonalloc_mode) {
-      case ReasonAllocMode::kLayer:
-        a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_LAYER);
-        break;
-      case ReasonAllocMode::kHead:
-        a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_HEAD);
-        break;
-      case ReasonAllocMode::kFull:
-        a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_FULL);
-        break;
-      case ReasonAllocMode::kOff:
-        a->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_OFF);
-        break;
-    }
+    a->set_reasonalloc_mode(ReasonAllocModeToProto(policy.reasonalloc_mode));
   }
   r.set_mode(v1::SESSION_MODE_MANAGED);
   r.set_memory(v1::MEMORY_KIND_HOST_SHM);

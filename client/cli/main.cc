@@ -43,6 +43,7 @@
 #include "core/session_config.h"
 #include "proto/grpc_status.h"
 #include "proto/json.h"
+#include "proto/policy_enums.h"
 
 ABSL_FLAG(std::string, target, "",
           "Server address (default: $REASONALLOC_TARGET, else the server's default socket)");
@@ -400,23 +401,7 @@ int CompressCommand(Client& client) {
     create.mutable_allocator()->set_name(absl::GetFlag(FLAGS_allocator));
     auto mode = ParseReasonAllocMode(absl::GetFlag(FLAGS_reasonalloc_mode), "--reasonalloc_mode");
     if (!mode.ok()) return Fail(kUsageError, "compress", mode.status());
-    switch (*mode) {
-      case ReasonAllocMode::kFull:
-        create.mutable_allocator()->set_reasonalloc_mode(
-            v1::AllocatorConfig::REASONALLOC_MODE_FULL);
-        break;
-      case ReasonAllocMode::kLayer:
-        create.mutable_allocator()->set_reasonalloc_mode(
-            v1::AllocatorConfig::REASONALLOC_MODE_LAYER);
-        break;
-      case ReasonAllocMode::kHead:
-        create.mutable_allocator()->set_reasonalloc_mode(
-            v1::AllocatorConfig::REASONALLOC_MODE_HEAD);
-        break;
-      case ReasonAllocMode::kOff:
-        create.mutable_allocator()->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_OFF);
-        break;
-    }
+    create.mutable_allocator()->set_reasonalloc_mode(ReasonAllocModeToProto(*mode));
     create.set_mode(has_values ? v1::SESSION_MODE_MANAGED : v1::SESSION_MODE_ADVISORY);
     create.set_memory(v1::MEMORY_KIND_INLINE);
     create.set_client_tag("reasonalloc compress");
