@@ -1,10 +1,14 @@
 // The compression event's transaction (server/event_transaction.h), in process: the order of its
-// stages for a scripted plane and for the real inline and host shared-memory planes, and that a
+// stages for a scripted plane and for the real inline and host shared-memory planes (managed and
+// advisory, the latter over a worker's registered buffers), and that a
 // failure anywhere between deciding and applying commits nothing, so the same step can be retried.
 // (The CUDA plane runs the same transaction; tests/gpu covers it where a GPU exists.)
 #include "server/event_transaction.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -18,6 +22,7 @@
 #include "core/dtype.h"
 #include "core/engine.h"
 #include "server/event_planes.h"
+#include "server/external_buffers.h"
 #include "server/proto_convert.h"
 #include "server/session_arenas.h"
 #include "server/session_registry.h"
@@ -323,6 +328,98 @@ TEST(EventTransaction, HostShmPlaneCommitsNothingBeforeApplyAndPublishesTheEpoch
   EXPECT_EQ(*epoch, 1u);
   for (int i = 0; i < kL * kHkv; ++i) EXPECT_EQ(len[i], out->decision.kept_lengths[i]);
   EXPECT_LE(len[0], kBudget);
+}
+
+// A POSIX shared-memory object of fp32 values, as a worker owns one; unlinked at the end.
+struct WorkerShm {
+  WorkerShm(const std::string& tag, size_t floats, float base)
+      : name(absl::StrCat("/txn-test-worker-", ::getpid(), "-", tag)),
+        bytes(floats * sizeof(float)) {
+    ::shm_unlink(name.c_str());
+    const int fd = ::shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600);
+    EXPECT_GE(fd, 0) << name;
+    EXPECT_EQ(::ftruncate(fd, static_cast<off_t>(bytes)), 0);
+    std::vector<float> v(floats);
+    for (size_t i = 0; i < floats; ++i) v[i] = base + 0.01f * static_cast<float>(i % 89);
+    EXPECT_EQ(::pwrite(fd, v.data(), bytes, 0), static_cast<ssize_t>(bytes));
+    ::close(fd);
+  }
+  ~WorkerShm() { ::shm_unlink(name.c_str()); }
+  // One contiguous fp32 array of `shape` filling the object.
+  v1::ArenaDescriptor Describe(const char* kind, const char* array,
+                               std::vector<int64_t> shape) const {
+    v1::ArenaDescriptor d;
+    d.set_kind(kind);
+    d.set_memory(v1::MEMORY_KIND_HOST_SHM);
+    d.set_shm_name(name);
+    d.set_byte_length(bytes);
+    d.set_layout_version(1);
+    auto* a = d.add_arrays();
+    a->set_name(array);
+    a->set_dtype(v1::DTYPE_FLOAT32);
+    int64_t stride = 1;
+    std::vector<int64_t> strides(shape.size());
+    for (size_t i = shape.size(); i-- > 0;) {
+      strides[i] = stride;
+      stride *= shape[i];
+    }
+    for (int64_t x : shape) a->add_shape(x);
+    for (int64_t x : strides) a->add_strides(x);
+    a->set_byte_offset(0);
+    a->set_byte_length(bytes);
+    return d;
+  }
+  std::string name;
+  size_t bytes;
+};
+
+TEST(EventTransaction, AdvisoryHostShmPlaneCommitsNothingBeforeApply) {
+  const SessionConfig config = Config(/*managed=*/false);
+  auto session = MakeSession(config);
+  auto arenas_or = SessionArenas::Create(config);
+  ASSERT_TRUE(arenas_or.ok()) << arenas_or.status();
+  SessionArenas& arenas = **arenas_or;
+  ASSERT_TRUE(arenas.advisory());
+  // The worker's own keys and query window, registered as RegisterBuffers would.
+  constexpr int kRows = kBudget + kDelta;
+  const WorkerShm keys("k", size_t{kL} * kHkv * kRows * kD, 0.1f);
+  const WorkerShm queries("q", size_t{kL} * kHkv * kG * kWindow * kD, 0.5f);
+  google::protobuf::RepeatedPtrField<v1::ArenaDescriptor> buffers;
+  *buffers.Add() = keys.Describe("keys", "k", {kL, kHkv, kRows, kD});
+  *buffers.Add() = queries.Describe("query_window", "q", {kL, kHkv * kG, kWindow, kD});
+  PeerIdentity worker;
+  worker.local = true;
+  worker.uid = ::geteuid();
+  auto opened = ExternalBuffers::Open(buffers, config, worker);
+  ASSERT_TRUE(opened.ok()) << opened.status();
+  arenas.Register(std::move(opened).value());
+  const SessionLayout layout = MakeSessionLayout(config);
+  unsigned char* result = arenas.DataForTest("result");
+  ASSERT_NE(result, nullptr);
+  auto* len = reinterpret_cast<int32_t*>(result + layout.result.Get("len").byte_offset);
+  auto* epoch = reinterpret_cast<uint64_t*>(result + layout.result.Get("epoch").byte_offset);
+  for (int i = 0; i < kL * kHkv; ++i) len[i] = kRows;
+
+  CompressCall call;
+  call.session_id = "s1";
+  call.step = kWindow;
+  for (const std::string fail_at : {"fits", "apply"}) {
+    SCOPED_TRACE(fail_at);
+    HostShmPlane host(call, arenas, {});
+    FailOnce plane(&host, fail_at);
+    ASSERT_FALSE(RunCompressEvent(*session, kWindow, plane, kT0).ok());
+    EXPECT_EQ(session->Snapshot().epoch, 0u);
+    EXPECT_EQ(*epoch, 0u);
+    EXPECT_EQ(len[0], kRows) << "the result block changed before the commit";
+  }
+  HostShmPlane plane(call, arenas, {});
+  auto out = RunCompressEvent(*session, kWindow, plane, kT0);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->committed.epoch, 1u);
+  EXPECT_EQ(*epoch, 1u);
+  for (int i = 0; i < kL * kHkv; ++i) EXPECT_EQ(len[i], out->decision.kept_lengths[i]);
+  EXPECT_LE(len[0], kBudget);
+  EXPECT_GT(out->decision.evicted_tokens, 0);
 }
 
 // A plane that batches with the others of its `key` (as CUDA sessions sharing an engine do): it
