@@ -41,7 +41,8 @@ void BM_PublishToOneWatcher(benchmark::State& state) {
   v1::CompressEvent e;
   uint64_t dropped = 0;
   for (auto _ : state) {
-    // What PublishEvent does: one record with the per-layer budgets, queued; the consumer side is
+    // What a committed event publishes (CompressEventToProto): one record with the per-layer
+    // budgets, queued; the consumer side is
     // drained outside the timed region's critical path by popping right away.
     v1::CompressEvent ev;
     ev.set_session_id("0123456789abcdef0123456789abcdef");

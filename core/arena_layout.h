@@ -72,7 +72,8 @@ void HeadRegions(std::span<const int32_t> budgets, int buffer, std::vector<int64
 // An arena session's compaction, the same for host and device memory: the head regions of
 // `decision`'s budgets, and each head's kept rows of `k` and `v` moved into them by `compactor`
 // (null: an advisory session, whose rows the worker moves). On success the new regions replace
-// *offsets and *capacities; on error they and the rows are as they were.
+// *offsets and *capacities; on error the regions are as they were (the rows too, except after a
+// device fault: Compactor).
 absl::Status CompactIntoRegions(const Decision& decision, int buffer, size_t row_bytes,
                                 Compactor* compactor, void* k, void* v,
                                 std::vector<int64_t>* offsets, std::vector<int32_t>* capacities);

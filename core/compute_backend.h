@@ -46,8 +46,10 @@ class ComputeBackend {
 };
 
 // Moves each head's kept rows of K and V (decision.Kept(i), positions relative to old_offsets[i],
-// rows of `row_bytes`) to new_offsets[i] onward, in place, in the backend's memory. An error leaves
-// the rows as they were.
+// rows of `row_bytes`) to new_offsets[i] onward, in place, in the backend's memory. Both backends
+// hold their scratch before any row moves (HostCompactor allocates it first; GpuEngine reserves it
+// when a session is created), so a refusal for memory leaves the rows as they were. A device fault
+// part-way (CUDA) can leave K moved and V not: the error says so and the session is not committed.
 class Compactor {
  public:
   virtual ~Compactor() = default;

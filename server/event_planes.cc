@@ -70,6 +70,7 @@ absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step)
   const Engine* engine = engine_.get();
   const SessionConfig& config = engine_->config();
   const InlineTensorsIn& in = *call_.inline_tensors;
+  RETURN_IF_ERROR(in.decode_error);
   keys_ = in.keys;
   values_ = in.values;
   ASSIGN_OR_RETURN(prepared_,
@@ -83,6 +84,7 @@ absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step)
   PlannedEvent event;
   event.n_max = prepared->n_max;
   if (session.h2o() != nullptr) {
+    RETURN_IF_ERROR(in.attention_error);
     ASSIGN_OR_RETURN(const std::vector<float> attention,
                      H2oAttention(in.attention, config, prepared->n_max));
     RETURN_IF_ERROR(PrepareH2o(session, *engine, attention.empty() ? nullptr : attention.data(),
@@ -111,7 +113,7 @@ absl::Status InlinePlane::Apply(PlannedEvent& event) {
   Decision& decision = event.decision;
   const SessionConfig& config = engine_->config();
   std::optional<CompactedRows> keys, values;
-  if (config.managed) {
+  if (config.managed && call_.answer) {
     // The sidecar holds K and V: hand back each head's kept rows, compacted, in their own dtype.
     const int64_t max_kept = decision.max_kept();
     const int d = config.model.head_dim;

@@ -41,6 +41,11 @@ struct InlineTensorsIn {
   RawTensor query_window, keys, values;
   RawTensor attention;               // h2o sessions only, optional
   std::span<const int32_t> lengths;  // empty = N everywhere
+  // What the adapter could not convert (a dtype outside the API), naming the field: reported by
+  // the plane after the caller, the session, the step and the memory kind are checked, as the
+  // tensors' own checks are. `attention_error` only for h2o sessions (others refuse attention).
+  absl::Status decode_error;
+  absl::Status attention_error;
 };
 
 // A managed inline session's kept rows of K or V, gathered to each head's start:
@@ -52,9 +57,11 @@ struct CompactedRows {
 };
 
 // An inline event's answer, handed to CompressCall::answer after the decision and before the
-// commit: the sink takes what it keeps (it may move the rows out) and refuses an answer it cannot
+// commit: the sink stages what it keeps (it may move the rows out) and refuses an answer it cannot
 // deliver (the gRPC adapter: one above max_message_bytes), in which case nothing is committed and
-// the same step may be retried. The epoch and the stage timings come with the event's outcome.
+// the same step may be retried. A staged answer is the event's only once the call returns OK: a
+// later stage may still refuse the event (a calibrating session's measurement), so a sink never
+// delivers before the outcome. The epoch and the stage timings come with the outcome.
 struct InlineAnswerView {
   const Decision& decision;
   int64_t n_max;        // positions before the event (the keep mask's width)

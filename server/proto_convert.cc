@@ -268,7 +268,7 @@ std::string SessionModeName(bool managed) {
   return v1::SessionMode_Name(managed ? v1::SESSION_MODE_MANAGED : v1::SESSION_MODE_ADVISORY);
 }
 
-absl::StatusOr<CompressCall> CompressCallFromProto(const v1::CompressRequest& request) {
+CompressCall CompressCallFromProto(const v1::CompressRequest& request) {
   CompressCall call;
   call.session_id = request.session_id();
   call.step = request.step();
@@ -277,13 +277,24 @@ absl::StatusOr<CompressCall> CompressCallFromProto(const v1::CompressRequest& re
   if (request.has_inline_tensors()) {
     const v1::InlineTensors& in = request.inline_tensors();
     InlineTensorsIn& t = call.inline_tensors.emplace();
-    ASSIGN_OR_RETURN(t.query_window, RawTensorFromProto(in.query_window(), in.has_query_window(),
-                                                        "inline_tensors.query_window"));
-    ASSIGN_OR_RETURN(t.keys, RawTensorFromProto(in.keys(), in.has_keys(), "inline_tensors.keys"));
-    ASSIGN_OR_RETURN(t.values,
-                     RawTensorFromProto(in.values(), in.has_values(), "inline_tensors.values"));
-    ASSIGN_OR_RETURN(t.attention, RawTensorFromProto(in.attention(), in.has_attention(),
-                                                     "inline_tensors.attention"));
+    // A tensor that cannot be converted stays present, its error kept for the plane to report
+    // after the caller and the session are checked.
+    auto convert = [](const v1::Tensor& tensor, bool present, absl::string_view field,
+                      RawTensor* out, absl::Status* error) {
+      auto raw = RawTensorFromProto(tensor, present, field);
+      if (raw.ok()) {
+        *out = *std::move(raw);
+      } else {
+        out->present = present;
+        if (error->ok()) *error = raw.status();
+      }
+    };
+    convert(in.query_window(), in.has_query_window(), "inline_tensors.query_window",
+            &t.query_window, &t.decode_error);
+    convert(in.keys(), in.has_keys(), "inline_tensors.keys", &t.keys, &t.decode_error);
+    convert(in.values(), in.has_values(), "inline_tensors.values", &t.values, &t.decode_error);
+    convert(in.attention(), in.has_attention(), "inline_tensors.attention", &t.attention,
+            &t.attention_error);
     t.lengths =
         std::span<const int32_t>(in.lengths().data(), static_cast<size_t>(in.lengths().size()));
   }

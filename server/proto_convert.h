@@ -36,9 +36,10 @@ v1::MemoryKind MemoryKindToProto(MemoryKind memory);
 std::string SessionModeName(bool managed);
 
 // A Compress request as the application layer takes it. The call's tensors are views into
-// `request`, which must outlive it; its answer goes to WireAnswerSink(response, ...) and the
-// caller's cancellation is the adapter's to set.
-absl::StatusOr<CompressCall> CompressCallFromProto(const v1::CompressRequest& request);
+// `request`, which must outlive it; a tensor whose dtype is outside the API keeps its error in
+// the call (InlineTensorsIn::decode_error), reported after the caller and the session are
+// checked. The answer's sink and the caller's cancellation are the adapter's to set.
+CompressCall CompressCallFromProto(const v1::CompressRequest& request);
 // An inline event's answer written into `response` (ids of `request`, decision, compacted rows);
 // refused, with `response` cleared, when the whole response would exceed `max_message_bytes` once
 // the epoch and the timings are added. `request` and `response` must outlive the sink.

@@ -40,9 +40,10 @@ struct ServerOptions {
   std::string device = "cpu";                      // cpu | cuda:N
   // The session registry: arena pool bytes (--max_arena_bytes), --max_sessions, leases.
   SessionRegistry::Options sessions;
-  int max_threads = 64;     // threads serving calls (gRPC resource quota)
-  int max_watchers = 8;     // WatchMetrics streams at once
-  int watch_queue = 1024;   // events buffered per watcher
+  int max_threads = 64;  // threads serving calls (gRPC resource quota)
+  int max_watchers = Sidecar::Options().max_watchers;  // WatchMetrics streams at once
+  // Events buffered per watcher.
+  int watch_queue = static_cast<int>(Sidecar::Options().watch_queue);
   std::string profile_dir;  // empty = no layer profiles
   uint64_t max_message_bytes = kDefaultMaxMessageBytes;
   absl::Duration drain_timeout = absl::Seconds(10);

@@ -41,6 +41,12 @@ absl::Status Sidecar::Admit(const Caller& caller) const {
   return absl::OkStatus();
 }
 
+absl::Status Sidecar::AcceptingSessions(const Caller& caller) const {
+  RETURN_IF_ERROR(Admit(caller));
+  if (draining_.load()) return absl::UnavailableError("the server is draining");
+  return absl::OkStatus();
+}
+
 void Sidecar::SetDraining() {
   draining_.store(true);
   events_.Close();
@@ -82,8 +88,7 @@ void Sidecar::OnSessionReleased(Session& session, const char* why) {
 
 absl::StatusOr<CreatedSession> Sidecar::CreateSession(const Caller& caller,
                                                       const SessionSpec& spec) {
-  RETURN_IF_ERROR(Admit(caller));
-  if (draining_.load()) return absl::UnavailableError("the server is draining");
+  RETURN_IF_ERROR(AcceptingSessions(caller));
   const SessionConfig& config = spec.config;
   const bool cuda_ipc = spec.memory == MemoryKind::kCudaIpc;
   const bool arena = spec.memory != MemoryKind::kInline;
@@ -301,8 +306,14 @@ absl::StatusOr<Sidecar::Job> Sidecar::MakeJob(const Caller& caller, const Compre
 
 absl::StatusOr<EventOutcome> Sidecar::Compress(const Caller& caller, const CompressCall& call,
                                                std::chrono::steady_clock::time_point t0) {
-  ASSIGN_OR_RETURN(Job job, MakeJob(caller, call));
-  return RunCompressEvent(*job.session, call.step, *job.plane, t0, job.record);
+  absl::StatusOr<EventOutcome> out = EventJob::NotRun();
+  const absl::Status guarded = GuardMemory("Compress", [&]() -> absl::Status {
+    ASSIGN_OR_RETURN(Job job, MakeJob(caller, call));
+    out = RunCompressEvent(*job.session, call.step, *job.plane, t0, job.record);
+    return absl::OkStatus();
+  });
+  if (!guarded.ok()) return guarded;
+  return out;
 }
 
 std::vector<absl::StatusOr<EventOutcome>> Sidecar::CompressMany(

@@ -37,7 +37,8 @@
 namespace reasonalloc {
 
 // Runs `body`; memory exhaustion anywhere in it (a large reply, a profile, a decision) becomes
-// RESOURCE_EXHAUSTED for this caller instead of ending the process.
+// RESOURCE_EXHAUSTED for this caller, naming `method`, instead of ending the process or reaching
+// gRPC as UNKNOWN.
 template <typename F>
 absl::Status GuardMemory(absl::string_view method, F&& body) {
   try {
@@ -90,8 +91,8 @@ class Sidecar {
     // Most scratch bytes one compression event may allocate (CompressInputs::max_event_bytes);
     // 0 = no limit.
     uint64_t max_event_bytes = 0;
-    int max_watchers = 8;
-    size_t watch_queue = 1024;  // events buffered per watcher before it drops
+    int max_watchers = 8;       // ServerOptions (--max_watchers) takes its default from here
+    size_t watch_queue = 1024;  // events buffered per watcher before it drops (--watch_queue)
     // Unix-socket uids that may call, besides the server's own; empty = any.
     std::vector<uint32_t> allow_uids;
     // Test hook: sleep this long inside every Compress, to exercise draining and racing calls.
@@ -104,6 +105,9 @@ class Sidecar {
   // PERMISSION_DENIED for a Unix-socket peer whose uid --allow_uid excludes. Every method below
   // checks it first.
   absl::Status Admit(const Caller& caller) const;
+  // Admit, then UNAVAILABLE while the server drains: what CreateSession checks before the
+  // request's own fields.
+  absl::Status AcceptingSessions(const Caller& caller) const;
   // New sessions and watchers are refused from now on; watchers' streams end.
   void SetDraining();
   bool draining() const { return draining_.load(); }
@@ -129,7 +133,8 @@ class Sidecar {
       const Caller& caller, const std::string& id,
       const google::protobuf::RepeatedPtrField<v1::ArenaDescriptor>& buffers);
 
-  // One compression event. `t0` starts its total time (the time the call arrived).
+  // One compression event. `t0` starts its total time (the time the call arrived). Memory
+  // exhaustion is RESOURCE_EXHAUSTED (GuardMemory), here and in CompressMany.
   absl::StatusOr<EventOutcome> Compress(
       const Caller& caller, const CompressCall& call,
       std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now());

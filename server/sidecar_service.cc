@@ -165,7 +165,8 @@ grpc::Status SidecarService::CreateSession(grpc::ServerContext* context,
                                            v1::CreateSessionResponse* response) {
   return Finish("CreateSession", GuardMemory("CreateSession", [&]() -> absl::Status {
                   const Caller caller = CallerOf(context);
-                  RETURN_IF_ERROR(app_->Admit(caller));
+                  // The caller and the drain come before the request's own fields.
+                  RETURN_IF_ERROR(app_->AcceptingSessions(caller));
                   SessionSpec spec;
                   ASSIGN_OR_RETURN(spec.memory, MemoryKindFromProto(request->memory(), "memory"));
                   spec.client_tag = request->client_tag();
@@ -251,7 +252,7 @@ grpc::Status SidecarService::Compress(grpc::ServerContext* context,
                                       v1::CompressResponse* response) {
   const auto t0 = std::chrono::steady_clock::now();
   return Finish("Compress", GuardMemory("Compress", [&]() -> absl::Status {
-                  ASSIGN_OR_RETURN(CompressCall call, CompressCallFromProto(*request));
+                  CompressCall call = CompressCallFromProto(*request);
                   call.cancelled = [context] { return context->IsCancelled(); };
                   call.answer = WireAnswerSink(*request, response, options_.max_message_bytes);
                   ASSIGN_OR_RETURN(const EventOutcome outcome,
@@ -265,33 +266,40 @@ grpc::Status SidecarService::CompressStream(
     grpc::ServerContext* context,
     grpc::ServerReaderWriter<v1::CompressBatchResult, v1::CompressBatch>* stream) {
   v1::CompressBatch batch;
-  const Caller caller = CallerOf(context);
   while (!context->IsCancelled() && stream->Read(&batch)) {
     v1::CompressBatchResult out;
     const size_t n = static_cast<size_t>(batch.requests_size());
     std::vector<absl::Status> status(n);
     std::vector<CompressCall> calls;
     std::vector<size_t> request_of;  // request index of each call
-    for (int i = 0; i < batch.requests_size(); ++i) {
-      v1::CompressResult* result = out.add_results();
-      auto call = CompressCallFromProto(batch.requests(i));
-      if (!call.ok()) {
-        status[static_cast<size_t>(i)] = call.status();
-        continue;
+    // Memory exhaustion while converting refuses the whole message before any event runs; once
+    // events have run, each keeps its own outcome (CompressMany).
+    const absl::Status converted = GuardMemory("CompressStream", [&]() -> absl::Status {
+      for (int i = 0; i < batch.requests_size(); ++i) {
+        v1::CompressResult* result = out.add_results();
+        CompressCall call = CompressCallFromProto(batch.requests(i));
+        call.cancelled = [context] { return context->IsCancelled(); };
+        call.answer = WireAnswerSink(batch.requests(i), result->mutable_response(),
+                                     options_.max_message_bytes);
+        calls.push_back(std::move(call));
+        request_of.push_back(static_cast<size_t>(i));
       }
-      call->cancelled = [context] { return context->IsCancelled(); };
-      call->answer =
-          WireAnswerSink(batch.requests(i), result->mutable_response(), options_.max_message_bytes);
-      calls.push_back(*std::move(call));
-      request_of.push_back(static_cast<size_t>(i));
-    }
+      return absl::OkStatus();
+    });
+    if (!converted.ok()) return Finish("CompressStream", converted);
     // Events of sessions sharing a CUDA engine decide together; everything else as Compress would.
-    const std::vector<absl::StatusOr<EventOutcome>> outcomes = app_->CompressMany(caller, calls);
+    const std::vector<absl::StatusOr<EventOutcome>> outcomes =
+        app_->CompressMany(CallerOf(context), calls);
     for (size_t k = 0; k < calls.size(); ++k) {
       const int i = static_cast<int>(request_of[k]);
       status[request_of[k]] = outcomes[k].status();
       if (outcomes[k].ok()) {
-        CompressOutcomeToProto(calls[k], *outcomes[k], out.mutable_results(i)->mutable_response());
+        // The event is committed: an answer that cannot be built is its item's error.
+        status[request_of[k]] = GuardMemory("CompressStream", [&] {
+          CompressOutcomeToProto(calls[k], *outcomes[k],
+                                 out.mutable_results(i)->mutable_response());
+          return absl::OkStatus();
+        });
       }
     }
     for (int i = 0; i < batch.requests_size(); ++i) {

@@ -19,6 +19,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/arena_layout.h"
+#include "core/compute_backend.h"
 #include "core/dtype.h"
 #include "core/engine.h"
 #include "server/event_planes.h"
@@ -121,10 +123,9 @@ struct WireInline {
       : call(Convert(request, response, max_message_bytes)), plane(call, {}) {}
   static CompressCall Convert(const v1::CompressRequest& request, v1::CompressResponse* response,
                               uint64_t max_message_bytes) {
-    auto call = CompressCallFromProto(request);
-    EXPECT_TRUE(call.ok()) << call.status();
-    call->answer = WireAnswerSink(request, response, max_message_bytes);
-    return *std::move(call);
+    CompressCall call = CompressCallFromProto(request);
+    call.answer = WireAnswerSink(request, response, max_message_bytes);
+    return call;
   }
   CompressCall call;
   InlinePlane plane;
@@ -420,6 +421,41 @@ TEST(EventTransaction, AdvisoryHostShmPlaneCommitsNothingBeforeApply) {
   for (int i = 0; i < kL * kHkv; ++i) EXPECT_EQ(len[i], out->decision.kept_lengths[i]);
   EXPECT_LE(len[0], kBudget);
   EXPECT_GT(out->decision.evicted_tokens, 0);
+}
+
+// A compactor that refuses, as a device fault or a failed scratch reservation would.
+class RefusingCompactor final : public Compactor {
+ public:
+  absl::Status CompactInPlace(const Decision&, std::span<const int64_t>, std::span<const int64_t>,
+                              size_t, void*, void*) override {
+    ++calls;
+    return absl::ResourceExhaustedError("no scratch (test)");
+  }
+  int calls = 0;
+};
+
+TEST(EventTransaction, CompactionSwapsTheHeadRegionsOnlyWhenTheRowsMoved) {
+  Decision d = KeepAll(kL, kHkv, std::vector<int32_t>(kL * kHkv, 3));
+  d.budgets.assign(kL * kHkv, 3);
+  std::vector<int64_t> offsets = {0, 10, 20, 30};
+  std::vector<int32_t> capacities = {10, 10, 10, 10};
+  std::vector<float> k(40 * kD), v(40 * kD);
+  RefusingCompactor refusing;
+  EXPECT_FALSE(CompactIntoRegions(d, kDelta, kD * sizeof(float), &refusing, k.data(), v.data(),
+                                  &offsets, &capacities)
+                   .ok());
+  EXPECT_EQ(refusing.calls, 1);
+  EXPECT_EQ(offsets, (std::vector<int64_t>{0, 10, 20, 30})) << "regions changed after a refusal";
+  EXPECT_EQ(capacities, (std::vector<int32_t>{10, 10, 10, 10}));
+  for (size_t i = 0; i < k.size(); ++i) k[i] = static_cast<float>(i);
+  HostCompactor host;
+  ASSERT_TRUE(CompactIntoRegions(d, kDelta, kD * sizeof(float), &host, k.data(), v.data(), &offsets,
+                                 &capacities)
+                  .ok());
+  // Budget 3 + buffer 4 per head: regions of 7 rows; head 1's rows 0-2 came from rows 10-12.
+  EXPECT_EQ(offsets, (std::vector<int64_t>{0, 7, 14, 21}));
+  EXPECT_EQ(capacities, (std::vector<int32_t>{7, 7, 7, 7}));
+  EXPECT_EQ(k[7 * kD], static_cast<float>(10 * kD));
 }
 
 // A plane that batches with the others of its `key` (as CUDA sessions sharing an engine do): it

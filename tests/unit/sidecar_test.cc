@@ -1,5 +1,6 @@
 // The application layer (server/sidecar.h) in process, on domain types only: sessions, callers,
-// the compression transaction through every memory kind this machine has, a refused answer
+// compression events of inline and host shared-memory sessions (CUDA ones need a GPU:
+// tests/gpu), a refused answer
 // between deciding and committing, messages of several events, calibration, watchers and
 // draining. No gRPC, no server process.
 #include "server/sidecar.h"
@@ -14,6 +15,7 @@
 #include "core/dtype.h"
 #include "server/metrics.h"
 #include "server/profile_store.h"
+#include "server/session_arenas.h"
 #include "server/session_registry.h"
 
 namespace reasonalloc {
@@ -153,6 +155,40 @@ TEST_F(SidecarTest, ARefusedAnswerCommitsNothingAndTheStepCanBeRetried) {
   EXPECT_EQ(retried->committed.epoch, 1u);
 }
 
+TEST_F(SidecarTest, AHostSharedMemoryEventCompactsTheArenasAndPublishesTheEpoch) {
+  const SessionSpec spec = Spec(MemoryKind::kHostShm);
+  auto session = Create(owner_, spec);
+  ASSERT_NE(session, nullptr);
+  SessionArenas* arenas = session->arenas();
+  ASSERT_NE(arenas, nullptr);
+  // The worker's side, through the arenas' own memory: every head full with finite keys and
+  // values, the query ring filled.
+  const SessionLayout layout = MakeSessionLayout(spec.config);
+  unsigned char* kv = arenas->DataForTest("kv");
+  unsigned char* ring = arenas->DataForTest("query_ring");
+  unsigned char* result = arenas->DataForTest("result");
+  auto fill = [](unsigned char* p, uint64_t bytes, float base) {
+    std::vector<float> v(bytes / sizeof(float));
+    for (size_t i = 0; i < v.size(); ++i) v[i] = base + 0.01f * static_cast<float>(i % 89);
+    std::memcpy(p, v.data(), v.size() * sizeof(float));
+  };
+  fill(kv + layout.kv.Get("k").byte_offset, layout.kv.Get("k").byte_length, 0.1f);
+  fill(kv + layout.kv.Get("v").byte_offset, layout.kv.Get("v").byte_length, 0.2f);
+  fill(ring + layout.query_ring.Get("q").byte_offset, layout.query_ring.Get("q").byte_length, 0.5f);
+  auto* len = reinterpret_cast<int32_t*>(result + layout.result.Get("len").byte_offset);
+  auto* epoch = reinterpret_cast<uint64_t*>(result + layout.result.Get("epoch").byte_offset);
+  for (int i = 0; i < kL * kHkv; ++i) len[i] = kBudget + kDelta;
+  CompressCall call;
+  call.session_id = session->id();
+  call.step = kWindow;
+  auto out = app_->Compress(owner_, call);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ(out->committed.epoch, 1u);
+  EXPECT_EQ(*epoch, 1u);
+  for (int i = 0; i < kL * kHkv; ++i) EXPECT_EQ(len[i], out->decision.kept_lengths[i]);
+  EXPECT_EQ(out->decision.evicted_tokens, int64_t{kL} * kHkv * kDelta);
+}
+
 TEST_F(SidecarTest, BadInputIsRefusedNamingTheField) {
   // Creation.
   SessionSpec tag = Spec();
@@ -183,6 +219,13 @@ TEST_F(SidecarTest, BadInputIsRefusedNamingTheField) {
   auto shape = app_->Compress(owner_, wrong_shape.call);
   EXPECT_NE(shape.status().message().find("inline_tensors.keys"), std::string::npos)
       << shape.status();
+  InlineEvent attention(inline_session->id(), 0, 12);
+  attention.call.inline_tensors->attention.present = true;
+  attention.call.inline_tensors->attention_error = absl::InvalidArgumentError("never reported");
+  auto not_h2o = app_->Compress(owner_, attention.call);
+  EXPECT_NE(not_h2o.status().message().find("inline_tensors.attention is only for h2o sessions"),
+            std::string::npos)
+      << not_h2o.status();
   auto shm = Create(owner_, Spec(MemoryKind::kHostShm));
   ASSERT_NE(shm, nullptr);
   InlineEvent to_shm(shm->id(), 0, 12);
@@ -205,11 +248,25 @@ TEST_F(SidecarTest, CallersReachOnlyTheirOwnSessions) {
   EXPECT_EQ(app_->ListProfiles(stranger).status().code(), absl::StatusCode::kPermissionDenied);
   // An admitted peer that does not own the session needs its token.
   Caller other;  // credential-less (TCP): admitted, owns nothing
-  EXPECT_FALSE(app_->GetSession(other, session->id()).ok());
+  EXPECT_EQ(app_->GetSession(other, session->id()).status().code(),
+            absl::StatusCode::kPermissionDenied);
   InlineEvent event(session->id(), 0, 12);
-  EXPECT_FALSE(app_->Compress(other, event.call).ok());
+  EXPECT_EQ(app_->Compress(other, event.call).status().code(), absl::StatusCode::kPermissionDenied);
+  // The caller is checked before the request's own fields: a tensor the adapter could not
+  // convert tells an outsider nothing about the session.
+  InlineEvent undecodable(session->id(), 0, 12);
+  undecodable.call.inline_tensors->decode_error =
+      absl::InvalidArgumentError("inline_tensors.keys.dtype = 99 is not a known DType");
+  EXPECT_EQ(app_->Compress(other, undecodable.call).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  EXPECT_EQ(app_->Compress(stranger, undecodable.call).status().code(),
+            absl::StatusCode::kPermissionDenied);
+  auto owners = app_->Compress(owner_, undecodable.call);
+  EXPECT_EQ(owners.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(owners.status().message().find("inline_tensors.keys.dtype"), std::string::npos);
   EXPECT_EQ(session->Snapshot().epoch, 0u);
-  EXPECT_FALSE(app_->CloseSession(other, session->id()).ok());
+  EXPECT_EQ(app_->CloseSession(other, session->id()).status().code(),
+            absl::StatusCode::kPermissionDenied);
   other.tokens = {session->token()};
   EXPECT_TRUE(app_->GetSession(other, session->id()).ok());
   // Only the owner's uid lists it.
