@@ -312,8 +312,9 @@ void RowsToProto(CompactedRows& rows, v1::Tensor* out) {
 }  // namespace
 
 InlineAnswerSink WireAnswerSink(const v1::CompressRequest& request, v1::CompressResponse* response,
-                                uint64_t max_message_bytes) {
-  return [&request, response, max_message_bytes](const InlineAnswerView& answer) -> absl::Status {
+                                uint64_t max_message_bytes, uint64_t* message_bytes) {
+  return [&request, response, max_message_bytes,
+          message_bytes](const InlineAnswerView& answer) -> absl::Status {
     response->set_session_id(request.session_id());
     response->set_step(request.step());
     DecisionToProto(answer.decision, answer.n_max, answer.keep_mask, response->mutable_decision());
@@ -329,6 +330,19 @@ InlineAnswerSink WireAnswerSink(const v1::CompressRequest& request, v1::Compress
       return absl::ResourceExhaustedError(
           absl::StrCat("the response would be ", bytes, " bytes, above max_message_bytes ",
                        max_message_bytes, "; set omit_keep_mask or send fewer tokens per request"));
+    }
+    if (message_bytes != nullptr) {
+      // The item's framing inside CompressBatchResult (two tags and two lengths).
+      constexpr uint64_t kFraming = 16;
+      if (*message_bytes + bytes + kFraming > max_message_bytes) {
+        response->Clear();
+        return absl::ResourceExhaustedError(absl::StrCat(
+            "this answer (", bytes, " bytes) would take the batch result past max_message_bytes ",
+            max_message_bytes, " (", *message_bytes,
+            " bytes taken by earlier answers); the event was not applied: send it again in another "
+            "CompressBatch, or fewer requests per batch"));
+      }
+      *message_bytes += bytes + kFraming;
     }
     return absl::OkStatus();
   };

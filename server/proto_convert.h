@@ -42,9 +42,12 @@ std::string SessionModeName(bool managed);
 CompressCall CompressCallFromProto(const v1::CompressRequest& request);
 // An inline event's answer written into `response` (ids of `request`, decision, compacted rows);
 // refused, with `response` cleared, when the whole response would exceed `max_message_bytes` once
-// the epoch and the timings are added. `request` and `response` must outlive the sink.
+// the epoch and the timings are added. CompressStream passes `message_bytes`, the bytes its
+// message's answers have taken so far: an answer that would take the batch result past
+// `max_message_bytes` is refused too, so no event commits whose answer could not be sent.
+// `request`, `response` and `message_bytes` must outlive the sink.
 InlineAnswerSink WireAnswerSink(const v1::CompressRequest& request, v1::CompressResponse* response,
-                                uint64_t max_message_bytes);
+                                uint64_t max_message_bytes, uint64_t* message_bytes = nullptr);
 // The rest of a committed event's answer: ids, epoch and timings, and for arena events (whose
 // decision is in the result arena) the decision's shape and evicted tokens.
 void CompressOutcomeToProto(const CompressCall& call, const EventOutcome& outcome,

@@ -272,6 +272,7 @@ grpc::Status SidecarService::CompressStream(
     std::vector<absl::Status> status(n);
     std::vector<CompressCall> calls;
     std::vector<size_t> request_of;  // request index of each call
+    uint64_t answer_bytes = 0;       // taken by the message's inline answers so far
     // Memory exhaustion while converting refuses the whole message before any event runs; once
     // events have run, each keeps its own outcome (CompressMany).
     const absl::Status converted = GuardMemory("CompressStream", [&]() -> absl::Status {
@@ -280,7 +281,7 @@ grpc::Status SidecarService::CompressStream(
         CompressCall call = CompressCallFromProto(batch.requests(i));
         call.cancelled = [context] { return context->IsCancelled(); };
         call.answer = WireAnswerSink(batch.requests(i), result->mutable_response(),
-                                     options_.max_message_bytes);
+                                     options_.max_message_bytes, &answer_bytes);
         calls.push_back(std::move(call));
         request_of.push_back(static_cast<size_t>(i));
       }
@@ -312,8 +313,10 @@ grpc::Status SidecarService::CompressStream(
         result->mutable_error()->set_message(std::string(s.message()));
       }
     }
-    // Every event of the batch is committed by now: a result that cannot be delivered must end the
-    // stream with an error, never look like a clean end.
+    // Every event of the batch is committed by now. Inline answers were refused before their
+    // commit when they would not fit (WireAnswerSink); what can still overflow is the small arena
+    // answers and errors of a huge batch: a result that cannot be delivered must end the stream
+    // with an error, never look like a clean end.
     if (out.ByteSizeLong() > options_.max_message_bytes) {
       return Finish(
           "CompressStream",

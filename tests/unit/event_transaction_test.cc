@@ -233,6 +233,33 @@ TEST(EventTransaction, InlinePlaneCommitsNothingWhenTheAnswerDoesNotFit) {
   EXPECT_GT(response.timings().total_seconds(), 0.0);
 }
 
+TEST(EventTransaction, AMessagesAnswersAreRefusedBeforeTheCommitOnceTheyWouldOverflowIt) {
+  // Two sessions' events in one CompressStream message whose answers share one limit: the first
+  // fits, the second would take the batch result past it and is refused uncommitted.
+  auto first = MakeSession(Config());
+  auto second = MakeSession(Config());
+  const v1::CompressRequest request = InlineRequest(0, 12);
+  v1::CompressResponse alone;
+  WireInline probe(request, &alone, 1 << 20);
+  ASSERT_TRUE(RunCompressEvent(*MakeSession(Config()), 0, probe.plane, kT0).ok());
+  const uint64_t one = alone.ByteSizeLong();
+  const uint64_t limit = one * 3 / 2 + 200;  // room for one answer, not two
+  uint64_t used = 0;
+  v1::CompressResponse r1, r2;
+  CompressCall c1 = CompressCallFromProto(request);
+  c1.answer = WireAnswerSink(request, &r1, limit, &used);
+  CompressCall c2 = CompressCallFromProto(request);
+  c2.answer = WireAnswerSink(request, &r2, limit, &used);
+  InlinePlane p1(c1, {}), p2(c2, {});
+  ASSERT_TRUE(RunCompressEvent(*first, 0, p1, kT0).ok());
+  auto refused = RunCompressEvent(*second, 0, p2, kT0);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_NE(refused.status().message().find("batch result"), std::string::npos) << refused.status();
+  EXPECT_EQ(second->Snapshot().last_step, -1) << "an answer that could not be sent committed";
+  EXPECT_EQ(r2.ByteSizeLong(), 0u);
+  EXPECT_EQ(first->Snapshot().last_step, 0);
+}
+
 TEST(EventTransaction, ACalibrationSampleIsTakenOnlyWhenTheEventCommits) {
   auto session = MakeSession(Config());
   ASSERT_TRUE(session->StartCalibration(0.9, 1).ok());
