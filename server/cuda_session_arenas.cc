@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/status_macros.h"
+#include "server/proto_convert.h"
 #include "server/session_arenas.h"
 
 namespace reasonalloc {
@@ -15,14 +16,14 @@ CudaSessionArenas::CudaSessionArenas(const SessionConfig& config,
 absl::StatusOr<std::unique_ptr<CudaSessionArenas>> CudaSessionArenas::Create(
     const SessionConfig& config, std::shared_ptr<gpu::GpuEngine> engine) {
   if (!config.managed) {
-    return absl::UnimplementedError(
-        "mode = SESSION_MODE_ADVISORY with memory = MEMORY_KIND_CUDA_IPC is not implemented in "
-        "this build yet; use a managed session");
+    return absl::UnimplementedError(absl::StrCat(
+        "mode = ", SessionModeName(false), " with memory = ", MemoryKindName(MemoryKind::kCudaIpc),
+        " is not implemented in this build yet; use a managed session"));
   }
   if ((PolicyOf(config.scorer.kind).managed_planes & kCudaIpcPlane) == 0) {
-    return absl::UnimplementedError(
-        absl::StrCat("scorer.name \"", NameOf(config.scorer.kind),
-                     "\" with memory = MEMORY_KIND_CUDA_IPC is not implemented in this build yet"));
+    return absl::UnimplementedError(absl::StrCat(
+        "scorer.name \"", NameOf(config.scorer.kind), "\" with memory = ",
+        MemoryKindName(MemoryKind::kCudaIpc), " is not implemented in this build yet"));
   }
   const int device = engine->device();
   std::unique_ptr<CudaSessionArenas> a(new CudaSessionArenas(config, std::move(engine)));

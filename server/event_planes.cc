@@ -60,11 +60,12 @@ absl::Status PrepareH2o(Session& session, const Engine& engine, const float* att
 absl::StatusOr<PlannedEvent> InlinePlane::Decide(Session& session, int64_t step) {
   if (!call_.inline_tensors.has_value()) {
     return absl::InvalidArgumentError(
-        "inline_tensors is required: the session's memory is MEMORY_KIND_INLINE");
+        absl::StrCat("inline_tensors is required: the session's memory is ",
+                     MemoryKindName(MemoryKind::kInline)));
   }
   if (!call_.cuda_event_handle.empty()) {
-    return absl::FailedPreconditionError(
-        "cuda_event_handle must be empty for a MEMORY_KIND_INLINE session");
+    return absl::FailedPreconditionError(absl::StrCat(
+        "cuda_event_handle must be empty for a ", MemoryKindName(MemoryKind::kInline), " session"));
   }
   engine_ = session.engine();  // held: UpdateBudget may replace the session's engine
   const Engine* engine = engine_.get();
@@ -154,12 +155,14 @@ absl::Status InlinePlane::Publish(const PlannedEvent&, uint64_t) { return absl::
 absl::StatusOr<PlannedEvent> HostShmPlane::Decide(Session& session, int64_t step) {
   if (call_.inline_tensors.has_value()) {
     return absl::FailedPreconditionError(
-        "inline_tensors must be empty for a MEMORY_KIND_HOST_SHM session: the worker writes keys, "
-        "values, queries and lengths into the session's arenas");
+        absl::StrCat("inline_tensors must be empty for a ", MemoryKindName(MemoryKind::kHostShm),
+                     " session: the worker writes keys, values, queries and lengths into the "
+                     "session's arenas"));
   }
   if (!call_.cuda_event_handle.empty()) {
-    return absl::FailedPreconditionError(
-        "cuda_event_handle must be empty for a MEMORY_KIND_HOST_SHM session");
+    return absl::FailedPreconditionError(absl::StrCat("cuda_event_handle must be empty for a ",
+                                                      MemoryKindName(MemoryKind::kHostShm),
+                                                      " session"));
   }
   const auto engine = session.engine();
   ASSIGN_OR_RETURN(ArenaInputs arena_inputs, arenas_.Read(step, limits_.max_event_bytes));
@@ -197,8 +200,9 @@ absl::Status HostShmPlane::Publish(const PlannedEvent& event, uint64_t epoch) {
 absl::Status CudaPlane::Prepare(Session&, int64_t step) {
   if (call_.inline_tensors.has_value()) {
     return absl::FailedPreconditionError(
-        "inline_tensors must be empty for a MEMORY_KIND_CUDA_IPC session: the worker writes keys, "
-        "values, queries and lengths into the session's arenas");
+        absl::StrCat("inline_tensors must be empty for a ", MemoryKindName(MemoryKind::kCudaIpc),
+                     " session: the worker writes keys, values, queries and lengths into the "
+                     "session's arenas"));
   }
   SleepForTesting(limits_);
   ASSIGN_OR_RETURN(prepared_, arenas_.Prepare(step, call_.cuda_event_handle));

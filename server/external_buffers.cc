@@ -51,13 +51,13 @@ absl::StatusOr<std::unique_ptr<ExternalBuffers>> ExternalBuffers::Open(
     (is_keys ? have_keys : have_queries) = true;
     if (b.memory() == v1::MEMORY_KIND_CUDA_IPC) {
       return absl::UnimplementedError(absl::StrCat(
-          field,
-          ".memory = MEMORY_KIND_CUDA_IPC needs the CUDA backend (--device cuda:N), which "
-          "this server does not run; register MEMORY_KIND_HOST_SHM buffers"));
+          field, ".memory = ", v1::MemoryKind_Name(v1::MEMORY_KIND_CUDA_IPC),
+          " needs the CUDA backend (--device cuda:N), which this server does not run; register ",
+          v1::MemoryKind_Name(v1::MEMORY_KIND_HOST_SHM), " buffers"));
     }
     if (b.memory() != v1::MEMORY_KIND_HOST_SHM) {
       return absl::InvalidArgumentError(
-          absl::StrCat(field, ".memory must be MEMORY_KIND_HOST_SHM"));
+          absl::StrCat(field, ".memory must be ", v1::MemoryKind_Name(v1::MEMORY_KIND_HOST_SHM)));
     }
     if (b.layout_version() != 1) {
       return absl::InvalidArgumentError(

@@ -110,8 +110,9 @@ absl::StatusOr<ArenaInputs> SessionArenas::Read(int64_t step, uint64_t max_bytes
   std::memcpy(in.lengths.data(), Int32("len"), static_cast<size_t>(heads) * sizeof(int32_t));
   if (advisory() && external_ == nullptr) {
     return absl::FailedPreconditionError(
-        "this advisory MEMORY_KIND_HOST_SHM session has no buffers yet: call RegisterBuffers with "
-        "the worker's keys and query_window first");
+        absl::StrCat("this advisory ", MemoryKindName(MemoryKind::kHostShm),
+                     " session has no buffers yet: call RegisterBuffers with the worker's keys and "
+                     "query_window first"));
   }
   for (int64_t i = 0; i < heads; ++i) {
     const int32_t n = in.lengths[static_cast<size_t>(i)];

@@ -94,9 +94,8 @@ absl::StatusOr<CreatedSession> Sidecar::CreateSession(const Caller& caller,
   const bool arena = spec.memory != MemoryKind::kInline;
   if (cuda_ipc && options_.cuda_device < 0) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "memory = MEMORY_KIND_CUDA_IPC needs a server started with --device cuda:N; this one "
-        "computes on ",
-        options_.backend));
+        "memory = ", MemoryKindName(MemoryKind::kCudaIpc),
+        " needs a server started with --device cuda:N; this one computes on ", options_.backend));
   }
   if (spec.client_tag.size() > 256) {
     return absl::InvalidArgumentError(
@@ -244,8 +243,9 @@ absl::StatusOr<std::shared_ptr<Session>> Sidecar::UpdateBudget(const Caller& cal
   ASSIGN_OR_RETURN(auto current, Use(caller, id, SessionRegistry::Renew::kNo));
   if (current->arenas() != nullptr || current->cuda_arenas() != nullptr) {
     return absl::FailedPreconditionError(
-        "budget cannot change on a MEMORY_KIND_HOST_SHM or MEMORY_KIND_CUDA_IPC session (its "
-        "arenas are sized by it); create a new session");
+        absl::StrCat("budget cannot change on a ", MemoryKindName(MemoryKind::kHostShm), " or ",
+                     MemoryKindName(MemoryKind::kCudaIpc),
+                     " session (its arenas are sized by it); create a new session"));
   }
   ASSIGN_OR_RETURN(auto session, registry_->UpdateBudget(id, budget));
   UpdatePoolGauges();
@@ -259,9 +259,9 @@ absl::Status Sidecar::RegisterBuffers(
   SessionArenas* arenas = session->arenas();
   if (arenas == nullptr || !arenas->advisory()) {
     return absl::FailedPreconditionError(absl::StrCat(
-        "session_id ", id,
-        " is not an advisory MEMORY_KIND_HOST_SHM session; only those register the worker's "
-        "buffers (managed sessions get the server's arenas, inline ones send tensors)"));
+        "session_id ", id, " is not an advisory ", MemoryKindName(MemoryKind::kHostShm),
+        " session; only those register the worker's buffers (managed sessions get the server's "
+        "arenas, inline ones send tensors)"));
   }
   // Buffers never change under a running event.
   ASSIGN_OR_RETURN(const Session::CompressGuard guard, session->BeginCompress());
@@ -377,10 +377,12 @@ absl::StatusOr<std::vector<int64_t>> Sidecar::StartCalibration(const Caller& cal
   if (rho == 0) rho = kDefaultCalibrationRho;
   if (stride == 0) stride = kDefaultCalibrationStride;
   if (session->arenas() != nullptr || session->cuda_arenas() != nullptr) {
-    return absl::UnimplementedError(
-        "calibration of a MEMORY_KIND_HOST_SHM or MEMORY_KIND_CUDA_IPC session is not "
-        "implemented in this build yet (the full cache outgrows its arenas); calibrate with a "
-        "MEMORY_KIND_INLINE session");
+    return absl::UnimplementedError(absl::StrCat(
+        "calibration of a ", MemoryKindName(MemoryKind::kHostShm), " or ",
+        MemoryKindName(MemoryKind::kCudaIpc),
+        " session is not implemented in this build yet (the full cache outgrows its arenas); "
+        "calibrate with a ",
+        MemoryKindName(MemoryKind::kInline), " session"));
   }
   RETURN_IF_ERROR(session->StartCalibration(rho, stride));
   return session->CalibrationSamples();
