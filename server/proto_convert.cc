@@ -348,6 +348,19 @@ InlineAnswerSink WireAnswerSink(const v1::CompressRequest& request, v1::Compress
   };
 }
 
+void StreamItemError(const absl::Status& status, v1::CompressResult* result) {
+  // Room for the code, the framing and the cut's marker.
+  constexpr size_t kMaxMessage = kStreamItemReserve - 64;
+  result->clear_response();
+  result->mutable_error()->set_code(static_cast<int>(status.code()));
+  if (status.message().size() <= kMaxMessage) {
+    result->mutable_error()->set_message(std::string(status.message()));
+  } else {
+    result->mutable_error()->set_message(
+        absl::StrCat(status.message().substr(0, kMaxMessage), " [cut]"));
+  }
+}
+
 void CompressOutcomeToProto(const CompressCall& call, const EventOutcome& outcome,
                             v1::CompressResponse* response) {
   response->set_session_id(call.session_id);

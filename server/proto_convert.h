@@ -40,12 +40,20 @@ std::string SessionModeName(bool managed);
 // the call (InlineTensorsIn::decode_error), reported after the caller and the session are
 // checked. The answer's sink and the caller's cancellation are the adapter's to set.
 CompressCall CompressCallFromProto(const v1::CompressRequest& request);
+
+// Bytes a CompressStream result keeps for each item whatever happens to it: an arena event's
+// answer (about a hundred bytes) or an error, whose message is cut to fit (StreamItemError).
+inline constexpr uint64_t kStreamItemReserve = 1024;
+// An item's error as a CompressStream result carries it, its message cut to fit the reserve.
+void StreamItemError(const absl::Status& status, v1::CompressResult* result);
 // An inline event's answer written into `response` (ids of `request`, decision, compacted rows);
 // refused, with `response` cleared, when the whole response would exceed `max_message_bytes` once
 // the epoch and the timings are added. CompressStream passes `message_bytes`, the bytes its
-// message's answers have taken so far: an answer that would take the batch result past
-// `max_message_bytes` is refused too, so no event commits whose answer could not be sent.
-// `request`, `response` and `message_bytes` must outlive the sink.
+// batch result is sure to need so far (kStreamItemReserve per item, plus each accepted inline
+// answer): an answer that would take the batch result past `max_message_bytes` is refused too,
+// before its event commits, so no committed event's answer is lost. (A staged answer whose event
+// a later stage refuses stays counted: the count errs on the safe side.) `request`, `response`
+// and `message_bytes` must outlive the sink.
 InlineAnswerSink WireAnswerSink(const v1::CompressRequest& request, v1::CompressResponse* response,
                                 uint64_t max_message_bytes, uint64_t* message_bytes = nullptr);
 // The rest of a committed event's answer: ids, epoch and timings, and for arena events (whose

@@ -272,7 +272,17 @@ grpc::Status SidecarService::CompressStream(
     std::vector<absl::Status> status(n);
     std::vector<CompressCall> calls;
     std::vector<size_t> request_of;  // request index of each call
-    uint64_t answer_bytes = 0;       // taken by the message's inline answers so far
+    // What the batch result is sure to need: a reserve per item, plus each accepted inline
+    // answer (WireAnswerSink). A message whose reserves alone exceed the limit runs nothing.
+    uint64_t answer_bytes = n * kStreamItemReserve;
+    if (answer_bytes > options_.max_message_bytes) {
+      return Finish("CompressStream",
+                    absl::ResourceExhaustedError(absl::StrCat(
+                        "a CompressBatch of ", n, " requests may need ", answer_bytes,
+                        " bytes to answer, above max_message_bytes ", options_.max_message_bytes,
+                        "; send at most ", options_.max_message_bytes / kStreamItemReserve,
+                        " requests per batch (no event of this batch ran)")));
+    }
     // Memory exhaustion while converting refuses the whole message before any event runs; once
     // events have run, each keeps its own outcome (CompressMany).
     const absl::Status converted = GuardMemory("CompressStream", [&]() -> absl::Status {
@@ -306,17 +316,11 @@ grpc::Status SidecarService::CompressStream(
     for (int i = 0; i < batch.requests_size(); ++i) {
       const absl::Status& s = status[static_cast<size_t>(i)];
       metrics_->CountRequest("CompressStream.item", static_cast<int>(s.code()));
-      if (!s.ok()) {
-        v1::CompressResult* result = out.mutable_results(i);
-        result->clear_response();
-        result->mutable_error()->set_code(static_cast<int>(s.code()));
-        result->mutable_error()->set_message(std::string(s.message()));
-      }
+      if (!s.ok()) StreamItemError(s, out.mutable_results(i));
     }
-    // Every event of the batch is committed by now. Inline answers were refused before their
-    // commit when they would not fit (WireAnswerSink); what can still overflow is the small arena
-    // answers and errors of a huge batch: a result that cannot be delivered must end the stream
-    // with an error, never look like a clean end.
+    // Every event of the batch is committed by now, and the reserves make this result fit; should
+    // it not, a result that cannot be delivered must end the stream with an error, never look like
+    // a clean end.
     if (out.ByteSizeLong() > options_.max_message_bytes) {
       return Finish(
           "CompressStream",

@@ -438,6 +438,14 @@ TEST(Server, BadCompressRequestsNameTheTensor) {
        "step = -5"},
       {"unknown session", [](auto& r) { r.set_session_id("0123"); }, absl::StatusCode::kNotFound,
        "session_id \"0123\""},
+      // The session is checked before the tensors: an unknown dtype for a session that does not
+      // exist is NOT_FOUND.
+      {"unknown dtype for an unknown session",
+       [](auto& r) {
+         r.set_session_id("0123");
+         r.mutable_inline_tensors()->mutable_keys()->set_dtype(static_cast<v1::DType>(99));
+       },
+       absl::StatusCode::kNotFound, "session_id \"0123\""},
   };
   for (const BadCompress& bad : cases) {
     auto r = CompressRequest(id, 10, 24);
@@ -490,17 +498,48 @@ TEST(Server, CompressStreamAnswersEachItem) {
   *batch.add_requests() = CompressRequest(a, 0, 24);
   *batch.add_requests() = CompressRequest("missing", 0, 24);
   *batch.add_requests() = CompressRequest(b, 0, 24);
+  // An unknown dtype for a session that does not exist: the session is checked first.
+  v1::CompressRequest undecodable = CompressRequest("missing", 0, 24);
+  undecodable.mutable_inline_tensors()->mutable_keys()->set_dtype(static_cast<v1::DType>(99));
+  *batch.add_requests() = undecodable;
   ASSERT_TRUE(stream->Write(batch));
   v1::CompressBatchResult result;
   ASSERT_TRUE(stream->Read(&result));
-  ASSERT_EQ(result.results_size(), 3);
+  ASSERT_EQ(result.results_size(), 4);
   EXPECT_TRUE(result.results(0).has_response());
   ASSERT_TRUE(result.results(1).has_error());
   EXPECT_EQ(result.results(1).error().code(), grpc::StatusCode::NOT_FOUND);
   EXPECT_TRUE(result.results(2).has_response());
   EXPECT_EQ(result.results(2).response().session_id(), b);
+  ASSERT_TRUE(result.results(3).has_error());
+  EXPECT_EQ(result.results(3).error().code(), grpc::StatusCode::NOT_FOUND)
+      << result.results(3).error().message();
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST(Server, CompressStreamRefusesABatchItCouldNotAnswer) {
+  // Each item keeps 1 KiB of the result for its answer or its error: 65 items cannot be answered
+  // within 64 KiB, so none of them runs.
+  auto server = MustStart({"--max_message_bytes=65536"});
+  ASSERT_NE(server, nullptr);
+  const std::string id = CreateOrDie(*server, SessionRequest());
+  grpc::ClientContext ctx;
+  auto stream = server->client().stub().CompressStream(&ctx);
+  v1::CompressBatch batch;
+  for (int i = 0; i < 65; ++i) {
+    v1::CompressRequest* r = batch.add_requests();
+    r->set_session_id(i == 0 ? id : "missing");
+  }
+  ASSERT_TRUE(stream->Write(batch));
+  stream->WritesDone();
+  v1::CompressBatchResult result;
+  EXPECT_FALSE(stream->Read(&result));
+  const grpc::Status s = stream->Finish();
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << s.error_message();
+  EXPECT_NE(s.error_message().find("send at most 64 requests per batch"), std::string::npos)
+      << s.error_message();
+  EXPECT_EQ(server->client().GetSession(id)->epoch(), 0u);
 }
 
 // Reads a WatchMetrics stream on its own thread until it ends, keeping every compress event and

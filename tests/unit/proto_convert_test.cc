@@ -106,5 +106,49 @@ TEST(ProtoConvert, DecisionMaskWords) {
   EXPECT_EQ(no_mask.kept_indices_size(), 3);
 }
 
+TEST(ProtoConvert, ACompressCallKeepsATensorItCannotConvertForThePlaneToReport) {
+  v1::CompressRequest r;
+  r.set_session_id("s");
+  r.set_step(3);
+  auto* in = r.mutable_inline_tensors();
+  in->mutable_query_window()->set_dtype(v1::DTYPE_FLOAT32);
+  in->mutable_keys()->set_dtype(static_cast<v1::DType>(99));
+  in->mutable_attention()->set_dtype(static_cast<v1::DType>(98));
+  in->add_lengths(5);
+  const CompressCall call = CompressCallFromProto(r);
+  EXPECT_EQ(call.session_id, "s");
+  EXPECT_EQ(call.step, 3);
+  ASSERT_TRUE(call.inline_tensors.has_value());
+  const InlineTensorsIn& t = *call.inline_tensors;
+  EXPECT_TRUE(t.query_window.present);
+  EXPECT_TRUE(t.keys.present) << "an unconvertible tensor is still present";
+  EXPECT_FALSE(t.values.present);
+  EXPECT_EQ(t.decode_error.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(t.decode_error.message()), HasSubstr("inline_tensors.keys.dtype"));
+  EXPECT_TRUE(t.attention.present);
+  EXPECT_THAT(std::string(t.attention_error.message()),
+              HasSubstr("inline_tensors.attention.dtype"));
+  EXPECT_EQ(t.lengths.size(), 1u);
+  // Nothing unconvertible: no errors.
+  in->mutable_keys()->set_dtype(v1::DTYPE_FLOAT16);
+  in->clear_attention();
+  const CompressCall fine = CompressCallFromProto(r);
+  EXPECT_TRUE(fine.inline_tensors->decode_error.ok());
+  EXPECT_TRUE(fine.inline_tensors->attention_error.ok());
+  EXPECT_FALSE(fine.inline_tensors->attention.present);
+}
+
+TEST(ProtoConvert, AStreamItemsErrorFitsItsReserve) {
+  v1::CompressResult result;
+  result.mutable_response()->set_session_id("s");
+  StreamItemError(absl::InvalidArgumentError(std::string(5000, 'x')), &result);
+  EXPECT_FALSE(result.has_response());
+  EXPECT_EQ(result.error().code(), static_cast<int>(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(result.error().message(), HasSubstr("[cut]"));
+  EXPECT_LE(result.ByteSizeLong() + 16, kStreamItemReserve);
+  StreamItemError(absl::NotFoundError("short"), &result);
+  EXPECT_EQ(result.error().message(), "short");
+}
+
 }  // namespace
 }  // namespace reasonalloc
