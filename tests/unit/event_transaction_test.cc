@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -28,28 +29,12 @@
 #include "server/proto_convert.h"
 #include "server/session_arenas.h"
 #include "server/session_registry.h"
+#include "tests/unit/small_session.h"
 
 namespace reasonalloc {
 namespace {
 
-constexpr int kL = 2, kHkv = 2, kG = 2, kD = 4, kWindow = 2, kBudget = 6, kDelta = 4;
-
-SessionConfig Config(bool managed = true) {
-  SessionConfig c;
-  c.model.name = "test";
-  c.model.num_layers = kL;
-  c.model.num_kv_heads = kHkv;
-  c.model.num_q_heads = kHkv * kG;
-  c.model.head_dim = kD;
-  c.model.dtype = DType::kFloat32;
-  c.model.max_context = 256;
-  c.budget.budget = kBudget;
-  c.budget.buffer = kDelta;
-  c.budget.window = kWindow;
-  c.scorer.kind = ScorerKind::kSnapKv;
-  c.managed = managed;
-  return c;
-}
+using namespace small_session;  // NOLINT: the shared geometry
 
 std::shared_ptr<Session> MakeSession(const SessionConfig& config) {
   auto engine = Engine::Create(config);
@@ -308,34 +293,11 @@ TEST(EventTransaction, TheRecordCallbackRunsOnceAfterPublishUnderTheGuard) {
   EXPECT_EQ(recorded, 1) << "a failed event was recorded";
 }
 
-TEST(EventTransaction, HostShmPlaneCommitsNothingBeforeApplyAndPublishesTheEpochLast) {
-  const SessionConfig config = Config();
-  auto session = MakeSession(config);
-  auto arenas_or = SessionArenas::Create(config);
-  ASSERT_TRUE(arenas_or.ok()) << arenas_or.status();
-  SessionArenas& arenas = **arenas_or;
-  // The worker's side, written through the arenas' own memory: every head full to its capacity
-  // with finite keys, the query ring filled.
-  const SessionLayout layout = MakeSessionLayout(config);
-  unsigned char* kv = arenas.DataForTest("kv");
-  unsigned char* ring = arenas.DataForTest("query_ring");
-  unsigned char* result = arenas.DataForTest("result");
-  ASSERT_NE(kv, nullptr);
-  ASSERT_NE(ring, nullptr);
-  ASSERT_NE(result, nullptr);
-  auto fill = [](unsigned char* p, uint64_t bytes, float base_value) {
-    std::vector<float> v(bytes / sizeof(float));
-    for (size_t i = 0; i < v.size(); ++i) v[i] = base_value + 0.01f * static_cast<float>(i % 89);
-    std::memcpy(p, v.data(), v.size() * sizeof(float));
-  };
-  fill(kv + layout.kv.Get("k").byte_offset, layout.kv.Get("k").byte_length, 0.1f);
-  fill(kv + layout.kv.Get("v").byte_offset, layout.kv.Get("v").byte_length, 0.2f);
-  fill(ring + layout.query_ring.Get("q").byte_offset, layout.query_ring.Get("q").byte_length, 0.5f);
-  auto* len = reinterpret_cast<int32_t*>(result + layout.result.Get("len").byte_offset);
-  auto* epoch = reinterpret_cast<uint64_t*>(result + layout.result.Get("epoch").byte_offset);
-  for (int i = 0; i < kL * kHkv; ++i) len[i] = kBudget + kDelta;
-  const std::vector<unsigned char> kv_before(kv, kv + layout.kv.bytes);
-
+// A host session's event failed at fits and at apply (each before the real stage), then run:
+// nothing is committed or published until it succeeds, then the epoch and every head's length.
+// `unchanged` checks the worker-visible memory after each failure.
+EventOutcome FailTwiceThenCommit(Session& session, SessionArenas& arenas, const WorkerView& view,
+                                 int32_t rows_before, const std::function<void()>& unchanged) {
   CompressCall call;
   call.session_id = "s1";
   call.step = kWindow;
@@ -343,19 +305,35 @@ TEST(EventTransaction, HostShmPlaneCommitsNothingBeforeApplyAndPublishesTheEpoch
     SCOPED_TRACE(fail_at);
     HostShmPlane host(call, arenas, {});
     FailOnce plane(&host, fail_at);
-    ASSERT_FALSE(RunCompressEvent(*session, kWindow, plane, kT0).ok());
-    EXPECT_EQ(session->Snapshot().epoch, 0u);
-    EXPECT_EQ(*epoch, 0u);
-    EXPECT_EQ(len[0], kBudget + kDelta) << "the result block changed before the commit";
-    EXPECT_EQ(std::memcmp(kv, kv_before.data(), kv_before.size()), 0) << "rows moved";
+    EXPECT_FALSE(RunCompressEvent(session, kWindow, plane, kT0).ok());
+    EXPECT_EQ(session.Snapshot().epoch, 0u);
+    EXPECT_EQ(*view.epoch, 0u);
+    EXPECT_EQ(view.len[0], rows_before) << "the result block changed before the commit";
+    if (unchanged) unchanged();
   }
   HostShmPlane plane(call, arenas, {});
-  auto out = RunCompressEvent(*session, kWindow, plane, kT0);
-  ASSERT_TRUE(out.ok()) << out.status();
+  auto out = RunCompressEvent(session, kWindow, plane, kT0);
+  EXPECT_TRUE(out.ok()) << out.status();
+  if (!out.ok()) return {};
   EXPECT_EQ(out->committed.epoch, 1u);
-  EXPECT_EQ(*epoch, 1u);
-  for (int i = 0; i < kL * kHkv; ++i) EXPECT_EQ(len[i], out->decision.kept_lengths[i]);
-  EXPECT_LE(len[0], kBudget);
+  EXPECT_EQ(*view.epoch, 1u);
+  for (int i = 0; i < kL * kHkv; ++i) EXPECT_EQ(view.len[i], out->decision.kept_lengths[i]);
+  EXPECT_LE(view.len[0], kBudget);
+  return *std::move(out);
+}
+
+TEST(EventTransaction, HostShmPlaneCommitsNothingBeforeApplyAndPublishesTheEpochLast) {
+  const SessionConfig config = Config();
+  auto session = MakeSession(config);
+  auto arenas_or = SessionArenas::Create(config);
+  ASSERT_TRUE(arenas_or.ok()) << arenas_or.status();
+  SessionArenas& arenas = **arenas_or;
+  const SessionLayout layout = MakeSessionLayout(config);
+  const WorkerView worker = FillManagedArenas(arenas, config);
+  const std::vector<unsigned char> kv_before(worker.kv, worker.kv + layout.kv.bytes);
+  FailTwiceThenCommit(*session, arenas, worker, kBudget + kDelta, [&] {
+    EXPECT_EQ(std::memcmp(worker.kv, kv_before.data(), kv_before.size()), 0) << "rows moved";
+  });
 }
 
 // A POSIX shared-memory object of fp32 values, as a worker owns one; unlinked at the end.
@@ -421,33 +399,10 @@ TEST(EventTransaction, AdvisoryHostShmPlaneCommitsNothingBeforeApply) {
   auto opened = ExternalBuffers::Open(buffers, config, worker);
   ASSERT_TRUE(opened.ok()) << opened.status();
   arenas.Register(std::move(opened).value());
-  const SessionLayout layout = MakeSessionLayout(config);
-  unsigned char* result = arenas.DataForTest("result");
-  ASSERT_NE(result, nullptr);
-  auto* len = reinterpret_cast<int32_t*>(result + layout.result.Get("len").byte_offset);
-  auto* epoch = reinterpret_cast<uint64_t*>(result + layout.result.Get("epoch").byte_offset);
-  for (int i = 0; i < kL * kHkv; ++i) len[i] = kRows;
-
-  CompressCall call;
-  call.session_id = "s1";
-  call.step = kWindow;
-  for (const std::string fail_at : {"fits", "apply"}) {
-    SCOPED_TRACE(fail_at);
-    HostShmPlane host(call, arenas, {});
-    FailOnce plane(&host, fail_at);
-    ASSERT_FALSE(RunCompressEvent(*session, kWindow, plane, kT0).ok());
-    EXPECT_EQ(session->Snapshot().epoch, 0u);
-    EXPECT_EQ(*epoch, 0u);
-    EXPECT_EQ(len[0], kRows) << "the result block changed before the commit";
-  }
-  HostShmPlane plane(call, arenas, {});
-  auto out = RunCompressEvent(*session, kWindow, plane, kT0);
-  ASSERT_TRUE(out.ok()) << out.status();
-  EXPECT_EQ(out->committed.epoch, 1u);
-  EXPECT_EQ(*epoch, 1u);
-  for (int i = 0; i < kL * kHkv; ++i) EXPECT_EQ(len[i], out->decision.kept_lengths[i]);
-  EXPECT_LE(len[0], kBudget);
-  EXPECT_GT(out->decision.evicted_tokens, 0);
+  const WorkerView view = ViewOf(arenas, config);
+  for (int i = 0; i < kL * kHkv; ++i) view.len[i] = kRows;
+  const EventOutcome out = FailTwiceThenCommit(*session, arenas, view, kRows, nullptr);
+  EXPECT_GT(out.decision.evicted_tokens, 0);
 }
 
 // A compactor that refuses, as a device fault or a failed scratch reservation would.

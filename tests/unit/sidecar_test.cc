@@ -17,27 +17,16 @@
 #include "server/profile_store.h"
 #include "server/session_arenas.h"
 #include "server/session_registry.h"
+#include "tests/unit/small_session.h"
 
 namespace reasonalloc {
 namespace {
 
-constexpr int kL = 2, kHkv = 2, kG = 2, kD = 4, kWindow = 2, kBudget = 6, kDelta = 4;
+using namespace small_session;  // NOLINT: the shared geometry
 
 SessionSpec Spec(MemoryKind memory = MemoryKind::kInline, bool managed = true) {
   SessionSpec spec;
-  SessionConfig& c = spec.config;
-  c.model.name = "test-model";
-  c.model.num_layers = kL;
-  c.model.num_kv_heads = kHkv;
-  c.model.num_q_heads = kHkv * kG;
-  c.model.head_dim = kD;
-  c.model.dtype = DType::kFloat32;
-  c.model.max_context = 256;
-  c.budget.budget = kBudget;
-  c.budget.buffer = kDelta;
-  c.budget.window = kWindow;
-  c.scorer.kind = ScorerKind::kSnapKv;
-  c.managed = managed;
+  spec.config = Config(managed, "test-model");
   spec.memory = memory;
   spec.client_tag = "sidecar_test";
   return spec;
@@ -161,23 +150,9 @@ TEST_F(SidecarTest, AHostSharedMemoryEventCompactsTheArenasAndPublishesTheEpoch)
   ASSERT_NE(session, nullptr);
   SessionArenas* arenas = session->arenas();
   ASSERT_NE(arenas, nullptr);
-  // The worker's side, through the arenas' own memory: every head full with finite keys and
-  // values, the query ring filled.
-  const SessionLayout layout = MakeSessionLayout(spec.config);
-  unsigned char* kv = arenas->DataForTest("kv");
-  unsigned char* ring = arenas->DataForTest("query_ring");
-  unsigned char* result = arenas->DataForTest("result");
-  auto fill = [](unsigned char* p, uint64_t bytes, float base) {
-    std::vector<float> v(bytes / sizeof(float));
-    for (size_t i = 0; i < v.size(); ++i) v[i] = base + 0.01f * static_cast<float>(i % 89);
-    std::memcpy(p, v.data(), v.size() * sizeof(float));
-  };
-  fill(kv + layout.kv.Get("k").byte_offset, layout.kv.Get("k").byte_length, 0.1f);
-  fill(kv + layout.kv.Get("v").byte_offset, layout.kv.Get("v").byte_length, 0.2f);
-  fill(ring + layout.query_ring.Get("q").byte_offset, layout.query_ring.Get("q").byte_length, 0.5f);
-  auto* len = reinterpret_cast<int32_t*>(result + layout.result.Get("len").byte_offset);
-  auto* epoch = reinterpret_cast<uint64_t*>(result + layout.result.Get("epoch").byte_offset);
-  for (int i = 0; i < kL * kHkv; ++i) len[i] = kBudget + kDelta;
+  const WorkerView worker = FillManagedArenas(*arenas, spec.config);
+  int32_t* len = worker.len;
+  uint64_t* epoch = worker.epoch;
   CompressCall call;
   call.session_id = session->id();
   call.step = kWindow;
