@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <optional>
 #include <set>
 #include <utility>
 
@@ -306,14 +307,15 @@ absl::StatusOr<Sidecar::Job> Sidecar::MakeJob(const Caller& caller, const Compre
 
 absl::StatusOr<EventOutcome> Sidecar::Compress(const Caller& caller, const CompressCall& call,
                                                std::chrono::steady_clock::time_point t0) {
-  absl::StatusOr<EventOutcome> out = EventJob::NotRun();
+  // No placeholder status on the hot path: the outcome exists once the event ran.
+  std::optional<absl::StatusOr<EventOutcome>> out;
   const absl::Status guarded = GuardMemory("Compress", [&]() -> absl::Status {
     ASSIGN_OR_RETURN(Job job, MakeJob(caller, call));
-    out = RunCompressEvent(*job.session, call.step, *job.plane, t0, job.record);
+    out.emplace(RunCompressEvent(*job.session, call.step, *job.plane, t0, job.record));
     return absl::OkStatus();
   });
   if (!guarded.ok()) return guarded;
-  return out;
+  return *std::move(out);
 }
 
 std::vector<absl::StatusOr<EventOutcome>> Sidecar::CompressMany(
