@@ -2,22 +2,24 @@
 """Which eviction policy to run for a model: measured on probe prompts, checked on held-out ones.
 
   .venv/bin/python bench/policy_report.py BUILD_DIR [--model FILE] [--budgets 32,64] [--out DIR]
-  (--quick: 2 scorers, uniform and reasonalloc-full only, 8 held-out prompts, 24 recall tasks)
+  (--quick: 2 scorers, uniform and reasonalloc-full only, no recency variants, 8 held-out
+  prompts, 24 recall tasks)
 
 1. Calibrates a sensitivity profile (`reasonalloc-worker calibrate --objective sensitivity`) on
    the probe prompts (named MODEL.sensitivity; OUT/sensitivity_profile.json), beside the model's
    shipped k_ρ profile (if deploy/profiles has one).
 2. Runs the fidelity grid on the probe prompts: every scorer with every allocator (uniform, adakv,
    reasonalloc with and without head routing, the latter two on the k_ρ profile and on the
-   sensitivity profile); picks, per budget, the policy of lowest teacher-forced KL, the best
+   sensitivity profile), each also with the last --recent tokens always kept (`+rN`); picks, per budget, the policy of lowest teacher-forced KL, the best
    uniform-budget policy and the best hierarchical (reasonalloc) policy.
 3. Runs the candidates on the held-out prompts (disjoint from the probes; --heldout picks, the
    default: the picks, and for every scorer its uniform policy and its best reasonalloc policy on
    the probes; all: every candidate; choices: only the picks) and reports, paired over prompts with 95 % bootstrap
    intervals, the best hierarchical policy against the best uniform one and every reasonalloc
-   policy against the uniform allocator with the same scorer.
+   policy against the uniform allocator with the same scorer and recency.
 4. Runs the long-range recall tasks (bench/recall, seeded, answered by the full cache) for the
-   picks and reports recall relative to the full cache (bench/recall/report.py).
+   picks at the report's budgets and --recall_budgets, and reports recall relative to the full
+   cache (bench/recall/report.py).
 5. Plots the per-layer sensitivity against the k_ρ wave (OUT/wave_vs_sensitivity.png).
 
 Everything runs against a private sidecar; the report goes to OUT/policy_report.md (and the
@@ -118,6 +120,12 @@ def main():
                          "reasonalloc policy; every candidate; or only the picks")
     ap.add_argument("--recall_tasks", type=int, default=48,
                     help="long-range recall tasks (bench/recall, seed 1) for the picks; 0 = none")
+    ap.add_argument("--recall_budgets", default="256",
+                    help="budgets the picks' recall also runs at (facts 550-600 tokens old rarely "
+                         "survive budgets 32 and 64); empty = only --budgets")
+    ap.add_argument("--recent", default="16",
+                    help="recency variants: every candidate also runs with the last N tokens "
+                         "always kept (+rN), for each N in this list; empty = none")
     ap.add_argument("--sensitivity_budget", type=int, default=32)
     ap.add_argument("--sensitivity_scorer", default="rkv")
     ap.add_argument("--layer_group", type=int, default=1,
@@ -136,7 +144,8 @@ def main():
     a = ap.parse_args()
     if a.quick:  # smaller defaults; a flag given on the command line still wins
         for name, value in (("scorers", "snapkv,rkv"), ("allocators", "uniform,reasonalloc-full"),
-                            ("max_heldout", 8), ("recall_tasks", 24)):
+                            ("recent", ""), ("recall_budgets", ""), ("max_heldout", 8),
+                            ("recall_tasks", 24)):
             if getattr(a, name) == ap.get_default(name):
                 setattr(a, name, value)
     a.build = os.path.abspath(a.build)
@@ -145,6 +154,22 @@ def main():
     allocators = [x for x in a.allocators.split(",") if x]
     if not budgets or not scorers or not allocators:
         ap.error("--budgets, --scorers and --allocators each need at least one entry")
+    try:
+        recents = [int(r) for r in a.recent.split(",") if r]
+        recall_budgets = [int(b) for b in a.recall_budgets.split(",") if b]
+    except ValueError:
+        ap.error("--recent and --recall_budgets are lists of integers")
+    if any(r < 1 for r in recents) or any(b < 1 for b in recall_budgets):
+        ap.error("--recent and --recall_budgets entries must be >= 1")
+    # A recent window of more than half the smallest budget leaves the scorer little to choose
+    # (and one above it is refused by the sidecar): such variants are left out.
+    # One no larger than the window (α 8, the grids' default) is the policy without recency.
+    for r in recents:
+        if r <= 8:
+            print(f"--recent {r}: left out, the window (8) is kept anyway", flush=True)
+        elif 2 * r > min(budgets):
+            print(f"--recent {r}: left out, more than half of budget {min(budgets)}", flush=True)
+    recents = [r for r in recents if 8 < r and 2 * r <= min(budgets)]
     if a.max_probe < 0 or a.layer_group < 1:
         ap.error("--max_probe must be >= 0 and --layer_group >= 1")
     os.makedirs(a.out, exist_ok=True)
@@ -206,12 +231,15 @@ def main():
             candidates = []
             for s in scorers:
                 for x in allocators:
-                    if not x.startswith("reasonalloc"):
-                        candidates.append(f"{s}/{x}")
-                        continue
-                    if has_wave:
-                        candidates.append(f"{s}/{x}")
-                    candidates.append(f"{s}/{x}@{sensitivity}")
+                    for knob in [""] + [f"+r{r}" for r in recents]:
+                        if knob and s == "streaming":
+                            continue  # streaming keeps only the most recent tokens already
+                        if not x.startswith("reasonalloc"):
+                            candidates.append(f"{s}/{x}{knob}")
+                            continue
+                        if has_wave:
+                            candidates.append(f"{s}/{x}{knob}")
+                        candidates.append(f"{s}/{x}{knob}@{sensitivity}")
             probe_kl, probe_meta, probe_s = grid(
                 a, target, os.path.join(a.out, "probe"), os.path.join(ROOT, a.probe_prompts),
                 a.max_probe,
@@ -232,14 +260,16 @@ def main():
                         own = sorted((p for p in candidates
                                       if p.startswith(f"{s}/reasonalloc") and (p, b) in probe_kl),
                                      key=lambda p: mean(probe_kl[(p, b)]))
-                        check += [f"{s}/uniform"] + own[:1]
+                        check += [f"{s}/uniform"] + [same_scorer_uniform(p) for p in own[:1]] + \
+                            own[:1]
                 check = [p for p in candidates if p in set(check)]  # the candidates' order
             held_kl, held_meta, held_s = grid(
                 a, target, os.path.join(a.out, "heldout"), os.path.join(ROOT, a.heldout_prompts),
                 a.max_heldout, a.heldout_tokens, check, budgets)
             # 4. Long-range recall for the picks.
             if a.recall_tasks > 0:
-                recall = run_recall(a, target, os.path.join(a.out, "recall"), picks, budgets)
+                recall = run_recall(a, target, os.path.join(a.out, "recall"), picks,
+                                    budgets + [b for b in recall_budgets if b not in budgets])
         finally:
             server.terminate()
             server.wait()
@@ -288,14 +318,13 @@ def main():
         for first in firsts:
             if first and u and (first, b) in held_kl and (u, b) in held_kl:
                 lines.append(pair_row(held_kl, b, first, u))
-    lines += ["\n## Every reasonalloc policy against the uniform allocator with the same scorer "
+    lines += ["\n## Every reasonalloc policy against the uniform allocator with the same scorer and knobs "
               "(held-out, paired)\n",
               "| budget | policy | against | KL policy | KL against | difference | verdict |",
               "|---|---|---|---|---|---|---|"]
     for b in budgets:
         for p in check:
-            scorer = p.split("/")[0]
-            u = f"{scorer}/uniform"
+            u = same_scorer_uniform(p)
             if "/reasonalloc" not in p or (u, b) not in held_kl or (p, b) not in held_kl:
                 continue
             row = pair_row(held_kl, b, p, u, verdict=True)
@@ -323,6 +352,15 @@ def repo_relative(path):
     full = os.path.join(ROOT, path)
     rel = os.path.relpath(full, ROOT)
     return full if rel.startswith("..") else rel
+
+
+def same_scorer_uniform(policy):
+    """The uniform allocator with a policy's scorer and knobs: rkv/reasonalloc-full+r16@P ->
+    rkv/uniform+r16."""
+    name = policy.split("@")[0]
+    scorer, rest = name.split("/", 1)
+    knobs = rest[rest.index("+"):] if "+" in rest else ""
+    return f"{scorer}/uniform{knobs}"
 
 
 def is_uniform(policy):

@@ -78,12 +78,15 @@ ABSL_FLAG(std::string, text, "", "tokenize: the text");
 ABSL_FLAG(bool, chat, false, "tokenize: apply the chat template");
 ABSL_FLAG(std::string, tokens, "", "logits: comma-separated token ids");
 ABSL_FLAG(std::string, out, "",
-          "logits, calibrate: the output file (.npy for logits, the profile JSON for calibrate)");
+          "logits, calibrate: the output file (.npy for logits, the profile JSON for calibrate, a "
+          "CSV for calibrate --objective head_sensitivity)");
 ABSL_FLAG(std::string, objective, "k_rho",
           "calibrate: what the layer profile measures: k_rho (attention demand, the Reasoning "
           "Wave) or sensitivity (the KL cost of compressing each layer group alone to --budget "
-          "with --scorer)");
-ABSL_FLAG(int, layer_group, 1, "calibrate --objective sensitivity: layers compressed together");
+          "with --scorer); head_sensitivity measures the same per KV head (each head of each "
+          "group alone) and writes a CSV, not a profile");
+ABSL_FLAG(int, layer_group, 1,
+          "calibrate --objective sensitivity, head_sensitivity: layers compressed together");
 ABSL_FLAG(double, rho, reasonalloc::kDefaultCalibrationRho, "calibrate: attention-mass fraction ρ");
 ABSL_FLAG(int, stride, reasonalloc::kDefaultCalibrationStride,
           "calibrate: measure every stride-th step");
@@ -391,9 +394,48 @@ std::string ProfileName(const Loaded& loaded) {
   return flag.empty() ? loaded.ModelName() : flag;
 }
 
+// calibrate --objective head_sensitivity: each KV head's measured KL cost of compression alone, a
+// CSV (layer, head, KL per token, relative to its layer's mean head, positions) and a table with
+// each layer's spread across its heads.
+int WriteHeadSensitivity(const ModelConfig& c, const SensitivityResult& r, const Policy& p,
+                         int layer_group, const std::string& out_path) {
+  const size_t H = static_cast<size_t>(c.kv_heads);
+  std::ofstream f(out_path);
+  f << "layer,head,kl_per_token,relative_to_layer,positions\n";
+  std::printf(
+      "sensitivity of %d layers x %d KV heads (groups of %d layers, one head at a time) at "
+      "budget %d with %s: full cache %.1f s, probes %.1f s, %lld events; wrote %s\n",
+      c.layers, c.kv_heads, layer_group, p.budget, p.scorer_name().c_str(), r.full_seconds,
+      r.probe_seconds, static_cast<long long>(r.events), out_path.c_str());
+  std::printf("layer  KL/token per head%*s  max/min\n", static_cast<int>(9 * H) - 18, "");
+  for (size_t l = 0; l < static_cast<size_t>(c.layers); ++l) {
+    double mean = 0, lo = INFINITY, hi = 0;
+    for (size_t h = 0; h < H; ++h) {
+      const double v = r.kl[l * H + h];
+      mean += v / static_cast<double>(H);
+      lo = std::min(lo, v);
+      hi = std::max(hi, v);
+    }
+    std::printf("%5zu ", l);
+    for (size_t h = 0; h < H; ++h) {
+      const double v = r.kl[l * H + h];
+      f << l << "," << h << "," << v << "," << (mean > 0 ? v / mean : 0.0) << ","
+        << r.positions[l * H + h] << "\n";
+      std::printf(" %8.5f", v);
+    }
+    if (lo > 0) {
+      std::printf("  %6.2f\n", hi / lo);
+    } else {
+      std::printf("  %6s\n", "-");
+    }
+  }
+  if (!f.good()) return Fail(absl::InternalError(absl::StrCat("cannot write ", out_path)));
+  return 0;
+}
+
 // calibrate --objective sensitivity: the profile's demand is each layer group's measured KL cost
-// of compression (worker/sensitivity.h), normalised to mean 1.
-int CalibrateSensitivity() {
+// of compression (worker/sensitivity.h), normalised to mean 1. head_sensitivity: per KV head.
+int CalibrateSensitivity(bool per_head) {
   auto prompts = PromptsFromFlags();
   if (!prompts.ok()) return Fail(prompts.status());
   const std::string out_path = absl::GetFlag(FLAGS_out);
@@ -421,6 +463,7 @@ int CalibrateSensitivity() {
   options.policy.allocator =
       AllocatorKind::kUniform;  // one group of layers at a time: its budget is B
   options.layer_group = absl::GetFlag(FLAGS_layer_group);
+  options.per_head = per_head;
   options.max_tokens = absl::GetFlag(FLAGS_max_tokens);
   options.batch = std::max(1, absl::GetFlag(FLAGS_batch));
   options.suppress = loaded->tokenizer->ControlTokens();
@@ -429,6 +472,12 @@ int CalibrateSensitivity() {
   auto result = MeasureSensitivity(*loaded->model, client->get(),
                                    absl::StrCat(loaded->ModelName(), ".probe"), ids, options);
   if (!result.ok()) return Fail(result.status());
+  if (per_head) {
+    // The same refusal as the profile's: no head lost anything at this budget.
+    if (auto d = DemandFromSensitivity(result->kl); !d.ok()) return Fail(d.status());
+    return WriteHeadSensitivity(loaded->model->config(), *result, options.policy,
+                                options.layer_group, out_path);
+  }
   auto demand = DemandFromSensitivity(result->kl);
   if (!demand.ok()) return Fail(demand.status());
   const ModelConfig& c = loaded->model->config();
@@ -484,10 +533,12 @@ int CalibrateSensitivity() {
 
 int Calibrate() {
   const std::string objective = absl::GetFlag(FLAGS_objective);
-  if (objective == "sensitivity") return CalibrateSensitivity();
+  if (objective == "sensitivity" || objective == "head_sensitivity") {
+    return CalibrateSensitivity(objective == "head_sensitivity");
+  }
   if (objective != "k_rho") {
-    return Fail(absl::InvalidArgumentError(
-        absl::StrCat("--objective \"", objective, "\" is not one of k_rho, sensitivity")));
+    return Fail(absl::InvalidArgumentError(absl::StrCat(
+        "--objective \"", objective, "\" is not one of k_rho, sensitivity, head_sensitivity")));
   }
   auto prompts = PromptsFromFlags();
   if (!prompts.ok()) return Fail(prompts.status());

@@ -26,14 +26,16 @@ void LogSoftmax(const float* logits, int n, float* out) {
 
 absl::StatusOr<std::unique_ptr<LayerProbeBackend>> LayerProbeBackend::Open(
     Client* client, const ModelConfig& config, const std::string& model_name, const Policy& policy,
-    const std::vector<int>& first, const std::vector<int>& count) {
-  if (first.size() != count.size() || first.empty()) {
-    return absl::InvalidArgumentError("LayerProbeBackend: first and count differ in length");
+    const std::vector<int>& first, const std::vector<int>& count, const std::vector<int>& head) {
+  if (first.size() != count.size() || first.empty() ||
+      (!head.empty() && head.size() != first.size())) {
+    return absl::InvalidArgumentError("LayerProbeBackend: first, count and head differ in length");
   }
   std::unique_ptr<LayerProbeBackend> b(new LayerProbeBackend());
   b->config_ = config;
   b->first_ = first;
   b->count_ = count;
+  b->head_ = head.empty() ? std::vector<int>(first.size(), -1) : head;
   b->full_ = std::make_unique<FullCacheBackend>(config, static_cast<int>(first.size()));
   for (size_t i = 0; i < first.size(); ++i) {
     if (first[i] < 0 || count[i] < 1 || first[i] + count[i] > config.layers) {
@@ -41,8 +43,18 @@ absl::StatusOr<std::unique_ptr<LayerProbeBackend>> LayerProbeBackend::Open(
                                                      first[i] + count[i], ") outside [0, ",
                                                      config.layers, ")"));
     }
+    const int h = b->head_[i];
+    if (h < -1 || h >= config.kv_heads) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("LayerProbeBackend: kv head ", h, " outside [0, ", config.kv_heads, ")"));
+    }
     ModelConfig part = config;
     part.layers = count[i];
+    if (h >= 0) {  // one KV head and its query group
+      part.q_heads = config.q_heads / config.kv_heads;
+      part.kv_heads = 1;
+      part.embd = part.q_heads * config.head_dim;
+    }
     auto probe = SidecarBackend::Open(client, part, model_name, {policy});
     if (!probe.ok()) return probe.status();
     b->probes_.push_back(*std::move(probe));
@@ -51,18 +63,21 @@ absl::StatusOr<std::unique_ptr<LayerProbeBackend>> LayerProbeBackend::Open(
 }
 
 int LayerProbeBackend::Length(int b, int l, int h) const {
-  return Probed(b, l) ? probes_[static_cast<size_t>(b)]->Length(0, l - first_[b], h)
-                      : full_->Length(b, l, h);
+  return Probed(b, l, h)
+             ? probes_[static_cast<size_t>(b)]->Length(0, l - first_[b], SessionHead(b, h))
+             : full_->Length(b, l, h);
 }
 
 float* LayerProbeBackend::KeyRow(int b, int l, int h, int row) {
-  return Probed(b, l) ? probes_[static_cast<size_t>(b)]->KeyRow(0, l - first_[b], h, row)
-                      : full_->KeyRow(b, l, h, row);
+  return Probed(b, l, h)
+             ? probes_[static_cast<size_t>(b)]->KeyRow(0, l - first_[b], SessionHead(b, h), row)
+             : full_->KeyRow(b, l, h, row);
 }
 
 float* LayerProbeBackend::ValueRow(int b, int l, int h, int row) {
-  return Probed(b, l) ? probes_[static_cast<size_t>(b)]->ValueRow(0, l - first_[b], h, row)
-                      : full_->ValueRow(b, l, h, row);
+  return Probed(b, l, h)
+             ? probes_[static_cast<size_t>(b)]->ValueRow(0, l - first_[b], SessionHead(b, h), row)
+             : full_->ValueRow(b, l, h, row);
 }
 
 absl::Status LayerProbeBackend::BeforeStep(int slot, int64_t step) {
@@ -72,10 +87,27 @@ absl::Status LayerProbeBackend::BeforeStep(int slot, int64_t step) {
 absl::Status LayerProbeBackend::Commit(int slot, int64_t step, const float* keys,
                                        const float* values, const float* queries) {
   if (auto s = full_->Commit(slot, step, keys, values, queries); !s.ok()) return s;
-  const size_t kv =
-      static_cast<size_t>(first_[static_cast<size_t>(slot)]) * config_.kv_heads * config_.head_dim;
-  const size_t q = static_cast<size_t>(first_[static_cast<size_t>(slot)]) * config_.embd;
-  return probes_[static_cast<size_t>(slot)]->Commit(0, step, keys + kv, values + kv, queries + q);
+  const size_t i = static_cast<size_t>(slot);
+  const size_t d = static_cast<size_t>(config_.head_dim),
+               Hkv = static_cast<size_t>(config_.kv_heads);
+  const size_t G = static_cast<size_t>(config_.q_heads) / Hkv;
+  const size_t first = static_cast<size_t>(first_[i]);
+  if (head_[i] < 0) {  // whole layers: the group's rows are contiguous
+    const size_t kv = first * Hkv * d, q = first * Hkv * G * d;
+    return probes_[i]->Commit(0, step, keys + kv, values + kv, queries + q);
+  }
+  // One head per layer: gather its key and value rows and its query group, layer by layer.
+  const size_t h = static_cast<size_t>(head_[i]), n = static_cast<size_t>(count_[i]);
+  keys_.resize(n * d);
+  values_.resize(n * d);
+  queries_.resize(n * G * d);
+  for (size_t l = 0; l < n; ++l) {
+    const size_t kv = ((first + l) * Hkv + h) * d, q = ((first + l) * Hkv + h) * G * d;
+    std::copy_n(keys + kv, d, keys_.data() + l * d);
+    std::copy_n(values + kv, d, values_.data() + l * d);
+    std::copy_n(queries + q, G * d, queries_.data() + l * G * d);
+  }
+  return probes_[i]->Commit(0, step, keys_.data(), values_.data(), queries_.data());
 }
 
 int64_t LayerProbeBackend::events() const {
@@ -113,10 +145,12 @@ absl::StatusOr<SensitivityResult> MeasureSensitivity(
   if (!ref.ok()) return ref.status();
   result.full_seconds = Now() - t0;
 
-  // 2. Every (group, prompt) teacher-forced with that group compressed.
+  // 2. Every (unit, prompt) teacher-forced with that unit compressed: a unit is a group of
+  // layers, or per head one KV head of a group (unit u: group u / H, head u % H).
   std::vector<int> group_first;
   for (int l = 0; l < c.layers; l += options.layer_group) group_first.push_back(l);
-  const int G = static_cast<int>(group_first.size());
+  const int H = options.per_head ? c.kv_heads : 1;
+  const int G = static_cast<int>(group_first.size()) * H;
   std::vector<double> group_kl(static_cast<size_t>(G), 0.0);
   std::vector<int64_t> group_n(static_cast<size_t>(G), 0);
   const int total = G * P;
@@ -124,17 +158,19 @@ absl::StatusOr<SensitivityResult> MeasureSensitivity(
   const double t1 = Now();
   for (int start = 0; start < total; start += batch) {
     const int end = std::min(total, start + batch);
-    std::vector<int> first, count, prompt_of;
+    std::vector<int> first, count, head, prompt_of;
     std::vector<std::vector<int32_t>> seq_prompts, forced;
     for (int s = start; s < end; ++s) {
-      const int g = s / P, p = s % P;
-      first.push_back(group_first[static_cast<size_t>(g)]);
+      const int u = s / P, p = s % P;
+      first.push_back(group_first[static_cast<size_t>(u / H)]);
       count.push_back(std::min(options.layer_group, c.layers - first.back()));
+      head.push_back(options.per_head ? u % H : -1);
       prompt_of.push_back(p);
       seq_prompts.push_back(prompts[static_cast<size_t>(p)]);
       forced.push_back(ref->generated[static_cast<size_t>(p)]);
     }
-    auto backend = LayerProbeBackend::Open(client, c, model_name, options.policy, first, count);
+    auto backend =
+        LayerProbeBackend::Open(client, c, model_name, options.policy, first, count, head);
     if (!backend.ok()) return backend.status();
     std::vector<double> kl(static_cast<size_t>(end - start), 0.0);
     std::vector<int64_t> n(static_cast<size_t>(end - start), 0);
@@ -164,17 +200,18 @@ absl::StatusOr<SensitivityResult> MeasureSensitivity(
     }
   }
   result.probe_seconds = Now() - t1;
-  result.kl.assign(static_cast<size_t>(c.layers), 0.0);
-  result.positions.assign(static_cast<size_t>(c.layers), 0);
-  for (int g = 0; g < G; ++g) {
-    const double mean = group_n[static_cast<size_t>(g)] > 0
-                            ? group_kl[static_cast<size_t>(g)] /
-                                  static_cast<double>(group_n[static_cast<size_t>(g)])
+  result.kl.assign(static_cast<size_t>(c.layers) * H, 0.0);
+  result.positions.assign(static_cast<size_t>(c.layers) * H, 0);
+  for (int u = 0; u < G; ++u) {
+    const double mean = group_n[static_cast<size_t>(u)] > 0
+                            ? group_kl[static_cast<size_t>(u)] /
+                                  static_cast<double>(group_n[static_cast<size_t>(u)])
                             : 0.0;
-    const int f = group_first[static_cast<size_t>(g)];
+    const int f = group_first[static_cast<size_t>(u / H)];
     for (int l = f; l < std::min(c.layers, f + options.layer_group); ++l) {
-      result.kl[static_cast<size_t>(l)] = mean;
-      result.positions[static_cast<size_t>(l)] = group_n[static_cast<size_t>(g)];
+      const size_t e = static_cast<size_t>(l) * H + static_cast<size_t>(u % H);
+      result.kl[e] = mean;
+      result.positions[e] = group_n[static_cast<size_t>(u)];
     }
   }
   return result;

@@ -7,6 +7,10 @@
 // layers and every prompt, the trajectory is replayed teacher-forced with that group's KV held in
 // a sidecar session (the policy under test, at its budget) and the other layers in process memory;
 // the group's sensitivity is the mean KL(full ‖ compressed) per generated token.
+//
+// Per head (SensitivityOptions::per_head): the same with one KV head of the group compressed and
+// every other head, of that layer too, keeping its full cache; the sidecar session then holds the
+// group's layers with one KV head each (and that head's query group).
 #ifndef REASONALLOC_WORKER_SENSITIVITY_H_
 #define REASONALLOC_WORKER_SENSITIVITY_H_
 
@@ -23,12 +27,15 @@
 namespace reasonalloc::worker {
 
 // A KV backend whose sequence b keeps layers [first[b], first[b] + count[b]) in a sidecar session
-// (of that many layers) and every other layer in a full cache.
+// (of that many layers) and every other layer in a full cache. With `head` (one entry per
+// sequence), only KV head head[b] of those layers goes to the sidecar (a session of one KV head
+// per layer) and the other heads stay in the full cache; head[b] = -1 probes every head.
 class LayerProbeBackend : public KvBackend {
  public:
   static absl::StatusOr<std::unique_ptr<LayerProbeBackend>> Open(
       Client* client, const ModelConfig& config, const std::string& model_name,
-      const Policy& policy, const std::vector<int>& first, const std::vector<int>& count);
+      const Policy& policy, const std::vector<int>& first, const std::vector<int>& count,
+      const std::vector<int>& head = {});
   int Length(int b, int l, int h) const override;
   float* KeyRow(int b, int l, int h, int row) override;
   float* ValueRow(int b, int l, int h, int row) override;
@@ -40,27 +47,33 @@ class LayerProbeBackend : public KvBackend {
 
  private:
   LayerProbeBackend() = default;
-  bool Probed(int b, int l) const {
+  bool Probed(int b, int l, int h) const {
     const size_t i = static_cast<size_t>(b);
-    return l >= first_[i] && l < first_[i] + count_[i];
+    return l >= first_[i] && l < first_[i] + count_[i] && (head_[i] < 0 || h == head_[i]);
   }
+  // The probed head's index in its sequence's session.
+  int SessionHead(int b, int h) const { return head_[static_cast<size_t>(b)] < 0 ? h : 0; }
   ModelConfig config_;
   std::unique_ptr<FullCacheBackend> full_;
   std::vector<std::unique_ptr<SidecarBackend>> probes_;  // one single-sequence backend per slot
-  std::vector<int> first_, count_;
+  std::vector<int> first_, count_, head_;
+  std::vector<float> keys_, values_, queries_;  // one head's rows gathered for its session
 };
 
 struct SensitivityOptions {
   Policy policy;                  // the compression applied to the probed layers
   int layer_group = 1;            // layers probed together
+  bool per_head = false;          // probe each KV head of each group alone
   int max_tokens = 256;           // generated tokens per probe prompt
   int batch = 32;                 // sequences (group × prompt) decoded together
   std::vector<int32_t> suppress;  // tokens never chosen (the control tokens)
 };
 
 struct SensitivityResult {
-  std::vector<double> kl;          // [L] mean KL per generated token when its group is compressed
-  std::vector<int64_t> positions;  // [L] positions behind each entry
+  // [L] mean KL per generated token when its group is compressed; per head: [L * Hkv], entry
+  // l * Hkv + h when head h of l's group is compressed alone.
+  std::vector<double> kl;
+  std::vector<int64_t> positions;  // positions behind each entry
   double full_seconds = 0, probe_seconds = 0;
   int64_t events = 0;
 };

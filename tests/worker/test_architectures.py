@@ -23,6 +23,7 @@ scales, since gguf does not quantise k-quants).
 Binaries come from REASONALLOC_WORKER_BINARY, REASONALLOC_GGUF_DEQUANT_TOOL,
 REASONALLOC_SERVER_BINARY and REASONALLOC_CLIENT_BINARY (set by ctest).
 """
+import csv
 import json
 import os
 import re
@@ -401,6 +402,56 @@ def test_sensitivity_calibration_measures_each_layer_alone(tmp_path):
         server.wait(timeout=10)
 
 
+def test_head_sensitivity_measures_each_kv_head_alone(tmp_path):
+    """calibrate --objective head_sensitivity: one row per (layer, KV head), each head compressed
+    alone while the other head of its layer keeps its full cache; positive at a small budget,
+    deterministic, different between the heads of a layer; a budget holding the whole trajectory
+    is refused."""
+    model = write_model(tmp_path / "heads.gguf", "llama-untied", "F32", seed=21)
+    prompts = tmp_path / "probes.txt"
+    prompts.write_text("the the a in\nhe in the a the\n")
+    profiles = tmp_path / "profiles"
+    profiles.mkdir()
+    server, target = start_server(tmp_path, profiles)
+    try:
+        common = ["calibrate", "--objective=head_sensitivity", f"--model={model}",
+                  f"--target={target}", f"--prompts={prompts}", "--max_tokens=48",
+                  "--scorer=rkv", "--buffer=8", "--budget=12"]
+        out = tmp_path / "heads.csv"
+        p = subprocess.run([WORKER, *common, f"--out={out}"], capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        print(p.stdout)
+        rows = list(csv.DictReader(out.read_text().splitlines()))
+        assert [(int(r["layer"]), int(r["head"])) for r in rows] == \
+            [(l, h) for l in range(LAYERS) for h in range(HKV)], rows
+        kl = [float(r["kl_per_token"]) for r in rows]
+        assert all(k > 0 for k in kl), rows
+        assert all(int(r["positions"]) == 2 * 48 for r in rows), rows
+        for l in range(LAYERS):
+            pair = kl[l * HKV:(l + 1) * HKV]
+            assert max(pair) > min(pair), rows  # the heads are probed apart
+            rel = [float(r["relative_to_layer"]) for r in rows[l * HKV:(l + 1) * HKV]]
+            assert abs(sum(rel) / HKV - 1) < 1e-6, rows
+        again = subprocess.run([WORKER, *common, f"--out={tmp_path / 'again.csv'}"],
+                               capture_output=True, text=True)
+        assert again.returncode == 0 and (tmp_path / "again.csv").read_text() == out.read_text()
+        # One head's loss is not the whole layer's: the layer objective on the same budget
+        # measures something else (both layers' heads at once).
+        layer = subprocess.run([WORKER, *common[:1], "--objective=sensitivity", *common[2:],
+                                f"--out={tmp_path / 'layer.json'}"], capture_output=True, text=True)
+        assert layer.returncode == 0, layer.stderr
+        layer_kl = [float(line.split()[1]) for line in layer.stdout.splitlines()
+                    if line.strip() and line.split()[0].isdigit()]
+        assert len(layer_kl) == LAYERS and all(
+            layer_kl[l] not in kl[l * HKV:(l + 1) * HKV] for l in range(LAYERS)), (layer_kl, kl)
+        none = subprocess.run([WORKER, *common, "--budget=200", f"--out={tmp_path / 'n.csv'}"],
+                              capture_output=True, text=True)
+        assert none.returncode != 0 and "loses anything" in none.stderr, none.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def test_the_policy_report_runs_on_your_own_file(tmp_path):
     """bench/policy_report.py end to end on a synthetic model: a sensitivity profile from the
     probe prompts, the probe grid over every scorer and allocator, the picks per budget checked on
@@ -434,21 +485,40 @@ def test_the_policy_report_runs_on_your_own_file(tmp_path):
     assert len(verdicts) == 2 * 2 * 2, same  # 2 budgets x 2 scorers x (layer, full)
     assert all(re.search(r"(worse|better|not separated) \|$", l) for l in verdicts), same
     assert "Long-range recall" not in report, report
-    # The default held-out grid: the picks, and per scorer its uniform and best reasonalloc policy.
+    # (The default recency variant, +r16, is more than half of budget 12: left out, said so.)
+    assert "--recent 16: left out" in p.stdout and "+r16" not in report, p.stdout[-2000:]
+    # The default held-out grid: the picks, and per scorer its uniform and best reasonalloc policy
+    # (with the uniform policy of the same knobs); recency variants (+r10) among the candidates,
+    # one no larger than the window (8) left out.
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
-                        f"--model={model}", "--budgets=12,16", f"--probe_prompts={probes}",
+                        f"--model={model}", "--budgets=20,24", f"--probe_prompts={probes}",
                         f"--heldout_prompts={heldout}", "--probe_tokens=40", "--heldout_tokens=40",
-                        "--scorers=streaming,rkv", "--recall_tasks=0",
+                        "--scorers=streaming,rkv", "--recall_tasks=0", "--recent=4,10",
                         f"--sensitivity_profile={out / 'sensitivity_profile.json'}",
                         f"--out={tmp_path / 'picks'}"], capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    held = next(x for x in (tmp_path / "picks" / "policy_report.md").read_text().split("\n## ")
-                if x.startswith("Held-out KL"))
+    assert "--recent 4: left out" in p.stdout, p.stdout[-2000:]
+    report = (tmp_path / "picks" / "policy_report.md").read_text()
+    sections = report.split("\n## ")
+    probe_rows = [l.split(" | ")[0][2:] for l in next(
+        x for x in sections if x.startswith("Probe KL")).splitlines() if l.startswith("| ") and
+        "." in l.split(" | ")[1]]
+    # 8 policies without recency; rkv's 4 again with +r10 (streaming keeps the most recent already).
+    assert len(probe_rows) == 8 + 4 and "rkv/uniform+r10" in probe_rows, probe_rows
+    assert "rkv/reasonalloc-full+r10@rep.sensitivity" in probe_rows, probe_rows
+    assert not any(r.startswith("streaming") and "+r" in r for r in probe_rows), probe_rows
+    held = next(x for x in sections if x.startswith("Held-out KL"))
     rows = [l.split(" | ")[0][2:] for l in held.splitlines() if l.startswith("| ") and "[" in l]
     for scorer in ("streaming", "rkv"):
         assert f"{scorer}/uniform" in rows, held
         assert any(r.startswith(f"{scorer}/reasonalloc") for r in rows), held
-    assert len(rows) < 8, held
+    assert len(rows) < len(probe_rows), held
+    # A reasonalloc policy is paired with the uniform allocator of its scorer and knobs.
+    same = next(x for x in sections if x.startswith("Every reasonalloc"))
+    for line in (l for l in same.splitlines() if l.startswith("| 2")):
+        policy, against = line.split(" | ")[1:3]
+        knobs = policy.split("@")[0].split("/")[1].partition("+")[2]
+        assert against == policy.split("/")[0] + "/uniform" + ("+" + knobs if knobs else ""), line
     # --reuse rewrites the report from the grids already there, running none.
     first = (out / "policy_report.md").read_text()
     p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
