@@ -131,6 +131,9 @@ def main():
     ap.add_argument("--layer_group", type=int, default=1,
                     help="layers compressed together by the sensitivity calibration (a larger "
                          "model in less time: each group's cost is shared by its layers)")
+    ap.add_argument("--profiles", default="deploy/profiles",
+                    help="layer profiles the private sidecar starts with (the model's k_ρ wave "
+                         "is read from here)")
     ap.add_argument("--sensitivity_profile", default="",
                     help="a sensitivity profile calibrated before (skips step 1)")
     ap.add_argument("--group", type=int, default=4, help="configurations decoded together")
@@ -177,7 +180,7 @@ def main():
     recall = None
     with tempfile.TemporaryDirectory(prefix="reasonalloc-policy-") as tmp:
         profiles = os.path.join(tmp, "profiles")
-        shutil.copytree(os.path.join(ROOT, "deploy/profiles"), profiles)
+        shutil.copytree(os.path.join(ROOT, a.profiles), profiles)
         sock = os.path.join(tmp, "s.sock")
         target = f"unix://{sock}"
         server = subprocess.Popen([os.path.join(a.build, "server/reasonalloc-server"),
@@ -222,8 +225,10 @@ def main():
             sensitivity = profile["name"] = f"{model}.sensitivity"
             with open(sens_json, "w") as f:
                 json.dump(profile, f, indent=1)
+            # --overwrite: this report's profile replaces one of the same name shipped in
+            # deploy/profiles (the private sidecar's copy of it), as the report measured it.
             run([os.path.join(a.build, "client/reasonalloc"), "put-profile", f"--target={target}",
-                 sens_json])
+                 "--overwrite", sens_json])
             wave_json = os.path.join(profiles, f"{model}.json")
             has_wave = os.path.exists(wave_json)
             wave = json.load(open(wave_json)) if has_wave else None

@@ -533,6 +533,21 @@ def test_the_policy_report_runs_on_your_own_file(tmp_path):
     assert again.split("## Probe KL")[1] == first.split("## Probe KL")[1]
     profile = json.loads((out / "sensitivity_profile.json").read_text())
     assert profile["name"] == "rep.sensitivity" and len(profile["demand"]) == LAYERS
+    # A profile of the same name already in the profile directory (as deploy/profiles ships one
+    # for the reference model) is replaced by the one this report measures.
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "rep.sensitivity.json").write_text(json.dumps(
+        dict(profile, demand=[2.0] + [0.0] * (LAYERS - 1), provenance="shipped")))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
+                        f"--model={model}", "--budgets=12", f"--probe_prompts={probes}",
+                        f"--heldout_prompts={heldout}", "--probe_tokens=40", "--heldout_tokens=40",
+                        "--sensitivity_budget=12", "--scorers=rkv", "--recall_tasks=0",
+                        f"--profiles={shipped}", f"--out={tmp_path / 'shipped-out'}"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    measured = json.loads((tmp_path / "shipped-out" / "sensitivity_profile.json").read_text())
+    assert measured["provenance"] != "shipped" and measured["demand"] == profile["demand"]
     # The reduced run for a larger model: --quick's smaller grid (a flag given still wins), the
     # first probe prompt only, layers calibrated in groups of two.
     small = tmp_path / "small"
