@@ -228,20 +228,29 @@ def main():
     layers = list(csv.DictReader(open(os.path.join(out, "fidelity_layers.csv"))))
     fig, ax = plt.subplots(figsize=(9, 5))
     L = len(wave) if wave else 1 + max((int(r["layer"]) for r in layers), default=0)
-    for budget in budgets:
-        per = defaultdict(list)
-        for r in layers:
-            if r["policy"] == "rkv/reasonalloc-full" and int(r["budget"]) == budget and \
-                    int(r["delta"]) == delta_main:
-                per[int(r["layer"])].append(float(r["layer_budget"]))
-        if per:
-            ax.plot(range(L), [np.mean(per[l]) / budget for l in range(L)], marker=".",
-                    label=f"reasonalloc (full) budget {budget}: layer budget / B")
+    # Every reasonalloc policy's layer budgets, averaged per (profile, budget) over its scorers
+    # and modes (the layer profile sets them; head routing and the scorer move them a little).
+    per = defaultdict(lambda: defaultdict(list))  # (profile, budget) -> layer -> budgets
+    names = defaultdict(set)
+    for r in layers:
+        if "/reasonalloc" in r["policy"] and int(r["delta"]) == delta_main:
+            profile = r["policy"].partition("@")[2] or "the model's k_ρ wave"
+            key = (profile, int(r["budget"]))
+            per[key][int(r["layer"])].append(float(r["layer_budget"]))
+            names[key].add(r["policy"])
+    for (profile, budget), by_layer in sorted(per.items()):
+        ax.plot(range(L), [np.mean(by_layer[l]) / budget for l in range(L)], marker=".",
+                label=f"reasonalloc on {profile}, budget {budget}: layer budget / B "
+                      f"({len(names[(profile, budget)])} policies)")
     if wave:
         ax.plot(range(L), wave, "k--", linewidth=2, label="Reasoning Wave: demand D (mean 1)")
+    if not per and not wave:
+        plt.close(fig)
+        return
     ax.set_xlabel("layer")
     ax.set_ylabel("relative to the mean")
-    ax.set_title("Per-layer budgets of reasonalloc (after the last event) against the calibrated wave")
+    ax.set_title("Per-layer budgets of reasonalloc (after the last event)" +
+                 (" against the calibrated wave" if wave else ""))
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

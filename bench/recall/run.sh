@@ -6,6 +6,8 @@
 #   bench/recall/run.sh [BUILD_DIR] [extra recall flags...]
 # Needs scripts/setup and a build (cmake --build BUILD_DIR --target recall reasonalloc-server).
 # Quick rerun: --max_tasks 12 --budgets 64 (about a tenth of the default grid).
+# EXTRA_PROFILES: layer profile JSON files (space-separated) the sidecar loads beside
+# deploy/profiles, e.g. a sensitivity profile a policy report measured.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build=${1:-$root/build}
@@ -20,8 +22,11 @@ cleanup() {
 trap cleanup EXIT
 "$root/.venv/bin/python" "$root/bench/recall/tasks.py" --seed "${RECALL_SEED:-1}" \
   --count "${RECALL_TASKS:-48}" --out "$work/tasks.tsv"
+mkdir "$work/profiles"
+cp "$root"/deploy/profiles/*.json "$work/profiles/"
+for f in ${EXTRA_PROFILES:-}; do cp "$f" "$work/profiles/"; done
 "$build/server/reasonalloc-server" --listen "unix://$work/s.sock" --metrics_address 127.0.0.1:0 \
-  --profile_dir "$root/deploy/profiles" --max_arena_bytes $((8 << 30)) 2>"$work/server.log" &
+  --profile_dir "$work/profiles" --max_arena_bytes $((8 << 30)) 2>"$work/server.log" &
 pid=$!
 for _ in $(seq 200); do
   "$build/client/reasonalloc" health --target "unix://$work/s.sock" >/dev/null 2>&1 && break

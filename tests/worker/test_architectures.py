@@ -447,6 +447,18 @@ def test_head_sensitivity_measures_each_kv_head_alone(tmp_path):
         none = subprocess.run([WORKER, *common, "--budget=200", f"--out={tmp_path / 'n.csv'}"],
                               capture_output=True, text=True)
         assert none.returncode != 0 and "loses anything" in none.stderr, none.stderr
+        # The analysis: per-layer spread and the between/within-layer split of the variance.
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/head_sensitivity.py"),
+                            str(out), f"--out={tmp_path / 'analysis'}"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        md = (tmp_path / "analysis" / "head_sensitivity.md").read_text()
+        logkl = np.log(np.array(kl).reshape(LAYERS, HKV))
+        within = ((logkl - logkl.mean(axis=1, keepdims=True)) ** 2).sum() / \
+            ((logkl - logkl.mean()) ** 2).sum()
+        assert f"{100 * within:.0f} % within layers" in md, md
+        assert len([l for l in md.splitlines() if re.match(r"\| \d+ \|", l)]) == LAYERS, md
+        assert (tmp_path / "analysis" / "head_sensitivity.png").stat().st_size > 0
     finally:
         server.terminate()
         server.wait(timeout=10)

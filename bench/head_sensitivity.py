@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Does a per-head profile have anything to add to the measured layer profile?
+
+  .venv/bin/python bench/head_sensitivity.py HEADS.csv [--routing DIR/fidelity_heads.csv
+      --policy NAME --budget B] [--out DIR]
+
+HEADS.csv is `reasonalloc-worker calibrate --objective head_sensitivity`'s output: each KV head's
+KL cost per token when it alone is compressed. This reports
+- how unequal the heads of one layer are: per layer, the top head's share of the layer's summed
+  head KL (1/H when the heads are alike) and max/min;
+- how much of the spread across all heads lies between layers (what the layer profile already
+  allocates by) and how much within layers (what only a per-head share could use): the variance
+  of log KL split into its between-layer and within-layer parts;
+- with --routing (a fidelity grid's fidelity_heads.csv): how the online head routing of one
+  policy shares each layer's budget among its heads (its spread from an equal share) and whether
+  it gives more to the heads whose compression costs more (rank correlation of the within-layer
+  shares over every head).
+Writes OUT/head_sensitivity.md and OUT/head_sensitivity.png (per-head KL by layer).
+"""
+import argparse
+import csv
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+
+def spearman(x, y):
+    rx = np.argsort(np.argsort(x)).astype(np.float64)
+    ry = np.argsort(np.argsort(y)).astype(np.float64)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("heads")
+    ap.add_argument("--routing", default="", help="a fidelity grid's fidelity_heads.csv")
+    ap.add_argument("--policy", default="", help="the routing policy's name in that file")
+    ap.add_argument("--budget", type=int, default=0, help="its budget in that file")
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    out = a.out or os.path.dirname(os.path.abspath(a.heads))
+    os.makedirs(out, exist_ok=True)
+
+    kl = {}
+    for r in csv.DictReader(open(a.heads)):
+        kl[(int(r["layer"]), int(r["head"]))] = float(r["kl_per_token"])
+    if not kl:
+        sys.exit(f"{a.heads}: no rows")
+    L = max(l for l, _ in kl) + 1
+    H = max(h for _, h in kl) + 1
+    if len(kl) != L * H:
+        sys.exit(f"{a.heads}: {len(kl)} rows, expected {L} layers x {H} heads")
+    m = np.array([[kl[(l, h)] for h in range(H)] for l in range(L)])
+    if (m <= 0).any():
+        sys.exit(f"{a.heads}: a head's KL is not positive (no eviction at this budget?)")
+
+    share = m / m.sum(axis=1, keepdims=True)
+    top = share.max(axis=1)
+    ratio = m.max(axis=1) / m.min(axis=1)
+    logm = np.log(m)
+    total = ((logm - logm.mean()) ** 2).sum()
+    within = ((logm - logm.mean(axis=1, keepdims=True)) ** 2).sum()
+    lines = [f"# Per-head sensitivity: {os.path.basename(a.heads)}\n",
+             f"{L} layers x {H} KV heads, each head compressed alone. Variance of log KL over the "
+             f"{L * H} heads: {100 * (1 - within / total):.0f} % between layers (the layer profile "
+             f"allocates by it), {100 * within / total:.0f} % within layers (only a per-head share "
+             f"could use it). Top head's share of its layer's summed head KL: median "
+             f"{np.median(top):.2f}, max {top.max():.2f} (equal heads: {1 / H:.2f}); max/min "
+             f"within a layer: median {np.median(ratio):.1f}, max {ratio.max():.1f}.\n",
+             "| layer | " + " | ".join(f"KL head {h}" for h in range(H)) +
+             " | top share | max/min |",
+             "|---" * (H + 3) + "|"]
+    for l in range(L):
+        lines.append(f"| {l} | " + " | ".join(f"{v:.5f}" for v in m[l]) +
+                     f" | {top[l]:.2f} | {ratio[l]:.1f} |")
+
+    if a.routing:
+        budgets = defaultdict(list)
+        for r in csv.DictReader(open(a.routing)):
+            if r["policy"] == a.policy and (not a.budget or int(r["budget"]) == a.budget):
+                budgets[(int(r["layer"]), int(r["head"]))].append(float(r["mean_budget"]))
+        if len(budgets) != L * H:
+            sys.exit(f"{a.routing}: {a.policy} at budget {a.budget}: {len(budgets)} heads with "
+                     f"routing rows, expected {L * H}")
+        b = np.array([[np.mean(budgets[(l, h)]) for h in range(H)] for l in range(L)])
+        bshare = b / b.sum(axis=1, keepdims=True)
+        spread = np.abs(bshare - 1 / H).mean()
+        rho = spearman((bshare - 1 / H).ravel(), (share - 1 / H).ravel())
+        prompts = len(next(iter(budgets.values())))
+        lines += [f"\n## Online head routing: {a.policy} at budget {a.budget}\n",
+                  f"Each head's budget averaged over the events and the {prompts} prompts "
+                  f"(`{os.path.basename(a.routing)}`). Mean distance of a head's share of its "
+                  f"layer's budget from an equal share: {spread:.3f} (sensitivity shares: "
+                  f"{np.abs(share - 1 / H).mean():.3f}). Rank correlation between the routing "
+                  f"share and the sensitivity share over the {L * H} heads: {rho:+.2f}.\n",
+                  "| layer | " + " | ".join(f"budget share head {h}" for h in range(H)) + " | " +
+                  " | ".join(f"KL share head {h}" for h in range(H)) + " |",
+                  "|---" * (2 * H + 1) + "|"]
+        for l in range(L):
+            lines.append(f"| {l} | " + " | ".join(f"{v:.2f}" for v in bshare[l]) + " | " +
+                         " | ".join(f"{v:.2f}" for v in share[l]) + " |")
+
+    text = "\n".join(lines) + "\n"
+    open(os.path.join(out, "head_sensitivity.md"), "w").write(text)
+    print(text)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 4))
+    x = np.arange(L)
+    w = 0.8 / H
+    for h in range(H):
+        ax.bar(x + (h - (H - 1) / 2) * w, m[:, h], w, label=f"KV head {h}")
+    ax.set_yscale("log")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("KL per token, this head alone compressed")
+    ax.set_title("Per-head sensitivity")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "head_sensitivity.png"), dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
