@@ -109,11 +109,15 @@ def main():
             d, lo, hi = paired_interval(v, base)
             lines.append(f"| {b} | {best} | {s['policy']} | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
 
-    # Each hierarchical policy against the uniform allocator with its own scorer.
+    # Each hierarchical policy against the uniform allocator with its own scorer, and its own
+    # knobs (+sN, +rN, +lX) where that policy ran, else the scorer's plain uniform policy.
     same = []
     for s_ in summary:
-        scorer, rest = s_["policy"].split("/", 1)
-        base_name = f"{scorer}/uniform"
+        scorer, rest = s_["policy"].split("@")[0].split("/", 1)
+        knobs = rest[rest.index("+"):] if "+" in rest else ""
+        base_name = f"{scorer}/uniform{knobs}"
+        if (base_name, s_["budget"]) not in grid:
+            base_name = f"{scorer}/uniform"
         if rest.startswith("uniform") or (base_name, s_["budget"]) not in grid:
             continue
         base_v = grid[(base_name, s_["budget"])]
@@ -124,7 +128,8 @@ def main():
         same.append(f"| {s_['budget']} | {s_['policy']} | {base_name} | "
                     f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
     if same:
-        lines.append("\nAgainst the uniform allocator with the same scorer (paired over tasks):\n")
+        lines.append("\nAgainst the uniform allocator with the same scorer and knobs (paired over "
+                     "tasks):\n")
         lines += ["| budget | policy | uniform | difference |", "|---|---|---|---|", *same]
 
     with open(os.path.join(out, "recall.md"), "w") as f:

@@ -136,3 +136,34 @@ def test_the_benchmark_end_to_end(tmp_path):
     table = [l for l in (tmp_path / "recall.md").read_text().splitlines()
              if l.startswith("| streaming/uniform |")]
     assert len(table) == 1 and "0.00 [0.00, 0.00]" in table[0], table
+
+
+def test_the_report_pairs_a_hierarchical_policy_with_the_uniform_one_of_its_knobs(tmp_path):
+    """A reasonalloc policy with recency (+r16) is paired with its scorer's uniform policy with the
+    same recency where that ran, and with the plain uniform policy where it did not."""
+    fields = ["policy", "budget", "task", "kind", "distance", "correct", "answer", "text"]
+    rows = []
+    for t in range(6):
+        rows.append({"policy": "full", "budget": 0, "task": f"t{t}", "kind": "passkey",
+                     "distance": 600, "correct": 1, "answer": "4711", "text": "4711"})
+    answers = {"h2o/uniform": [1, 1, 1, 1, 0, 0], "h2o/uniform+r16": [0, 0, 0, 0, 0, 0],
+               "h2o/reasonalloc-layer+r16@m.sensitivity": [1, 1, 1, 1, 0, 0],
+               "rkv/uniform": [0, 0, 0, 0, 0, 0], "rkv/reasonalloc-full+r16@m.sensitivity":
+               [1, 1, 0, 0, 0, 0]}
+    for policy, correct in answers.items():
+        for t, c in enumerate(correct):
+            rows.append({"policy": policy, "budget": 256, "task": f"t{t}", "kind": "passkey",
+                         "distance": 600, "correct": c, "answer": "4711",
+                         "text": "4711" if c else "no"})
+    with open(tmp_path / "recall_runs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    (tmp_path / "recall_meta.json").write_text(
+        '{"model": "m", "tasks": 6, "answer_tokens": 12, "grid_seconds": 1, '
+        '"full_cache_seconds": 1}')
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "recall", "report.py"),
+                    str(tmp_path)], check=True, capture_output=True)
+    same = (tmp_path / "recall.md").read_text().split("same scorer and knobs")[1]
+    assert "| 256 | h2o/reasonalloc-layer+r16@m.sensitivity | h2o/uniform+r16 | +0.67" in same, same
+    assert "| 256 | rkv/reasonalloc-full+r16@m.sensitivity | rkv/uniform | +0.33" in same, same
