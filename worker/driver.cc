@@ -162,6 +162,8 @@ absl::StatusOr<std::unique_ptr<SidecarBackend>> SidecarBackend::Open(
   }
   backend->slot_events_.assign(policies.size(), 0);
   backend->slot_seconds_.assign(policies.size(), 0.0);
+  backend->head_budget_sums_.assign(
+      policies.size(), std::vector<double>(static_cast<size_t>(config.layers) * config.kv_heads));
   backend->last_contact_.assign(policies.size(), Now());
   return backend;
 }
@@ -208,6 +210,12 @@ absl::Status SidecarBackend::BeforeStep(int slot, int64_t step) {
   }
   ++events_;
   ++slot_events_[static_cast<size_t>(slot)];
+  std::vector<double>& sums = head_budget_sums_[i];
+  for (int l = 0; l < config_.layers; ++l) {
+    for (int h = 0; h < config_.kv_heads; ++h) {
+      sums[static_cast<size_t>(l) * config_.kv_heads + h] += view.budget(l, h);
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -223,6 +231,15 @@ int64_t SidecarBackend::Bytes(int slot) const {
     for (int h = 0; h < config_.kv_heads; ++h) rows += view.length(l, h);
   }
   return rows * config_.head_dim * 2 * static_cast<int64_t>(sizeof(float));
+}
+
+std::vector<double> SidecarBackend::HeadBudgets(int slot) const {
+  const size_t i = static_cast<size_t>(slot);
+  std::vector<double> out = head_budget_sums_[i];
+  if (slot_events_[i] > 0) {
+    for (double& v : out) v /= static_cast<double>(slot_events_[i]);
+  }
+  return out;
 }
 
 std::vector<double> SidecarBackend::LayerBudgets(int slot) const {

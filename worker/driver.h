@@ -109,6 +109,9 @@ class SidecarBackend : public KvBackend {
 
   // Per-layer mean budget of sequence `slot` after its last event.
   std::vector<double> LayerBudgets(int slot) const;
+  // [L * Hkv] each head's budget of sequence `slot`, averaged over its events (entry l * Hkv + h;
+  // all zero before the first event): how head routing shares a layer's budget.
+  std::vector<double> HeadBudgets(int slot) const;
   int64_t events() const { return events_; }
   double compress_seconds() const { return compress_seconds_; }
   // The same for sequence `slot` alone.
@@ -125,6 +128,7 @@ class SidecarBackend : public KvBackend {
   double compress_seconds_ = 0;
   std::vector<int64_t> slot_events_;
   std::vector<double> slot_seconds_;
+  std::vector<std::vector<double>> head_budget_sums_;  // per slot, [L * Hkv] over its events
   std::vector<double> last_contact_;  // Now() of each session's last Compress or KeepAlive
 };
 

@@ -11,7 +11,9 @@
 // 3. Optionally (--free_running_budgets) free-running greedy decodes, compared position by
 //    position with the full trajectory.
 // Output (--out_dir): fidelity_runs.csv (one row per configuration and prompt),
-// fidelity_layers.csv (final per-layer budgets), fidelity_meta.json; bench/fidelity/report.py
+// fidelity_layers.csv (final per-layer budgets), fidelity_heads.csv (each head's budget averaged
+// over the events, for sequences whose heads of one layer were given different budgets: head
+// routing), fidelity_meta.json; bench/fidelity/report.py
 // turns them into the table and plots.
 #include <algorithm>
 #include <chrono>
@@ -222,6 +224,8 @@ int Main(int argc, char** argv) {
           "top1,first_divergence,free_agreement,peak_kv_bytes,full_kv_bytes,events,compress_s,"
           "kl_top5_share\n";
   layers << "policy,budget,delta,prompt,layer,layer_budget\n";
+  std::ofstream heads(out_dir + "/fidelity_heads.csv");
+  heads << "policy,budget,delta,prompt,layer,head,mean_budget\n";
   const double t_grid = Now();
   int64_t grid_steps = 0;
   const int group = std::max(1, absl::GetFlag(FLAGS_group));
@@ -326,10 +330,19 @@ int Main(int argc, char** argv) {
             layers << name << "," << c.policy.budget << "," << c.policy.buffer << "," << b << ","
                    << l << "," << lb[l] << "\n";
           }
+          const auto hb = (*backend)->HeadBudgets(static_cast<int>(s));
+          const size_t H = static_cast<size_t>(mc.kv_heads);
+          bool routed = false;
+          for (size_t e = 0; e < hb.size() && !routed; ++e) routed = hb[e] != hb[e - e % H];
+          for (size_t e = 0; routed && e < hb.size(); ++e) {
+            heads << name << "," << c.policy.budget << "," << c.policy.buffer << "," << b << ","
+                  << e / H << "," << e % H << "," << hb[e] << "\n";
+          }
         }
       }
       runs.flush();
       layers.flush();
+      heads.flush();
     }
   }
   const double grid_s = Now() - t_grid;

@@ -30,6 +30,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -497,6 +498,16 @@ def test_the_policy_report_runs_on_your_own_file(tmp_path):
     assert len(verdicts) == 2 * 2 * 2, same  # 2 budgets x 2 scorers x (layer, full)
     assert all(re.search(r"(worse|better|not separated) \|$", l) for l in verdicts), same
     assert "Long-range recall" not in report, report
+    # Head routing's per-head budgets (averaged over events) are written for the sequences whose
+    # heads of a layer got different budgets: only allocators that route heads appear.
+    heads = list(csv.DictReader(open(out / "probe" / "fidelity_heads.csv")))
+    assert heads, "no sequence's heads were routed apart"
+    assert all(r["policy"].split("@")[0].split("/")[1] in ("adakv", "reasonalloc-full")
+               for r in heads), {r["policy"] for r in heads}
+    groups = defaultdict(list)
+    for r in heads:
+        groups[(r["policy"], r["budget"], r["prompt"])].append(float(r["mean_budget"]))
+    assert all(len(v) == LAYERS * HKV and min(v) > 0 for v in groups.values()), groups
     # (The default recency variant, +r16, is more than half of budget 12: left out, said so.)
     assert "--recent 16: left out" in p.stdout and "+r16" not in report, p.stdout[-2000:]
     # The default held-out grid: the picks, and per scorer its uniform and best reasonalloc policy
