@@ -39,9 +39,12 @@ def main():
     ap.add_argument("heads")
     ap.add_argument("--routing", default="", help="a fidelity grid's fidelity_heads.csv")
     ap.add_argument("--policy", default="", help="the routing policy's name in that file")
-    ap.add_argument("--budget", type=int, default=0, help="its budget in that file")
+    ap.add_argument("--budget", type=int, default=0,
+                    help="its budget in that file (0: every budget the policy ran at, pooled)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if a.routing and not a.policy:
+        ap.error("--routing needs --policy (the routing policy's name in that file)")
     out = a.out or os.path.dirname(os.path.abspath(a.heads))
     os.makedirs(out, exist_ok=True)
 
@@ -55,18 +58,26 @@ def main():
     if len(kl) != L * H:
         sys.exit(f"{a.heads}: {len(kl)} rows, expected {L} layers x {H} heads")
     m = np.array([[kl[(l, h)] for h in range(H)] for l in range(L)])
-    if (m <= 0).any():
-        sys.exit(f"{a.heads}: a head's KL is not positive (no eviction at this budget?)")
+    if (m < 0).any() or not np.isfinite(m).all():
+        sys.exit(f"{a.heads}: a head's KL is negative or not finite")
+    if not (m.sum(axis=1) > 0).any():
+        sys.exit(f"{a.heads}: no head loses anything (no eviction at this budget?)")
 
-    share = m / m.sum(axis=1, keepdims=True)
-    top = share.max(axis=1)
-    ratio = m.max(axis=1) / m.min(axis=1)
-    logm = np.log(m)
+    # Layers whose heads all lost nothing have no shares; a head that lost nothing has no log.
+    live = m.sum(axis=1) > 0
+    share = np.where(live[:, None], m / np.where(live, m.sum(axis=1), 1)[:, None], 1 / H)
+    top = share[live].max(axis=1)
+    positive = (m > 0).all(axis=1)
+    ratio = m[positive].max(axis=1) / m[positive].min(axis=1)
+    logm = np.log(m[positive])
     total = ((logm - logm.mean()) ** 2).sum()
     within = ((logm - logm.mean(axis=1, keepdims=True)) ** 2).sum()
+    left_out = L - int(positive.sum())
     lines = [f"# Per-head sensitivity: {os.path.basename(a.heads)}\n",
              f"{L} layers x {H} KV heads, each head compressed alone. Variance of log KL over the "
-             f"{L * H} heads: {100 * (1 - within / total):.0f} % between layers (the layer profile "
+             f"{int(positive.sum()) * H} heads of the layers where every head lost something"
+             + (f" ({left_out} layers left out)" if left_out else "") +
+             f": {100 * (1 - within / total):.0f} % between layers (the layer profile "
              f"allocates by it), {100 * within / total:.0f} % within layers (only a per-head share "
              f"could use it). Top head's share of its layer's summed head KL: median "
              f"{np.median(top):.2f}, max {top.max():.2f} (equal heads: {1 / H:.2f}); max/min "
@@ -76,7 +87,8 @@ def main():
              "|---" * (H + 3) + "|"]
     for l in range(L):
         lines.append(f"| {l} | " + " | ".join(f"{v:.5f}" for v in m[l]) +
-                     f" | {top[l]:.2f} | {ratio[l]:.1f} |")
+                     f" | {share[l].max():.2f} | " +
+                     (f"{m[l].max() / m[l].min():.1f}" if positive[l] else "–") + " |")
 
     if a.routing:
         budgets = defaultdict(list)
@@ -91,9 +103,11 @@ def main():
         spread = np.abs(bshare - 1 / H).mean()
         rho = spearman((bshare - 1 / H).ravel(), (share - 1 / H).ravel())
         prompts = len(next(iter(budgets.values())))
-        lines += [f"\n## Online head routing: {a.policy} at budget {a.budget}\n",
-                  f"Each head's budget averaged over the events and the {prompts} prompts "
-                  f"(`{os.path.basename(a.routing)}`). Mean distance of a head's share of its "
+        at = f"budget {a.budget}" if a.budget else "every budget it ran at, pooled"
+        lines += [f"\n## Online head routing: {a.policy} at {at}\n",
+                  f"Each head's budget averaged over the events and over the {prompts} sequences "
+                  f"whose heads the routing set apart (`{os.path.basename(a.routing)}` holds only "
+                  f"those). Mean distance of a head's share of its "
                   f"layer's budget from an equal share: {spread:.3f} (sensitivity shares: "
                   f"{np.abs(share - 1 / H).mean():.3f}). Rank correlation between the routing "
                   f"share and the sensitivity share over the {L * H} heads: {rho:+.2f}.\n",

@@ -7,16 +7,18 @@
 
 1. Calibrates a sensitivity profile (`reasonalloc-worker calibrate --objective sensitivity`) on
    the probe prompts (named MODEL.sensitivity; OUT/sensitivity_profile.json), beside the model's
-   shipped k_ρ profile (if deploy/profiles has one).
+   shipped k_ρ profile (if --profiles, default deploy/profiles, has one).
 2. Runs the fidelity grid on the probe prompts: every scorer with every allocator (uniform, adakv,
    reasonalloc with and without head routing, the latter two on the k_ρ profile and on the
-   sensitivity profile), each also with the last --recent tokens always kept (`+rN`); picks, per budget, the policy of lowest teacher-forced KL, the best
-   uniform-budget policy and the best hierarchical (reasonalloc) policy.
+   sensitivity profile), each also with the last --recent tokens always kept (`+rN`); picks, per
+   budget, the policy of lowest teacher-forced KL, the best uniform-budget policy and the best
+   hierarchical (reasonalloc) policy.
 3. Runs the candidates on the held-out prompts (disjoint from the probes; --heldout picks, the
-   default: the picks, and for every scorer its uniform policy and its best reasonalloc policy on
-   the probes; all: every candidate; choices: only the picks) and reports, paired over prompts with 95 % bootstrap
-   intervals, the best hierarchical policy against the best uniform one and every reasonalloc
-   policy against the uniform allocator with the same scorer and recency.
+   default: the picks, and for every scorer its plain uniform policy, its best reasonalloc policy
+   on the probes and the uniform policy with that one's knobs; all: every candidate; choices:
+   only the picks) and reports, paired over prompts with 95 % bootstrap intervals, the best
+   hierarchical policy against the best uniform one and every reasonalloc policy against the
+   uniform allocator with the same scorer and knobs.
 4. Runs the long-range recall tasks (bench/recall, seeded, answered by the full cache) for the
    picks at the report's budgets and --recall_budgets, and reports recall relative to the full
    cache (bench/recall/report.py).
@@ -141,8 +143,9 @@ def main():
                     help="read a grid (or the recall run) already in OUT when it covers what is "
                          "asked, instead of running it again (a report cut short, rewritten)")
     ap.add_argument("--quick", action="store_true",
-                    help="scorers snapkv,rkv; allocators uniform,reasonalloc-full; 8 held-out "
-                         "prompts; 24 recall tasks (each unless given)")
+                    help="scorers snapkv,rkv; allocators uniform,reasonalloc-full; no recency "
+                         "variants; recall only at --budgets; 8 held-out prompts; 24 recall "
+                         "tasks (each unless given)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench/results/policy_report"))
     a = ap.parse_args()
     if a.quick:  # smaller defaults; a flag given on the command line still wins
@@ -175,12 +178,17 @@ def main():
     recents = [r for r in recents if 8 < r and 2 * r <= min(budgets)]
     if a.max_probe < 0 or a.layer_group < 1:
         ap.error("--max_probe must be >= 0 and --layer_group >= 1")
+    # --profiles as given (relative to the working directory), else under the repository (its
+    # default, deploy/profiles, from anywhere).
+    profile_dir = a.profiles if os.path.isdir(a.profiles) else os.path.join(ROOT, a.profiles)
+    if not os.path.isdir(profile_dir):
+        ap.error(f"--profiles {a.profiles}: not a directory")
     os.makedirs(a.out, exist_ok=True)
     t_start = time.time()
     recall = None
     with tempfile.TemporaryDirectory(prefix="reasonalloc-policy-") as tmp:
         profiles = os.path.join(tmp, "profiles")
-        shutil.copytree(os.path.join(ROOT, a.profiles), profiles)
+        shutil.copytree(profile_dir, profiles)
         sock = os.path.join(tmp, "s.sock")
         target = f"unix://{sock}"
         server = subprocess.Popen([os.path.join(a.build, "server/reasonalloc-server"),
@@ -189,6 +197,9 @@ def main():
                                    "--log_level=error"])
         try:
             while not os.path.exists(sock):
+                if server.poll() is not None:
+                    sys.exit(f"the sidecar exited with status {server.returncode} before it "
+                             f"listened (its message is above)")
                 time.sleep(0.05)
             time.sleep(0.2)
             # 1. The sensitivity profile.
@@ -323,8 +334,8 @@ def main():
         for first in firsts:
             if first and u and (first, b) in held_kl and (u, b) in held_kl:
                 lines.append(pair_row(held_kl, b, first, u))
-    lines += ["\n## Every reasonalloc policy against the uniform allocator with the same scorer and knobs "
-              "(held-out, paired)\n",
+    lines += ["\n## Every reasonalloc policy against the uniform allocator with the same scorer "
+              "and knobs (held-out, paired)\n",
               "| budget | policy | against | KL policy | KL against | difference | verdict |",
               "|---|---|---|---|---|---|---|"]
     for b in budgets:

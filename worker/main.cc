@@ -7,17 +7,21 @@
 //   reasonalloc-worker logits    --tokens 1,2,3 --out logits.npy
 #include <google/protobuf/util/json_util.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iomanip>
 #include <iostream>
+#include <limits>
 #include <sstream>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "core/api_defaults.h"
@@ -42,7 +46,10 @@ ABSL_FLAG(std::string, prompt, "",
           "generate, calibrate: the user's message (the chat template is applied)");
 ABSL_FLAG(std::string, prompts, "",
           "generate, calibrate: file of prompts, one per line (\\n stands for a newline)");
-ABSL_FLAG(int, batch, 1, "generate: decode this many copies of --prompt at once");
+ABSL_FLAG(int, batch, 1,
+          "generate: decode this many copies of --prompt at once; calibrate --objective "
+          "sensitivity or head_sensitivity: sequences (layer group or KV head x probe prompt) "
+          "decoded together");
 ABSL_FLAG(int, max_tokens, 256, "generate, calibrate: tokens to generate per sequence");
 ABSL_FLAG(double, temperature, 0, "generate: sampling temperature (0 = greedy)");
 ABSL_FLAG(uint64_t, seed, 0, "generate: sampling seed");
@@ -398,15 +405,11 @@ std::string ProfileName(const Loaded& loaded) {
 // CSV (layer, head, KL per token, relative to its layer's mean head, positions) and a table with
 // each layer's spread across its heads.
 int WriteHeadSensitivity(const ModelConfig& c, const SensitivityResult& r, const Policy& p,
-                         int layer_group, const std::string& out_path) {
+                         int layer_group, const std::string& out_path, std::ofstream& f) {
   const size_t H = static_cast<size_t>(c.kv_heads);
-  std::ofstream f(out_path);
+  f << std::setprecision(std::numeric_limits<double>::max_digits10);
   f << "layer,head,kl_per_token,relative_to_layer,positions\n";
-  std::printf(
-      "sensitivity of %d layers x %d KV heads (groups of %d layers, one head at a time) at "
-      "budget %d with %s: full cache %.1f s, probes %.1f s, %lld events; wrote %s\n",
-      c.layers, c.kv_heads, layer_group, p.budget, p.scorer_name().c_str(), r.full_seconds,
-      r.probe_seconds, static_cast<long long>(r.events), out_path.c_str());
+  std::string table;
   std::printf("layer  KL/token per head%*s  max/min\n", static_cast<int>(9 * H) - 18, "");
   for (size_t l = 0; l < static_cast<size_t>(c.layers); ++l) {
     double mean = 0, lo = INFINITY, hi = 0;
@@ -416,20 +419,27 @@ int WriteHeadSensitivity(const ModelConfig& c, const SensitivityResult& r, const
       lo = std::min(lo, v);
       hi = std::max(hi, v);
     }
-    std::printf("%5zu ", l);
+    absl::StrAppendFormat(&table, "%5zu ", l);
     for (size_t h = 0; h < H; ++h) {
       const double v = r.kl[l * H + h];
       f << l << "," << h << "," << v << "," << (mean > 0 ? v / mean : 0.0) << ","
         << r.positions[l * H + h] << "\n";
-      std::printf(" %8.5f", v);
+      absl::StrAppendFormat(&table, " %8.5f", v);
     }
     if (lo > 0) {
-      std::printf("  %6.2f\n", hi / lo);
+      absl::StrAppendFormat(&table, "  %6.2f\n", hi / lo);
     } else {
-      std::printf("  %6s\n", "-");
+      absl::StrAppend(&table, "       -\n");
     }
   }
-  if (!f.good()) return Fail(absl::InternalError(absl::StrCat("cannot write ", out_path)));
+  f.close();
+  if (!f) return Fail(absl::InternalError(absl::StrCat("cannot write ", out_path)));
+  std::printf(
+      "sensitivity of %d layers x %d KV heads (groups of %d layers, one head at a time) at "
+      "budget %d with %s: full cache %.1f s, probes %.1f s, %lld events; wrote %s\n",
+      c.layers, c.kv_heads, layer_group, p.budget, p.scorer_name().c_str(), r.full_seconds,
+      r.probe_seconds, static_cast<long long>(r.events), out_path.c_str());
+  std::printf("layer  KL/token of each head alone compressed, max/min\n%s", table.c_str());
   return 0;
 }
 
@@ -456,6 +466,15 @@ int CalibrateSensitivity(bool per_head) {
     if (!prompt.ok()) return Fail(prompt.status());
     ids.push_back(*std::move(prompt));
   }
+  // The CSV is opened before the measurement (which takes Hkv times the per-layer one), so an
+  // unwritable --out is refused at once.
+  std::ofstream head_csv;
+  if (per_head) {
+    head_csv.open(out_path);
+    if (!head_csv) {
+      return Fail(absl::InvalidArgumentError(absl::StrCat("--out: cannot write ", out_path)));
+    }
+  }
   SensitivityOptions options;
   auto flags_policy = PolicyFromFlags();
   if (!flags_policy.ok()) return Fail(flags_policy.status());
@@ -474,9 +493,15 @@ int CalibrateSensitivity(bool per_head) {
   if (!result.ok()) return Fail(result.status());
   if (per_head) {
     // The same refusal as the profile's: no head lost anything at this budget.
+    if (std::all_of(result->kl.begin(), result->kl.end(), [](double v) { return v == 0; })) {
+      return Fail(absl::FailedPreconditionError(
+          "head sensitivity: no KV head loses anything at this budget (the budget holds the "
+          "whole trajectory): use a smaller --budget or a larger --max_tokens"));
+    }
+    // The same checks of the values as the profile's (finite, not negative).
     if (auto d = DemandFromSensitivity(result->kl); !d.ok()) return Fail(d.status());
     return WriteHeadSensitivity(loaded->model->config(), *result, options.policy,
-                                options.layer_group, out_path);
+                                options.layer_group, out_path, head_csv);
   }
   auto demand = DemandFromSensitivity(result->kl);
   if (!demand.ok()) return Fail(demand.status());

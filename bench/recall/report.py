@@ -116,8 +116,10 @@ def main():
         scorer, rest = s_["policy"].split("@")[0].split("/", 1)
         knobs = rest[rest.index("+"):] if "+" in rest else ""
         base_name = f"{scorer}/uniform{knobs}"
+        label = base_name
         if (base_name, s_["budget"]) not in grid:
             base_name = f"{scorer}/uniform"
+            label = f"{base_name} (no {scorer}/uniform{knobs} run)"
         if rest.startswith("uniform") or (base_name, s_["budget"]) not in grid:
             continue
         base_v = grid[(base_name, s_["budget"])]
@@ -125,11 +127,11 @@ def main():
             continue
         d, lo, hi = paired_interval([grid[(s_["policy"], s_["budget"])][t] for t in kept],
                                     [base_v[t] for t in kept])
-        same.append(f"| {s_['budget']} | {s_['policy']} | {base_name} | "
+        same.append(f"| {s_['budget']} | {s_['policy']} | {label} | "
                     f"{d:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
     if same:
-        lines.append("\nAgainst the uniform allocator with the same scorer and knobs (paired over "
-                     "tasks):\n")
+        lines.append("\nAgainst the uniform allocator with the same scorer and knobs, or the "
+                     "scorer's plain uniform policy where that did not run (paired over tasks):\n")
         lines += ["| budget | policy | uniform | difference |", "|---|---|---|---|", *same]
 
     with open(os.path.join(out, "recall.md"), "w") as f:

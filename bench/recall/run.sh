@@ -24,12 +24,25 @@ trap cleanup EXIT
   --count "${RECALL_TASKS:-48}" --out "$work/tasks.tsv"
 mkdir "$work/profiles"
 cp "$root"/deploy/profiles/*.json "$work/profiles/"
-for f in ${EXTRA_PROFILES:-}; do cp "$f" "$work/profiles/"; done
+# An extra profile replaces a shipped one of the same name (the name inside the file, which the
+# sidecar refuses to see twice); each is copied under its own file name.
+n=0
+for f in ${EXTRA_PROFILES:-}; do
+  name=$("$root/.venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["name"])' "$f")
+  for g in "$work"/profiles/*.json; do
+    if [[ $("$root/.venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["name"])' "$g") == "$name" ]]; then
+      rm "$g"
+    fi
+  done
+  n=$((n + 1))
+  cp "$f" "$work/profiles/extra-$n.json"
+done
 "$build/server/reasonalloc-server" --listen "unix://$work/s.sock" --metrics_address 127.0.0.1:0 \
   --profile_dir "$work/profiles" --max_arena_bytes $((8 << 30)) 2>"$work/server.log" &
 pid=$!
 for _ in $(seq 200); do
   "$build/client/reasonalloc" health --target "unix://$work/s.sock" >/dev/null 2>&1 && break
+  kill -0 "$pid" 2>/dev/null || { echo "the sidecar exited:" >&2; cat "$work/server.log" >&2; exit 1; }
   sleep 0.05
 done
 start=$(date +%s)

@@ -24,6 +24,7 @@ Binaries come from REASONALLOC_WORKER_BINARY, REASONALLOC_GGUF_DEQUANT_TOOL,
 REASONALLOC_SERVER_BINARY and REASONALLOC_CLIENT_BINARY (set by ctest).
 """
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -140,10 +141,12 @@ def spm_vocab():
 
 
 def write_model(path, variant="llama-tied", wtype="F32", arch=None, seed=0, skip=(),
-                override=None, tokenizer="gpt2"):
+                override=None, tokenizer="gpt2", zero_v_head=None):
     """One synthetic model file. `arch` overrides the written architecture name; tensors named in
     `skip` are left out; `override` = (name, type) stores one weight in another type; `tokenizer`
-    "gpt2" (byte-level BPE, ChatML) or "llama" (SentencePiece, an [INST] template)."""
+    "gpt2" (byte-level BPE, ChatML) or "llama" (SentencePiece, an [INST] template);
+    `zero_v_head` = h zeroes KV head h's value projection in every layer (its attention output is
+    zero whatever it keeps)."""
     base_arch, untied, rope_freqs, biases = VARIANTS[variant]
     rng = np.random.default_rng(seed)
     w = GGUFWriter(str(path), arch or base_arch)
@@ -185,7 +188,10 @@ def write_model(path, variant="llama-tied", wtype="F32", arch=None, seed=0, skip
         if name in skip:
             return
         t = Q[override[1]] if override and override[0] == name else qtype
-        add_weight(w, name, (scale * rng.standard_normal((rows, cols))).astype(np.float32), t, rng)
+        value = (scale * rng.standard_normal((rows, cols))).astype(np.float32)
+        if zero_v_head is not None and name.endswith("attn_v.weight"):
+            value[zero_v_head * D:(zero_v_head + 1) * D] = 0
+        add_weight(w, name, value, t, rng)
 
     weight("token_embd.weight", V, EMBD, 1.0)
     w.add_tensor("output_norm.weight", norm(EMBD))
@@ -436,15 +442,28 @@ def test_head_sensitivity_measures_each_kv_head_alone(tmp_path):
         again = subprocess.run([WORKER, *common, f"--out={tmp_path / 'again.csv'}"],
                                capture_output=True, text=True)
         assert again.returncode == 0 and (tmp_path / "again.csv").read_text() == out.read_text()
-        # One head's loss is not the whole layer's: the layer objective on the same budget
-        # measures something else (both layers' heads at once).
-        layer = subprocess.run([WORKER, *common[:1], "--objective=sensitivity", *common[2:],
-                                f"--out={tmp_path / 'layer.json'}"], capture_output=True, text=True)
+        # Which head is probed, with which query group: on a model whose KV head 1 has a zero
+        # value projection, compressing head 1 alone costs nothing, and compressing head 0 alone
+        # costs what compressing the whole layer costs (head 1's share of it is zero) only if the
+        # head probe gave head 0 its own keys, values and query group.
+        zero = write_model(tmp_path / "zero.gguf", "llama-untied", "F32", seed=21, zero_v_head=1)
+        args = [a for a in common if not a.startswith("--model=")] + [f"--model={zero}"]
+        p = subprocess.run([WORKER, *args, f"--out={tmp_path / 'zero.csv'}"], capture_output=True,
+                           text=True)
+        assert p.returncode == 0, p.stderr
+        zrows = list(csv.DictReader((tmp_path / "zero.csv").read_text().splitlines()))
+        zkl = {(int(r["layer"]), int(r["head"])): float(r["kl_per_token"]) for r in zrows}
+        assert all(zkl[(l, 1)] == 0 and zkl[(l, 0)] > 0 for l in range(LAYERS)), zkl
+        layer = subprocess.run([WORKER, *["--objective=sensitivity"
+                                          if a == "--objective=head_sensitivity" else a
+                                          for a in args], f"--out={tmp_path / 'layer.json'}"],
+                               capture_output=True, text=True)
         assert layer.returncode == 0, layer.stderr
         layer_kl = [float(line.split()[1]) for line in layer.stdout.splitlines()
                     if line.strip() and line.split()[0].isdigit()]
-        assert len(layer_kl) == LAYERS and all(
-            layer_kl[l] not in kl[l * HKV:(l + 1) * HKV] for l in range(LAYERS)), (layer_kl, kl)
+        assert len(layer_kl) == LAYERS, layer.stdout
+        for l in range(LAYERS):  # the layer table prints 5 decimals
+            assert abs(layer_kl[l] - zkl[(l, 0)]) <= 6e-6, (l, layer_kl, zkl)
         none = subprocess.run([WORKER, *common, "--budget=200", f"--out={tmp_path / 'n.csv'}"],
                               capture_output=True, text=True)
         assert none.returncode != 0 and "loses anything" in none.stderr, none.stderr
@@ -463,6 +482,20 @@ def test_head_sensitivity_measures_each_kv_head_alone(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_the_policy_report_pairs_each_policy_with_the_uniform_one_of_its_knobs():
+    spec = importlib.util.spec_from_file_location("policy_report",
+                                                  os.path.join(ROOT, "bench/policy_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    pairs = {"rkv/reasonalloc-full+r16@m.sensitivity": "rkv/uniform+r16",
+             "h2o/reasonalloc-layer@m.sensitivity": "h2o/uniform",
+             "snapkv/reasonalloc-full+s4+r32+l0.07": "snapkv/uniform+s4+r32+l0.07",
+             "rkv/adakv": "rkv/uniform"}
+    for policy, uniform in pairs.items():
+        assert report.same_scorer_uniform(policy) == uniform, policy
+    assert report.is_uniform("h2o/uniform+r16") and not report.is_uniform("h2o/adakv+r16")
 
 
 def test_the_policy_report_runs_on_your_own_file(tmp_path):
@@ -538,6 +571,7 @@ def test_the_policy_report_runs_on_your_own_file(tmp_path):
     assert len(rows) < len(probe_rows), held
     # A reasonalloc policy is paired with the uniform allocator of its scorer and knobs.
     same = next(x for x in sections if x.startswith("Every reasonalloc"))
+    assert [l for l in same.splitlines() if l.startswith("| 2")], same
     for line in (l for l in same.splitlines() if l.startswith("| 2")):
         policy, against = line.split(" | ")[1:3]
         knobs = policy.split("@")[0].split("/")[1].partition("+")[2]
