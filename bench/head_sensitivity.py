@@ -38,7 +38,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("heads")
     ap.add_argument("--routing", default="", help="a fidelity grid's fidelity_heads.csv")
-    ap.add_argument("--policy", default="", help="the routing policy's name in that file")
+    ap.add_argument("--policy", default="",
+                    help="the routing policies' names in that file (comma-separated; one section "
+                         "each)")
     ap.add_argument("--budget", type=int, default=0,
                     help="its budget in that file (0: every budget the policy ran at, pooled)")
     ap.add_argument("--out", default="")
@@ -68,20 +70,26 @@ def main():
     share = np.where(live[:, None], m / np.where(live, m.sum(axis=1), 1)[:, None], 1 / H)
     top = share[live].max(axis=1)
     positive = (m > 0).all(axis=1)
-    ratio = m[positive].max(axis=1) / m[positive].min(axis=1)
-    logm = np.log(m[positive])
-    total = ((logm - logm.mean()) ** 2).sum()
-    within = ((logm - logm.mean(axis=1, keepdims=True)) ** 2).sum()
     left_out = L - int(positive.sum())
+    if positive.any():
+        ratio = m[positive].max(axis=1) / m[positive].min(axis=1)
+        logm = np.log(m[positive])
+        total = ((logm - logm.mean()) ** 2).sum()
+        within = ((logm - logm.mean(axis=1, keepdims=True)) ** 2).sum()
+        split = (f"Variance of log KL over the {int(positive.sum()) * H} heads of the layers "
+                 f"where every head lost something"
+                 + (f" ({left_out} layers left out)" if left_out else "") + ": " +
+                 (f"{100 * (1 - within / total):.0f} % between layers (the layer profile "
+                  f"allocates by it), {100 * within / total:.0f} % within layers (only a per-head "
+                  f"share could use it)" if total > 0 else "none (every such head alike)") +
+                 f". Max/min within a layer: median {np.median(ratio):.1f}, max "
+                 f"{ratio.max():.1f}. ")
+    else:
+        split = "Every layer has a head that lost nothing: no variance split. "
     lines = [f"# Per-head sensitivity: {os.path.basename(a.heads)}\n",
-             f"{L} layers x {H} KV heads, each head compressed alone. Variance of log KL over the "
-             f"{int(positive.sum()) * H} heads of the layers where every head lost something"
-             + (f" ({left_out} layers left out)" if left_out else "") +
-             f": {100 * (1 - within / total):.0f} % between layers (the layer profile "
-             f"allocates by it), {100 * within / total:.0f} % within layers (only a per-head share "
-             f"could use it). Top head's share of its layer's summed head KL: median "
-             f"{np.median(top):.2f}, max {top.max():.2f} (equal heads: {1 / H:.2f}); max/min "
-             f"within a layer: median {np.median(ratio):.1f}, max {ratio.max():.1f}.\n",
+             f"{L} layers x {H} KV heads, each head compressed alone. " + split +
+             f"Top head's share of its layer's summed head KL: median "
+             f"{np.median(top):.2f}, max {top.max():.2f} (equal heads: {1 / H:.2f}).\n",
              "| layer | " + " | ".join(f"KL head {h}" for h in range(H)) +
              " | top share | max/min |",
              "|---" * (H + 3) + "|"]
@@ -90,23 +98,24 @@ def main():
                      f" | {share[l].max():.2f} | " +
                      (f"{m[l].max() / m[l].min():.1f}" if positive[l] else "–") + " |")
 
-    if a.routing:
+    at = f"budget {a.budget}" if a.budget else "every budget it ran at, pooled"
+    routing_rows = list(csv.DictReader(open(a.routing))) if a.routing else []
+    for policy in [p for p in a.policy.split(",") if p] if a.routing else []:
         budgets = defaultdict(list)
-        for r in csv.DictReader(open(a.routing)):
-            if r["policy"] == a.policy and (not a.budget or int(r["budget"]) == a.budget):
+        for r in routing_rows:
+            if r["policy"] == policy and (not a.budget or int(r["budget"]) == a.budget):
                 budgets[(int(r["layer"]), int(r["head"]))].append(float(r["mean_budget"]))
         if len(budgets) != L * H:
-            sys.exit(f"{a.routing}: {a.policy} at budget {a.budget}: {len(budgets)} heads with "
-                     f"routing rows, expected {L * H}")
+            sys.exit(f"{a.routing}: {policy} at {at}: {len(budgets)} heads with routing rows, "
+                     f"expected {L * H}")
         b = np.array([[np.mean(budgets[(l, h)]) for h in range(H)] for l in range(L)])
         bshare = b / b.sum(axis=1, keepdims=True)
         spread = np.abs(bshare - 1 / H).mean()
         rho = spearman((bshare - 1 / H).ravel(), (share - 1 / H).ravel())
         prompts = len(next(iter(budgets.values())))
-        at = f"budget {a.budget}" if a.budget else "every budget it ran at, pooled"
-        lines += [f"\n## Online head routing: {a.policy} at {at}\n",
-                  f"Each head's budget averaged over the events and over the {prompts} sequences "
-                  f"whose heads the routing set apart (`{os.path.basename(a.routing)}` holds only "
+        lines += [f"\n## Online head routing: {policy} at {at}\n",
+                  f"Each head's budget averaged over the events and over the {prompts} rows "
+                  f"(sequence × budget) whose heads the routing set apart (`{os.path.basename(a.routing)}` holds only "
                   f"those). Mean distance of a head's share of its "
                   f"layer's budget from an equal share: {spread:.3f} (sensitivity shares: "
                   f"{np.abs(share - 1 / H).mean():.3f}). Rank correlation between the routing "

@@ -410,7 +410,6 @@ int WriteHeadSensitivity(const ModelConfig& c, const SensitivityResult& r, const
   f << std::setprecision(std::numeric_limits<double>::max_digits10);
   f << "layer,head,kl_per_token,relative_to_layer,positions\n";
   std::string table;
-  std::printf("layer  KL/token per head%*s  max/min\n", static_cast<int>(9 * H) - 18, "");
   for (size_t l = 0; l < static_cast<size_t>(c.layers); ++l) {
     double mean = 0, lo = INFINITY, hi = 0;
     for (size_t h = 0; h < H; ++h) {
@@ -433,7 +432,12 @@ int WriteHeadSensitivity(const ModelConfig& c, const SensitivityResult& r, const
     }
   }
   f.close();
-  if (!f) return Fail(absl::InternalError(absl::StrCat("cannot write ", out_path)));
+  const std::string partial = out_path + ".partial";
+  std::error_code ec;
+  if (!f || (std::filesystem::rename(partial, out_path, ec), ec)) {
+    std::filesystem::remove(partial, ec);
+    return Fail(absl::InternalError(absl::StrCat("cannot write ", out_path)));
+  }
   std::printf(
       "sensitivity of %d layers x %d KV heads (groups of %d layers, one head at a time) at "
       "budget %d with %s: full cache %.1f s, probes %.1f s, %lld events; wrote %s\n",
@@ -466,15 +470,23 @@ int CalibrateSensitivity(bool per_head) {
     if (!prompt.ok()) return Fail(prompt.status());
     ids.push_back(*std::move(prompt));
   }
-  // The CSV is opened before the measurement (which takes Hkv times the per-layer one), so an
-  // unwritable --out is refused at once.
+  // The CSV is written into OUT.partial, opened before the measurement (which takes Hkv times
+  // the per-layer one) so an unwritable --out is refused at once, and renamed to OUT when
+  // complete: a run that fails leaves an earlier OUT as it was.
   std::ofstream head_csv;
   if (per_head) {
-    head_csv.open(out_path);
+    head_csv.open(out_path + ".partial");
     if (!head_csv) {
       return Fail(absl::InvalidArgumentError(absl::StrCat("--out: cannot write ", out_path)));
     }
   }
+  struct RemovePartial {
+    std::string path;
+    ~RemovePartial() {
+      std::error_code ec;
+      if (!path.empty()) std::filesystem::remove(path, ec);
+    }
+  } remove_partial{per_head ? out_path + ".partial" : ""};
   SensitivityOptions options;
   auto flags_policy = PolicyFromFlags();
   if (!flags_policy.ok()) return Fail(flags_policy.status());

@@ -222,7 +222,7 @@ absl::StatusOr<std::vector<double>> DemandFromSensitivity(const std::vector<doub
   double mean = 0;
   for (double v : kl) {
     if (!(v >= 0) || !std::isfinite(v)) {
-      return absl::InvalidArgumentError(absl::StrCat("sensitivity: a layer's KL is ", v));
+      return absl::InvalidArgumentError(absl::StrCat("sensitivity: a measured KL is ", v));
     }
     mean += v;
   }
