@@ -404,8 +404,10 @@ std::string ProfileName(const Loaded& loaded) {
 // calibrate --objective head_sensitivity: each KV head's measured KL cost of compression alone, a
 // CSV (layer, head, KL per token, relative to its layer's mean head, positions) and a table with
 // each layer's spread across its heads.
+// `f` is open on `partial`, which becomes `out_path` when complete.
 int WriteHeadSensitivity(const ModelConfig& c, const SensitivityResult& r, const Policy& p,
-                         int layer_group, const std::string& out_path, std::ofstream& f) {
+                         int layer_group, const std::string& out_path, const std::string& partial,
+                         std::ofstream& f) {
   const size_t H = static_cast<size_t>(c.kv_heads);
   f << std::setprecision(std::numeric_limits<double>::max_digits10);
   f << "layer,head,kl_per_token,relative_to_layer,positions\n";
@@ -432,10 +434,8 @@ int WriteHeadSensitivity(const ModelConfig& c, const SensitivityResult& r, const
     }
   }
   f.close();
-  const std::string partial = out_path + ".partial";
   std::error_code ec;
   if (!f || (std::filesystem::rename(partial, out_path, ec), ec)) {
-    std::filesystem::remove(partial, ec);
     return Fail(absl::InternalError(absl::StrCat("cannot write ", out_path)));
   }
   std::printf(
@@ -473,9 +473,11 @@ int CalibrateSensitivity(bool per_head) {
   // The CSV is written into OUT.partial, opened before the measurement (which takes Hkv times
   // the per-layer one) so an unwritable --out is refused at once, and renamed to OUT when
   // complete: a run that fails leaves an earlier OUT as it was.
+  // (Whatever the outcome, no OUT.partial is left behind: removing a renamed one is a no-op.)
+  const std::string partial = per_head ? out_path + ".partial" : "";
   std::ofstream head_csv;
   if (per_head) {
-    head_csv.open(out_path + ".partial");
+    head_csv.open(partial);
     if (!head_csv) {
       return Fail(absl::InvalidArgumentError(absl::StrCat("--out: cannot write ", out_path)));
     }
@@ -486,7 +488,7 @@ int CalibrateSensitivity(bool per_head) {
       std::error_code ec;
       if (!path.empty()) std::filesystem::remove(path, ec);
     }
-  } remove_partial{per_head ? out_path + ".partial" : ""};
+  } remove_partial{partial};
   SensitivityOptions options;
   auto flags_policy = PolicyFromFlags();
   if (!flags_policy.ok()) return Fail(flags_policy.status());
@@ -513,7 +515,7 @@ int CalibrateSensitivity(bool per_head) {
     // The same checks of the values as the profile's (finite, not negative).
     if (auto d = DemandFromSensitivity(result->kl); !d.ok()) return Fail(d.status());
     return WriteHeadSensitivity(loaded->model->config(), *result, options.policy,
-                                options.layer_group, out_path, head_csv);
+                                options.layer_group, out_path, partial, head_csv);
   }
   auto demand = DemandFromSensitivity(result->kl);
   if (!demand.ok()) return Fail(demand.status());

@@ -349,17 +349,24 @@ def start_server(tmp_path, profiles):
     return server, f"unix://{sock}"
 
 
-def test_sensitivity_calibration_measures_each_layer_alone(tmp_path):
-    """calibrate --objective sensitivity on a two-layer model: one entry per layer, the KL its own
-    compression costs, positive at a small budget and deterministic; grouped layers share one
-    entry; a budget above the trajectory loses nothing (an error, not a profile); the profile
-    (mean 1) is one the sidecar accepts."""
-    model = write_model(tmp_path / "sens.gguf", "llama-untied", "F32", seed=21)
+def sensitivity_setup(tmp_path, name):
+    """A two-layer model (seed 21), two probe prompts and a sidecar with an empty profile folder:
+    (model, prompts, profiles, server, target)."""
+    model = write_model(tmp_path / f"{name}.gguf", "llama-untied", "F32", seed=21)
     prompts = tmp_path / "probes.txt"
     prompts.write_text("the the a in\nhe in the a the\n")
     profiles = tmp_path / "profiles"
     profiles.mkdir()
     server, target = start_server(tmp_path, profiles)
+    return model, prompts, profiles, server, target
+
+
+def test_sensitivity_calibration_measures_each_layer_alone(tmp_path):
+    """calibrate --objective sensitivity on a two-layer model: one entry per layer, the KL its own
+    compression costs, positive at a small budget and deterministic; grouped layers share one
+    entry; a budget above the trajectory loses nothing (an error, not a profile); the profile
+    (mean 1) is one the sidecar accepts."""
+    model, prompts, profiles, server, target = sensitivity_setup(tmp_path, "sens")
     try:
         common = ["calibrate", "--objective=sensitivity", f"--model={model}", f"--target={target}",
                   f"--prompts={prompts}", "--max_tokens=48", "--scorer=streaming", "--buffer=8"]
@@ -414,12 +421,7 @@ def test_head_sensitivity_measures_each_kv_head_alone(tmp_path):
     alone while the other head of its layer keeps its full cache; positive at a small budget,
     deterministic, different between the heads of a layer; a budget holding the whole trajectory
     is refused."""
-    model = write_model(tmp_path / "heads.gguf", "llama-untied", "F32", seed=21)
-    prompts = tmp_path / "probes.txt"
-    prompts.write_text("the the a in\nhe in the a the\n")
-    profiles = tmp_path / "profiles"
-    profiles.mkdir()
-    server, target = start_server(tmp_path, profiles)
+    model, prompts, _, server, target = sensitivity_setup(tmp_path, "heads")
     try:
         common = ["calibrate", "--objective=head_sensitivity", f"--model={model}",
                   f"--target={target}", f"--prompts={prompts}", "--max_tokens=48",
