@@ -31,6 +31,21 @@ void RouteLayer(std::span<const double> x, int64_t total, std::span<const int64_
   for (size_t h = 0; h < caps.size(); ++h) budgets[h] = static_cast<int32_t>(window + caps[h]);
 }
 
+absl::Status SplitLayerByDemand(const AllocatorConfig& ac, std::span<const double> r, int64_t total,
+                                std::span<const int64_t> candidates, int window,
+                                std::span<int32_t> budgets) {
+  const size_t heads = budgets.size();
+  const int64_t cap = total / static_cast<int64_t>(heads);
+  std::vector<double> w(heads);
+  for (size_t h = 0; h < heads; ++h) w[h] = std::pow(r[h] + 1e-6, ac.head_exponent);
+  auto shares = Robustify(r, total, ac.head_exponent, ac.head_floor * static_cast<double>(cap),
+                          static_cast<double>(total));
+  if (!shares.ok()) return shares.status();
+  const std::vector<double> x(shares->begin(), shares->end());
+  RouteLayer(x, total, candidates, w, window, budgets);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::vector<int64_t>> Allocator::LayerCaps(const SessionConfig& c,
                                                           std::span<const double>) const {
   return std::vector<int64_t>(At(c.model.num_layers), c.budget.budget - c.budget.window);
@@ -47,6 +62,9 @@ absl::Status Allocator::RouteHeads(const SessionConfig& c, const LayerPool& pool
 
 absl::Status Allocator::Allocate(const AllocationInputs& in, std::span<int32_t> budgets) const {
   const SessionConfig& c = *in.config;
+  if (UsesHeadProfile(c.allocator)) {
+    return HeadBudgetsFromProfile(c, in.lengths, in.layer_demand, in.head_demand, budgets);
+  }
   if (!RoutesHeads(c.allocator)) {
     auto layers = LayerBudgets(c, in.layer_demand);
     if (!layers.ok()) return layers.status();
@@ -76,6 +94,59 @@ absl::StatusOr<std::vector<int32_t>> LayerBudgets(const SessionConfig& c,
 
 bool UsesPoolCounts(const SessionConfig& c) {
   return AllocatorOf(c.allocator.kind).RoutesHeads(c.allocator);
+}
+
+bool UsesHeadProfile(const SessionConfig& c) {
+  return AllocatorOf(c.allocator.kind).UsesHeadProfile(c.allocator);
+}
+
+absl::Status CheckProfileDemand(const SessionConfig& c, const ProfileDemand& demand) {
+  if (auto layers = LayerBudgets(c, demand.layers); !layers.ok()) return layers.status();
+  if (!UsesHeadProfile(c)) return absl::OkStatus();
+  const int64_t want = c.model.num_heads_total();
+  const std::string profile = absl::StrCat(
+      "layer profile \"", c.allocator.profile.empty() ? c.model.name : c.allocator.profile, "\"");
+  if (static_cast<int64_t>(demand.heads.size()) != want) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "allocator.reasonalloc_mode static needs the layer profile's head_demand (num_layers * "
+        "num_kv_heads = ",
+        want, " entries); ", profile, " has ", demand.heads.size()));
+  }
+  for (size_t i = 0; i < demand.heads.size(); ++i) {
+    if (!std::isfinite(demand.heads[i]) || demand.heads[i] < 0) {
+      return absl::FailedPreconditionError(absl::StrCat(
+          profile, ": head_demand[", i, "] = ", demand.heads[i], " is not finite and >= 0"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status HeadBudgetsFromProfile(const SessionConfig& c, std::span<const int32_t> lengths,
+                                    std::span<const double> layer_demand,
+                                    std::span<const double> head_demand,
+                                    std::span<int32_t> budgets) {
+  const size_t heads = At(c.model.num_kv_heads);
+  const int window = c.budget.window;
+  if (head_demand.size() != lengths.size() || budgets.size() != lengths.size()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the profile's head_demand has ", head_demand.size(),
+                     " entries; the session has ", lengths.size(), " heads"));
+  }
+  auto k = PoolSizes(c, layer_demand);
+  if (!k.ok()) return k.status();
+  std::vector<int64_t> candidates(heads);
+  for (size_t l = 0; l < k->size(); ++l) {
+    const size_t first = l * heads;
+    for (size_t h = 0; h < heads; ++h) {
+      candidates[h] = std::max<int64_t>(0, int64_t{lengths[first + h]} - window);
+    }
+    if (auto s = SplitLayerByDemand(c.allocator, head_demand.subspan(first, heads), (*k)[l],
+                                    candidates, window, budgets.subspan(first, heads));
+        !s.ok()) {
+      return s;
+    }
+  }
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::vector<int64_t>> PoolSizes(const SessionConfig& c,

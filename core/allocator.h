@@ -9,6 +9,7 @@
 #define REASONALLOC_CORE_ALLOCATOR_H_
 
 #include <cstdint>
+#include <initializer_list>
 #include <memory>
 #include <span>
 #include <vector>
@@ -18,11 +19,28 @@
 
 namespace reasonalloc {
 
+// A layer profile as the allocators read it: the layer demand D ([L]; empty = uniform layers) and,
+// optionally, the head demand ([L * Hkv], layer-major, mean 1 within each layer) by which
+// reasonalloc's static mode splits each layer's budget among its KV heads.
+struct ProfileDemand {
+  ProfileDemand() = default;
+  // Implicit: a layer demand alone is a profile without head demand.
+  ProfileDemand(std::vector<double> layer_demand)  // NOLINT(google-explicit-constructor)
+      : layers(std::move(layer_demand)) {}
+  ProfileDemand(std::initializer_list<double> layer_demand)  // NOLINT(google-explicit-constructor)
+      : layers(layer_demand) {}
+  ProfileDemand(std::vector<double> layer_demand, std::vector<double> head_demand)
+      : layers(std::move(layer_demand)), heads(std::move(head_demand)) {}
+  std::vector<double> layers;
+  std::vector<double> heads;
+};
+
 struct AllocationInputs {
   const SessionConfig* config = nullptr;
   std::span<const int32_t> lengths;            // [L * Hkv] live tokens per head
   std::span<const std::vector<float>> scores;  // [L * Hkv] candidate scores per head
   std::span<const double> layer_demand;        // [L] profile demand D; empty = uniform layers
+  std::span<const double> head_demand;         // [L * Hkv] profile head demand; static mode only
 };
 
 // Per-layer budgets b_l (window included) before head routing: uniform and adakv B; pyramid its
@@ -50,6 +68,21 @@ absl::Status RouteFromPoolCounts(const SessionConfig& config, std::span<const in
                                  std::span<const int64_t> greater, std::span<const int64_t> equal,
                                  std::span<int32_t> budgets);
 
+// Whether the configuration splits each layer's budget among its heads by the profile's head
+// demand (reasonalloc static): no scores are needed for the budgets, only the heads' lengths.
+bool UsesHeadProfile(const SessionConfig& config);
+// Checks a profile against the configuration before any event: the layer demand through
+// LayerBudgets and, where UsesHeadProfile, a head demand of L · Hkv finite non-negative entries
+// (FailedPrecondition naming allocator.profile's head_demand otherwise).
+absl::Status CheckProfileDemand(const SessionConfig& config, const ProfileDemand& demand);
+// Budgets ([L * Hkv]) of the static head split: each layer's Hkv · (b_l − window) selectable
+// tokens shared by the robustified head demand (head_exponent, floor head_floor of the equal
+// share), each head capped at its candidates and the excess handed to the others by demand.
+absl::Status HeadBudgetsFromProfile(const SessionConfig& config, std::span<const int32_t> lengths,
+                                    std::span<const double> layer_demand,
+                                    std::span<const double> head_demand,
+                                    std::span<int32_t> budgets);
+
 // One layer's pool, as a head-routing allocator sees it: `total` selectable tokens to share among
 // the layer's heads; per head its candidates (live tokens past the window) and the counts of
 // CountLayerPool.
@@ -72,12 +105,16 @@ class Allocator {
   virtual bool UsesLayerProfile(const AllocatorConfig&) const { return false; }
   // Whether this configuration routes budget between a layer's heads by the pool counts.
   virtual bool RoutesHeads(const AllocatorConfig&) const { return false; }
+  // Whether this configuration splits a layer's budget by the profile's head demand (never
+  // together with RoutesHeads).
+  virtual bool UsesHeadProfile(const AllocatorConfig&) const { return false; }
   // One layer's head budgets (window included) from its pool; called only when RoutesHeads.
   virtual absl::Status RouteHeads(const SessionConfig& config, const LayerPool& pool,
                                   std::span<int32_t> layer) const;
 
-  // Fills `budgets` ([L * Hkv]): the layer budgets for every head, or, when the configuration
-  // routes heads, the pool counts of the scores routed by RouteHeads.
+  // Fills `budgets` ([L * Hkv]): the layer budgets for every head; when the configuration
+  // routes heads, the pool counts of the scores routed by RouteHeads; with a head profile, the
+  // static split (HeadBudgetsFromProfile).
   absl::Status Allocate(const AllocationInputs& in, std::span<int32_t> budgets) const;
 };
 
@@ -90,6 +127,12 @@ absl::StatusOr<std::unique_ptr<Allocator>> MakeAllocator(const AllocatorConfig& 
 // the excess handed on by `weights`.
 void RouteLayer(std::span<const double> x, int64_t total, std::span<const int64_t> candidates,
                 std::span<const double> weights, int window, std::span<int32_t> budgets);
+// ReasonAlloc's head split of one layer by a demand `r` per head (the routed counts or the
+// profile's head demand): robustified with head_exponent, each head at least head_floor of the
+// equal share, then RouteLayer.
+absl::Status SplitLayerByDemand(const AllocatorConfig& allocator, std::span<const double> r,
+                                int64_t total, std::span<const int64_t> candidates, int window,
+                                std::span<int32_t> budgets);
 
 }  // namespace reasonalloc
 

@@ -73,7 +73,7 @@ class HostCompactor final : public Compactor {
 // Runs a batch through `backend`: one decision per element of `lengths` (each [L · Hkv], in
 // range: the caller checked its inputs), with score, allocate and select times.
 absl::StatusOr<std::vector<Decision>> RunBatch(const SessionConfig& config,
-                                               std::span<const double> layer_demand,
+                                               const ProfileDemand& demand,
                                                std::span<const std::span<const int32_t>> lengths,
                                                ComputeBackend& backend);
 

@@ -33,21 +33,17 @@ int Decision::max_kept() const {
 }
 
 absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const SessionConfig& config,
-                                                       std::vector<double> layer_demand) {
+                                                       ProfileDemand demand) {
   if (auto s = ValidateSessionConfig(config); !s.ok()) return s;
   auto scorer = MakeScorer(config.scorer);
   if (!scorer.ok()) return scorer.status();
   // Bad profiles fail here, at session creation, not at the first event.
-  if (auto layers = LayerBudgets(config, layer_demand); !layers.ok()) return layers.status();
-  return std::unique_ptr<Engine>(
-      new Engine(config, std::move(scorer).value(), std::move(layer_demand)));
+  if (auto s = CheckProfileDemand(config, demand); !s.ok()) return s;
+  return std::unique_ptr<Engine>(new Engine(config, std::move(scorer).value(), std::move(demand)));
 }
 
-Engine::Engine(SessionConfig config, std::unique_ptr<Scorer> scorer,
-               std::vector<double> layer_demand)
-    : config_(std::move(config)),
-      scorer_(std::move(scorer)),
-      layer_demand_(std::move(layer_demand)) {}
+Engine::Engine(SessionConfig config, std::unique_ptr<Scorer> scorer, ProfileDemand demand)
+    : config_(std::move(config)), scorer_(std::move(scorer)), demand_(std::move(demand)) {}
 
 absl::Status CheckEventShape(const SessionConfig& config, const Scorer& scorer,
                              std::span<const int32_t> lengths, int64_t n_max,
@@ -281,7 +277,7 @@ class CpuBackend final : public ComputeBackend {
 }  // namespace
 
 absl::StatusOr<std::vector<Decision>> RunBatch(const SessionConfig& config,
-                                               std::span<const double> layer_demand,
+                                               const ProfileDemand& demand,
                                                std::span<const std::span<const int32_t>> lengths,
                                                ComputeBackend& backend) {
   const ModelGeometry& m = config.model;
@@ -293,7 +289,9 @@ absl::StatusOr<std::vector<Decision>> RunBatch(const SessionConfig& config,
 
   auto t = std::chrono::steady_clock::now();
   std::vector<Decision> out(events);
+  const std::span<const double> layer_demand = demand.layers;
   const bool routes = UsesPoolCounts(config);
+  const bool static_heads = UsesHeadProfile(config);
   std::vector<int64_t> greater, equal;
   if (routes) {
     ASSIGN_OR_RETURN(const std::vector<int64_t> k, PoolSizes(config, layer_demand));
@@ -302,7 +300,7 @@ absl::StatusOr<std::vector<Decision>> RunBatch(const SessionConfig& config,
     RETURN_IF_ERROR(backend.PoolCounts(k, greater, equal));
   }
   std::vector<int32_t> layers;
-  if (!routes) {
+  if (!routes && !static_heads) {
     ASSIGN_OR_RETURN(layers, LayerBudgets(config, layer_demand));
   }
   for (size_t e = 0; e < events; ++e) {
@@ -316,6 +314,9 @@ absl::StatusOr<std::vector<Decision>> RunBatch(const SessionConfig& config,
           config, lengths[e], layer_demand,
           std::span<const int64_t>(greater).subspan(first, static_cast<size_t>(hl)),
           std::span<const int64_t>(equal).subspan(first, static_cast<size_t>(hl)), dec.budgets));
+    } else if (static_heads) {
+      RETURN_IF_ERROR(
+          HeadBudgetsFromProfile(config, lengths[e], layer_demand, demand.heads, dec.budgets));
     } else {
       for (int64_t head = 0; head < hl; ++head) {
         dec.budgets[static_cast<size_t>(head)] = layers[static_cast<size_t>(head / m.num_kv_heads)];
@@ -368,9 +369,9 @@ absl::StatusOr<Decision> Engine::Run(const CompressInputs& in) const {
   }
   CpuBackend backend(config_, *scorer_, in, accumulated);
   const std::span<const int32_t> lengths = in.lengths;
-  ASSIGN_OR_RETURN(std::vector<Decision> decisions,
-                   RunBatch(config_, layer_demand_,
-                            std::span<const std::span<const int32_t>>(&lengths, 1), backend));
+  ASSIGN_OR_RETURN(
+      std::vector<Decision> decisions,
+      RunBatch(config_, demand_, std::span<const std::span<const int32_t>>(&lengths, 1), backend));
   Decision out = std::move(decisions[0]);
   out.seconds.score += one_shot_seconds;
   out.seconds.total = SecondsSince(t0);

@@ -81,12 +81,14 @@ struct Decision {
 
 class Engine {
  public:
-  // `layer_demand`: the model's layer profile D ([L]) for reasonalloc; empty = uniform layers.
+  // `demand`: the model's layer profile for reasonalloc (its layer demand D, [L], and for the
+  // static mode its head demand); empty = uniform layers.
   static absl::StatusOr<std::unique_ptr<Engine>> Create(const SessionConfig& config,
-                                                        std::vector<double> layer_demand = {});
+                                                        ProfileDemand demand = {});
 
   const SessionConfig& config() const { return config_; }
-  const std::vector<double>& layer_demand() const { return layer_demand_; }
+  const ProfileDemand& demand() const { return demand_; }
+  const std::vector<double>& layer_demand() const { return demand_.layers; }
   // Lengths in range and the event's work within kMaxEventWork (Compress checks it too; callers
   // that prepare per-event state first, like the h2o accumulator, check before).
   absl::Status CheckInputs(const CompressInputs& in) const;
@@ -96,12 +98,12 @@ class Engine {
   absl::StatusOr<Decision> Compress(const CompressInputs& in) const;
 
  private:
-  Engine(SessionConfig config, std::unique_ptr<Scorer> scorer, std::vector<double> layer_demand);
+  Engine(SessionConfig config, std::unique_ptr<Scorer> scorer, ProfileDemand demand);
   absl::StatusOr<Decision> Run(const CompressInputs& in) const;
 
   SessionConfig config_;
   std::unique_ptr<Scorer> scorer_;
-  std::vector<double> layer_demand_;
+  ProfileDemand demand_;
 };
 
 // The decision of an event that evicts nothing (calibration sessions): every head keeps all its

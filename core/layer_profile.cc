@@ -120,4 +120,35 @@ absl::StatusOr<std::vector<double>> NormaliseDemand(std::span<const double> dema
   return out;
 }
 
+absl::StatusOr<std::vector<double>> NormaliseHeadDemand(std::span<const double> demand,
+                                                        int num_layers, int num_kv_heads,
+                                                        absl::string_view field) {
+  const size_t heads = static_cast<size_t>(num_kv_heads);
+  if (demand.size() != static_cast<size_t>(num_layers) * heads) {
+    return absl::InvalidArgumentError(absl::StrCat(field, " has ", demand.size(),
+                                                   " entries; model.num_layers * "
+                                                   "model.num_kv_heads is ",
+                                                   int64_t{num_layers} * num_kv_heads));
+  }
+  std::vector<double> out(demand.begin(), demand.end());
+  for (size_t first = 0; first < out.size(); first += heads) {
+    double max = 0;
+    for (size_t i = first; i < first + heads; ++i) {
+      if (!std::isfinite(out[i]) || out[i] < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(field, "[", i, "] = ", out[i], " is not a finite non-negative number"));
+      }
+      max = std::max(max, out[i]);
+    }
+    // A layer none of whose heads cost anything splits equally.
+    double sum = 0;
+    for (size_t i = first; i < first + heads; ++i) {
+      out[i] = max > 0 ? out[i] / max : 1.0;
+      sum += out[i];
+    }
+    for (size_t i = first; i < first + heads; ++i) out[i] *= static_cast<double>(heads) / sum;
+  }
+  return out;
+}
+
 }  // namespace reasonalloc

@@ -45,6 +45,11 @@ class CalibrationAccumulator {
 // normalised to mean 1. Errors name `field`.
 absl::StatusOr<std::vector<double>> NormaliseDemand(std::span<const double> demand, int num_layers,
                                                     absl::string_view field);
+// The same for a head demand ([num_layers * num_kv_heads], layer-major): each layer's entries
+// normalised to mean 1 (a layer of zeros to equal shares). Errors name `field`.
+absl::StatusOr<std::vector<double>> NormaliseHeadDemand(std::span<const double> demand,
+                                                        int num_layers, int num_kv_heads,
+                                                        absl::string_view field);
 
 }  // namespace reasonalloc
 

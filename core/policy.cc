@@ -169,11 +169,11 @@ absl::StatusOr<AllocatorKind> ParseAllocator(absl::string_view name, absl::strin
 absl::StatusOr<ReasonAllocMode> ParseReasonAllocMode(absl::string_view name,
                                                      absl::string_view field) {
   for (ReasonAllocMode m : {ReasonAllocMode::kFull, ReasonAllocMode::kLayer, ReasonAllocMode::kHead,
-                            ReasonAllocMode::kOff}) {
+                            ReasonAllocMode::kOff, ReasonAllocMode::kStatic}) {
     if (NameOf(m) == name) return m;
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat(field, " \"", name.substr(0, 64), "\" is not one of full, layer, head, off"));
+  return absl::InvalidArgumentError(absl::StrCat(
+      field, " \"", name.substr(0, 64), "\" is not one of full, layer, head, off, static"));
 }
 
 absl::string_view NameOf(ReasonAllocMode mode) {
@@ -186,6 +186,8 @@ absl::string_view NameOf(ReasonAllocMode mode) {
       return "head";
     case ReasonAllocMode::kOff:
       return "off";
+    case ReasonAllocMode::kStatic:
+      return "static";
   }
   return "full";
 }

@@ -27,8 +27,9 @@ struct ScorerConfig;
 enum class ScorerKind : uint8_t { kSnapKv, kStreaming, kH2o, kRkv };
 enum class AllocatorKind : uint8_t { kUniform, kPyramid, kAdaKv, kReasonAlloc };
 // Which levels of ReasonAlloc run (AllocatorConfig.reasonalloc_mode): both, the layer profile
-// only, head routing only, or neither (uniform budgets).
-enum class ReasonAllocMode : uint8_t { kFull, kLayer, kHead, kOff };
+// only, head routing only, neither (uniform budgets), or static: the layer profile and a fixed
+// split of each layer among its heads by the profile's measured head demand.
+enum class ReasonAllocMode : uint8_t { kFull, kLayer, kHead, kOff, kStatic };
 
 // Data planes (the API's MemoryKind) as a bit set.
 enum PlaneBits : uint32_t {

@@ -79,7 +79,7 @@ constexpr long long kLogitsBytes = 1ll << 30;
 struct GpuEngine::Impl {
   int device = 0;
   SessionConfig config;
-  std::vector<double> layer_demand;
+  ProfileDemand demand;
   std::unique_ptr<Scorer> scorer;  // the cost model of an event's work (CheckEventShape)
   cudaStream_t stream = nullptr;
   bool accumulated_given = false;  // h2o: this batch carries accumulators
@@ -287,7 +287,7 @@ absl::StatusOr<std::vector<Decision>> GpuEngine::Impl::Compress(
   GpuBackend backend(*this, b);
   std::vector<std::span<const int32_t>> lengths;
   for (const DeviceEventInputs& ev : events) lengths.push_back(ev.lengths);
-  ASSIGN_OR_RETURN(std::vector<Decision> out, RunBatch(config, layer_demand, lengths, backend));
+  ASSIGN_OR_RETURN(std::vector<Decision> out, RunBatch(config, demand, lengths, backend));
   for (long long e = 0; e < num_events; ++e) {
     const auto& ev = events[static_cast<size_t>(e)];
     last_lengths.emplace_back(ev.lengths.begin(), ev.lengths.end());
@@ -499,15 +499,15 @@ int GpuEngine::device() const { return impl_->device; }
 
 absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(int device,
                                                              const SessionConfig& config,
-                                                             std::vector<double> layer_demand) {
+                                                             ProfileDemand demand) {
   RETURN_IF_ERROR(ValidateSessionConfig(config));
   // Bad profiles fail here, at creation, not at the first event.
-  RETURN_IF_ERROR(LayerBudgets(config, layer_demand).status());
+  RETURN_IF_ERROR(CheckProfileDemand(config, demand));
   auto impl = std::make_unique<Impl>();
   impl->device = device;
   impl->config = config;
   ASSIGN_OR_RETURN(impl->scorer, MakeScorer(config.scorer));
-  impl->layer_demand = std::move(layer_demand);
+  impl->demand = std::move(demand);
   // Tests shrink the logits scratch to exercise chunked scoring.
   if (const char* v = std::getenv("REASONALLOC_GPU_LOGITS_BYTES"); v != nullptr) {
     impl->logits_bytes = std::max(1ll, std::atoll(v));

@@ -73,7 +73,7 @@ class GpuEngine final : public Compactor {
  public:
   // An engine for `config` on CUDA device `device`.
   static absl::StatusOr<std::unique_ptr<GpuEngine>> Create(int device, const SessionConfig& config,
-                                                           std::vector<double> layer_demand = {});
+                                                           ProfileDemand demand = {});
   ~GpuEngine();
   GpuEngine(const GpuEngine&) = delete;
   GpuEngine& operator=(const GpuEngine&) = delete;

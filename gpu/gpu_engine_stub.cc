@@ -11,7 +11,7 @@ GpuEngine::GpuEngine(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 GpuEngine::~GpuEngine() = default;
 
 absl::StatusOr<std::unique_ptr<GpuEngine>> GpuEngine::Create(int, const SessionConfig&,
-                                                             std::vector<double>) {
+                                                             ProfileDemand) {
   return absl::UnavailableError(
       "this build has no CUDA backend (configured with REASONALLOC_CUDA=OFF or without nvcc)");
 }

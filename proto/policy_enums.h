@@ -19,6 +19,8 @@ inline v1::AllocatorConfig::ReasonAllocMode ReasonAllocModeToProto(ReasonAllocMo
       return v1::AllocatorConfig::REASONALLOC_MODE_HEAD;
     case ReasonAllocMode::kOff:
       return v1::AllocatorConfig::REASONALLOC_MODE_OFF;
+    case ReasonAllocMode::kStatic:
+      return v1::AllocatorConfig::REASONALLOC_MODE_STATIC;
   }
   return v1::AllocatorConfig::REASONALLOC_MODE_UNSPECIFIED;
 }

@@ -10,7 +10,7 @@
 namespace reasonalloc {
 
 std::string GpuEnginePool::Key(int device, const SessionConfig& config,
-                               const std::vector<double>& layer_demand) {
+                               const ProfileDemand& demand) {
   // The configuration as the API spells it (every field, defaults resolved), serialized
   // deterministically, then the profile's values bit for bit.
   v1::CreateSessionRequest r;
@@ -25,14 +25,18 @@ std::string GpuEnginePool::Key(int device, const SessionConfig& config,
   }
   std::string key = absl::StrCat(device, "/", config.managed ? "m" : "a", "/", bytes.size(), "/");
   key += bytes;
-  key.append(reinterpret_cast<const char*>(layer_demand.data()),
-             layer_demand.size() * sizeof(double));
+  absl::StrAppend(&key, "/", demand.layers.size(), "/", demand.heads.size(), "/");
+  key.append(reinterpret_cast<const char*>(demand.layers.data()),
+             demand.layers.size() * sizeof(double));
+  key.append(reinterpret_cast<const char*>(demand.heads.data()),
+             demand.heads.size() * sizeof(double));
   return key;
 }
 
-absl::StatusOr<std::shared_ptr<gpu::GpuEngine>> GpuEnginePool::Get(
-    int device, const SessionConfig& config, const std::vector<double>& layer_demand) {
-  const std::string key = Key(device, config, layer_demand);
+absl::StatusOr<std::shared_ptr<gpu::GpuEngine>> GpuEnginePool::Get(int device,
+                                                                   const SessionConfig& config,
+                                                                   const ProfileDemand& demand) {
+  const std::string key = Key(device, config, demand);
   MutexLock lock(&mu_);
   // Engines whose sessions are all gone leave an expired entry; drop them as we pass.
   for (auto it = engines_.begin(); it != engines_.end();) {
@@ -41,7 +45,7 @@ absl::StatusOr<std::shared_ptr<gpu::GpuEngine>> GpuEnginePool::Get(
   if (auto it = engines_.find(key); it != engines_.end()) {
     if (std::shared_ptr<gpu::GpuEngine> engine = it->second.lock()) return engine;
   }
-  auto created = gpu::GpuEngine::Create(device, config, layer_demand);
+  auto created = gpu::GpuEngine::Create(device, config, demand);
   if (!created.ok()) return created.status();
   std::shared_ptr<gpu::GpuEngine> engine = std::move(created).value();
   engines_[key] = engine;

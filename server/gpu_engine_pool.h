@@ -21,14 +21,13 @@ class GpuEnginePool {
  public:
   // The shared engine for these, created on first use.
   absl::StatusOr<std::shared_ptr<gpu::GpuEngine>> Get(int device, const SessionConfig& config,
-                                                      const std::vector<double>& layer_demand)
+                                                      const ProfileDemand& demand)
       ABSL_LOCKS_EXCLUDED(mu_);
   // Engines alive now.
   int size() const ABSL_LOCKS_EXCLUDED(mu_);
 
   // What makes two sessions share an engine: everything the engine computes with.
-  static std::string Key(int device, const SessionConfig& config,
-                         const std::vector<double>& layer_demand);
+  static std::string Key(int device, const SessionConfig& config, const ProfileDemand& demand);
 
  private:
   mutable Mutex mu_;

@@ -64,6 +64,13 @@ absl::StatusOr<v1::LayerProfile> ProfileStore::Validate(v1::LayerProfile p,
                                 m.num_layers(), absl::StrCat(field, ".demand"));
   if (!demand.ok()) return demand.status();
   p.mutable_demand()->Assign(demand->begin(), demand->end());
+  if (p.head_demand_size() != 0) {
+    auto heads =
+        NormaliseHeadDemand(std::vector<double>(p.head_demand().begin(), p.head_demand().end()),
+                            m.num_layers(), m.num_kv_heads(), absl::StrCat(field, ".head_demand"));
+    if (!heads.ok()) return heads.status();
+    p.mutable_head_demand()->Assign(heads->begin(), heads->end());
+  }
   if (p.samples_size() != 0 && p.samples_size() != m.num_layers()) {
     return absl::InvalidArgumentError(
         absl::StrCat(field, ".samples has ", p.samples_size(),

@@ -51,7 +51,8 @@ class ProfileStore {
   // Whether `name` is a valid profile name (1-128 of [A-Za-z0-9._-], not starting with '.').
   static bool ValidName(const std::string& name);
 
-  // Checks name, geometry, ρ, demand and sample counts; returns the profile with demand normalised.
+  // Checks name, geometry, ρ, demand, head demand and sample counts; returns the profile with
+  // demand (and head demand, per layer) normalised.
   // Errors are InvalidArgument naming `field` + the profile's field (e.g. "profile.demand[3]").
   static absl::StatusOr<v1::LayerProfile> Validate(v1::LayerProfile profile,
                                                    absl::string_view field);

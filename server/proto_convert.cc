@@ -125,6 +125,9 @@ absl::StatusOr<SessionConfig> SessionConfigFromProto(const v1::CreateSessionRequ
     case v1::AllocatorConfig::REASONALLOC_MODE_OFF:
       c.allocator.reasonalloc_mode = ReasonAllocMode::kOff;
       break;
+    case v1::AllocatorConfig::REASONALLOC_MODE_STATIC:
+      c.allocator.reasonalloc_mode = ReasonAllocMode::kStatic;
+      break;
     default:
       return absl::InvalidArgumentError(
           absl::StrCat("allocator.reasonalloc_mode = ", static_cast<int>(a.reasonalloc_mode()),

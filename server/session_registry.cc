@@ -232,9 +232,9 @@ absl::StatusOr<absl::Duration> SessionRegistry::LeaseFor(double seconds,
 }
 
 absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::Create(
-    const SessionConfig& config, std::string client_tag, absl::Duration lease,
-    std::vector<double> layer_demand, std::string profile, PeerIdentity owner) {
-  auto engine = Engine::Create(config, std::move(layer_demand));
+    const SessionConfig& config, std::string client_tag, absl::Duration lease, ProfileDemand demand,
+    std::string profile, PeerIdentity owner) {
+  auto engine = Engine::Create(config, std::move(demand));
   if (!engine.ok()) return engine.status();
   const uint64_t bytes = ComputeArenaBytes(config).total();
   auto session = std::make_shared<Session>(NewSessionId(), std::move(engine).value(), bytes,
@@ -316,7 +316,7 @@ absl::StatusOr<std::shared_ptr<Session>> SessionRegistry::UpdateBudget(const std
   RETURN_IF_ERROR(CheckBudgetValue(budget, config.budget, config.model, "budget"));
   config.budget.budget = budget;
   ASSIGN_OR_RETURN(std::shared_ptr<Engine> engine,
-                   Engine::Create(config, session.engine()->layer_demand()));
+                   Engine::Create(config, session.engine()->demand()));
   const uint64_t bytes = ComputeArenaBytes(config).total();
   MutexLock lock(&mu_);
   if (sessions_.find(id) == sessions_.end()) {

@@ -183,10 +183,10 @@ class SessionRegistry {
   SessionRegistry& operator=(const SessionRegistry&) = delete;
 
   // Validates the configuration, reserves its bytes and admits the session.
-  // `layer_demand` and `profile`: the layer profile the session follows (empty = uniform layers).
+  // `demand` and `profile`: the layer profile the session follows (empty = uniform layers).
   absl::StatusOr<std::shared_ptr<Session>> Create(const SessionConfig& config,
                                                   std::string client_tag, absl::Duration lease,
-                                                  std::vector<double> layer_demand = {},
+                                                  ProfileDemand demand = {},
                                                   std::string profile = "",
                                                   PeerIdentity owner = {});
   // NOT_FOUND for unknown, closed and expired sessions (a lapsed lease is never revived, even

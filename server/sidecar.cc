@@ -129,7 +129,7 @@ absl::StatusOr<CreatedSession> Sidecar::CreateSession(const Caller& caller,
   }
   // ReasonAlloc's layer level follows the model's profile (or the one named); without one the
   // layers are uniform and the answer says so.
-  std::vector<double> demand;
+  ProfileDemand demand;
   std::string profile_name;
   CreatedSession created;
   if (AllocatorOf(config.allocator.kind).UsesLayerProfile(config.allocator)) {
@@ -154,18 +154,25 @@ absl::StatusOr<CreatedSession> Sidecar::CreateSession(const Caller& caller,
     }
     if (profile.ok()) {
       RETURN_IF_ERROR(ProfileStore::CheckGeometry(*profile, config.model));
-      demand.assign(profile->demand().begin(), profile->demand().end());
+      demand.layers.assign(profile->demand().begin(), profile->demand().end());
+      demand.heads.assign(profile->head_demand().begin(), profile->head_demand().end());
       profile_name = name;
     } else if (named) {
       return absl::FailedPreconditionError(
           absl::StrCat("allocator.profile \"", name.substr(0, 128), "\" is not loaded"));
+    } else if (AllocatorOf(config.allocator.kind).UsesHeadProfile(config.allocator)) {
+      // The static mode has no uniform fallback: its head split is the profile's.
+      return absl::FailedPreconditionError(
+          absl::StrCat("allocator.reasonalloc_mode static needs a layer profile with head_demand; "
+                       "no usable profile for model \"",
+                       name.substr(0, 128), "\" (name one in allocator.profile)"));
     } else if (created.warnings.empty()) {
       created.warnings.push_back(
           absl::StrCat("no layer profile for model \"", name,
                        "\": uniform layer budgets (PutProfile or --profile-dir adds one)"));
     }
   }
-  const std::vector<double> layer_demand = demand;
+  const ProfileDemand profile_demand = demand;
   ASSIGN_OR_RETURN(created.session,
                    registry_->Create(config, spec.client_tag, lease, std::move(demand),
                                      profile_name, caller.peer));
@@ -173,7 +180,7 @@ absl::StatusOr<CreatedSession> Sidecar::CreateSession(const Caller& caller,
   // A session whose memory cannot be set up leaves the registry again.
   auto attach = [&]() -> absl::Status {
     if (cuda_ipc) {
-      ASSIGN_OR_RETURN(auto engine, gpu_engines_.Get(options_.cuda_device, config, layer_demand));
+      ASSIGN_OR_RETURN(auto engine, gpu_engines_.Get(options_.cuda_device, config, profile_demand));
       ASSIGN_OR_RETURN(auto arenas, CudaSessionArenas::Create(config, std::move(engine)));
       session.AttachCudaArenas(std::move(arenas));
     } else if (spec.memory == MemoryKind::kHostShm) {

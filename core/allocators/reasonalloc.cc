@@ -1,6 +1,7 @@
 // ReasonAlloc (docs/algorithms.md §3.4): layer budgets from the model's layer profile (the
 // robustified demand wave), then routing inside each layer toward the heads holding many of the
-// layer's best-scored tokens. The mode turns either level off.
+// layer's best-scored tokens. The mode turns either level off, or (static) replaces the routing by
+// the profile's measured head demand.
 #include <cmath>
 #include <vector>
 
@@ -13,7 +14,8 @@ namespace {
 
 bool LayerLevel(const AllocatorConfig& a) {
   return a.reasonalloc_mode == ReasonAllocMode::kLayer ||
-         a.reasonalloc_mode == ReasonAllocMode::kFull;
+         a.reasonalloc_mode == ReasonAllocMode::kFull ||
+         a.reasonalloc_mode == ReasonAllocMode::kStatic;
 }
 
 class ReasonAllocAllocator final : public Allocator {
@@ -45,25 +47,19 @@ class ReasonAllocAllocator final : public Allocator {
     return caps;
   }
 
+  bool UsesHeadProfile(const AllocatorConfig& a) const override {
+    return a.reasonalloc_mode == ReasonAllocMode::kStatic;
+  }
+
   // Route toward the heads holding many of the layer's tokens at or above tau, the total-th
   // largest score (every candidate when the layer has no more than total).
   absl::Status RouteHeads(const SessionConfig& c, const LayerPool& pool,
                           std::span<int32_t> layer) const override {
-    const AllocatorConfig& ac = c.allocator;
-    const size_t heads = layer.size();
-    const int64_t cap = pool.total / static_cast<int64_t>(heads);
-    std::vector<double> r(heads), w(heads);
-    for (size_t h = 0; h < heads; ++h) {
+    std::vector<double> r(layer.size());
+    for (size_t h = 0; h < r.size(); ++h) {
       r[h] = static_cast<double>(pool.greater[h] + pool.equal[h]);
-      w[h] = std::pow(r[h] + 1e-6, ac.head_exponent);
     }
-    auto shares =
-        Robustify(r, pool.total, ac.head_exponent, ac.head_floor * static_cast<double>(cap),
-                  static_cast<double>(pool.total));
-    if (!shares.ok()) return shares.status();
-    const std::vector<double> x(shares->begin(), shares->end());
-    RouteLayer(x, pool.total, pool.candidates, w, c.budget.window, layer);
-    return absl::OkStatus();
+    return SplitLayerByDemand(c.allocator, r, pool.total, pool.candidates, c.budget.window, layer);
   }
 };
 

@@ -43,7 +43,7 @@ constexpr double kAbsTol = 1e-7;
 struct Case {
   std::string name;
   SessionConfig config;
-  std::vector<double> demand;
+  ProfileDemand demand;  // layer demand, and head demand for the static mode
   int events = 1;
   bool exact_ties = false;  // inputs quantised to a few levels: many scores tie exactly
   bool duplicate_keys = false;
@@ -103,10 +103,20 @@ std::vector<Case> Cases() {
           k.config.scorer.threshold = (rng() % 4 == 0) ? -0.2 : 0.2 + 0.7 * (rng() % 100) / 100.0;
           k.config.allocator.kind = ParseAllocator(allocator).value();
           const ReasonAllocMode modes[] = {ReasonAllocMode::kFull, ReasonAllocMode::kLayer,
-                                           ReasonAllocMode::kHead, ReasonAllocMode::kOff};
-          k.config.allocator.reasonalloc_mode = modes[rng() % 4];
+                                           ReasonAllocMode::kHead, ReasonAllocMode::kOff,
+                                           ReasonAllocMode::kStatic};
+          k.config.allocator.reasonalloc_mode = modes[rng() % 5];
           if (std::string(allocator) == "reasonalloc" && rng() % 4 != 0) {
-            for (int l = 0; l < layers; ++l) k.demand.push_back(0.2 + (rng() % 100) / 25.0);
+            for (int l = 0; l < layers; ++l) {
+              k.demand.layers.push_back(0.2 + (rng() % 100) / 25.0);
+            }
+          }
+          if (std::string(allocator) == "reasonalloc" &&
+              k.config.allocator.reasonalloc_mode == ReasonAllocMode::kStatic) {
+            // Some heads demand nothing: the floor and the cap at short heads both matter.
+            for (int h = 0; h < layers * kv; ++h) {
+              k.demand.heads.push_back(rng() % 5 == 0 ? 0.0 : 0.1 + (rng() % 100) / 20.0);
+            }
           }
           k.events = 1 + static_cast<int>(rng() % 3);
           k.exact_ties = variant == 1;
@@ -333,7 +343,7 @@ void RunCase(const Case& k, Tally* tally) {
     // Exact given the GPU's scores: the CPU's routing and selector on them.
     std::vector<int32_t> routed(static_cast<size_t>(hl));
     auto allocator = MakeAllocator(k.config.allocator).value();
-    AllocationInputs ai{&k.config, e.lengths, gs, k.demand};
+    AllocationInputs ai{&k.config, e.lengths, gs, k.demand.layers, k.demand.heads};
     ASSERT_TRUE(allocator->Allocate(ai, routed).ok());
     EXPECT_EQ(g.budgets, routed) << "budgets differ from the CPU routing of the GPU's scores";
     for (int64_t head = 0; head < hl; ++head) {
@@ -367,7 +377,7 @@ void RunCase(const Case& k, Tally* tally) {
         tol = std::max(tol, Tolerance(s));
       }
       std::sort(pool.begin(), pool.end(), std::greater<float>());
-      const int64_t kk = PoolSizes(k.config, k.demand).value()[static_cast<size_t>(l)];
+      const int64_t kk = PoolSizes(k.config, k.demand.layers).value()[static_cast<size_t>(l)];
       ASSERT_LT(kk, static_cast<int64_t>(pool.size())) << "layer " << l;
       const bool near_tie =
           pool[static_cast<size_t>(kk - 1)] - pool[static_cast<size_t>(kk)] <= 2 * tol;
@@ -449,7 +459,7 @@ TEST_F(GpuEngineTest, LlamaGeometryEventAtBatchFour) {
   k.config.budget.window = 8;
   k.config.scorer.kind = ScorerKind::kRkv;
   k.config.allocator.kind = AllocatorKind::kReasonAlloc;
-  for (int l = 0; l < 32; ++l) k.demand.push_back(0.5 + std::abs(std::sin(l * 0.4)));
+  for (int l = 0; l < 32; ++l) k.demand.layers.push_back(0.5 + std::abs(std::sin(l * 0.4)));
   k.events = 4;
   k.seed = 11;
   Tally tally;
@@ -565,7 +575,7 @@ TEST(GpuEngineHarness, ConfigurationsAreValidAndTheExactChecksHoldOnTheCpu) {
       ASSERT_TRUE(c.ok()) << c.status();
       std::vector<int32_t> routed(cs.size());
       auto allocator = MakeAllocator(k.config.allocator).value();
-      AllocationInputs ai{&k.config, e.lengths, cs, k.demand};
+      AllocationInputs ai{&k.config, e.lengths, cs, k.demand.layers, k.demand.heads};
       ASSERT_TRUE(allocator->Allocate(ai, routed).ok());
       ASSERT_EQ(c->budgets, routed);
       for (size_t head = 0; head < cs.size(); ++head) {

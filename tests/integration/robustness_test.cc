@@ -635,6 +635,47 @@ TEST(Robustness, SessionsKeepTheProfileTheyWereCreatedWith) {
   EXPECT_GT(second->session().layer_budgets(0), second->session().layer_budgets(1));
 }
 
+// The static mode splits each layer among its heads by the profile's head demand; a profile
+// without one, or no profile, is refused naming what is missing.
+TEST(Robustness, StaticHeadSplitFollowsTheProfilesHeadDemand) {
+  auto server = MustStart();
+  ASSERT_NE(server, nullptr);
+  Client& c = server->client();
+  ASSERT_TRUE(PutProfile(c, Profile("layers-only", {1, 1})).ok());
+  v1::LayerProfile heads = Profile("heads", {1, 1});
+  for (double d : {3.0, 1.0, 1.0, 3.0}) heads.add_head_demand(d);
+  ASSERT_TRUE(PutProfile(c, heads).ok());
+  v1::LayerProfile bad_heads = Profile("bad-heads", {1, 1});
+  for (double d : {3.0, 1.0, 1.0}) bad_heads.add_head_demand(d);
+  const absl::Status refused_put = PutProfile(c, bad_heads);
+  EXPECT_EQ(refused_put.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(refused_put.message()), HasSubstr("profile.head_demand has 3 entries"));
+
+  v1::CreateSessionRequest r = Session(2, 2, 2, 8, 20, 4);
+  r.mutable_allocator()->set_name("reasonalloc");
+  r.mutable_allocator()->set_reasonalloc_mode(v1::AllocatorConfig::REASONALLOC_MODE_STATIC);
+  auto no_profile = c.CreateSession(r);  // no profile is named after model "robustness"
+  EXPECT_EQ(no_profile.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(no_profile.status().message()),
+              HasSubstr("allocator.reasonalloc_mode static needs a layer profile"));
+  r.mutable_allocator()->set_profile("layers-only");
+  auto no_heads = c.CreateSession(r);
+  EXPECT_EQ(no_heads.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(no_heads.status().message()), HasSubstr("head_demand"));
+  EXPECT_THAT(std::string(no_heads.status().message()), HasSubstr("\"layers-only\""));
+
+  r.mutable_allocator()->set_profile("heads");
+  auto session = c.CreateSession(r);
+  ASSERT_TRUE(session.ok()) << session.status();
+  const std::string id = session->session().session_id();
+  auto done = c.Compress(Event(id, 1, 2, 2, 2, 8, 4, 100));
+  ASSERT_TRUE(done.ok()) << done.status();
+  auto st = c.GetSession(id);
+  ASSERT_TRUE(st.ok());
+  // Each layer's 2 · 16 selectable tokens split by √3 : 1 (β 0.5): 20 and 12, window 4 added.
+  EXPECT_THAT(st->budgets(), ::testing::ElementsAre(24, 16, 16, 24));
+}
+
 TEST(Robustness, RefusedFinishCalibrationKeepsTheMeasurement) {
   auto server = MustStart();
   ASSERT_NE(server, nullptr);

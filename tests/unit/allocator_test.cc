@@ -31,7 +31,7 @@ std::vector<int32_t> Allocate(const SessionConfig& c, const std::vector<std::vec
   auto allocator = MakeAllocator(c.allocator);
   EXPECT_TRUE(allocator.ok());
   std::vector<int32_t> budgets(scores.size());
-  const absl::Status s = (*allocator)->Allocate({&c, lengths, scores, demand}, budgets);
+  const absl::Status s = (*allocator)->Allocate({&c, lengths, scores, demand, {}}, budgets);
   EXPECT_TRUE(s.ok()) << s;
   return budgets;
 }
@@ -102,6 +102,59 @@ TEST(ReasonAlloc, LayerWaveFollowsTheProfile) {
   EXPECT_THAT(*LayerBudgets(c, demand), ElementsAre(18, 18, 18, 18));
 }
 
+TEST(ReasonAlloc, StaticModeSplitsEachLayerByTheProfilesHeadDemand) {
+  // One layer, 3 heads, window 2, B 18: 16 selectable each, layer total 48. Head demand [4, 1, 1]
+  // with β 1 and no floor: shares 32, 8, 8, budgets 34, 10, 10, whatever the scores.
+  auto c = Config(1, 3, 18, 2, "reasonalloc");
+  c.allocator.reasonalloc_mode = ReasonAllocMode::kStatic;
+  c.allocator.head_exponent = 1.0;
+  c.allocator.head_floor = 0.0;
+  const ProfileDemand demand({}, {4, 1, 1});
+  const std::vector<int32_t> long_heads = {60, 60, 60};
+  std::vector<int32_t> budgets(3);
+  ASSERT_TRUE(HeadBudgetsFromProfile(c, long_heads, demand.layers, demand.heads, budgets).ok());
+  EXPECT_THAT(budgets, ElementsAre(34, 10, 10));
+  // The allocator gives the same through Allocate, with scores that would route otherwise.
+  const std::vector<std::vector<float>> scores = {
+      std::vector<float>(58, 0.0f), std::vector<float>(58, 1.0f), std::vector<float>(58, 2.0f)};
+  std::vector<int32_t> allocated(3);
+  ASSERT_TRUE(AllocatorOf(c.allocator.kind)
+                  .Allocate({&c, long_heads, scores, demand.layers, demand.heads}, allocated)
+                  .ok());
+  EXPECT_EQ(allocated, budgets);
+  // Head 0 holds only 10 candidates: it keeps them and heads 1 and 2 share the other 22.
+  ASSERT_TRUE(HeadBudgetsFromProfile(c, std::vector<int32_t>{12, 60, 60}, demand.layers,
+                                     demand.heads, budgets)
+                  .ok());
+  EXPECT_THAT(budgets, ElementsAre(12, 21, 21));
+  // The floor: head_floor 0.25 of the equal share (16) is 4 for a head that demands nothing.
+  c.allocator.head_floor = 0.25;
+  ASSERT_TRUE(
+      HeadBudgetsFromProfile(c, long_heads, demand.layers, std::vector<double>{1, 0, 1}, budgets)
+          .ok());
+  EXPECT_THAT(budgets, ElementsAre(24, 6, 24));
+}
+
+TEST(ReasonAlloc, StaticModeRefusesAProfileWithoutItsHeadDemand) {
+  auto c = Config(2, 3, 18, 2, "reasonalloc");
+  c.allocator.reasonalloc_mode = ReasonAllocMode::kStatic;
+  c.allocator.profile = "wave";
+  auto none = Engine::Create(c, ProfileDemand({1, 1}, {}));
+  ASSERT_EQ(none.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(none.status().message(), ::testing::HasSubstr("head_demand"));
+  EXPECT_THAT(none.status().message(), ::testing::HasSubstr("\"wave\" has 0"));
+  auto short_profile = Engine::Create(c, ProfileDemand({1, 1}, {1, 1, 1}));
+  ASSERT_EQ(short_profile.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(short_profile.status().message(), ::testing::HasSubstr("= 6 entries"));
+  auto negative = Engine::Create(c, ProfileDemand({1, 1}, {1, 1, 1, 1, -1, 1}));
+  ASSERT_EQ(negative.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(negative.status().message(), ::testing::HasSubstr("head_demand[4]"));
+  EXPECT_TRUE(Engine::Create(c, ProfileDemand({1, 1}, {1, 1, 1, 2, 0, 1})).ok());
+  // Other modes ignore a head demand.
+  c.allocator.reasonalloc_mode = ReasonAllocMode::kFull;
+  EXPECT_TRUE(Engine::Create(c, ProfileDemand({1, 1}, {})).ok());
+}
+
 // Random sessions through the whole engine: budget sums, floors, saturation, window and exact
 // counts.
 TEST(Allocators, InvariantsOnRandomInputs) {
@@ -109,7 +162,8 @@ TEST(Allocators, InvariantsOnRandomInputs) {
   std::normal_distribution<float> normal;
   const char* allocators[] = {"uniform", "pyramid", "adakv", "reasonalloc"};
   const ReasonAllocMode modes[] = {ReasonAllocMode::kFull, ReasonAllocMode::kHead,
-                                   ReasonAllocMode::kLayer, ReasonAllocMode::kOff};
+                                   ReasonAllocMode::kLayer, ReasonAllocMode::kOff,
+                                   ReasonAllocMode::kStatic};
   for (int trial = 0; trial < 240; ++trial) {
     const int L = 1 + trial % 4, hkv = 1 + trial % 3, group = 1 + (trial / 3) % 3,
               d = 4 + trial % 5;
@@ -119,10 +173,15 @@ TEST(Allocators, InvariantsOnRandomInputs) {
     c.budget.budget = c.budget.window + 1 + trial % 17;
     c.scorer.kind = trial % 2 ? ScorerKind::kRkv : ScorerKind::kSnapKv;
     c.allocator.kind = ParseAllocator(allocators[trial % 4]).value();
-    c.allocator.reasonalloc_mode = modes[(trial / 4) % 4];
-    std::vector<double> demand;
+    c.allocator.reasonalloc_mode = modes[(trial / 4) % 5];
+    ProfileDemand demand;
     if (trial % 8 == 3) {
-      for (int l = 0; l < L; ++l) demand.push_back(1 + 10 * std::abs(normal(rng)));
+      for (int l = 0; l < L; ++l) demand.layers.push_back(1 + 10 * std::abs(normal(rng)));
+    }
+    if (c.allocator.reasonalloc_mode == ReasonAllocMode::kStatic) {
+      for (int h = 0; h < L * hkv; ++h) {
+        demand.heads.push_back(trial % 7 == 0 ? 0.0 : std::abs(normal(rng)));
+      }
     }
     auto engine = Engine::Create(c, demand);
     ASSERT_TRUE(engine.ok()) << engine.status();
@@ -142,7 +201,8 @@ TEST(Allocators, InvariantsOnRandomInputs) {
     const bool head_wise = c.allocator.kind == AllocatorKind::kAdaKv ||
                            (c.allocator.kind == AllocatorKind::kReasonAlloc &&
                             (c.allocator.reasonalloc_mode == ReasonAllocMode::kHead ||
-                             c.allocator.reasonalloc_mode == ReasonAllocMode::kFull));
+                             c.allocator.reasonalloc_mode == ReasonAllocMode::kFull ||
+                             c.allocator.reasonalloc_mode == ReasonAllocMode::kStatic));
     int64_t sum = 0;
     bool saturated = false;
     for (int64_t h = 0; h < heads; ++h) {

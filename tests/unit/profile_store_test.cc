@@ -47,6 +47,27 @@ TEST_F(ProfileStoreTest, LoadsAndNormalises) {
   EXPECT_EQ((*store)->Get("other").status().code(), absl::StatusCode::kNotFound);
 }
 
+TEST_F(ProfileStoreTest, HeadDemandIsNormalisedWithinEachLayer) {
+  Write("heads.json", R"({"name": "heads", "model": {"num_layers": 2, "num_q_heads": 6,
+    "num_kv_heads": 3, "head_dim": 8}, "rho": 1, "demand": [1, 1],
+    "head_demand": [2, 1, 0, 0, 0, 0]})");
+  auto store = ProfileStore::Open(dir_);
+  ASSERT_TRUE(store.ok()) << store.status();
+  auto p = (*store)->Get("heads");
+  ASSERT_TRUE(p.ok());
+  ASSERT_EQ(p->head_demand_size(), 6);
+  // Layer 0: [2, 1, 0] to mean 1; layer 1 (nothing measured) to equal shares.
+  EXPECT_DOUBLE_EQ(p->head_demand(0), 2.0);
+  EXPECT_DOUBLE_EQ(p->head_demand(1), 1.0);
+  EXPECT_DOUBLE_EQ(p->head_demand(2), 0.0);
+  for (int i = 3; i < 6; ++i) EXPECT_DOUBLE_EQ(p->head_demand(i), 1.0);
+  // A profile without head demand stays without.
+  Write("tiny.json", kGood);
+  auto again = ProfileStore::Open(dir_);
+  ASSERT_TRUE(again.ok());
+  EXPECT_EQ((*again)->Get("tiny")->head_demand_size(), 0);
+}
+
 TEST_F(ProfileStoreTest, CorruptFilesStopTheLoadNamingFileAndField) {
   const std::pair<const char*, const char*> cases[] = {
       {"{not json", "not a LayerProfile JSON"},
@@ -62,6 +83,12 @@ TEST_F(ProfileStoreTest, CorruptFilesStopTheLoadNamingFileAndField) {
       {R"({"name": "../evil", "model": {"num_layers": 1, "num_q_heads": 1, "num_kv_heads": 1,
           "head_dim": 4}, "rho": 0.9, "demand": [1]})",
        "name"},
+      {R"({"name": "x", "model": {"num_layers": 2, "num_q_heads": 2, "num_kv_heads": 2,
+          "head_dim": 4}, "rho": 0.9, "demand": [1, 1], "head_demand": [1, 2, 3]})",
+       "head_demand has 3 entries; model.num_layers * model.num_kv_heads is 4"},
+      {R"({"name": "x", "model": {"num_layers": 2, "num_q_heads": 2, "num_kv_heads": 2,
+          "head_dim": 4}, "rho": 0.9, "demand": [1, 1], "head_demand": [1, 2, -3, 1]})",
+       "head_demand[2]"},
   };
   for (const auto& [text, needle] : cases) {
     std::filesystem::remove_all(dir_);

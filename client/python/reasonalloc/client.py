@@ -320,7 +320,7 @@ class Client:
         scorer ("snapkv", "streaming", "h2o", "rkv"), pool_kernel, pool_kind, gqa_reduce,
             lambda_, threshold, softmax_all_keys: ScorerConfig.
         allocator ("uniform", "pyramid", "adakv", "reasonalloc"), mode (the reasonalloc mode:
-            "layer", "head", "full", "off"), profile, pyramid_beta, adakv_floor, layer_exponent,
+            "layer", "head", "full", "off", "static"), profile, pyramid_beta, adakv_floor, layer_exponent,
             head_exponent, head_floor, clip_low, clip_high: AllocatorConfig.
         managed: False for an advisory session. memory: "inline", "host_shm", "cuda_ipc".
         lease_seconds (0 = the server's default), client_tag.
