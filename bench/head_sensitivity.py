@@ -3,6 +3,7 @@
 
   .venv/bin/python bench/head_sensitivity.py HEADS.csv [--routing DIR/fidelity_heads.csv
       --policy NAME --budget B] [--out DIR]
+      [--profile_out PROFILE.json --base_profile LAYER_PROFILE.json [--name NAME]]
 
 HEADS.csv is `reasonalloc-worker calibrate --objective head_sensitivity`'s output: each KV head's
 KL cost per token when it alone is compressed. This reports
@@ -16,6 +17,9 @@ KL cost per token when it alone is compressed. This reports
   it gives more to the heads whose compression costs more (rank correlation of the within-layer
   shares over every head).
 Writes OUT/head_sensitivity.md and OUT/head_sensitivity.png (per-head KL by layer).
+With --profile_out it also writes a layer profile for reasonalloc's static mode: the base
+profile's layer demand and geometry, with each KV head's measured KL as its head_demand (the
+sidecar normalises it per layer).
 """
 import argparse
 import csv
@@ -34,6 +38,30 @@ def spearman(x, y):
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def write_profile(a, m):
+    """The base profile with head_demand = the measured per-head KL (layer-major)."""
+    import json
+    base = json.load(open(a.base_profile))
+    geometry = base.get("model", {})
+    L, H = m.shape
+    if int(geometry.get("num_layers", 0)) != L or int(geometry.get("num_kv_heads", 0)) != H:
+        sys.exit(f"--base_profile {a.base_profile}: model has {geometry.get('num_layers')} layers "
+                 f"x {geometry.get('num_kv_heads')} KV heads; {a.heads} has {L} x {H}")
+    profile = dict(base)
+    profile.pop("owner", None)
+    profile["name"] = a.name or base["name"] + ".heads"
+    profile["head_demand"] = [float(v) for v in m.reshape(-1)]
+    note = (f"head_demand: per-KV-head KL of {os.path.basename(a.heads)} "
+            f"(bench/head_sensitivity.py); layer demand: {base['name']}")
+    profile["provenance"] = (note + "; " + base.get("provenance", ""))[:4096]
+    tmp = a.profile_out + ".partial"
+    with open(tmp, "w") as f:
+        json.dump(profile, f, indent=1)
+        f.write("\n")
+    os.replace(tmp, a.profile_out)
+    print(f"wrote {a.profile_out} (profile \"{profile['name']}\")")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("heads")
@@ -44,9 +72,18 @@ def main():
     ap.add_argument("--budget", type=int, default=0,
                     help="its budget in that file (0: every budget the policy ran at, pooled)")
     ap.add_argument("--out", default="")
+    ap.add_argument("--profile_out", default="",
+                    help="also write a layer profile with these heads' KL as its head_demand")
+    ap.add_argument("--base_profile", default="",
+                    help="the layer profile JSON whose layer demand and geometry --profile_out "
+                         "keeps (e.g. the model's sensitivity profile)")
+    ap.add_argument("--name", default="",
+                    help="the written profile's name (default: the base profile's + '.heads')")
     a = ap.parse_args()
     if a.routing and not a.policy:
         ap.error("--routing needs --policy (the routing policy's name in that file)")
+    if bool(a.profile_out) != bool(a.base_profile):
+        ap.error("--profile_out and --base_profile go together")
     out = a.out or os.path.dirname(os.path.abspath(a.heads))
     os.makedirs(out, exist_ok=True)
 
@@ -64,6 +101,9 @@ def main():
         sys.exit(f"{a.heads}: a head's KL is negative or not finite")
     if not (m.sum(axis=1) > 0).any():
         sys.exit(f"{a.heads}: no head loses anything (no eviction at this budget?)")
+
+    if a.profile_out:
+        write_profile(a, m)
 
     # Layers whose heads all lost nothing have no shares; a head that lost nothing has no log.
     live = m.sum(axis=1) > 0

@@ -61,7 +61,8 @@ ABSL_FLAG(std::string, scorer, "rkv",
 ABSL_FLAG(std::string, allocator, "reasonalloc",
           absl::StrCat("generate: ", reasonalloc::AllocatorNames()));
 ABSL_FLAG(std::string, mode, "full",
-          "generate: the reasonalloc allocator's mode: layer | head | full | off");
+          "generate: the reasonalloc allocator's mode: layer | head | full | off | static (the "
+          "profile's head_demand splits each layer)");
 ABSL_FLAG(std::string, profile, "",
           "generate: layer profile name; calibrate: the name of the profile written (empty = the "
           "model name)");

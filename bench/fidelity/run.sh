@@ -7,6 +7,8 @@
 # Another model: pass --model FILE (and --model_name if its file name is not its profile's name),
 # OUT=folder for the results (default: bench/results, the reference model's published results),
 # and REASONALLOC_FIDELITY_PROFILE=the profile drawn in the report if not the model's own.
+# EXTRA_PROFILES: layer profile JSON files (space-separated) the sidecar loads beside
+# deploy/profiles (one of the same name replaces the shipped one).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 build=${1:-$root/build}
@@ -19,8 +21,10 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+. "$root/bench/stage_profiles.sh"
+stage_profiles "$work/profiles"
 "$build/server/reasonalloc-server" --listen "unix://$work/s.sock" --metrics_address 127.0.0.1:0 \
-  --profile_dir "$root/deploy/profiles" --max_arena_bytes $((8 << 30)) 2>"$work/server.log" &
+  --profile_dir "$work/profiles" --max_arena_bytes $((8 << 30)) 2>"$work/server.log" &
 pid=$!
 for _ in $(seq 200); do
   "$build/client/reasonalloc" health --target "unix://$work/s.sock" >/dev/null 2>&1 && break

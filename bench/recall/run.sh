@@ -22,21 +22,8 @@ cleanup() {
 trap cleanup EXIT
 "$root/.venv/bin/python" "$root/bench/recall/tasks.py" --seed "${RECALL_SEED:-1}" \
   --count "${RECALL_TASKS:-48}" --out "$work/tasks.tsv"
-mkdir "$work/profiles"
-cp "$root"/deploy/profiles/*.json "$work/profiles/"
-# An extra profile replaces a shipped one of the same name (the name inside the file, which the
-# sidecar refuses to see twice); each is copied under its own file name.
-n=0
-for f in ${EXTRA_PROFILES:-}; do
-  name=$("$root/.venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["name"])' "$f")
-  for g in "$work"/profiles/*.json; do
-    if [[ $("$root/.venv/bin/python" -c 'import json, sys; print(json.load(open(sys.argv[1]))["name"])' "$g") == "$name" ]]; then
-      rm "$g"
-    fi
-  done
-  n=$((n + 1))
-  cp "$f" "$work/profiles/extra-$n.json"
-done
+. "$root/bench/stage_profiles.sh"
+stage_profiles "$work/profiles"
 "$build/server/reasonalloc-server" --listen "unix://$work/s.sock" --metrics_address 127.0.0.1:0 \
   --profile_dir "$work/profiles" --max_arena_bytes $((8 << 30)) 2>"$work/server.log" &
 pid=$!

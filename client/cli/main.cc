@@ -84,7 +84,7 @@ ABSL_FLAG(std::string, allocator,
           absl::StrCat("compress: ", reasonalloc::AllocatorNames()));
 ABSL_FLAG(std::string, reasonalloc_mode,
           std::string(reasonalloc::NameOf(reasonalloc::AllocatorConfig{}.reasonalloc_mode)),
-          "compress: full | layer | head | off");
+          "compress: full | layer | head | off | static");
 ABSL_FLAG(int32_t, pool_kernel, reasonalloc::ScorerConfig{}.pool_kernel,
           "compress: pooling kernel (odd)");
 ABSL_FLAG(std::string, pool_kind, "max", "compress: max | avg");

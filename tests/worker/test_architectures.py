@@ -490,6 +490,30 @@ def test_head_sensitivity_measures_each_kv_head_alone(tmp_path):
         assert f"{100 * within:.0f} % within layers" in md, md
         assert len([l for l in md.splitlines() if re.match(r"\| \d+ \|", l)]) == LAYERS, md
         assert (tmp_path / "analysis" / "head_sensitivity.png").stat().st_size > 0
+        # A profile for the static head split: the layer profile's demand, these heads' KL.
+        static = tmp_path / "static.json"
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/head_sensitivity.py"),
+                            str(out), f"--out={tmp_path / 'analysis'}",
+                            f"--profile_out={static}", f"--base_profile={tmp_path / 'layer.json'}",
+                            "--name=heads.static"], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        written = json.loads(static.read_text())
+        assert written["head_demand"] == kl
+        assert written["demand"] == json.loads((tmp_path / "layer.json").read_text())["demand"]
+        for name in (static, tmp_path / "layer.json"):
+            put = subprocess.run([CLIENT, "put-profile", f"--target={target}", str(name)],
+                                 capture_output=True, text=True)
+            assert put.returncode == 0, put.stderr
+        gen = [WORKER, "generate", f"--model={model}", f"--target={target}",
+               "--allocator=reasonalloc", "--mode=static", "--scorer=rkv", "--budget=12",
+               "--buffer=8", "--prompt=the a", "--max_tokens=40", "--ignore_eos", "--json"]
+        run = subprocess.run([*gen, "--profile=heads.static"], capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        assert json.loads(run.stdout)["events"] > 0, run.stdout
+        # A profile without head demand cannot serve the static mode: refused, naming it.
+        layer_name = json.loads((tmp_path / "layer.json").read_text())["name"]
+        run = subprocess.run([*gen, f"--profile={layer_name}"], capture_output=True, text=True)
+        assert run.returncode != 0 and "head_demand" in run.stderr, run.stderr
     finally:
         server.terminate()
         server.wait(timeout=10)
