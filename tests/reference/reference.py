@@ -180,16 +180,29 @@ def layer_budgets(name, L, B, window, beta=20.0, demand=None, mode="full", gamma
         max_n = 2 * base - min_n
         x = [max_n - l * (max_n - min_n) / (L - 1) for l in range(L)] if L > 1 else [base]
         caps = selectable_floor(round_preserving_sum(x, L * base))
-    elif name == "reasonalloc" and demand is not None and mode in ("layer", "full"):
+    elif name == "reasonalloc" and demand is not None and mode in ("layer", "full", "static"):
         d = np.asarray(demand, dtype=np.float64)
         d = d * L / d.sum()
         caps = selectable_floor(robustify(d, L * base, gamma, clip[0] * base, clip[1] * base))
     return window + caps
 
 
+def normalise_heads(head_demand, L, H):
+    """A profile's head_demand as the server stores it: each layer over its largest entry, then
+    to mean 1 (a layer of zeros to ones)."""
+    d = np.asarray(head_demand, dtype=np.float64).reshape(L, H).copy()
+    for l in range(L):
+        m = d[l].max()
+        d[l] = d[l] / m if m > 0 else 1.0
+        d[l] *= H / d[l].sum()
+    return d
+
+
 def allocate(name, scores, lengths, L, H, B, window, floor_a=0.2, mode="full", beta=0.5, mu=0.25,
-             demand=None):
-    """scores: list of L*H arrays of candidate scores. Returns [L*H] budgets."""
+             demand=None, head_demand=None):
+    """scores: list of L*H arrays of candidate scores. Returns [L*H] budgets. mode "static"
+    splits each layer by head_demand ([L*H], as put in the profile) instead of the scores."""
+    heads_d = normalise_heads(head_demand, L, H) if mode == "static" else None
     layers = layer_budgets(name, L, B, window, demand=demand, mode=mode)
     out = np.zeros(L * H, dtype=np.int64)
     for l in range(L):
@@ -209,10 +222,14 @@ def allocate(name, scores, lengths, L, H, B, window, floor_a=0.2, mode="full", b
             x = count * (1 - floor_a) + floor_a * cap
             units = selectable_floor(round_preserving_sum(x, total))
             out[l * H:(l + 1) * H] = window + cap_and_redistribute(units, cand, x)
-        elif name == "reasonalloc" and mode in ("head", "full"):
-            pool = np.concatenate([scores[i] for i in heads]) if cand.sum() else np.zeros(0)
-            tau = -np.inf if pool.size < total else np.sort(pool)[::-1][total - 1]
-            r = np.array([np.count_nonzero(scores[i] >= tau) for i in heads], dtype=np.float64)
+        elif name == "reasonalloc" and mode in ("head", "full", "static"):
+            if mode == "static":
+                r = heads_d[l]
+            else:
+                pool = np.concatenate([scores[i] for i in heads]) if cand.sum() else np.zeros(0)
+                tau = -np.inf if pool.size < total else np.sort(pool)[::-1][total - 1]
+                r = np.array([np.count_nonzero(scores[i] >= tau) for i in heads],
+                             dtype=np.float64)
             w = (r + 1e-6) ** beta
             c = robustify(r, total, beta, mu * cap, total)
             units = selectable_floor(c)

@@ -80,14 +80,18 @@ def make_case(rng, i):
     scorer = ["snapkv", "streaming", "rkv", "h2o"][(i // 9) % 4]
     allocator, mode = [("uniform", "full"), ("pyramid", "full"), ("adakv", "full"),
                        ("reasonalloc", "full"), ("reasonalloc", "head"), ("reasonalloc", "layer"),
-                       ("reasonalloc", "off")][i % 7]
+                       ("reasonalloc", "off"), ("reasonalloc", "static")][i % 8]
+    # The static split's head demand, as a profile would carry it: some heads demand nothing.
+    head_demand = None
+    if mode == "static":
+        head_demand = rng.uniform(0.0, 4.0, size=L * H) * (rng.uniform(size=L * H) > 0.2)
     return dict(L=L, H=H, G=G, d=d, window=window, B=B, n=n, q=q, k=k, lengths=lengths,
                 scorer=scorer, allocator=allocator, mode=mode, data=data,
                 kernel=[7, 5, 1, 3][i % 4], pool="avg" if i % 9 == 0 else "max",
                 gqa={3: "mean", 7: "mean_scores"}.get(i % 10, "max"), all_keys=i % 4 == 1,
                 sinks=None if i % 4 == 3 else int(rng.integers(0, 6)),
                 recent=recent(rng, i, window, B),
-                demand=rng.uniform(0.1, 5.0, size=L) if i % 2 else None)
+                demand=rng.uniform(0.1, 5.0, size=L) if i % 2 else None, head_demand=head_demand)
 
 
 def recent(rng, i, window, B):
@@ -142,10 +146,12 @@ def test_engine_matches_reference(api):
         geometry = types_pb2.ModelGeometry(name=name, num_layers=c["L"], num_q_heads=c["H"] * c["G"],
                                            num_kv_heads=c["H"], head_dim=c["d"],
                                            dtype=types_pb2.DTYPE_FLOAT32, max_context=4096)
-        if c["allocator"] == "reasonalloc" and c["demand"] is not None:
+        if c["allocator"] == "reasonalloc" and (c["demand"] is not None or c["mode"] == "static"):
+            layer_demand = c["demand"] if c["demand"] is not None else np.ones(c["L"])
             stub.PutProfile(pb.PutProfileRequest(profile=pb.LayerProfile(
-                name=name, model=geometry, rho=0.93, demand=list(c["demand"]))))
-        modes = {"full": 3, "layer": 1, "head": 2, "off": 4}
+                name=name, model=geometry, rho=0.93, demand=list(layer_demand),
+                head_demand=list(c["head_demand"]) if c["head_demand"] is not None else [])))
+        modes = {"full": 3, "layer": 1, "head": 2, "off": 4, "static": 5}
         created = stub.CreateSession(pb.CreateSessionRequest(
             model=geometry,
             budget=types_pb2.BudgetConfig(budget=c["B"], window=c["window"], sinks=c["sinks"],
@@ -170,14 +176,15 @@ def test_engine_matches_reference(api):
         lengths = c["lengths"].ravel()
         demand = c["demand"] if c["allocator"] == "reasonalloc" else None
         budgets = ref.allocate(c["allocator"], scores, lengths, c["L"], c["H"], c["B"], c["window"],
-                               mode=c["mode"], demand=demand)
+                               mode=c["mode"], demand=demand, head_demand=c["head_demand"])
         engine_budgets = np.array(got.decision.budgets)
         what = f"config {i}: {c['scorer']} x {c['allocator']}/{c['mode']} data={c['data']} " \
                f"gqa={c['gqa']} all_keys={c['all_keys']} " \
                f"L={c['L']} H={c['H']} G={c['G']} d={c['d']} w={c['window']} B={c['B']} n={c['n']}"
         if not np.array_equal(budgets, engine_budgets):
             # Only legitimate where head routing sees a float-level tie at the layer's pool cut.
-            assert c["allocator"] in ("adakv", "reasonalloc"), f"{what}: {budgets} vs {engine_budgets}"
+            assert c["allocator"] in ("adakv", "reasonalloc") and c["mode"] != "static", \
+                f"{what}: {budgets} vs {engine_budgets}"
             layers = ref.layer_budgets(c["allocator"], c["L"], c["B"], c["window"], demand=demand,
                                        mode=c["mode"])
             for l in range(c["L"]):
