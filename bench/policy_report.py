@@ -24,6 +24,11 @@
    cache (bench/recall/report.py).
 5. Plots the per-layer sensitivity against the k_ρ wave (OUT/wave_vs_sensitivity.png).
 
+With `reasonalloc-static` among --allocators, step 1 also measures each KV head alone
+(`calibrate --objective head_sensitivity`, OUT/head_sensitivity.csv) and writes the static-split
+profile MODEL.sensitivity.heads (OUT/head_profile.json: the sensitivity profile's layer demand,
+each head's KL as head_demand); its candidates run only on that profile.
+
 Everything runs against a private sidecar; the report goes to OUT/policy_report.md (and the
 grids' CSV files beside it).
 """
@@ -108,7 +113,9 @@ def main():
     ap.add_argument("--budgets", default="32,64")
     ap.add_argument("--scorers", default="streaming,snapkv,h2o,rkv")
     ap.add_argument("--allocators", default="uniform,adakv,reasonalloc-layer,reasonalloc-full",
-                    help="reasonalloc-* run on the k_ρ profile and on the sensitivity profile")
+                    help="reasonalloc-* run on the k_ρ profile and on the sensitivity profile; "
+                         "reasonalloc-static (the measured per-head split) on the head profile "
+                         "step 1 measures")
     ap.add_argument("--probe_prompts", default="worker/prompts/calibration.txt")
     ap.add_argument("--probe_tokens", type=int, default=256)
     ap.add_argument("--max_probe", type=int, default=0,
@@ -138,6 +145,9 @@ def main():
                          "is read from here)")
     ap.add_argument("--sensitivity_profile", default="",
                     help="a sensitivity profile calibrated before (skips step 1)")
+    ap.add_argument("--head_sensitivity", default="",
+                    help="a per-head sensitivity CSV measured before (skips the head "
+                         "measurement of reasonalloc-static)")
     ap.add_argument("--group", type=int, default=4, help="configurations decoded together")
     ap.add_argument("--reuse", action="store_true",
                     help="read a grid (or the recall run) already in OUT when it covers what is "
@@ -203,6 +213,12 @@ def main():
                 time.sleep(0.05)
             time.sleep(0.2)
             # 1. The sensitivity profile.
+            probes = repo_relative(a.probe_prompts)
+            if a.max_probe:  # the first --max_probe prompts, in a file of their own
+                probes = os.path.join(tmp, "probes.txt")
+                with open(os.path.join(ROOT, a.probe_prompts)) as src, open(probes, "w") as dst:
+                    dst.writelines([line for line in src if line.strip()
+                                    and not line.startswith("#")][:a.max_probe])
             sens_json = os.path.join(a.out, "sensitivity_profile.json")
             t0 = time.time()
             if a.sensitivity_profile:
@@ -210,13 +226,6 @@ def main():
                     shutil.copyfile(a.sensitivity_profile, sens_json)
                 print(f"sensitivity profile from {a.sensitivity_profile}", flush=True)
             else:
-                probes = repo_relative(a.probe_prompts)
-                if a.max_probe:
-                    probes = os.path.join(tmp, "probes.txt")
-                    with open(os.path.join(ROOT, a.probe_prompts)) as src, \
-                            open(probes, "w") as dst:
-                        dst.writelines([line for line in src if line.strip()
-                                        and not line.startswith("#")][:a.max_probe])
                 out = subprocess.run(
                     [os.path.join(a.build, "worker/reasonalloc-worker"), "calibrate",
                      "--objective=sensitivity", f"--target={target}",
@@ -240,6 +249,31 @@ def main():
             # deploy/profiles (the private sidecar's copy of it), as the report measured it.
             run([os.path.join(a.build, "client/reasonalloc"), "put-profile", f"--target={target}",
                  "--overwrite", sens_json])
+            # 1b. The per-head measurement and the static-split profile built on it.
+            heads_profile, heads_s = None, 0.0
+            if "reasonalloc-static" in allocators:
+                t0 = time.time()
+                heads_csv = os.path.join(a.out, "head_sensitivity.csv")
+                if a.head_sensitivity:
+                    if os.path.abspath(a.head_sensitivity) != os.path.abspath(heads_csv):
+                        shutil.copyfile(a.head_sensitivity, heads_csv)
+                else:
+                    run([os.path.join(a.build, "worker/reasonalloc-worker"), "calibrate",
+                         "--objective=head_sensitivity", f"--target={target}",
+                         f"--prompts={probes}", f"--layer_group={a.layer_group}",
+                         f"--max_tokens={a.probe_tokens}", f"--budget={a.sensitivity_budget}",
+                         f"--scorer={a.sensitivity_scorer}", "--batch=32", f"--out={heads_csv}",
+                         *([f"--model={a.model}"] if a.model else [])], cwd=ROOT,
+                        stdout=subprocess.DEVNULL)
+                heads_profile = f"{sensitivity}.heads"
+                heads_json = os.path.join(a.out, "head_profile.json")
+                run([sys.executable, os.path.join(ROOT, "bench/head_sensitivity.py"), heads_csv,
+                     f"--out={os.path.join(a.out, 'heads')}", f"--profile_out={heads_json}",
+                     f"--base_profile={sens_json}", f"--name={heads_profile}"],
+                    stdout=subprocess.DEVNULL)
+                run([os.path.join(a.build, "client/reasonalloc"), "put-profile",
+                     f"--target={target}", "--overwrite", heads_json])
+                heads_s = time.time() - t0
             wave_json = os.path.join(profiles, f"{model}.json")
             has_wave = os.path.exists(wave_json)
             wave = json.load(open(wave_json)) if has_wave else None
@@ -252,6 +286,9 @@ def main():
                             continue  # streaming keeps only the most recent tokens already
                         if not x.startswith("reasonalloc"):
                             candidates.append(f"{s}/{x}{knob}")
+                            continue
+                        if x == "reasonalloc-static":  # needs the profile's head demand
+                            candidates.append(f"{s}/{x}{knob}@{heads_profile}")
                             continue
                         if has_wave:
                             candidates.append(f"{s}/{x}{knob}")
@@ -295,7 +332,11 @@ def main():
              f"{a.probe_tokens} tokens) choose; held-out prompts `{a.heldout_prompts}` "
              f"({held_meta['prompts']} prompts × {a.heldout_tokens} tokens) check. Sensitivity "
              f"profile `{sensitivity}`: {a.sensitivity_scorer} at budget {a.sensitivity_budget} "
-             f"({'given' if a.sensitivity_profile else f'{sens_s / 60:.1f} min'}); probe grid "
+             f"({'given' if a.sensitivity_profile else f'{sens_s / 60:.1f} min'})"
+             + (f"; head profile `{heads_profile}` ("
+                f"{'given' if a.head_sensitivity else f'{heads_s / 60:.1f} min'})"
+                if heads_profile else "")
+             + f"; probe grid "
              f"{len(candidates)} policies × {len(budgets)} budgets ({probe_s / 60:.1f} min); "
              f"held-out grid {len(check)} policies ({held_s / 60:.1f} min)"
              + (f"; recall {recall['seconds'] / 60:.1f} min" if recall else "")

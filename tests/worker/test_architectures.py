@@ -623,6 +623,26 @@ def test_the_policy_report_runs_on_your_own_file(tmp_path):
     assert p.stdout.count("reusing") == 2 and "bench/fidelity" not in p.stdout, p.stdout
     again = (out / "policy_report.md").read_text()
     assert again.split("## Probe KL")[1] == first.split("## Probe KL")[1]
+    # reasonalloc-static: the report measures each head, builds the static-split profile on the
+    # sensitivity profile and runs the static candidates on it, paired with uniform as any other.
+    static = tmp_path / "static"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
+                        f"--model={model}", "--budgets=12", f"--probe_prompts={probes}",
+                        f"--heldout_prompts={heldout}", "--probe_tokens=40", "--heldout_tokens=40",
+                        "--scorers=rkv", "--allocators=uniform,reasonalloc-static",
+                        "--recall_tasks=0", "--heldout=all",
+                        f"--sensitivity_profile={out / 'sensitivity_profile.json'}",
+                        f"--out={static}"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = list(csv.DictReader(open(static / "head_sensitivity.csv")))
+    assert len(rows) == LAYERS * HKV, rows
+    written = json.loads((static / "head_profile.json").read_text())
+    assert written["name"] == "rep.sensitivity.heads" and len(written["head_demand"]) == LAYERS * HKV
+    report = (static / "policy_report.md").read_text()
+    assert "| rkv/reasonalloc-static@rep.sensitivity.heads |" in report, report
+    same = next(x for x in report.split("\n## ") if x.startswith("Every reasonalloc"))
+    assert [l for l in same.splitlines()
+            if "rkv/reasonalloc-static@rep.sensitivity.heads | rkv/uniform |" in l], same
     profile = json.loads((out / "sensitivity_profile.json").read_text())
     assert profile["name"] == "rep.sensitivity" and len(profile["demand"]) == LAYERS
     # A profile of the same name already in the profile directory (as deploy/profiles ships one
