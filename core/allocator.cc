@@ -127,10 +127,16 @@ absl::Status HeadBudgetsFromProfile(const SessionConfig& c, std::span<const int3
                                     std::span<int32_t> budgets) {
   const size_t heads = At(c.model.num_kv_heads);
   const int window = c.budget.window;
-  if (head_demand.size() != lengths.size() || budgets.size() != lengths.size()) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("the profile's head_demand has ", head_demand.size(),
-                     " entries; the session has ", lengths.size(), " heads"));
+  const size_t all = At(c.model.num_heads_total());
+  if (lengths.size() != all || budgets.size() != all) {
+    return absl::InvalidArgumentError(absl::StrCat("lengths has ", lengths.size(),
+                                                   " entries and budgets ", budgets.size(),
+                                                   "; num_layers * num_kv_heads is ", all));
+  }
+  if (head_demand.size() != all) {
+    return absl::FailedPreconditionError(absl::StrCat("the profile's head_demand has ",
+                                                      head_demand.size(),
+                                                      " entries; the session has ", all, " heads"));
   }
   auto k = PoolSizes(c, layer_demand);
   if (!k.ok()) return k.status();

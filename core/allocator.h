@@ -9,7 +9,6 @@
 #define REASONALLOC_CORE_ALLOCATOR_H_
 
 #include <cstdint>
-#include <initializer_list>
 #include <memory>
 #include <span>
 #include <vector>
@@ -20,15 +19,15 @@
 namespace reasonalloc {
 
 // A layer profile as the allocators read it: the layer demand D ([L]; empty = uniform layers) and,
-// optionally, the head demand ([L * Hkv], layer-major, mean 1 within each layer) by which
-// reasonalloc's static mode splits each layer's budget among its KV heads.
+// optionally, the head demand ([L * Hkv], layer-major) by which reasonalloc's static mode splits
+// each layer's budget among its KV heads. Both as the profile store keeps them: normalised (the
+// head demand to mean 1 within each layer); the engines do not normalise again, and robustify's
+// +1e-6 makes the split differ slightly for unnormalised values.
 struct ProfileDemand {
   ProfileDemand() = default;
   // Implicit: a layer demand alone is a profile without head demand.
   ProfileDemand(std::vector<double> layer_demand)  // NOLINT(google-explicit-constructor)
       : layers(std::move(layer_demand)) {}
-  ProfileDemand(std::initializer_list<double> layer_demand)  // NOLINT(google-explicit-constructor)
-      : layers(layer_demand) {}
   ProfileDemand(std::vector<double> layer_demand, std::vector<double> head_demand)
       : layers(std::move(layer_demand)), heads(std::move(head_demand)) {}
   std::vector<double> layers;

@@ -8,6 +8,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/arena_layout.h"
+#include "core/check.h"
 #include "core/compute_backend.h"
 #include "core/h2o.h"
 #include "core/selector.h"
@@ -292,6 +293,7 @@ absl::StatusOr<std::vector<Decision>> RunBatch(const SessionConfig& config,
   const std::span<const double> layer_demand = demand.layers;
   const bool routes = UsesPoolCounts(config);
   const bool static_heads = UsesHeadProfile(config);
+  REASONALLOC_DCHECK(!(routes && static_heads));
   std::vector<int64_t> greater, equal;
   if (routes) {
     ASSIGN_OR_RETURN(const std::vector<int64_t> k, PoolSizes(config, layer_demand));

@@ -48,6 +48,18 @@ absl::StatusOr<v1::LayerProfile> ProfileStore::Validate(v1::LayerProfile p,
         field,
         ".model needs num_q_heads, num_kv_heads and head_dim (the geometry it was measured on)"));
   }
+  // No session can have more heads or a wider head, and a head demand stays small (at most
+  // kMaxHeadDemand entries, 512 KiB).
+  if (m.num_q_heads() > kMaxHeads || m.num_kv_heads() > kMaxHeads || m.head_dim() > kMaxHeadDim) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ".model: num_q_heads, num_kv_heads at most ", kMaxHeads,
+                     " and head_dim at most ", kMaxHeadDim));
+  }
+  if (p.head_demand_size() > kMaxHeadDemand) {
+    return absl::InvalidArgumentError(absl::StrCat(field, ".head_demand has ", p.head_demand_size(),
+                                                   " entries; at most ", kMaxHeadDemand,
+                                                   " allowed"));
+  }
   if (p.provenance().size() > 4096) {
     return absl::InvalidArgumentError(absl::StrCat(field, ".provenance is ", p.provenance().size(),
                                                    " bytes long; at most 4096 allowed"));

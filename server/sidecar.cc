@@ -155,7 +155,10 @@ absl::StatusOr<CreatedSession> Sidecar::CreateSession(const Caller& caller,
     if (profile.ok()) {
       RETURN_IF_ERROR(ProfileStore::CheckGeometry(*profile, config.model));
       demand.layers.assign(profile->demand().begin(), profile->demand().end());
-      demand.heads.assign(profile->head_demand().begin(), profile->head_demand().end());
+      // Only the static mode reads the head demand (and it keys the CUDA engines).
+      if (AllocatorOf(config.allocator.kind).UsesHeadProfile(config.allocator)) {
+        demand.heads.assign(profile->head_demand().begin(), profile->head_demand().end());
+      }
       profile_name = name;
     } else if (named) {
       return absl::FailedPreconditionError(

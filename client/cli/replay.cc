@@ -26,8 +26,10 @@
 
 ABSL_FLAG(std::string, trace, "", "replay: trace folder (see README, 'Offline replay')");
 ABSL_FLAG(std::string, scorers, "snapkv,h2o,streaming,rkv", "replay: scorers to compare");
-ABSL_FLAG(std::string, allocators, "uniform,pyramid,adakv,reasonalloc:head,reasonalloc:full",
-          "replay: allocators (reasonalloc:full|layer|head|off)");
+ABSL_FLAG(
+    std::string, allocators, "uniform,pyramid,adakv,reasonalloc:head,reasonalloc:full",
+    "replay: allocators (reasonalloc:full|layer|head|off; static needs a profile's head demand "
+    "and is not replayed)");
 ABSL_FLAG(std::string, budgets, "32,64,128,256", "replay: budgets B to compare");
 ABSL_FLAG(std::string, layer_demand, "", "replay: per-layer demand D for reasonalloc (comma list)");
 ABSL_FLAG(double, rho, reasonalloc::kDefaultCalibrationRho,
@@ -172,6 +174,11 @@ int ReplayCommand() {
         if (spec.size() > 1) {
           auto mode = ParseReasonAllocMode(spec[1], "--allocators mode");
           if (!mode.ok()) return Fail(mode.status());
+          if (*mode == ReasonAllocMode::kStatic) {
+            return Fail(absl::InvalidArgumentError(
+                "--allocators reasonalloc:static: replay takes no head demand (run it through a "
+                "sidecar with a profile that has head_demand)"));
+          }
           c.allocator.reasonalloc_mode = *mode;
         }
         auto engine = Engine::Create(c, AllocatorOf(c.allocator.kind).UsesLayerProfile(c.allocator)

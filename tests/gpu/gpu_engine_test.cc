@@ -368,6 +368,8 @@ void RunCase(const Case& k, Tally* tally) {
         layer_differs |= g.budgets[head] != c->budgets[head];
       }
       if (!layer_differs) continue;
+      // The static split never looks at scores: any difference is a bug.
+      ASSERT_FALSE(UsesHeadProfile(k.config)) << "layer " << l << ": static budgets differ";
       // Allowed only when the layer's pool has a tie at float rounding around its threshold.
       std::vector<float> pool;
       double tol = kAbsTol;

@@ -674,6 +674,12 @@ TEST(Robustness, StaticHeadSplitFollowsTheProfilesHeadDemand) {
   ASSERT_TRUE(st.ok());
   // Each layer's 2 · 16 selectable tokens split by √3 : 1 (β 0.5): 20 and 12, window 4 added.
   EXPECT_THAT(st->budgets(), ::testing::ElementsAre(24, 16, 16, 24));
+  // A new budget keeps the split: 2 · 26 selectable tokens, 32.97 and 19.03 to 33 and 19.
+  ASSERT_TRUE(c.UpdateBudget(id, 30).ok());
+  ASSERT_TRUE(c.Compress(Event(id, 2, 2, 2, 2, 8, 4, 100)).ok());
+  st = c.GetSession(id);
+  ASSERT_TRUE(st.ok());
+  EXPECT_THAT(st->budgets(), ::testing::ElementsAre(37, 23, 23, 37));
 }
 
 TEST(Robustness, RefusedFinishCalibrationKeepsTheMeasurement) {

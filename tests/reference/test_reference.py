@@ -80,7 +80,7 @@ def make_case(rng, i):
     scorer = ["snapkv", "streaming", "rkv", "h2o"][(i // 9) % 4]
     allocator, mode = [("uniform", "full"), ("pyramid", "full"), ("adakv", "full"),
                        ("reasonalloc", "full"), ("reasonalloc", "head"), ("reasonalloc", "layer"),
-                       ("reasonalloc", "off"), ("reasonalloc", "static")][i % 8]
+                       ("reasonalloc", "off"), ("reasonalloc", "static")][(i // 4) % 8]
     # The static split's head demand, as a profile would carry it: some heads demand nothing.
     head_demand = None
     if mode == "static":

@@ -239,7 +239,7 @@ TEST(ReasonAlloc, BothLevelsOffSelectsExactlyWhatUniformRkvSelects) {
     off.allocator.kind = AllocatorKind::kReasonAlloc;
     off.allocator.reasonalloc_mode = ReasonAllocMode::kOff;
     auto uniform = Engine::Create(c);
-    auto reasonalloc = Engine::Create(off, {1, 2, 3});
+    auto reasonalloc = Engine::Create(off, std::vector<double>{1, 2, 3});
     ASSERT_TRUE(uniform.ok() && reasonalloc.ok());
     const int64_t n = 40 + trial * 3;
     std::vector<float> q(3 * 8 * 8 * 16), k(static_cast<size_t>(3 * 2 * n * 16));

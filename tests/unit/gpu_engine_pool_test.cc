@@ -24,10 +24,17 @@ TEST(GpuEnginePool, SessionsShareAnEngineExactlyWhenEverythingItComputesWithIsEq
   const SessionConfig c = Config();
   const std::vector<double> demand = {1.0, 2.0};
   const std::string key = GpuEnginePool::Key(0, c, demand);
-  EXPECT_EQ(GpuEnginePool::Key(0, Config(), {1.0, 2.0}), key);
+  EXPECT_EQ(GpuEnginePool::Key(0, Config(), std::vector<double>{1.0, 2.0}), key);
   EXPECT_NE(GpuEnginePool::Key(1, c, demand), key);
-  EXPECT_NE(GpuEnginePool::Key(0, c, {1.0, 2.5}), key);
+  EXPECT_NE(GpuEnginePool::Key(0, c, std::vector<double>{1.0, 2.5}), key);
   EXPECT_NE(GpuEnginePool::Key(0, c, {}), key);
+  // The head demand (static mode) is part of it, and where the layers end is too.
+  const ProfileDemand heads(demand, {1.0, 1.0, 2.0, 0.0});
+  EXPECT_NE(GpuEnginePool::Key(0, c, heads), key);
+  EXPECT_NE(GpuEnginePool::Key(0, c, ProfileDemand(demand, {1.0, 1.0, 2.0, 0.5})),
+            GpuEnginePool::Key(0, c, heads));
+  EXPECT_NE(GpuEnginePool::Key(0, c, ProfileDemand({1.0}, {2.0})),
+            GpuEnginePool::Key(0, c, ProfileDemand({1.0, 2.0}, {})));
   SessionConfig other = c;
   other.budget.budget = 64;
   EXPECT_NE(GpuEnginePool::Key(0, other, demand), key);

@@ -89,6 +89,15 @@ TEST_F(ProfileStoreTest, CorruptFilesStopTheLoadNamingFileAndField) {
       {R"({"name": "x", "model": {"num_layers": 2, "num_q_heads": 2, "num_kv_heads": 2,
           "head_dim": 4}, "rho": 0.9, "demand": [1, 1], "head_demand": [1, 2, -3, 1]})",
        "head_demand[2]"},
+      {R"({"name": "x", "model": {"num_layers": 1, "num_q_heads": 2, "num_kv_heads": 2,
+          "head_dim": 4}, "rho": 0.9, "demand": [1], "head_demand": [1, "NaN"]})",
+       "head_demand[1]"},
+      {R"({"name": "x", "model": {"num_layers": 1, "num_q_heads": 2, "num_kv_heads": 2,
+          "head_dim": 4}, "rho": 0.9, "demand": [1], "head_demand": ["Infinity", 1]})",
+       "head_demand[0]"},
+      {R"({"name": "x", "model": {"num_layers": 1, "num_q_heads": 2, "num_kv_heads": 2000,
+          "head_dim": 4}, "rho": 0.9, "demand": [1]})",
+       "num_kv_heads at most 1024"},
   };
   for (const auto& [text, needle] : cases) {
     std::filesystem::remove_all(dir_);
