@@ -793,3 +793,29 @@ def test_real_tensors_match_gguf(tmp_path):
     if missing:
         pytest.skip(f"no real tensor of type {sorted(missing)} at hand (the Gemma 3 270M Q4_K_M "
                     "file has them all: REASONALLOC_EXTRA_MODELS=gemma-3-270m scripts/setup)")
+
+
+def test_the_pair_tool_pairs_policies_over_prompts(tmp_path):
+    """bench/fidelity/pair.py: the mean of the per-prompt differences at each budget both policies
+    ran at, with an interval that contains it; a policy not in the grid is refused by name."""
+    rows = ["policy,budget,run,prompt,kl_mean"]
+    a = {0: 0.30, 1: 0.20, 2: 0.25}
+    b = {0: 0.40, 1: 0.22, 2: 0.35}
+    for p in a:
+        rows += [f"x/static,32,forced,{p},{a[p]}", f"x/layer,32,forced,{p},{b[p]}",
+                 f"x/static,32,free,{p},9", f"x/static,64,forced,{p},0.1"]
+    (tmp_path / "fidelity_runs.csv").write_text("\n".join(rows) + "\n")
+    tool = os.path.join(ROOT, "bench/fidelity/pair.py")
+    p = subprocess.run([sys.executable, tool, str(tmp_path), "x/static:x/layer"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = [l for l in p.stdout.splitlines() if l.startswith("| 32")]
+    assert len(lines) == 1 and "| 64" not in p.stdout, p.stdout  # 64: only one policy ran
+    m = re.search(r"\| ([+-]\d\.\d+) \[([+-]\d\.\d+), ([+-]\d\.\d+)\] \|$", lines[0])
+    d = sum(a[k] - b[k] for k in a) / len(a)
+    assert m and abs(float(m.group(1)) - d) < 1e-4, lines[0]
+    assert float(m.group(2)) <= float(m.group(1)) <= float(m.group(3)), lines[0]
+    assert "| 0.2500 | 0.3233 |" in lines[0], lines[0]  # forced rows only
+    bad = subprocess.run([sys.executable, tool, str(tmp_path), "x/static:x/nothing"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "x/static:x/nothing" in bad.stderr, bad.stderr
