@@ -1,6 +1,9 @@
 // Layer-profile JSON (ProfileStore::ParseJson: protobuf's JSON reader, then the store's checks),
 // as read from --profile_dir and PutProfile: an accepted profile must also give layer budgets for
-// its own geometry at any budget without failing a check later in the engine.
+// its own geometry at any budget without failing a check later in the engine, and one with a head
+// demand must give the static mode's head budgets, spending exactly L * Hkv * (B - window) when
+// every head holds more than it could get.
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -40,6 +43,32 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (above_window != int64_t{config.model.num_layers} * (budget - config.budget.window)) {
       std::abort();  // the layer budgets must spend exactly L * (B - window)
     }
+    if (profile->head_demand_size() == 0) continue;
+    reasonalloc::SessionConfig static_config = config;
+    static_config.allocator.reasonalloc_mode = reasonalloc::ReasonAllocMode::kStatic;
+    const reasonalloc::ProfileDemand both(
+        demand, std::vector<double>(profile->head_demand().begin(), profile->head_demand().end()));
+    if (!reasonalloc::CheckProfileDemand(static_config, both).ok()) std::abort();
+    const int64_t heads = static_config.model.num_heads_total();
+    // Every head longer than any budget it could get (a whole layer's, at the clip's top): nothing
+    // is capped.
+    const int64_t longest = config.budget.window + 1 +
+                            int64_t{static_config.model.num_kv_heads} *
+                                (budget - config.budget.window) *
+                                static_cast<int64_t>(std::ceil(static_config.allocator.clip_high));
+    const std::vector<int32_t> lengths(static_cast<size_t>(heads), static_cast<int32_t>(longest));
+    std::vector<int32_t> head_budgets(static_cast<size_t>(heads));
+    if (!reasonalloc::HeadBudgetsFromProfile(static_config, lengths, both.layers, both.heads,
+                                             head_budgets)
+             .ok()) {
+      std::abort();
+    }
+    int64_t spent = 0;
+    for (int32_t b : head_budgets) {
+      if (b < config.budget.window + 1) std::abort();  // the selectable floor
+      spent += b - config.budget.window;
+    }
+    if (spent != heads * (budget - config.budget.window)) std::abort();
   }
   return 0;
 }

@@ -3,7 +3,7 @@
     python fuzz/make_corpus.py OUT
 
 npy: small arrays of every dtype the reader knows (and a Fortran-ordered one); profile_json: the
-shipped layer profiles; gguf: a tiny GGUF file with metadata of every kind and F32, F16, Q8_0,
+shipped layer profiles and one with a head demand; gguf: a tiny GGUF file with metadata of every kind and F32, F16, Q8_0,
 Q4_0, Q4_K and Q6_K tensors; the structured targets (inline_inputs, register_buffers,
 arena_descriptor) read their input through FuzzedDataProvider, so their seeds are seeded random
 bytes.
@@ -42,6 +42,10 @@ def profile_seeds(out):
         '{"name": "m", "model": {"name": "m", "num_layers": 2, "num_q_heads": 2, '
         '"num_kv_heads": 1, "head_dim": 4}, "rho": 0.9, "demand": [1.0, 1.0], '
         '"samples": ["3", "3"]}')
+    (out / "head_demand.json").write_text(
+        '{"name": "h", "model": {"name": "h", "num_layers": 2, "num_q_heads": 4, '
+        '"num_kv_heads": 2, "head_dim": 4}, "rho": 1, "demand": [1.0, 3.0], '
+        '"head_demand": [2.0, 0.5, 0.0, 0.0]}')
 
 
 def gguf_seeds(out):
