@@ -3,8 +3,8 @@
     python fuzz/make_corpus.py OUT
 
 npy: small arrays of every dtype the reader knows (and a Fortran-ordered one); profile_json: the
-shipped layer profiles and one with a head demand; gguf: a tiny GGUF file with metadata of every kind and F32, F16, Q8_0,
-Q4_0, Q4_K and Q6_K tensors; the structured targets (inline_inputs, register_buffers,
+shipped layer profiles and one with a head demand; gguf: a tiny GGUF file with metadata of every
+kind and F32, F16, Q8_0, Q4_0, Q4_K and Q6_K tensors; the structured targets (inline_inputs, register_buffers,
 arena_descriptor) read their input through FuzzedDataProvider, so their seeds are seeded random
 bytes.
 """
