@@ -107,7 +107,8 @@ def mean(d):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # No abbreviations: --quick needs to know exactly which flags the command line gave.
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     ap.add_argument("build")
     ap.add_argument("--model", default="", help="GGUF file (default: the worker's)")
     ap.add_argument("--budgets", default="32,64")
@@ -158,11 +159,12 @@ def main():
                          "tasks (each unless given)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench/results/policy_report"))
     a = ap.parse_args()
-    if a.quick:  # smaller defaults; a flag given on the command line still wins
+    if a.quick:  # smaller defaults; a flag given on the command line still wins, whatever its value
+        given = {arg[2:].split("=", 1)[0] for arg in sys.argv[1:] if arg.startswith("--")}
         for name, value in (("scorers", "snapkv,rkv"), ("allocators", "uniform,reasonalloc-full"),
                             ("recent", ""), ("recall_budgets", ""), ("max_heldout", 8),
                             ("recall_tasks", 24)):
-            if getattr(a, name) == ap.get_default(name):
+            if name not in given:
                 setattr(a, name, value)
     a.build = os.path.abspath(a.build)
     budgets = [int(b) for b in a.budgets.split(",") if b]
@@ -340,7 +342,10 @@ def main():
              f"{len(candidates)} policies × {len(budgets)} budgets ({probe_s / 60:.1f} min); "
              f"held-out grid {len(check)} policies ({held_s / 60:.1f} min)"
              + (f"; recall {recall['seconds'] / 60:.1f} min" if recall else "")
-             + f"; {(time.time() - t_start) / 60:.1f} min in all. KL: teacher-forced KL(full ‖ "
+             + f"; {(time.time() - t_start) / 60:.1f} min "
+             + ("this run (parts given or reused)"
+                if a.reuse or a.sensitivity_profile or a.head_sensitivity else "in all")
+             + ". KL: teacher-forced KL(full ‖ "
              f"compressed), nats per token. A policy without `@` runs on the model's k_ρ profile; "
              f"`@{sensitivity}` on the sensitivity profile.\n",
              "## Probe KL of every candidate\n",

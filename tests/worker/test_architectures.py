@@ -819,3 +819,24 @@ def test_the_pair_tool_pairs_policies_over_prompts(tmp_path):
     bad = subprocess.run([sys.executable, tool, str(tmp_path), "x/static:x/nothing"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "x/static:x/nothing" in bad.stderr, bad.stderr
+
+
+def test_quick_keeps_a_flag_given_at_its_default_value(tmp_path):
+    """--quick replaces only the defaults the command line did not give: --recent 16, the default
+    value, stays (and is then left out for budget 12, which the report says) instead of becoming
+    --quick's empty list."""
+    model = write_model(tmp_path / "q.gguf", "llama-untied", "F32", seed=33)
+    probes, heldout = tmp_path / "probes.txt", tmp_path / "heldout.txt"
+    probes.write_text("the the a in\n")
+    heldout.write_text("a in he\n")
+    build = os.path.dirname(os.path.dirname(os.path.abspath(WORKER)))
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
+                        f"--model={model}", "--budgets=12", f"--probe_prompts={probes}",
+                        f"--heldout_prompts={heldout}", "--probe_tokens=24", "--heldout_tokens=24",
+                        "--sensitivity_budget=12", "--scorers=rkv", "--recall_tasks=0", "--quick",
+                        "--recent=16", f"--out={tmp_path / 'r'}"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "--recent 16: left out" in p.stdout, p.stdout[-2000:]
+    # A run that measured everything itself says "in all"; one given a profile, "this run".
+    assert "min in all." in (tmp_path / "r" / "policy_report.md").read_text()
