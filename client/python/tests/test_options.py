@@ -16,7 +16,7 @@ def test_short_names_strip_the_common_prefix():
     assert _enums.short_names(types_pb2.GqaReduce.DESCRIPTOR) == {
         "unspecified": 0, "max": 1, "mean": 2, "mean_scores": 3}
     assert _enums.short_names(types_pb2.AllocatorConfig.ReasonAllocMode.DESCRIPTOR) == {
-        "unspecified": 0, "layer": 1, "head": 2, "full": 3, "off": 4}
+        "unspecified": 0, "layer": 1, "head": 2, "full": 3, "off": 4, "static": 5}
     assert _enums.short_names(types_pb2.MemoryKind.DESCRIPTOR) == {
         "unspecified": 0, "inline": 1, "host_shm": 2, "cuda_ipc": 3}
 
