@@ -33,6 +33,7 @@
 #include "worker/chat_template.h"
 #include "worker/driver.h"
 #include "worker/model_files.h"
+#include "worker/recall_tasks.h"
 #include "worker/sensitivity.h"
 #include "worker/tokenizer.h"
 
@@ -93,6 +94,21 @@ ABSL_FLAG(std::string, objective, "k_rho",
           "Wave) or sensitivity (the KL cost of compressing each layer group alone to --budget "
           "with --scorer); head_sensitivity measures the same per KV head (each head of each "
           "group alone) and writes a CSV, not a profile");
+ABSL_FLAG(
+    std::string, recall_tasks, "",
+    "calibrate --objective sensitivity: also measure each layer group's recall cost on these "
+    "long-range recall tasks (bench/recall/tasks.py; use a seed other than the evaluation's): "
+    "the KL over the answer tokens of the tasks the full cache answers, and the share whose "
+    "answer survives; the profile's demand then mixes both costs (--recall_weight)");
+ABSL_FLAG(double, recall_weight, 0.5,
+          "calibrate --recall_tasks: the recall cost's share of the demand, in [0, 1] (demand = "
+          "(1 - w) * KL demand + w * recall demand, each of mean 1)");
+ABSL_FLAG(int, answer_tokens, 12,
+          "calibrate --recall_tasks: tokens decoded after each recall prompt (the answer must "
+          "appear among them)");
+ABSL_FLAG(std::string, layers_csv, "",
+          "calibrate --objective sensitivity: also write each layer's measured costs as CSV "
+          "(layer, kl_per_token, recall_kl_per_token, recall_kept, demand)");
 ABSL_FLAG(int, layer_group, 1,
           "calibrate --objective sensitivity, head_sensitivity: layers compressed together");
 ABSL_FLAG(double, rho, reasonalloc::kDefaultCalibrationRho, "calibrate: attention-mass fraction ρ");
@@ -463,6 +479,43 @@ int CalibrateSensitivity(bool per_head) {
         ProfileName(*loaded),
         "\" is not a valid profile name (1-128 of A-Z a-z 0-9 . _ -, not starting with '.')")));
   }
+  // The recall side's flags, checked before anything is measured.
+  const std::string recall_path = absl::GetFlag(FLAGS_recall_tasks);
+  const std::string layers_csv = absl::GetFlag(FLAGS_layers_csv);
+  const double recall_weight = absl::GetFlag(FLAGS_recall_weight);
+  const int answer_tokens = absl::GetFlag(FLAGS_answer_tokens);
+  if (per_head && (!recall_path.empty() || !layers_csv.empty())) {
+    return Fail(absl::InvalidArgumentError(
+        "--recall_tasks and --layers_csv go with --objective sensitivity, not head_sensitivity"));
+  }
+  std::vector<RecallTask> recall;
+  std::vector<std::vector<int32_t>> recall_ids;
+  if (!recall_path.empty()) {
+    if (!(recall_weight >= 0 && recall_weight <= 1)) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("--recall_weight ", recall_weight, " is outside [0, 1]")));
+    }
+    if (answer_tokens < 1 || answer_tokens > 256) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("--answer_tokens ", answer_tokens, " is outside [1, 256]")));
+    }
+    auto read = ReadRecallTasks(recall_path, "--recall_tasks");
+    if (!read.ok()) return Fail(read.status());
+    recall = *std::move(read);
+    for (const RecallTask& t : recall) {
+      auto prompt = loaded->Prompt(t.head + t.tail);
+      if (!prompt.ok()) return Fail(prompt.status());
+      recall_ids.push_back(*std::move(prompt));
+    }
+  }
+  std::ofstream csv;
+  if (!layers_csv.empty()) {
+    csv.open(layers_csv);
+    if (!csv) {
+      return Fail(
+          absl::InvalidArgumentError(absl::StrCat("--layers_csv: cannot write ", layers_csv)));
+    }
+  }
   auto client = Connect();
   if (!client.ok()) return Fail(client.status());
   std::vector<std::vector<int32_t>> ids;
@@ -520,6 +573,40 @@ int CalibrateSensitivity(bool per_head) {
   }
   auto demand = DemandFromSensitivity(result->kl);
   if (!demand.ok()) return Fail(demand.status());
+  // The recall side: the same groups compressed alone on the recall tasks, measured over the
+  // answer tokens of the tasks the full cache answers.
+  SensitivityResult recall_result;
+  if (!recall.empty()) {
+    SensitivityOptions ro = options;
+    ro.max_tokens = answer_tokens;
+    const Tokenizer& tok = *loaded->tokenizer;
+    ro.answer_tokens = [&](int p, const std::vector<int32_t>& generated) {
+      const std::string& answer = recall[static_cast<size_t>(p)].answer;
+      if (!AnswerMatches(answer, tok.Decode(generated))) return 0;
+      // The first prefix that holds the answer: the tokens greedy decoding must reproduce.
+      for (size_t k = 1; k < generated.size(); ++k) {
+        if (AnswerMatches(answer, tok.Decode({generated.begin(), generated.begin() + k}))) {
+          return static_cast<int>(k);
+        }
+      }
+      return static_cast<int>(generated.size());
+    };
+    auto r = MeasureSensitivity(*loaded->model, client->get(),
+                                absl::StrCat(loaded->ModelName(), ".probe"), recall_ids, ro);
+    if (!r.ok()) return Fail(r.status());
+    recall_result = *std::move(r);
+    // Weight 0: the recall side is measured and shown but the demand is the KL side's alone.
+    auto recall_demand = recall_weight > 0 ? DemandFromSensitivity(recall_result.kl) : *demand;
+    if (!recall_demand.ok()) {
+      return Fail(absl::FailedPreconditionError(
+          absl::StrCat("recall side: no layer group loses anything on the answer tokens of the ",
+                       recall_result.answered, " answered tasks at this budget (",
+                       recall_demand.status().message(), ")")));
+    }
+    for (size_t l = 0; l < demand->size(); ++l) {
+      (*demand)[l] = (1 - recall_weight) * (*demand)[l] + recall_weight * (*recall_demand)[l];
+    }
+  }
   const ModelConfig& c = loaded->model->config();
   v1::LayerProfile profile;
   profile.set_name(ProfileName(*loaded));
@@ -537,15 +624,21 @@ int CalibrateSensitivity(bool per_head) {
     profile.add_samples(result->positions[l]);
   }
   const Policy& p = options.policy;
-  profile.set_provenance(
-      absl::StrCat("reasonalloc-worker calibrate --objective sensitivity on ",
-                   std::filesystem::path(loaded->path).filename().string(), ": ", ids.size(),
-                   " probe prompts from ", absl::GetFlag(FLAGS_prompts), ", ", options.max_tokens,
-                   " generated tokens each (greedy, full cache), then each group of ",
-                   options.layer_group, " layer(s) compressed alone by ", NameOf(p.scorer),
-                   " at budget ", p.budget, ", delta ", p.buffer, ", window ", p.window,
-                   "; demand = the group's mean KL(full || compressed) per token over "
-                   "its mean across layers"));
+  profile.set_provenance(absl::StrCat(
+      "reasonalloc-worker calibrate --objective sensitivity on ",
+      std::filesystem::path(loaded->path).filename().string(), ": ", ids.size(),
+      " probe prompts from ", absl::GetFlag(FLAGS_prompts), ", ", options.max_tokens,
+      " generated tokens each (greedy, full cache), then each group of ", options.layer_group,
+      " layer(s) compressed alone by ", NameOf(p.scorer), " at budget ", p.budget, ", delta ",
+      p.buffer, ", window ", p.window,
+      "; demand = the group's mean KL(full || compressed) per token over "
+      "its mean across layers",
+      recall.empty() ? std::string()
+                     : absl::StrCat("; recall side: the same on ", recall_result.answered, " of ",
+                                    recall.size(), " recall tasks from ", recall_path,
+                                    " that the full cache answers (KL over the answer tokens, ",
+                                    answer_tokens, " decoded); demand = ", 1 - recall_weight,
+                                    " x KL demand + ", recall_weight, " x recall demand")));
   std::string json;
   google::protobuf::util::JsonPrintOptions print;
   print.add_whitespace = true;
@@ -561,12 +654,38 @@ int CalibrateSensitivity(bool per_head) {
       "%.1f s, %lld events; wrote %s\n",
       c.layers, options.layer_group, p.budget, p.scorer_name().c_str(), result->full_seconds,
       result->probe_seconds, static_cast<long long>(result->events), out_path.c_str());
-  std::printf("layer  KL/token  demand\n");
+  const bool with_recall = !recall.empty();
+  if (with_recall) {
+    std::printf(
+        "recall side: %d of %zu tasks answered by the full cache, %.1f s; probes %.1f s, %lld "
+        "events\n",
+        recall_result.answered, recall.size(), recall_result.full_seconds,
+        recall_result.probe_seconds, static_cast<long long>(recall_result.events));
+  }
+  std::printf("layer  KL/token%s  demand\n", with_recall ? "  recall KL  kept" : "");
+  if (csv.is_open()) {
+    csv << std::setprecision(std::numeric_limits<double>::max_digits10);
+    csv << "layer,kl_per_token,recall_kl_per_token,recall_kept,demand\n";
+  }
   for (int l = 0; l < c.layers; ++l) {
-    std::printf("%5d  %8.5f  %6.3f  %s\n", l, result->kl[static_cast<size_t>(l)],
-                (*demand)[static_cast<size_t>(l)],
-                std::string(static_cast<size_t>((*demand)[static_cast<size_t>(l)] * 20 + 0.5), '#')
-                    .c_str());
+    const size_t i = static_cast<size_t>(l);
+    const std::string bar(static_cast<size_t>((*demand)[i] * 20 + 0.5), '#');
+    if (with_recall) {
+      std::printf("%5d  %8.5f  %9.5f  %4.2f  %6.3f  %s\n", l, result->kl[i], recall_result.kl[i],
+                  recall_result.kept[i], (*demand)[i], bar.c_str());
+    } else {
+      std::printf("%5d  %8.5f  %6.3f  %s\n", l, result->kl[i], (*demand)[i], bar.c_str());
+    }
+    if (csv.is_open()) {
+      csv << l << "," << result->kl[i] << ",";
+      if (with_recall) csv << recall_result.kl[i] << "," << recall_result.kept[i];
+      if (!with_recall) csv << ",";
+      csv << "," << (*demand)[i] << "\n";
+    }
+  }
+  if (csv.is_open()) {
+    csv.close();
+    if (!csv) return Fail(absl::InternalError(absl::StrCat("cannot write ", layers_csv)));
   }
   return 0;
 }
@@ -575,6 +694,10 @@ int Calibrate() {
   const std::string objective = absl::GetFlag(FLAGS_objective);
   if (objective == "sensitivity" || objective == "head_sensitivity") {
     return CalibrateSensitivity(objective == "head_sensitivity");
+  }
+  if (!absl::GetFlag(FLAGS_recall_tasks).empty() || !absl::GetFlag(FLAGS_layers_csv).empty()) {
+    return Fail(absl::InvalidArgumentError(absl::StrCat(
+        "--recall_tasks and --layers_csv go with --objective sensitivity, not ", objective)));
   }
   if (objective != "k_rho") {
     return Fail(absl::InvalidArgumentError(absl::StrCat(

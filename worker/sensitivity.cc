@@ -144,6 +144,26 @@ absl::StatusOr<SensitivityResult> MeasureSensitivity(
   auto ref = Run(model, &full, prompts, ro);
   if (!ref.ok()) return ref.status();
   result.full_seconds = Now() - t0;
+  // The prompts measured and how many generated tokens of each.
+  std::vector<int> used, limit(static_cast<size_t>(P), N);
+  for (int p = 0; p < P; ++p) {
+    if (options.answer_tokens) {
+      const int k = options.answer_tokens(p, ref->generated[static_cast<size_t>(p)]);
+      limit[static_cast<size_t>(p)] = std::clamp(k, 0, N);
+      if (k <= 0) continue;
+    }
+    used.push_back(p);
+  }
+  result.answered = static_cast<int>(used.size());
+  if (used.empty()) {
+    return absl::FailedPreconditionError(
+        "sensitivity: the full cache answers none of the recall tasks");
+  }
+  const int U = static_cast<int>(used.size());
+  std::vector<bool> suppressed(V, false);
+  for (int32_t t : options.suppress) {
+    if (t >= 0 && static_cast<size_t>(t) < V) suppressed[static_cast<size_t>(t)] = true;
+  }
 
   // 2. Every (unit, prompt) teacher-forced with that unit compressed: a unit is a group of
   // layers, or per head one KV head of a group (unit u: group u / H, head u % H).
@@ -153,7 +173,8 @@ absl::StatusOr<SensitivityResult> MeasureSensitivity(
   const int G = static_cast<int>(group_first.size()) * H;
   std::vector<double> group_kl(static_cast<size_t>(G), 0.0);
   std::vector<int64_t> group_n(static_cast<size_t>(G), 0);
-  const int total = G * P;
+  std::vector<int> group_kept(static_cast<size_t>(G), 0);
+  const int total = G * U;
   const int batch = std::max(1, options.batch);
   const double t1 = Now();
   for (int start = 0; start < total; start += batch) {
@@ -161,7 +182,7 @@ absl::StatusOr<SensitivityResult> MeasureSensitivity(
     std::vector<int> first, count, head, prompt_of;
     std::vector<std::vector<int32_t>> seq_prompts, forced;
     for (int s = start; s < end; ++s) {
-      const int u = s / P, p = s % P;
+      const int u = s / U, p = used[static_cast<size_t>(s % U)];
       first.push_back(group_first[static_cast<size_t>(u / H)]);
       count.push_back(std::min(options.layer_group, c.layers - first.back()));
       head.push_back(options.per_head ? u % H : -1);
@@ -174,34 +195,45 @@ absl::StatusOr<SensitivityResult> MeasureSensitivity(
     if (!backend.ok()) return backend.status();
     std::vector<double> kl(static_cast<size_t>(end - start), 0.0);
     std::vector<int64_t> n(static_cast<size_t>(end - start), 0);
+    std::vector<char> agree(static_cast<size_t>(end - start), 1);
     RunOptions o;
     o.max_new_tokens = N;
     o.stop_at_eos = false;
     o.suppress = options.suppress;
     o.forced = forced;
     o.on_logits = [&](int s, int index, const float* logits) {
+      const size_t p = static_cast<size_t>(prompt_of[static_cast<size_t>(s)]);
+      if (index >= limit[p]) return;
       thread_local std::vector<float> lp;
       lp.resize(V);
       LogSoftmax(logits, c.vocab, lp.data());
-      const float* f =
-          full_lp.data() + (static_cast<size_t>(prompt_of[static_cast<size_t>(s)]) * N + index) * V;
+      const float* f = full_lp.data() + (p * N + static_cast<size_t>(index)) * V;
       double sum = 0;
-      for (size_t v = 0; v < V; ++v) sum += std::exp(f[v]) * (f[v] - lp[v]);
+      size_t best = V;
+      for (size_t v = 0; v < V; ++v) {
+        sum += std::exp(f[v]) * (f[v] - lp[v]);
+        if (!suppressed[v] && (best == V || lp[v] > lp[best])) best = v;
+      }
       kl[static_cast<size_t>(s)] += std::max(0.0, sum);
       ++n[static_cast<size_t>(s)];
+      if (static_cast<int32_t>(best) != ref->generated[p][static_cast<size_t>(index)]) {
+        agree[static_cast<size_t>(s)] = 0;
+      }
     };
     auto run = Run(model, backend->get(), seq_prompts, o);
     if (!run.ok()) return run.status();
     result.events += (*backend)->events();
     for (int s = start; s < end; ++s) {
-      const size_t g = static_cast<size_t>(s / P);
+      const size_t g = static_cast<size_t>(s / U);
       group_kl[g] += kl[static_cast<size_t>(s - start)];
       group_n[g] += n[static_cast<size_t>(s - start)];
+      group_kept[g] += agree[static_cast<size_t>(s - start)];
     }
   }
   result.probe_seconds = Now() - t1;
   result.kl.assign(static_cast<size_t>(c.layers) * H, 0.0);
   result.positions.assign(static_cast<size_t>(c.layers) * H, 0);
+  result.kept.assign(static_cast<size_t>(c.layers) * H, 0.0);
   for (int u = 0; u < G; ++u) {
     const double mean = group_n[static_cast<size_t>(u)] > 0
                             ? group_kl[static_cast<size_t>(u)] /
@@ -212,6 +244,7 @@ absl::StatusOr<SensitivityResult> MeasureSensitivity(
       const size_t e = static_cast<size_t>(l) * H + static_cast<size_t>(u % H);
       result.kl[e] = mean;
       result.positions[e] = group_n[static_cast<size_t>(u)];
+      result.kept[e] = static_cast<double>(group_kept[static_cast<size_t>(u)]) / U;
     }
   }
   return result;

@@ -8,6 +8,12 @@
 // a sidecar session (the policy under test, at its budget) and the other layers in process memory;
 // the group's sensitivity is the mean KL(full ‖ compressed) per generated token.
 //
+// Recall side (SensitivityOptions::answer_tokens): the probe prompts are long-range recall tasks
+// (worker/recall_tasks.h); only the tasks the full cache answers count, and only the generated
+// tokens up to the one that completes the answer are measured: the KL there, and whether the
+// compressed model's greedy choice equals the full cache's at every one of them (then greedy
+// decoding with that group compressed writes the same answer).
+//
 // Per head (SensitivityOptions::per_head): the same with one KV head of the group compressed and
 // every other head, of that layer too, keeping its full cache; the sidecar session then holds the
 // group's layers with one KV head each (and that head's query group).
@@ -15,6 +21,7 @@
 #define REASONALLOC_WORKER_SENSITIVITY_H_
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -67,6 +74,10 @@ struct SensitivityOptions {
   int max_tokens = 256;           // generated tokens per probe prompt
   int batch = 32;                 // sequences (group × prompt) decoded together
   std::vector<int32_t> suppress;  // tokens never chosen (the control tokens)
+  // The recall side: given a prompt's index and the full cache's generated tokens, how many
+  // leading tokens carry its answer (0: the full cache does not answer; the prompt is left out).
+  // Unset: every prompt counts with all of its max_tokens tokens.
+  std::function<int(int prompt, const std::vector<int32_t>& generated)> answer_tokens;
 };
 
 struct SensitivityResult {
@@ -74,6 +85,11 @@ struct SensitivityResult {
   // l * Hkv + h when head h of l's group is compressed alone.
   std::vector<double> kl;
   std::vector<int64_t> positions;  // positions behind each entry
+  // With answer_tokens: per entry, the share of the answered prompts whose answer the compressed
+  // model reproduces token for token (greedy choice equal to the full cache's at every answer
+  // token); `answered` is how many prompts the full cache answers.
+  std::vector<double> kept;
+  int answered = 0;
   double full_seconds = 0, probe_seconds = 0;
   int64_t events = 0;
 };

@@ -9,7 +9,6 @@
 // Output (--out_dir): recall_runs.csv (one row per configuration and task, the full cache's rows
 // under policy "full"), recall_meta.json; bench/recall/report.py makes the table and plot.
 #include <algorithm>
-#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -25,6 +24,7 @@
 #include "worker/chat_template.h"
 #include "worker/driver.h"
 #include "worker/model_files.h"
+#include "worker/recall_tasks.h"
 #include "worker/tokenizer.h"
 
 ABSL_FLAG(std::string, model, "",
@@ -61,41 +61,10 @@ int Fail(const absl::Status& s) {
   return 1;
 }
 
-struct Task {
-  std::string id, kind, answer, head, tail;
+struct Task : RecallTask {
   std::vector<int32_t> ids;
   int distance = 0;  // tokens of the tail (filler and question)
 };
-
-absl::StatusOr<std::vector<Task>> ReadTasks(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) return absl::NotFoundError(absl::StrCat("cannot read --tasks file ", path));
-  std::vector<Task> out;
-  std::string line;
-  int n = 0;
-  while (std::getline(f, line)) {
-    ++n;
-    if (line.empty() || line[0] == '#') continue;
-    std::vector<std::string> cols = absl::StrSplit(line, '\t');
-    if (cols.size() != 5) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--tasks ", path, " line ", n, ": ", cols.size(), " columns, want 5"));
-    }
-    Task t;
-    t.id = cols[0];
-    t.kind = cols[1];
-    t.answer = cols[2];
-    t.head = absl::StrReplaceAll(cols[3], {{"\\n", "\n"}});
-    t.tail = absl::StrReplaceAll(cols[4], {{"\\n", "\n"}});
-    if (t.answer.empty()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("--tasks ", path, " line ", n, ": empty answer"));
-    }
-    out.push_back(std::move(t));
-  }
-  if (out.empty()) return absl::InvalidArgumentError(absl::StrCat("--tasks ", path, ": no tasks"));
-  return out;
-}
 
 absl::StatusOr<std::vector<int>> Ints(const std::string& flag, const std::string& text) {
   std::vector<int> out;
@@ -107,24 +76,6 @@ absl::StatusOr<std::vector<int>> Ints(const std::string& flag, const std::string
     out.push_back(v);
   }
   return out;
-}
-
-std::string Lower(std::string s) {
-  for (char& c : s) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return s;
-}
-
-bool Alnum(char c) { return std::isalnum(static_cast<unsigned char>(c)) != 0; }
-
-// The answer as a whole word of the text, case-insensitive (tasks.py's answer_matches).
-bool AnswerMatches(const std::string& answer, const std::string& text) {
-  const std::string a = Lower(answer), t = Lower(text);
-  for (size_t at = t.find(a); at != std::string::npos; at = t.find(a, at + 1)) {
-    const bool left = at == 0 || !Alnum(t[at - 1]);
-    const bool right = at + a.size() >= t.size() || !Alnum(t[at + a.size()]);
-    if (left && right) return true;
-  }
-  return false;
 }
 
 std::string Csv(const std::string& s) {
@@ -146,15 +97,17 @@ int Main(int argc, char** argv) {
   auto general = (*file)->GetString("general.name");
   const std::string model_name =
       ChooseModelName(absl::GetFlag(FLAGS_model_name), *path, general.ok() ? *general : "");
-  auto tasks = ReadTasks(absl::GetFlag(FLAGS_tasks));
-  if (!tasks.ok()) return Fail(tasks.status());
+  auto read = ReadRecallTasks(absl::GetFlag(FLAGS_tasks), "--tasks");
+  if (!read.ok()) return Fail(read.status());
+  std::vector<Task> tasks(read->size());
+  for (size_t i = 0; i < tasks.size(); ++i) static_cast<RecallTask&>(tasks[i]) = (*read)[i];
   if (absl::GetFlag(FLAGS_max_tasks) > 0 &&
-      static_cast<int>(tasks->size()) > absl::GetFlag(FLAGS_max_tasks)) {
-    tasks->resize(static_cast<size_t>(absl::GetFlag(FLAGS_max_tasks)));
+      static_cast<int>(tasks.size()) > absl::GetFlag(FLAGS_max_tasks)) {
+    tasks.resize(static_cast<size_t>(absl::GetFlag(FLAGS_max_tasks)));
   }
   const int min_distance = absl::GetFlag(FLAGS_min_distance);
   std::vector<Task> usable;
-  for (Task& t : *tasks) {
+  for (Task& t : tasks) {
     auto text = PromptText(**file, t.head + t.tail, absl::GetFlag(FLAGS_raw));
     if (!text.ok()) return Fail(text.status());
     t.ids = (*tok)->Encode(*text);

@@ -416,6 +416,119 @@ def test_sensitivity_calibration_measures_each_layer_alone(tmp_path):
         server.wait(timeout=10)
 
 
+def whole_words(text):
+    """The alphanumeric runs of text, each as AnswerMatches would find it (a whole word)."""
+    return re.findall(r"[0-9A-Za-z]+", text)
+
+
+def test_sensitivity_calibration_measures_the_recall_cost_of_each_layer(tmp_path):
+    """calibrate --objective sensitivity --recall_tasks: the same groups compressed alone on recall
+    tasks; only the tasks the full cache answers count (the answer taken from the full cache's own
+    text here, a task with an answer it never writes left out), measured over the answer tokens;
+    the layers CSV holds both costs and the demand is the weighted mix of the two normalised
+    costs; weight 0 gives the KL-only profile; bad flags are refused before anything runs."""
+    model, prompts, _, server, target = sensitivity_setup(tmp_path, "recall")
+    try:
+        heads = ["the a the in he.", "he in a the the a."]
+        tail = " the the a in he in the a the in a he the the in a the he in the a" * 2
+        answers = []
+        for head in heads:
+            g = subprocess.run([WORKER, "generate", f"--model={model}", "--full_cache",
+                                f"--prompt={head}{tail}", "--max_tokens=12", "--ignore_eos",
+                                "--json"], capture_output=True, text=True)
+            assert g.returncode == 0, g.stderr
+            words = whole_words(json.loads(g.stdout)["text"])
+            assert words, g.stdout
+            answers.append(words[0])
+        tasks = tmp_path / "tasks.tsv"
+        tasks.write_text("# id\tkind\tanswer\thead\ttail\n" + "".join(
+            f"t{i}\tname\t{a}\t{h}\t{tail}\n" for i, (a, h) in enumerate(zip(answers, heads)))
+            + f"t2\tname\tzzzzqqq\t{heads[0]}\t{tail}\n")
+        common = ["calibrate", "--objective=sensitivity", f"--model={model}", f"--target={target}",
+                  f"--prompts={prompts}", "--max_tokens=48", "--scorer=rkv", "--buffer=8",
+                  "--budget=12"]
+        layers = tmp_path / "layers.csv"
+        p = subprocess.run([WORKER, *common, f"--recall_tasks={tasks}", "--recall_weight=0.5",
+                            f"--layers_csv={layers}", f"--out={tmp_path / 'mixed.json'}"],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        print(p.stdout)
+        assert "recall side: 2 of 3 tasks answered by the full cache" in p.stdout, p.stdout
+        rows = list(csv.DictReader(layers.read_text().splitlines()))
+        assert [int(r["layer"]) for r in rows] == list(range(LAYERS)), rows
+        kl = [float(r["kl_per_token"]) for r in rows]
+        rkl = [float(r["recall_kl_per_token"]) for r in rows]
+        kept = [float(r["recall_kept"]) for r in rows]
+        assert all(k > 0 for k in kl) and all(k > 0 for k in rkl), rows
+        assert all(k in (0.0, 0.5, 1.0) for k in kept), rows
+        mixed = json.loads((tmp_path / "mixed.json").read_text())
+        want = [0.5 * k / (sum(kl) / LAYERS) + 0.5 * r / (sum(rkl) / LAYERS)
+                for k, r in zip(kl, rkl)]
+        assert mixed["demand"] == pytest.approx(want, rel=1e-9), (mixed["demand"], want)
+        assert [float(r["demand"]) for r in rows] == pytest.approx(want, rel=1e-9)
+        assert "recall side: the same on 2 of 3 recall tasks" in mixed["provenance"]
+        # Weight 0: the recall side is measured and shown, the demand is the KL-only one.
+        plain = subprocess.run([WORKER, *common, f"--out={tmp_path / 'plain.json'}"],
+                               capture_output=True, text=True)
+        assert plain.returncode == 0, plain.stderr
+        zero = subprocess.run([WORKER, *common, f"--recall_tasks={tasks}", "--recall_weight=0",
+                               f"--out={tmp_path / 'zero.json'}"], capture_output=True, text=True)
+        assert zero.returncode == 0, zero.stderr
+        assert json.loads((tmp_path / "zero.json").read_text())["demand"] == pytest.approx(
+            json.loads((tmp_path / "plain.json").read_text())["demand"], rel=1e-12)
+        # Recall prompts the budget holds whole: nothing lost, every answer kept; such a recall
+        # side cannot weigh the layers (refused with the reason) unless its weight is 0.
+        short = tmp_path / "short.tsv"
+        short.write_text(f"t0\tname\t{answers[0]}\t{heads[0]}\t{tail}\n")
+        roomy = [c for c in common if not c.startswith(("--budget", "--max_tokens"))] + [
+            "--budget=150", "--max_tokens=200"]  # the KL side's trajectories still exceed it
+        whole = subprocess.run([WORKER, *roomy, f"--recall_tasks={short}", "--recall_weight=0",
+                                f"--layers_csv={layers}", f"--out={tmp_path / 'whole.json'}"],
+                               capture_output=True, text=True)
+        assert whole.returncode == 0, whole.stderr
+        rows = list(csv.DictReader(layers.read_text().splitlines()))
+        assert all(float(r["recall_kl_per_token"]) == 0 and float(r["recall_kept"]) == 1
+                   for r in rows), rows
+        refused = subprocess.run([WORKER, *roomy, f"--recall_tasks={short}",
+                                  f"--out={tmp_path / 'whole.json'}"], capture_output=True,
+                                 text=True)
+        assert refused.returncode != 0, refused.stdout
+        assert "recall side: no layer group loses anything" in refused.stderr, refused.stderr
+        # Without --recall_tasks the CSV leaves the recall columns empty.
+        only = subprocess.run([WORKER, *common, f"--layers_csv={tmp_path / 'only.csv'}",
+                               f"--out={tmp_path / 'only.json'}"], capture_output=True, text=True)
+        assert only.returncode == 0, only.stderr
+        assert all(r["recall_kl_per_token"] == "" and float(r["kl_per_token"]) > 0
+                   for r in csv.DictReader((tmp_path / "only.csv").read_text().splitlines()))
+        # Refusals, each naming its flag; none leaves a profile behind.
+        unanswered = tmp_path / "none.tsv"
+        unanswered.write_text(f"t0\tname\tzzzzqqq\t{heads[0]}\t{tail}\n")
+        bad_tasks = tmp_path / "bad.tsv"
+        bad_tasks.write_text("t0\tname\tx\n")
+        for flags, message in [
+                ([f"--recall_tasks={tasks}", "--recall_weight=1.5"], "--recall_weight 1.5"),
+                ([f"--recall_tasks={tasks}", "--recall_weight=nan"], "--recall_weight"),
+                ([f"--recall_tasks={tasks}", "--answer_tokens=0"], "--answer_tokens 0"),
+                ([f"--recall_tasks={tmp_path / 'missing.tsv'}"], "--recall_tasks"),
+                ([f"--recall_tasks={bad_tasks}"], "3 columns, want 5"),
+                ([f"--recall_tasks={unanswered}"], "answers none of the recall tasks"),
+                ([f"--layers_csv={tmp_path / 'no' / 'dir.csv'}"], "--layers_csv"),
+        ]:
+            out = tmp_path / "refused.json"
+            r = subprocess.run([WORKER, *common, *flags, f"--out={out}"], capture_output=True,
+                               text=True)
+            assert r.returncode != 0 and message in r.stderr, (flags, r.stderr)
+            assert not out.exists(), flags
+        for objective in ("head_sensitivity", "k_rho"):
+            r = subprocess.run([WORKER, *common, f"--objective={objective}",
+                                f"--recall_tasks={tasks}", f"--out={tmp_path / 'x'}"],
+                               capture_output=True, text=True)
+            assert r.returncode != 0 and "--recall_tasks" in r.stderr, (objective, r.stderr)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
 def test_head_sensitivity_measures_each_kv_head_alone(tmp_path):
     """calibrate --objective head_sensitivity: one row per (layer, KV head), each head compressed
     alone while the other head of its layer keeps its full cache; positive at a small budget,
