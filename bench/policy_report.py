@@ -6,8 +6,11 @@
   prompts, 24 recall tasks)
 
 1. Calibrates a sensitivity profile (`reasonalloc-worker calibrate --objective sensitivity`) on
-   the probe prompts (named MODEL.sensitivity; OUT/sensitivity_profile.json), beside the model's
-   shipped k_ρ profile (if --profiles, default deploy/profiles, has one).
+   the probe prompts (named MODEL.sensitivity; OUT/sensitivity_profile.json, each layer's costs in
+   OUT/sensitivity_layers.csv), beside the model's shipped k_ρ profile (if --profiles, default
+   deploy/profiles, has one). With --recall_probe_tasks N, the calibration also measures each
+   layer's recall cost on N recall tasks of seed 2 (the evaluation's are seed 1) and the profile's
+   demand mixes both costs (--recall_weight).
 2. Runs the fidelity grid on the probe prompts: every scorer with every allocator (uniform, adakv,
    reasonalloc with and without head routing, the latter two on the k_ρ profile and on the
    sensitivity profile), each also with the last --recent tokens always kept (`+rN`); picks, per
@@ -136,6 +139,12 @@ def main():
     ap.add_argument("--recent", default="16",
                     help="recency variants: every candidate also runs with the last N tokens "
                          "always kept (+rN), for each N in this list; empty = none")
+    ap.add_argument("--recall_probe_tasks", type=int, default=0,
+                    help="recall tasks (seed 2) on which the sensitivity calibration also measures "
+                         "each layer's recall cost; 0 = the KL cost only")
+    ap.add_argument("--recall_weight", type=float, default=0.5,
+                    help="with --recall_probe_tasks: the recall cost's share of the sensitivity "
+                         "profile's demand, in [0, 1]")
     ap.add_argument("--sensitivity_budget", type=int, default=32)
     ap.add_argument("--sensitivity_scorer", default="rkv")
     ap.add_argument("--layer_group", type=int, default=1,
@@ -190,6 +199,8 @@ def main():
     recents = [r for r in recents if 8 < r and 2 * r <= min(budgets)]
     if a.max_probe < 0 or a.layer_group < 1:
         ap.error("--max_probe must be >= 0 and --layer_group >= 1")
+    if a.recall_probe_tasks < 0 or not 0 <= a.recall_weight <= 1:
+        ap.error("--recall_probe_tasks must be >= 0 and --recall_weight in [0, 1]")
     # --profiles as given (relative to the working directory), else under the repository (its
     # default, deploy/profiles, from anywhere).
     profile_dir = a.profiles if os.path.isdir(a.profiles) else os.path.join(ROOT, a.profiles)
@@ -222,20 +233,34 @@ def main():
                     dst.writelines([line for line in src if line.strip()
                                     and not line.startswith("#")][:a.max_probe])
             sens_json = os.path.join(a.out, "sensitivity_profile.json")
+            layers_csv = os.path.join(a.out, "sensitivity_layers.csv")
+
+            def calibrate(objective, out, *extra, **kw):
+                """reasonalloc-worker calibrate on the probe prompts, the report's settings."""
+                cmd = [os.path.join(a.build, "worker/reasonalloc-worker"), "calibrate",
+                       f"--objective={objective}", f"--target={target}", f"--prompts={probes}",
+                       f"--layer_group={a.layer_group}", f"--max_tokens={a.probe_tokens}",
+                       f"--budget={a.sensitivity_budget}", f"--scorer={a.sensitivity_scorer}",
+                       "--batch=32", f"--out={out}", *extra,
+                       *([f"--model={a.model}"] if a.model else [])]
+                print("+ " + " ".join(cmd), flush=True)
+                return subprocess.run(cmd, check=True, cwd=ROOT, **kw)
+
             t0 = time.time()
             if a.sensitivity_profile:
                 if os.path.abspath(a.sensitivity_profile) != os.path.abspath(sens_json):
                     shutil.copyfile(a.sensitivity_profile, sens_json)
                 print(f"sensitivity profile from {a.sensitivity_profile}", flush=True)
             else:
-                out = subprocess.run(
-                    [os.path.join(a.build, "worker/reasonalloc-worker"), "calibrate",
-                     "--objective=sensitivity", f"--target={target}",
-                     f"--prompts={probes}", f"--layer_group={a.layer_group}",
-                     f"--max_tokens={a.probe_tokens}", f"--budget={a.sensitivity_budget}",
-                     f"--scorer={a.sensitivity_scorer}", "--batch=32", f"--out={sens_json}",
-                     *([f"--model={a.model}"] if a.model else [])],
-                    check=True, capture_output=True, text=True, cwd=ROOT).stdout
+                extra = [f"--layers_csv={layers_csv}"]
+                if a.recall_probe_tasks:  # seed 2: never the evaluation's tasks (seed 1)
+                    probe_tasks = os.path.join(tmp, "recall_probe_tasks.tsv")
+                    run([sys.executable, os.path.join(ROOT, "bench/recall/tasks.py"), "--seed",
+                         "2", "--count", str(a.recall_probe_tasks), "--out", probe_tasks])
+                    extra += [f"--recall_tasks={probe_tasks}",
+                              f"--recall_weight={a.recall_weight}"]
+                out = calibrate("sensitivity", sens_json, *extra, stdout=subprocess.PIPE,
+                                text=True).stdout  # its errors go straight to stderr
                 print(out, flush=True)
             sens_s = time.time() - t0
             # Named MODEL.sensitivity, beside the model's k_ρ profile (named MODEL).
@@ -243,6 +268,9 @@ def main():
             if a.max_probe and not a.sensitivity_profile:
                 profile["provenance"] = profile["provenance"].replace(
                     probes, f"the first {a.max_probe} of {a.probe_prompts}")
+            if a.recall_probe_tasks and not a.sensitivity_profile:
+                profile["provenance"] = profile["provenance"].replace(
+                    probe_tasks, f"bench/recall/tasks.py --seed 2 --count {a.recall_probe_tasks}")
             model = profile["model"]["name"]
             sensitivity = profile["name"] = f"{model}.sensitivity"
             with open(sens_json, "w") as f:
@@ -260,13 +288,7 @@ def main():
                     if os.path.abspath(a.head_sensitivity) != os.path.abspath(heads_csv):
                         shutil.copyfile(a.head_sensitivity, heads_csv)
                 else:
-                    run([os.path.join(a.build, "worker/reasonalloc-worker"), "calibrate",
-                         "--objective=head_sensitivity", f"--target={target}",
-                         f"--prompts={probes}", f"--layer_group={a.layer_group}",
-                         f"--max_tokens={a.probe_tokens}", f"--budget={a.sensitivity_budget}",
-                         f"--scorer={a.sensitivity_scorer}", "--batch=32", f"--out={heads_csv}",
-                         *([f"--model={a.model}"] if a.model else [])], cwd=ROOT,
-                        stdout=subprocess.DEVNULL)
+                    calibrate("head_sensitivity", heads_csv, stdout=subprocess.DEVNULL)
                 heads_profile = f"{sensitivity}.heads"
                 heads_json = os.path.join(a.out, "head_profile.json")
                 run([sys.executable, os.path.join(ROOT, "bench/head_sensitivity.py"), heads_csv,
@@ -393,16 +415,34 @@ def main():
             lines.append(row)
     if recall:
         lines += ["\n## Long-range recall of the picks\n", recall["text"]]
+    # Each layer's measured costs, when this run calibrated (a given profile has no CSV here).
+    costs = None
+    if not a.sensitivity_profile and os.path.exists(layers_csv):
+        costs = list(csv.DictReader(open(layers_csv)))
+    # (a recall side that lost nothing, possible at weight 0, has no shape to show)
+    with_recall = bool(costs) and all(r["recall_kl_per_token"] for r in costs) and \
+        sum(float(r["recall_kl_per_token"]) for r in costs) > 0
     if wave is not None:
-        plot_profiles(wave, profile, os.path.join(a.out, "wave_vs_sensitivity.png"))
+        plot_profiles(wave, profile, os.path.join(a.out, "wave_vs_sensitivity.png"),
+                      [float(r["recall_kl_per_token"]) for r in costs] if with_recall else None)
+        what = ("the sensitivity profile's demand measured here (KL and recall costs mixed, "
+                f"recall weight {a.recall_weight}; each cost alone in the last columns)"
+                if with_recall else "the KL sensitivity measured here")
         lines += ["\n## The measured wave\n",
                   "Per layer, normalised to mean 1 (`wave_vs_sensitivity.png`): k_ρ demand of the "
-                  "shipped profile and the KL sensitivity measured here; Spearman rank correlation "
+                  f"shipped profile and {what}; Spearman rank correlation "
                   f"{spearman(wave['demand'], profile['demand']):+.2f}.\n",
-                  "| layer | k_ρ demand | sensitivity |", "|---|---|---|"]
+                  "| layer | k_ρ demand | sensitivity |"
+                  + (" KL cost | recall cost | answers kept |" if with_recall else ""),
+                  "|---|---|---|" + ("---|---|---|" if with_recall else "")]
         kr, se = normalised(wave["demand"]), normalised(profile["demand"])
+        if with_recall:
+            kc = normalised([float(r["kl_per_token"]) for r in costs])
+            rc = normalised([float(r["recall_kl_per_token"]) for r in costs])
         for i, (x, y) in enumerate(zip(kr, se)):
-            lines.append(f"| {i} | {x:.2f} | {y:.2f} |")
+            lines.append(f"| {i} | {x:.2f} | {y:.2f} |" + (
+                f" {kc[i]:.2f} | {rc[i]:.2f} | {float(costs[i]['recall_kept']):.2f} |"
+                if with_recall else ""))
     text = "\n".join(lines) + "\n"
     open(os.path.join(a.out, "policy_report.md"), "w").write(text)
     print(text)
@@ -485,14 +525,18 @@ def spearman(x, y):
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def plot_profiles(wave, sens, path):
+def plot_profiles(wave, sens, path, recall_cost=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8, 4))
     x = np.arange(len(wave["demand"]))
     ax.plot(x, normalised(wave["demand"]), "o-", label=f"k_ρ demand ({wave['name']})")
-    ax.plot(x, normalised(sens["demand"]), "s-", label=f"KL sensitivity ({sens['name']})")
+    ax.plot(x, normalised(sens["demand"]), "s-",
+            label=f"{'sensitivity, KL and recall' if recall_cost else 'KL sensitivity'} "
+                  f"({sens['name']})")
+    if recall_cost:
+        ax.plot(x, normalised(recall_cost), "^--", label="recall cost alone")
     ax.axhline(1.0, color="grey", lw=0.5)
     ax.set_xlabel("layer")
     ax.set_ylabel("relative to the mean layer")

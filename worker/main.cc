@@ -502,15 +502,23 @@ int CalibrateSensitivity(bool per_head) {
     auto read = ReadRecallTasks(recall_path, "--recall_tasks");
     if (!read.ok()) return Fail(read.status());
     recall = *std::move(read);
+    const int context = loaded->model->config().context;
     for (const RecallTask& t : recall) {
       auto prompt = loaded->Prompt(t.head + t.tail);
       if (!prompt.ok()) return Fail(prompt.status());
+      if (static_cast<int64_t>(prompt->size()) + answer_tokens > context) {
+        return Fail(absl::InvalidArgumentError(
+            absl::StrCat("--recall_tasks ", recall_path, ": task ", t.id, " is ", prompt->size(),
+                         " tokens, with --answer_tokens ", answer_tokens,
+                         " more than the model's context of ", context)));
+      }
       recall_ids.push_back(*std::move(prompt));
     }
   }
+  // Written into LAYERS_CSV.partial, renamed when complete (as the head CSV below).
   std::ofstream csv;
   if (!layers_csv.empty()) {
-    csv.open(layers_csv);
+    csv.open(layers_csv + ".partial");
     if (!csv) {
       return Fail(
           absl::InvalidArgumentError(absl::StrCat("--layers_csv: cannot write ", layers_csv)));
@@ -542,7 +550,7 @@ int CalibrateSensitivity(bool per_head) {
       std::error_code ec;
       if (!path.empty()) std::filesystem::remove(path, ec);
     }
-  } remove_partial{partial};
+  } remove_partial{partial}, remove_csv_partial{layers_csv.empty() ? "" : layers_csv + ".partial"};
   SensitivityOptions options;
   auto flags_policy = PolicyFromFlags();
   if (!flags_policy.ok()) return Fail(flags_policy.status());
@@ -554,27 +562,9 @@ int CalibrateSensitivity(bool per_head) {
   options.max_tokens = absl::GetFlag(FLAGS_max_tokens);
   options.batch = std::max(1, absl::GetFlag(FLAGS_batch));
   options.suppress = loaded->tokenizer->ControlTokens();
-  // The probe sessions are named apart from the model, so no profile of the model's name (of
-  // another geometry than a group of layers) is looked up for them.
-  auto result = MeasureSensitivity(*loaded->model, client->get(),
-                                   absl::StrCat(loaded->ModelName(), ".probe"), ids, options);
-  if (!result.ok()) return Fail(result.status());
-  if (per_head) {
-    // The same refusal as the profile's: no head lost anything at this budget.
-    if (std::all_of(result->kl.begin(), result->kl.end(), [](double v) { return v == 0; })) {
-      return Fail(absl::FailedPreconditionError(
-          "head sensitivity: no KV head loses anything at this budget (the budget holds the "
-          "whole trajectory): use a smaller --budget or a larger --max_tokens"));
-    }
-    // The same checks of the values as the profile's (finite, not negative).
-    if (auto d = DemandFromSensitivity(result->kl); !d.ok()) return Fail(d.status());
-    return WriteHeadSensitivity(loaded->model->config(), *result, options.policy,
-                                options.layer_group, out_path, partial, head_csv);
-  }
-  auto demand = DemandFromSensitivity(result->kl);
-  if (!demand.ok()) return Fail(demand.status());
-  // The recall side: the same groups compressed alone on the recall tasks, measured over the
-  // answer tokens of the tasks the full cache answers.
+  // The recall side first (a model that answers none of the tasks is told so at once): the same
+  // groups compressed alone on the recall tasks, measured over the answer tokens of the tasks the
+  // full cache answers.
   SensitivityResult recall_result;
   if (!recall.empty()) {
     SensitivityOptions ro = options;
@@ -595,6 +585,27 @@ int CalibrateSensitivity(bool per_head) {
                                 absl::StrCat(loaded->ModelName(), ".probe"), recall_ids, ro);
     if (!r.ok()) return Fail(r.status());
     recall_result = *std::move(r);
+  }
+  // The probe sessions are named apart from the model, so no profile of the model's name (of
+  // another geometry than a group of layers) is looked up for them.
+  auto result = MeasureSensitivity(*loaded->model, client->get(),
+                                   absl::StrCat(loaded->ModelName(), ".probe"), ids, options);
+  if (!result.ok()) return Fail(result.status());
+  if (per_head) {
+    // The same refusal as the profile's: no head lost anything at this budget.
+    if (std::all_of(result->kl.begin(), result->kl.end(), [](double v) { return v == 0; })) {
+      return Fail(absl::FailedPreconditionError(
+          "head sensitivity: no KV head loses anything at this budget (the budget holds the "
+          "whole trajectory): use a smaller --budget or a larger --max_tokens"));
+    }
+    // The same checks of the values as the profile's (finite, not negative).
+    if (auto d = DemandFromSensitivity(result->kl); !d.ok()) return Fail(d.status());
+    return WriteHeadSensitivity(loaded->model->config(), *result, options.policy,
+                                options.layer_group, out_path, partial, head_csv);
+  }
+  auto demand = DemandFromSensitivity(result->kl);
+  if (!demand.ok()) return Fail(demand.status());
+  if (!recall.empty()) {
     // Weight 0: the recall side is measured and shown but the demand is the KL side's alone.
     auto recall_demand = recall_weight > 0 ? DemandFromSensitivity(recall_result.kl) : *demand;
     if (!recall_demand.ok()) {
@@ -685,7 +696,10 @@ int CalibrateSensitivity(bool per_head) {
   }
   if (csv.is_open()) {
     csv.close();
-    if (!csv) return Fail(absl::InternalError(absl::StrCat("cannot write ", layers_csv)));
+    std::error_code ec;
+    if (!csv || (std::filesystem::rename(layers_csv + ".partial", layers_csv, ec), ec)) {
+      return Fail(absl::InternalError(absl::StrCat("cannot write ", layers_csv)));
+    }
   }
   return 0;
 }

@@ -519,6 +519,7 @@ def test_sensitivity_calibration_measures_the_recall_cost_of_each_layer(tmp_path
                                text=True)
             assert r.returncode != 0 and message in r.stderr, (flags, r.stderr)
             assert not out.exists(), flags
+            assert not list(tmp_path.glob("*.partial")), flags
         for objective in ("head_sensitivity", "k_rho"):
             r = subprocess.run([WORKER, *common, f"--objective={objective}",
                                 f"--recall_tasks={tasks}", f"--out={tmp_path / 'x'}"],
@@ -797,6 +798,23 @@ def test_the_policy_report_runs_on_your_own_file(tmp_path):
                         f"--model={model}", "--budgets=", f"--out={small}"],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--budgets" in p.stderr, p.stderr
+    # The recall side of the calibration: the seed-2 recall tasks reach the worker (they do not fit
+    # this model's context, which is refused with the reason); a weight outside [0, 1] is refused
+    # before anything runs.
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
+                        f"--model={model}", "--budgets=12", f"--probe_prompts={probes}",
+                        "--probe_tokens=40", "--sensitivity_budget=12", "--recall_tasks=0",
+                        "--recall_probe_tasks=3", f"--out={tmp_path / 'recall'}"],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0, p.stdout[-3000:]
+    assert "tasks.py --seed 2 --count 3" in p.stdout, p.stdout[-3000:]
+    assert "--recall_tasks=" in p.stdout and "--recall_weight=0.5" in p.stdout, p.stdout[-3000:]
+    assert "--recall_tasks" in p.stderr and "more than the model's context of 512" in p.stderr, \
+        p.stderr[-3000:]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
+                        f"--model={model}", "--recall_probe_tasks=3", "--recall_weight=2",
+                        f"--out={small}"], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "--recall_weight" in p.stderr, p.stderr
 
 
 def test_the_rope_convention_follows_the_architecture(tmp_path):

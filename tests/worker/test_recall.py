@@ -138,6 +138,50 @@ def test_the_benchmark_end_to_end(tmp_path):
     assert len(table) == 1 and "0.00 [0.00, 0.00]" in table[0], table
 
 
+def test_the_sensitivity_calibration_measures_recall_on_the_reference_model(tmp_path):
+    """calibrate --objective sensitivity --recall_tasks on the reference model, two groups of 15
+    layers: the answered tasks are found on the real tokenizer (a passkey's digits are several
+    tokens), the recall cost is measured over the answer tokens and positive at a small budget,
+    and the profile's demand is the equal mix of the two normalised costs."""
+    tasks_file = tmp_path / "tasks.tsv"
+    assert T.main(["--seed", "12", "--count", "3", "--filler_words", "70", "--kinds",
+                   "passkey,name", "--out", str(tasks_file)]) == 0
+    probes = tmp_path / "probes.txt"
+    probes.write_text("Name three colours.\n")
+    sock = tmp_path / "s.sock"
+    server = subprocess.Popen([SERVER, f"--listen=unix://{sock}", "--metrics_address=127.0.0.1:0",
+                               f"--profile_dir={ROOT}/deploy/profiles", "--log_level=error"])
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        layers = tmp_path / "layers.csv"
+        p = subprocess.run([WORKER, "calibrate", "--objective=sensitivity", f"--target=unix://{sock}",
+                            f"--prompts={probes}", "--max_tokens=32", "--budget=16",
+                            "--buffer=16", "--scorer=rkv", "--layer_group=15",
+                            f"--recall_tasks={tasks_file}", "--recall_weight=0.5",
+                            f"--layers_csv={layers}", f"--out={tmp_path / 'p.json'}",
+                            "--model=SmolLM2-135M-Instruct.Q4_1.gguf"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=400)
+        print(p.stdout, p.stderr)
+        assert p.returncode == 0, p.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    m = re.search(r"recall side: (\d+) of 3 tasks answered", p.stdout)
+    assert m and int(m.group(1)) >= 1, p.stdout
+    rows = list(csv.DictReader(open(layers)))
+    assert len(rows) == 30
+    kl = [float(r["kl_per_token"]) for r in rows]
+    rkl = [float(r["recall_kl_per_token"]) for r in rows]
+    assert len(set(kl)) == 2 and len(set(rkl)) == 2  # one measurement per group of 15
+    assert all(k > 0 for k in kl) and all(k > 0 for k in rkl), rows
+    demand = [float(r["demand"]) for r in rows]
+    want = [0.5 * k / (sum(kl) / 30) + 0.5 * r / (sum(rkl) / 30) for k, r in zip(kl, rkl)]
+    assert demand == pytest.approx(want, rel=1e-9)
+
+
 def test_the_report_pairs_a_hierarchical_policy_with_the_uniform_one_of_its_knobs(tmp_path):
     """A reasonalloc policy with recency (+r16) is paired with its scorer's uniform policy with the
     same recency where that ran, and with the plain uniform policy where it did not."""
