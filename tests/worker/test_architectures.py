@@ -467,6 +467,12 @@ def test_sensitivity_calibration_measures_the_recall_cost_of_each_layer(tmp_path
         assert mixed["demand"] == pytest.approx(want, rel=1e-9), (mixed["demand"], want)
         assert [float(r["demand"]) for r in rows] == pytest.approx(want, rel=1e-9)
         assert "recall side: the same on 2 of 3 recall tasks" in mixed["provenance"]
+        # The plot of the profile beside both costs.
+        png = tmp_path / "costs.png"
+        d = subprocess.run([sys.executable, os.path.join(ROOT, "bench/profiles_plot.py"),
+                            str(tmp_path / "mixed.json"), f"--layers_csv={layers}",
+                            f"--out={png}"], capture_output=True, text=True)
+        assert d.returncode == 0 and png.stat().st_size > 0, d.stderr
         # Weight 0: the recall side is measured and shown, the demand is the KL-only one.
         plain = subprocess.run([WORKER, *common, f"--out={tmp_path / 'plain.json'}"],
                                capture_output=True, text=True)
