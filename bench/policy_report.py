@@ -168,8 +168,8 @@ def main():
                          "tasks (each unless given)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench/results/policy_report"))
     a = ap.parse_args()
+    given = {arg[2:].split("=", 1)[0] for arg in sys.argv[1:] if arg.startswith("--")}
     if a.quick:  # smaller defaults; a flag given on the command line still wins, whatever its value
-        given = {arg[2:].split("=", 1)[0] for arg in sys.argv[1:] if arg.startswith("--")}
         for name, value in (("scorers", "snapkv,rkv"), ("allocators", "uniform,reasonalloc-full"),
                             ("recent", ""), ("recall_budgets", ""), ("max_heldout", 8),
                             ("recall_tasks", 24)):
@@ -201,6 +201,11 @@ def main():
         ap.error("--max_probe must be >= 0 and --layer_group >= 1")
     if a.recall_probe_tasks < 0 or not 0 <= a.recall_weight <= 1:
         ap.error("--recall_probe_tasks must be >= 0 and --recall_weight in [0, 1]")
+    if a.recall_probe_tasks and a.sensitivity_profile:
+        ap.error("--recall_probe_tasks calibrates the sensitivity profile; --sensitivity_profile "
+                 "gives one calibrated before: use one of them")
+    if "recall_weight" in given and not a.recall_probe_tasks:
+        ap.error("--recall_weight weighs the recall cost that --recall_probe_tasks measures")
     # --profiles as given (relative to the working directory), else under the repository (its
     # default, deploy/profiles, from anywhere).
     profile_dir = a.profiles if os.path.isdir(a.profiles) else os.path.join(ROOT, a.profiles)
@@ -419,30 +424,9 @@ def main():
     costs = None
     if not a.sensitivity_profile and os.path.exists(layers_csv):
         costs = list(csv.DictReader(open(layers_csv)))
-    # (a recall side that lost nothing, possible at weight 0, has no shape to show)
-    with_recall = bool(costs) and all(r["recall_kl_per_token"] for r in costs) and \
-        sum(float(r["recall_kl_per_token"]) for r in costs) > 0
     if wave is not None:
-        plot_profiles(wave, profile, os.path.join(a.out, "wave_vs_sensitivity.png"),
-                      [float(r["recall_kl_per_token"]) for r in costs] if with_recall else None)
-        what = ("the sensitivity profile's demand measured here (KL and recall costs mixed, "
-                f"recall weight {a.recall_weight}; each cost alone in the last columns)"
-                if with_recall else "the KL sensitivity measured here")
-        lines += ["\n## The measured wave\n",
-                  "Per layer, normalised to mean 1 (`wave_vs_sensitivity.png`): k_ρ demand of the "
-                  f"shipped profile and {what}; Spearman rank correlation "
-                  f"{spearman(wave['demand'], profile['demand']):+.2f}.\n",
-                  "| layer | k_ρ demand | sensitivity |"
-                  + (" KL cost | recall cost | answers kept |" if with_recall else ""),
-                  "|---|---|---|" + ("---|---|---|" if with_recall else "")]
-        kr, se = normalised(wave["demand"]), normalised(profile["demand"])
-        if with_recall:
-            kc = normalised([float(r["kl_per_token"]) for r in costs])
-            rc = normalised([float(r["recall_kl_per_token"]) for r in costs])
-        for i, (x, y) in enumerate(zip(kr, se)):
-            lines.append(f"| {i} | {x:.2f} | {y:.2f} |" + (
-                f" {kc[i]:.2f} | {rc[i]:.2f} | {float(costs[i]['recall_kept']):.2f} |"
-                if with_recall else ""))
+        lines += wave_section(wave, profile, costs, a.recall_weight,
+                              os.path.join(a.out, "wave_vs_sensitivity.png"))
     text = "\n".join(lines) + "\n"
     open(os.path.join(a.out, "policy_report.md"), "w").write(text)
     print(text)
@@ -519,13 +503,49 @@ def normalised(v):
     return v / v.mean()
 
 
+def wave_section(wave, profile, costs, recall_weight, plot_path):
+    """The report's "measured wave" section (and its plot): per layer the k_ρ demand against the
+    sensitivity profile's, with the KL and recall costs alone when the calibration measured a
+    recall side (`costs`: the rows of its --layers_csv, or None)."""
+    with_recall = bool(costs) and all(r["recall_kl_per_token"] for r in costs) and \
+        sum(float(r["recall_kl_per_token"]) for r in costs) > 0
+    mixed = with_recall and recall_weight > 0
+    plot_profiles(wave, profile, plot_path,
+                  [float(r["recall_kl_per_token"]) for r in costs] if with_recall else None,
+                  mixed)
+    if mixed:
+        what = ("the sensitivity profile's demand measured here (KL and recall costs mixed, "
+                f"recall weight {recall_weight}; each cost alone in the last columns)")
+    elif with_recall:
+        what = ("the KL sensitivity measured here (the recall cost, measured beside it with "
+                "weight 0, in the last columns)")
+    else:
+        what = "the KL sensitivity measured here"
+    lines = ["\n## The measured wave\n",
+             "Per layer, normalised to mean 1 (`wave_vs_sensitivity.png`): k_ρ demand of the "
+             f"shipped profile and {what}; Spearman rank correlation "
+             f"{spearman(wave['demand'], profile['demand']):+.2f}.\n",
+             "| layer | k_ρ demand | sensitivity |"
+             + (" KL cost | recall cost | answers kept |" if with_recall else ""),
+             "|---|---|---|" + ("---|---|---|" if with_recall else "")]
+    kr, se = normalised(wave["demand"]), normalised(profile["demand"])
+    if with_recall:
+        kc = normalised([float(r["kl_per_token"]) for r in costs])
+        rc = normalised([float(r["recall_kl_per_token"]) for r in costs])
+    for i, (x, y) in enumerate(zip(kr, se)):
+        lines.append(f"| {i} | {x:.2f} | {y:.2f} |" + (
+            f" {kc[i]:.2f} | {rc[i]:.2f} | {float(costs[i]['recall_kept']):.2f} |"
+            if with_recall else ""))
+    return lines
+
+
 def spearman(x, y):
     rx = np.argsort(np.argsort(x)).astype(np.float64)
     ry = np.argsort(np.argsort(y)).astype(np.float64)
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def plot_profiles(wave, sens, path, recall_cost=None):
+def plot_profiles(wave, sens, path, recall_cost=None, mixed=False):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -533,7 +553,7 @@ def plot_profiles(wave, sens, path, recall_cost=None):
     x = np.arange(len(wave["demand"]))
     ax.plot(x, normalised(wave["demand"]), "o-", label=f"k_ρ demand ({wave['name']})")
     ax.plot(x, normalised(sens["demand"]), "s-",
-            label=f"{'sensitivity, KL and recall' if recall_cost else 'KL sensitivity'} "
+            label=f"{'sensitivity, KL and recall' if mixed else 'KL sensitivity'} "
                   f"({sens['name']})")
     if recall_cost:
         ax.plot(x, normalised(recall_cost), "^--", label="recall cost alone")

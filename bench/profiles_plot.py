@@ -48,7 +48,13 @@ def main():
         print(f"{p['name']}: {L} layers, rho {p['rho']}, max {demand[top]:.2f}x at layer {top}, "
               f"min {demand[low]:.2f}x at layer {low}; {p.get('provenance', '')}")
     if a.layers_csv:
-        rows = list(csv.DictReader(open(a.layers_csv)))
+        try:
+            rows = list(csv.DictReader(open(a.layers_csv)))
+        except OSError as e:
+            ap.error(f"--layers_csv: {e}")
+        if not rows or not {"kl_per_token", "recall_kl_per_token"} <= set(rows[0]):
+            ap.error(f"--layers_csv {a.layers_csv}: not a layers CSV of calibrate (no rows, or "
+                     "no kl_per_token and recall_kl_per_token columns)")
         L = len(rows)
         depth = [l / max(L - 1, 1) for l in range(L)]
         for column, label in (("kl_per_token", "KL cost alone"),

@@ -108,7 +108,7 @@ ABSL_FLAG(int, answer_tokens, 12,
           "appear among them)");
 ABSL_FLAG(std::string, layers_csv, "",
           "calibrate --objective sensitivity: also write each layer's measured costs as CSV "
-          "(layer, kl_per_token, recall_kl_per_token, recall_kept, demand)");
+          "(layer, kl_per_token, recall_kl_per_token, recall_kept, recall_positions, demand)");
 ABSL_FLAG(int, layer_group, 1,
           "calibrate --objective sensitivity, head_sensitivity: layers compressed together");
 ABSL_FLAG(double, rho, reasonalloc::kDefaultCalibrationRho, "calibrate: attention-mass fraction ρ");
@@ -488,16 +488,23 @@ int CalibrateSensitivity(bool per_head) {
     return Fail(absl::InvalidArgumentError(
         "--recall_tasks and --layers_csv go with --objective sensitivity, not head_sensitivity"));
   }
+  if (!layers_csv.empty() && std::filesystem::path(layers_csv).lexically_normal() ==
+                                 std::filesystem::path(out_path).lexically_normal()) {
+    return Fail(absl::InvalidArgumentError("--layers_csv names the same file as --out"));
+  }
   std::vector<RecallTask> recall;
   std::vector<std::vector<int32_t>> recall_ids;
   if (!recall_path.empty()) {
-    if (!(recall_weight >= 0 && recall_weight <= 1)) {
-      return Fail(absl::InvalidArgumentError(
-          absl::StrCat("--recall_weight ", recall_weight, " is outside [0, 1]")));
-    }
-    if (answer_tokens < 1 || answer_tokens > 256) {
-      return Fail(absl::InvalidArgumentError(
-          absl::StrCat("--answer_tokens ", answer_tokens, " is outside [1, 256]")));
+    // bench/recall/tasks.py names the seed in its header line; seed 1 is the evaluation's.
+    if (std::ifstream f(recall_path); f) {
+      std::string header;
+      std::getline(f, header);
+      if (header.rfind("#", 0) == 0 && header.find("(seed 1,") != std::string::npos) {
+        return Fail(absl::InvalidArgumentError(absl::StrCat(
+            "--recall_tasks ", recall_path,
+            " holds the evaluation tasks (seed 1): calibrate "
+            "on another seed, so the recall benchmark judges tasks the profile never saw")));
+      }
     }
     auto read = ReadRecallTasks(recall_path, "--recall_tasks");
     if (!read.ok()) return Fail(read.status());
@@ -513,15 +520,6 @@ int CalibrateSensitivity(bool per_head) {
                          " more than the model's context of ", context)));
       }
       recall_ids.push_back(*std::move(prompt));
-    }
-  }
-  // Written into LAYERS_CSV.partial, renamed when complete (as the head CSV below).
-  std::ofstream csv;
-  if (!layers_csv.empty()) {
-    csv.open(layers_csv + ".partial");
-    if (!csv) {
-      return Fail(
-          absl::InvalidArgumentError(absl::StrCat("--layers_csv: cannot write ", layers_csv)));
     }
   }
   auto client = Connect();
@@ -551,6 +549,15 @@ int CalibrateSensitivity(bool per_head) {
       if (!path.empty()) std::filesystem::remove(path, ec);
     }
   } remove_partial{partial}, remove_csv_partial{layers_csv.empty() ? "" : layers_csv + ".partial"};
+  // The layers CSV likewise, into LAYERS_CSV.partial.
+  std::ofstream csv;
+  if (!layers_csv.empty()) {
+    csv.open(layers_csv + ".partial");
+    if (!csv) {
+      return Fail(
+          absl::InvalidArgumentError(absl::StrCat("--layers_csv: cannot write ", layers_csv)));
+    }
+  }
   SensitivityOptions options;
   auto flags_policy = PolicyFromFlags();
   if (!flags_policy.ok()) return Fail(flags_policy.status());
@@ -570,21 +577,32 @@ int CalibrateSensitivity(bool per_head) {
     SensitivityOptions ro = options;
     ro.max_tokens = answer_tokens;
     const Tokenizer& tok = *loaded->tokenizer;
+    // The tokens greedy decoding must reproduce: through the one that ends the answer's word.
     ro.answer_tokens = [&](int p, const std::vector<int32_t>& generated) {
-      const std::string& answer = recall[static_cast<size_t>(p)].answer;
-      if (!AnswerMatches(answer, tok.Decode(generated))) return 0;
-      // The first prefix that holds the answer: the tokens greedy decoding must reproduce.
-      for (size_t k = 1; k < generated.size(); ++k) {
-        if (AnswerMatches(answer, tok.Decode({generated.begin(), generated.begin() + k}))) {
-          return static_cast<int>(k);
-        }
-      }
-      return static_cast<int>(generated.size());
+      return AnswerTokenCount(recall[static_cast<size_t>(p)].answer, generated,
+                              [&](const std::vector<int32_t>& t) { return tok.Decode(t); });
     };
     auto r = MeasureSensitivity(*loaded->model, client->get(),
                                 absl::StrCat(loaded->ModelName(), ".probe"), recall_ids, ro);
-    if (!r.ok()) return Fail(r.status());
+    if (!r.ok()) {
+      if (r.status().code() == absl::StatusCode::kFailedPrecondition) {
+        return Fail(absl::FailedPreconditionError(absl::StrCat(
+            "--recall_tasks ", recall_path, ": the full cache answers none of the ", recall.size(),
+            " tasks within --answer_tokens ", answer_tokens,
+            " tokens (a model that cannot answer them cannot measure what recall costs)")));
+      }
+      return Fail(r.status());
+    }
     recall_result = *std::move(r);
+    // A recall side that lost nothing cannot weigh the layers: refused before the KL side runs.
+    if (recall_weight > 0 && std::all_of(recall_result.kl.begin(), recall_result.kl.end(),
+                                         [](double v) { return v == 0; })) {
+      return Fail(absl::FailedPreconditionError(
+          absl::StrCat("recall side: no layer group loses anything on the answer tokens of the ",
+                       recall_result.answered,
+                       " answered tasks at this budget: use a smaller --budget, "
+                       "longer tasks, or --recall_weight 0")));
+    }
   }
   // The probe sessions are named apart from the model, so no profile of the model's name (of
   // another geometry than a group of layers) is looked up for them.
@@ -609,10 +627,8 @@ int CalibrateSensitivity(bool per_head) {
     // Weight 0: the recall side is measured and shown but the demand is the KL side's alone.
     auto recall_demand = recall_weight > 0 ? DemandFromSensitivity(recall_result.kl) : *demand;
     if (!recall_demand.ok()) {
-      return Fail(absl::FailedPreconditionError(
-          absl::StrCat("recall side: no layer group loses anything on the answer tokens of the ",
-                       recall_result.answered, " answered tasks at this budget (",
-                       recall_demand.status().message(), ")")));
+      return Fail(absl::Status(recall_demand.status().code(),
+                               absl::StrCat("recall side: ", recall_demand.status().message())));
     }
     for (size_t l = 0; l < demand->size(); ++l) {
       (*demand)[l] = (1 - recall_weight) * (*demand)[l] + recall_weight * (*recall_demand)[l];
@@ -676,7 +692,7 @@ int CalibrateSensitivity(bool per_head) {
   std::printf("layer  KL/token%s  demand\n", with_recall ? "  recall KL  kept" : "");
   if (csv.is_open()) {
     csv << std::setprecision(std::numeric_limits<double>::max_digits10);
-    csv << "layer,kl_per_token,recall_kl_per_token,recall_kept,demand\n";
+    csv << "layer,kl_per_token,recall_kl_per_token,recall_kept,recall_positions,demand\n";
   }
   for (int l = 0; l < c.layers; ++l) {
     const size_t i = static_cast<size_t>(l);
@@ -689,8 +705,12 @@ int CalibrateSensitivity(bool per_head) {
     }
     if (csv.is_open()) {
       csv << l << "," << result->kl[i] << ",";
-      if (with_recall) csv << recall_result.kl[i] << "," << recall_result.kept[i];
-      if (!with_recall) csv << ",";
+      if (with_recall) {
+        csv << recall_result.kl[i] << "," << recall_result.kept[i] << ","
+            << recall_result.positions[i];
+      } else {
+        csv << ",,";
+      }
       csv << "," << (*demand)[i] << "\n";
     }
   }
@@ -706,6 +726,14 @@ int CalibrateSensitivity(bool per_head) {
 
 int Calibrate() {
   const std::string objective = absl::GetFlag(FLAGS_objective);
+  if (const double w = absl::GetFlag(FLAGS_recall_weight); !(w >= 0 && w <= 1)) {
+    return Fail(
+        absl::InvalidArgumentError(absl::StrCat("--recall_weight ", w, " is outside [0, 1]")));
+  }
+  if (const int n = absl::GetFlag(FLAGS_answer_tokens); n < 1 || n > 256) {
+    return Fail(
+        absl::InvalidArgumentError(absl::StrCat("--answer_tokens ", n, " is outside [1, 256]")));
+  }
   if (objective == "sensitivity" || objective == "head_sensitivity") {
     return CalibrateSensitivity(objective == "head_sensitivity");
   }

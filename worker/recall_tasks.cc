@@ -17,6 +17,19 @@ std::string Lower(std::string s) {
 
 bool Alnum(char c) { return std::isalnum(static_cast<unsigned char>(c)) != 0; }
 
+// The answer as a whole word of the text; with `closed`, only where a character follows it.
+bool Matches(const std::string& answer, const std::string& text, bool closed) {
+  const std::string a = Lower(answer), t = Lower(text);
+  if (a.empty()) return false;
+  for (size_t at = t.find(a); at != std::string::npos; at = t.find(a, at + 1)) {
+    const bool left = at == 0 || !Alnum(t[at - 1]);
+    const size_t end = at + a.size();
+    const bool right = end >= t.size() ? !closed : !Alnum(t[end]);
+    if (left && right) return true;
+  }
+  return false;
+}
+
 }  // namespace
 
 absl::StatusOr<std::vector<RecallTask>> ReadRecallTasks(const std::string& path,
@@ -51,14 +64,19 @@ absl::StatusOr<std::vector<RecallTask>> ReadRecallTasks(const std::string& path,
 }
 
 bool AnswerMatches(const std::string& answer, const std::string& text) {
-  const std::string a = Lower(answer), t = Lower(text);
-  if (a.empty()) return false;
-  for (size_t at = t.find(a); at != std::string::npos; at = t.find(a, at + 1)) {
-    const bool left = at == 0 || !Alnum(t[at - 1]);
-    const bool right = at + a.size() >= t.size() || !Alnum(t[at + a.size()]);
-    if (left && right) return true;
+  return Matches(answer, text, /*closed=*/false);
+}
+
+int AnswerTokenCount(const std::string& answer, const std::vector<int32_t>& generated,
+                     const std::function<std::string(const std::vector<int32_t>&)>& decode) {
+  if (!AnswerMatches(answer, decode(generated))) return 0;
+  for (size_t k = 1; k < generated.size(); ++k) {
+    if (Matches(answer, decode({generated.begin(), generated.begin() + static_cast<long>(k)}),
+                /*closed=*/true)) {
+      return static_cast<int>(k);
+    }
   }
-  return false;
+  return static_cast<int>(generated.size());
 }
 
 }  // namespace reasonalloc::worker

@@ -4,6 +4,8 @@
 #ifndef REASONALLOC_WORKER_RECALL_TASKS_H_
 #define REASONALLOC_WORKER_RECALL_TASKS_H_
 
+#include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -22,6 +24,14 @@ absl::StatusOr<std::vector<RecallTask>> ReadRecallTasks(const std::string& path,
 
 // The answer as a whole word of the text, case-insensitive (tasks.py's answer_matches).
 bool AnswerMatches(const std::string& answer, const std::string& text);
+
+// How many leading tokens of `generated` carry its answer: 0 when the whole text does not hold the
+// answer as a whole word; else the fewest tokens whose text holds it followed by a character that
+// ends the word (so a passkey's last digit and the token after it are both counted, and a word
+// that only starts with the answer is not taken for it), or every token when the answer ends the
+// text.
+int AnswerTokenCount(const std::string& answer, const std::vector<int32_t>& generated,
+                     const std::function<std::string(const std::vector<int32_t>&)>& decode);
 
 }  // namespace reasonalloc::worker
 

@@ -209,10 +209,11 @@ absl::StatusOr<SensitivityResult> MeasureSensitivity(
       LogSoftmax(logits, c.vocab, lp.data());
       const float* f = full_lp.data() + (p * N + static_cast<size_t>(index)) * V;
       double sum = 0;
-      size_t best = V;
+      size_t best =
+          V;  // the greedy choice, as Sample makes it: on the logits, ties to the lower id
       for (size_t v = 0; v < V; ++v) {
         sum += std::exp(f[v]) * (f[v] - lp[v]);
-        if (!suppressed[v] && (best == V || lp[v] > lp[best])) best = v;
+        if (!suppressed[v] && (best == V || logits[v] > logits[best])) best = v;
       }
       kl[static_cast<size_t>(s)] += std::max(0.0, sum);
       ++n[static_cast<size_t>(s)];

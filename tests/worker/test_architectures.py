@@ -441,9 +441,12 @@ def test_sensitivity_calibration_measures_the_recall_cost_of_each_layer(tmp_path
             assert words, g.stdout
             answers.append(words[0])
         tasks = tmp_path / "tasks.tsv"
-        tasks.write_text("# id\tkind\tanswer\thead\ttail\n" + "".join(
-            f"t{i}\tname\t{a}\t{h}\t{tail}\n" for i, (a, h) in enumerate(zip(answers, heads)))
-            + f"t2\tname\tzzzzqqq\t{heads[0]}\t{tail}\n")
+        # The task the full cache cannot answer comes first: the measured tasks are not the first
+        # ones of the file.
+        tasks.write_text("# id\tkind\tanswer\thead\ttail (seed 5, 70 filler words)\n"
+                         f"t2\tname\tzzzzqqq\t{heads[0]}\t{tail}\n" + "".join(
+                             f"t{i}\tname\t{a}\t{h}\t{tail}\n"
+                             for i, (a, h) in enumerate(zip(answers, heads))))
         common = ["calibrate", "--objective=sensitivity", f"--model={model}", f"--target={target}",
                   f"--prompts={prompts}", "--max_tokens=48", "--scorer=rkv", "--buffer=8",
                   "--budget=12"]
@@ -460,7 +463,19 @@ def test_sensitivity_calibration_measures_the_recall_cost_of_each_layer(tmp_path
         rkl = [float(r["recall_kl_per_token"]) for r in rows]
         kept = [float(r["recall_kept"]) for r in rows]
         assert all(k > 0 for k in kl) and all(k > 0 for k in rkl), rows
-        assert all(k in (0.0, 0.5, 1.0) for k in kept), rows
+        assert all(k in (0.0, 0.5, 1.0) for k in kept) and min(kept) < 1, rows
+        # Only the answer tokens are measured: the same on both layers, fewer than the 2 x 12
+        # decoded, and unchanged (KL too) when more tokens are decoded after the answer.
+        positions = [int(r["recall_positions"]) for r in rows]
+        assert len(set(positions)) == 1 and 2 <= positions[0] < 2 * 12, rows
+        longer = subprocess.run([WORKER, *common, f"--recall_tasks={tasks}", "--answer_tokens=24",
+                                 f"--layers_csv={tmp_path / 'longer.csv'}",
+                                 f"--out={tmp_path / 'longer.json'}"], capture_output=True,
+                                text=True)
+        assert longer.returncode == 0, longer.stderr
+        again = list(csv.DictReader((tmp_path / "longer.csv").read_text().splitlines()))
+        assert [(r["recall_kl_per_token"], r["recall_positions"]) for r in again] == \
+            [(r["recall_kl_per_token"], r["recall_positions"]) for r in rows], (again, rows)
         mixed = json.loads((tmp_path / "mixed.json").read_text())
         want = [0.5 * k / (sum(kl) / LAYERS) + 0.5 * r / (sum(rkl) / LAYERS)
                 for k, r in zip(kl, rkl)]
@@ -486,6 +501,7 @@ def test_sensitivity_calibration_measures_the_recall_cost_of_each_layer(tmp_path
         # side cannot weigh the layers (refused with the reason) unless its weight is 0.
         short = tmp_path / "short.tsv"
         short.write_text(f"t0\tname\t{answers[0]}\t{heads[0]}\t{tail}\n")
+        # (the file of one task; heads[0]'s prompt is 5 + 2 x 22 words: about 100 tokens here)
         roomy = [c for c in common if not c.startswith(("--budget", "--max_tokens"))] + [
             "--budget=150", "--max_tokens=200"]  # the KL side's trajectories still exceed it
         whole = subprocess.run([WORKER, *roomy, f"--recall_tasks={short}", "--recall_weight=0",
@@ -500,15 +516,21 @@ def test_sensitivity_calibration_measures_the_recall_cost_of_each_layer(tmp_path
                                  text=True)
         assert refused.returncode != 0, refused.stdout
         assert "recall side: no layer group loses anything" in refused.stderr, refused.stderr
+        assert "seconds" not in refused.stdout and "probes" not in refused.stdout, \
+            refused.stdout  # refused before the KL side ran
         # Without --recall_tasks the CSV leaves the recall columns empty.
         only = subprocess.run([WORKER, *common, f"--layers_csv={tmp_path / 'only.csv'}",
                                f"--out={tmp_path / 'only.json'}"], capture_output=True, text=True)
         assert only.returncode == 0, only.stderr
-        assert all(r["recall_kl_per_token"] == "" and float(r["kl_per_token"]) > 0
+        assert all(r["recall_kl_per_token"] == r["recall_positions"] == "" and
+                   float(r["kl_per_token"]) > 0
                    for r in csv.DictReader((tmp_path / "only.csv").read_text().splitlines()))
         # Refusals, each naming its flag; none leaves a profile behind.
         unanswered = tmp_path / "none.tsv"
         unanswered.write_text(f"t0\tname\tzzzzqqq\t{heads[0]}\t{tail}\n")
+        evaluation = tmp_path / "seed1.tsv"
+        evaluation.write_text("# id\tkind\tanswer\thead\ttail (seed 1, 480 filler words)\n"
+                              f"t0\tname\t{answers[0]}\t{heads[0]}\t{tail}\n")
         bad_tasks = tmp_path / "bad.tsv"
         bad_tasks.write_text("t0\tname\tx\n")
         for flags, message in [
@@ -517,8 +539,12 @@ def test_sensitivity_calibration_measures_the_recall_cost_of_each_layer(tmp_path
                 ([f"--recall_tasks={tasks}", "--answer_tokens=0"], "--answer_tokens 0"),
                 ([f"--recall_tasks={tmp_path / 'missing.tsv'}"], "--recall_tasks"),
                 ([f"--recall_tasks={bad_tasks}"], "3 columns, want 5"),
-                ([f"--recall_tasks={unanswered}"], "answers none of the recall tasks"),
+                ([f"--recall_tasks={unanswered}"], "the full cache answers none of the 1 tasks"),
+                ([f"--recall_tasks={evaluation}"], "holds the evaluation tasks (seed 1)"),
+                (["--recall_weight=5"], "--recall_weight 5"),  # checked without --recall_tasks too
                 ([f"--layers_csv={tmp_path / 'no' / 'dir.csv'}"], "--layers_csv"),
+                ([f"--layers_csv={tmp_path / 'refused.json'}"], "same file as --out"),
+                ([f"--layers_csv={tmp_path / 'l.csv'}", "--target="], "--target is required"),
         ]:
             out = tmp_path / "refused.json"
             r = subprocess.run([WORKER, *common, *flags, f"--out={out}"], capture_output=True,
@@ -651,6 +677,38 @@ def test_the_policy_report_pairs_each_policy_with_the_uniform_one_of_its_knobs()
     for policy, uniform in pairs.items():
         assert report.same_scorer_uniform(policy) == uniform, policy
     assert report.is_uniform("h2o/uniform+r16") and not report.is_uniform("h2o/adakv+r16")
+
+
+def test_the_policy_report_shows_each_layers_kl_and_recall_cost(tmp_path):
+    """The report's wave section from a calibration's layers CSV: with a recall side, the KL and
+    recall costs alone (each of mean 1) and the share of answers kept beside the mixed demand;
+    at weight 0 the demand is said to be the KL sensitivity; without a recall side (or one that
+    lost nothing) the columns are left out. The plot is written each time."""
+    spec = importlib.util.spec_from_file_location("policy_report",
+                                                  os.path.join(ROOT, "bench/policy_report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    wave = {"name": "m", "demand": [2.0, 1.0, 1.0, 0.0]}
+    profile = {"name": "m.sensitivity", "model": {"name": "m"}, "demand": [0.5, 1.5, 1.0, 1.0]}
+    costs = [{"layer": str(i), "kl_per_token": str(k), "recall_kl_per_token": str(r),
+              "recall_kept": str(p), "recall_positions": "40", "demand": "1"}
+             for i, (k, r, p) in enumerate([(0.1, 0.0, 1.0), (0.3, 0.2, 0.5), (0.2, 0.1, 0.75),
+                                            (0.2, 0.1, 1.0)])]
+    png = tmp_path / "wave.png"
+    lines = report.wave_section(wave, profile, costs, 0.5, str(png))
+    assert png.stat().st_size > 0
+    text = "\n".join(lines)
+    assert "KL and recall costs mixed, recall weight 0.5" in text, text
+    rows = [l for l in lines if re.match(r"\| \d \|", l)]
+    assert rows[1] == "| 1 | 1.00 | 1.50 | 1.50 | 2.00 | 0.50 |", rows
+    assert rows[0] == "| 0 | 2.00 | 0.50 | 0.50 | 0.00 | 1.00 |", rows
+    text = "\n".join(report.wave_section(wave, profile, costs, 0.0, str(png)))
+    assert "the KL sensitivity measured here (the recall cost" in text, text
+    for none in (None, [dict(r, recall_kl_per_token="", recall_kept="") for r in costs],
+                 [dict(r, recall_kl_per_token="0") for r in costs]):
+        lines = report.wave_section(wave, profile, none, 0.5, str(png))
+        assert "| layer | k_ρ demand | sensitivity |" in lines and "recall" not in "\n".join(
+            lines), lines
 
 
 def test_the_policy_report_runs_on_your_own_file(tmp_path):
@@ -817,10 +875,14 @@ def test_the_policy_report_runs_on_your_own_file(tmp_path):
     assert "--recall_tasks=" in p.stdout and "--recall_weight=0.5" in p.stdout, p.stdout[-3000:]
     assert "--recall_tasks" in p.stderr and "more than the model's context of 512" in p.stderr, \
         p.stderr[-3000:]
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
-                        f"--model={model}", "--recall_probe_tasks=3", "--recall_weight=2",
-                        f"--out={small}"], capture_output=True, text=True, timeout=60)
-    assert p.returncode == 2 and "--recall_weight" in p.stderr, p.stderr
+    for flags, message in ((["--recall_probe_tasks=3", "--recall_weight=2"], "--recall_weight"),
+                           (["--recall_weight=0.3"], "--recall_weight weighs"),
+                           (["--recall_probe_tasks=3", f"--sensitivity_profile={small}"],
+                            "use one of them")):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "bench/policy_report.py"), build,
+                            f"--model={model}", *flags, f"--out={small}"], capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 2 and message in p.stderr, (flags, p.stderr)
 
 
 def test_the_rope_convention_follows_the_architecture(tmp_path):

@@ -31,6 +31,8 @@ def test_tasks_are_seeded_and_the_seed_names_the_split():
     a = T.make_tasks(1, 30)
     assert [(t.answer, t.prompt()) for t in a] == [(t.answer, t.prompt()) for t in T.make_tasks(1, 30)]
     b = T.make_tasks(2, 30)
+    # Seed 2 (the calibration's) shares no prompt with seed 1 (the evaluation's).
+    assert not {t.prompt() for t in a} & {t.prompt() for t in T.make_tasks(2, 48)}
     assert sum(x.prompt() == y.prompt() for x, y in zip(a, b)) == 0
     assert {t.kind for t in a} == set(T.KINDS)
     assert sorted(t.kind for t in a).count("passkey") == 10
