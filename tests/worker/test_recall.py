@@ -214,3 +214,28 @@ def test_the_report_pairs_a_hierarchical_policy_with_the_uniform_one_of_its_knob
     assert "| 256 | h2o/reasonalloc-layer+r16@m.sensitivity | h2o/uniform+r16 | +0.67" in same, same
     assert ("| 256 | rkv/reasonalloc-full+r16@m.sensitivity | rkv/uniform (no rkv/uniform+r16 "
             "run) | +0.33") in same, same
+
+
+def test_the_pair_tool_pairs_policies_over_tasks(tmp_path):
+    """bench/recall/pair.py: the mean of the per-task differences in recall at each budget both
+    policies ran at, with an interval that contains it; the full cache's rows are not a policy;
+    a policy not in the run is refused by name."""
+    rows = ["policy,budget,task,correct"]
+    a = {"t0": 1, "t1": 1, "t2": 0, "t3": 1}
+    b = {"t0": 0, "t1": 1, "t2": 0, "t3": 0}
+    for t in a:
+        rows += [f"full,0,{t},1", f"x/recall,256,{t},{a[t]}", f"x/kl,256,{t},{b[t]}",
+                 f"x/recall,128,{t},0"]
+    (tmp_path / "recall_runs.csv").write_text("\n".join(rows) + "\n")
+    tool = os.path.join(ROOT, "bench", "recall", "pair.py")
+    p = subprocess.run([sys.executable, tool, str(tmp_path), "x/recall:x/kl"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = [l for l in p.stdout.splitlines() if re.match(r"\| \d", l)]
+    assert len(lines) == 1 and lines[0].startswith("| 256 |"), p.stdout  # 128: one policy only
+    assert "| 0.75 | 0.25 | +0.50 [" in lines[0], lines[0]
+    lo, hi = map(float, re.search(r"\[([+-][\d.]+), ([+-][\d.]+)\]", lines[0]).groups())
+    assert lo <= 0.5 <= hi, lines[0]
+    bad = subprocess.run([sys.executable, tool, str(tmp_path), "x/recall:full"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "x/recall:full" in bad.stderr, bad.stderr
