@@ -23,6 +23,18 @@ WORKER = os.environ.get("REASONALLOC_WORKER_BINARY", "build/worker/reasonalloc-w
 SERVER = os.environ.get("REASONALLOC_SERVER_BINARY", "build/server/reasonalloc-server")
 
 
+def start_server(tmp_path):
+    """A sidecar on a private socket with the shipped profiles: (process, target)."""
+    sock = tmp_path / "s.sock"
+    server = subprocess.Popen([SERVER, f"--listen=unix://{sock}", "--metrics_address=127.0.0.1:0",
+                               f"--profile_dir={ROOT}/deploy/profiles", "--log_level=error"])
+    for _ in range(200):
+        if sock.exists():
+            break
+        time.sleep(0.05)
+    return server, f"unix://{sock}"
+
+
 def words(text):
     return set(re.findall(r"[0-9A-Za-z']+", text.lower()))
 
@@ -96,15 +108,9 @@ def test_the_benchmark_end_to_end(tmp_path):
     tasks_file = tmp_path / "tasks.tsv"
     assert T.main(["--seed", "11", "--count", "3", "--filler_words", "70", "--kinds", "passkey",
                    "--out", str(tasks_file)]) == 0
-    sock = tmp_path / "s.sock"
-    server = subprocess.Popen([SERVER, f"--listen=unix://{sock}", "--metrics_address=127.0.0.1:0",
-                               f"--profile_dir={ROOT}/deploy/profiles", "--log_level=error"])
+    server, target = start_server(tmp_path)
     try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.05)
-        p = subprocess.run([RECALL, f"--target=unix://{sock}", f"--tasks={tasks_file}",
+        p = subprocess.run([RECALL, f"--target={target}", f"--tasks={tasks_file}",
                             "--min_distance=64", "--answer_tokens=12", "--budgets=16,512",
                             "--policies=streaming/uniform,rkv/reasonalloc-full",
                             f"--out_dir={tmp_path}", "--model=SmolLM2-135M-Instruct.Q4_1.gguf"],
@@ -150,16 +156,10 @@ def test_the_sensitivity_calibration_measures_recall_on_the_reference_model(tmp_
                    "passkey,name", "--out", str(tasks_file)]) == 0
     probes = tmp_path / "probes.txt"
     probes.write_text("Name three colours.\n")
-    sock = tmp_path / "s.sock"
-    server = subprocess.Popen([SERVER, f"--listen=unix://{sock}", "--metrics_address=127.0.0.1:0",
-                               f"--profile_dir={ROOT}/deploy/profiles", "--log_level=error"])
+    server, target = start_server(tmp_path)
     try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.05)
         layers = tmp_path / "layers.csv"
-        p = subprocess.run([WORKER, "calibrate", "--objective=sensitivity", f"--target=unix://{sock}",
+        p = subprocess.run([WORKER, "calibrate", "--objective=sensitivity", f"--target={target}",
                             f"--prompts={probes}", "--max_tokens=32", "--budget=16",
                             "--buffer=16", "--scorer=rkv", "--layer_group=15",
                             f"--recall_tasks={tasks_file}", "--recall_weight=0.5",
