@@ -91,10 +91,9 @@ def main():
                             "tasks": len(v)})
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
 
-    # Each policy against the best uniform-budget policy at the same budget (paired over tasks).
-    lines.append("\nPaired against the best uniform-budget policy at each budget (difference in "
-                 "recall, 95 % interval; an interval that excludes 0 separates the two):\n")
-    lines += ["| budget | best uniform | policy | difference |", "|---|---|---|---|"]
+    # Each policy against the best uniform-budget policy at the same budget (paired over tasks);
+    # the section only where a uniform policy ran.
+    paired = []
     for b in budgets:
         uniform = [s for s in summary if s["budget"] == b and s["policy"].split("+")[0].endswith(
             "/uniform")]
@@ -107,7 +106,11 @@ def main():
                 continue
             v = [grid[(s["policy"], b)][t] for t in kept]
             d, lo, hi = paired_interval(v, base)
-            lines.append(f"| {b} | {best} | {s['policy']} | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
+            paired.append(f"| {b} | {best} | {s['policy']} | {d:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
+    if paired:
+        lines.append("\nPaired against the best uniform-budget policy at each budget (difference "
+                     "in recall, 95 % interval; an interval that excludes 0 separates the two):\n")
+        lines += ["| budget | best uniform | policy | difference |", "|---|---|---|---|"] + paired
 
     # Each hierarchical policy against the uniform allocator with its own scorer, and its own
     # knobs (+sN, +rN, +lX) where that policy ran, else the scorer's plain uniform policy.

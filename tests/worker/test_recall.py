@@ -214,6 +214,16 @@ def test_the_report_pairs_a_hierarchical_policy_with_the_uniform_one_of_its_knob
     assert "| 256 | h2o/reasonalloc-layer+r16@m.sensitivity | h2o/uniform+r16 | +0.67" in same, same
     assert ("| 256 | rkv/reasonalloc-full+r16@m.sensitivity | rkv/uniform (no rkv/uniform+r16 "
             "run) | +0.33") in same, same
+    assert "Paired against the best uniform-budget policy" in (tmp_path / "recall.md").read_text()
+    # A run without any uniform policy has no such section (not an empty table).
+    with open(tmp_path / "recall_runs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(r for r in rows if "/uniform" not in r["policy"])
+    subprocess.run([sys.executable, os.path.join(ROOT, "bench", "recall", "report.py"),
+                    str(tmp_path)], check=True, capture_output=True)
+    text = (tmp_path / "recall.md").read_text()
+    assert "best uniform" not in text and "| h2o/reasonalloc-layer+r16@m.sensitivity |" in text, text
 
 
 def test_the_pair_tool_pairs_policies_over_tasks(tmp_path):
