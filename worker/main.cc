@@ -19,6 +19,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -585,7 +586,8 @@ int CalibrateSensitivity(bool per_head) {
     auto r = MeasureSensitivity(*loaded->model, client->get(),
                                 absl::StrCat(loaded->ModelName(), ".probe"), recall_ids, ro);
     if (!r.ok()) {
-      if (r.status().code() == absl::StatusCode::kFailedPrecondition) {
+      if (r.status().code() == absl::StatusCode::kFailedPrecondition &&
+          absl::StrContains(r.status().message(), "answers none")) {
         return Fail(absl::FailedPreconditionError(absl::StrCat(
             "--recall_tasks ", recall_path, ": the full cache answers none of the ", recall.size(),
             " tasks within --answer_tokens ", answer_tokens,

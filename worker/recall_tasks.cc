@@ -1,6 +1,7 @@
 #include "worker/recall_tasks.h"
 
 #include <cctype>
+#include <cstddef>
 #include <fstream>
 
 #include "absl/strings/str_cat.h"
@@ -71,7 +72,8 @@ int AnswerTokenCount(const std::string& answer, const std::vector<int32_t>& gene
                      const std::function<std::string(const std::vector<int32_t>&)>& decode) {
   if (!AnswerMatches(answer, decode(generated))) return 0;
   for (size_t k = 1; k < generated.size(); ++k) {
-    if (Matches(answer, decode({generated.begin(), generated.begin() + static_cast<long>(k)}),
+    if (Matches(answer,
+                decode({generated.begin(), generated.begin() + static_cast<std::ptrdiff_t>(k)}),
                 /*closed=*/true)) {
       return static_cast<int>(k);
     }

@@ -209,8 +209,8 @@ absl::StatusOr<SensitivityResult> MeasureSensitivity(
       LogSoftmax(logits, c.vocab, lp.data());
       const float* f = full_lp.data() + (p * N + static_cast<size_t>(index)) * V;
       double sum = 0;
-      size_t best =
-          V;  // the greedy choice, as Sample makes it: on the logits, ties to the lower id
+      // The greedy choice, as Sample makes it: on the logits, ties to the lower id.
+      size_t best = V;
       for (size_t v = 0; v < V; ++v) {
         sum += std::exp(f[v]) * (f[v] - lp[v]);
         if (!suppressed[v] && (best == V || logits[v] > logits[best])) best = v;

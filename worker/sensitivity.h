@@ -10,7 +10,7 @@
 //
 // Recall side (SensitivityOptions::answer_tokens): the probe prompts are long-range recall tasks
 // (worker/recall_tasks.h); only the tasks the full cache answers count, and only the generated
-// tokens up to the one that completes the answer are measured: the KL there, and whether the
+// tokens through the one that ends the answer's word are measured: the KL there, and whether the
 // compressed model's greedy choice equals the full cache's at every one of them (then greedy
 // decoding with that group compressed writes the same answer).
 //
