@@ -419,15 +419,51 @@ std::string ProfileName(const Loaded& loaded) {
   return flag.empty() ? loaded.ModelName() : flag;
 }
 
+// An output file written into PATH.partial, opened before a long measurement so that an
+// unwritable path is refused at once, and renamed to PATH by Commit: a run that fails leaves an
+// earlier PATH as it was and no PATH.partial behind.
+class PartialFile {
+ public:
+  PartialFile() = default;
+  PartialFile(const PartialFile&) = delete;
+  PartialFile& operator=(const PartialFile&) = delete;
+  ~PartialFile() {
+    std::error_code ec;
+    if (!path_.empty() && !committed_) std::filesystem::remove(path_ + ".partial", ec);
+  }
+  // `flag` names the file in the error.
+  absl::Status Open(const std::string& path, const std::string& flag) {
+    path_ = path;
+    f_.open(path + ".partial");
+    if (!f_) return absl::InvalidArgumentError(absl::StrCat(flag, ": cannot write ", path));
+    f_ << std::setprecision(std::numeric_limits<double>::max_digits10);
+    return absl::OkStatus();
+  }
+  bool is_open() const { return f_.is_open(); }
+  std::ofstream& out() { return f_; }
+  absl::Status Commit() {
+    f_.close();
+    std::error_code ec;
+    if (!f_ || (std::filesystem::rename(path_ + ".partial", path_, ec), ec)) {
+      return absl::InternalError(absl::StrCat("cannot write ", path_));
+    }
+    committed_ = true;
+    return absl::OkStatus();
+  }
+
+ private:
+  std::string path_;
+  std::ofstream f_;
+  bool committed_ = false;
+};
+
 // calibrate --objective head_sensitivity: each KV head's measured KL cost of compression alone, a
 // CSV (layer, head, KL per token, relative to its layer's mean head, positions) and a table with
 // each layer's spread across its heads.
-// `f` is open on `partial`, which becomes `out_path` when complete.
 int WriteHeadSensitivity(const ModelConfig& c, const SensitivityResult& r, const Policy& p,
-                         int layer_group, const std::string& out_path, const std::string& partial,
-                         std::ofstream& f) {
+                         int layer_group, const std::string& out_path, PartialFile& file) {
+  std::ofstream& f = file.out();
   const size_t H = static_cast<size_t>(c.kv_heads);
-  f << std::setprecision(std::numeric_limits<double>::max_digits10);
   f << "layer,head,kl_per_token,relative_to_layer,positions\n";
   std::string table;
   for (size_t l = 0; l < static_cast<size_t>(c.layers); ++l) {
@@ -451,11 +487,7 @@ int WriteHeadSensitivity(const ModelConfig& c, const SensitivityResult& r, const
       absl::StrAppend(&table, "       -\n");
     }
   }
-  f.close();
-  std::error_code ec;
-  if (!f || (std::filesystem::rename(partial, out_path, ec), ec)) {
-    return Fail(absl::InternalError(absl::StrCat("cannot write ", out_path)));
-  }
+  if (auto s = file.Commit(); !s.ok()) return Fail(s);
   std::printf(
       "sensitivity of %d layers x %d KV heads (groups of %d layers, one head at a time) at "
       "budget %d with %s: full cache %.1f s, probes %.1f s, %lld events; wrote %s\n",
@@ -496,19 +528,15 @@ int CalibrateSensitivity(bool per_head) {
   std::vector<RecallTask> recall;
   std::vector<std::vector<int32_t>> recall_ids;
   if (!recall_path.empty()) {
-    // bench/recall/tasks.py names the seed in its header line; seed 1 is the evaluation's.
-    if (std::ifstream f(recall_path); f) {
-      std::string header;
-      std::getline(f, header);
-      if (header.rfind("#", 0) == 0 && header.find("(seed 1,") != std::string::npos) {
-        return Fail(absl::InvalidArgumentError(absl::StrCat(
-            "--recall_tasks ", recall_path,
-            " holds the evaluation tasks (seed 1): calibrate "
-            "on another seed, so the recall benchmark judges tasks the profile never saw")));
-      }
-    }
-    auto read = ReadRecallTasks(recall_path, "--recall_tasks");
+    int seed = -1;
+    auto read = ReadRecallTasks(recall_path, "--recall_tasks", &seed);
     if (!read.ok()) return Fail(read.status());
+    if (seed == 1) {
+      return Fail(absl::InvalidArgumentError(
+          absl::StrCat("--recall_tasks ", recall_path,
+                       " holds the evaluation tasks (seed 1): calibrate on another seed, so the "
+                       "recall benchmark judges tasks the profile never saw")));
+    }
     recall = *std::move(read);
     const int context = loaded->model->config().context;
     for (const RecallTask& t : recall) {
@@ -531,33 +559,13 @@ int CalibrateSensitivity(bool per_head) {
     if (!prompt.ok()) return Fail(prompt.status());
     ids.push_back(*std::move(prompt));
   }
-  // The CSV is written into OUT.partial, opened before the measurement (which takes Hkv times
-  // the per-layer one) so an unwritable --out is refused at once, and renamed to OUT when
-  // complete: a run that fails leaves an earlier OUT as it was.
-  // (Whatever the outcome, no OUT.partial is left behind: removing a renamed one is a no-op.)
-  const std::string partial = per_head ? out_path + ".partial" : "";
-  std::ofstream head_csv;
+  // The CSVs (the per-head one is --out; the layers CSV), written whole or not at all.
+  PartialFile head_csv, csv;
   if (per_head) {
-    head_csv.open(partial);
-    if (!head_csv) {
-      return Fail(absl::InvalidArgumentError(absl::StrCat("--out: cannot write ", out_path)));
-    }
+    if (auto s = head_csv.Open(out_path, "--out"); !s.ok()) return Fail(s);
   }
-  struct RemovePartial {
-    std::string path;
-    ~RemovePartial() {
-      std::error_code ec;
-      if (!path.empty()) std::filesystem::remove(path, ec);
-    }
-  } remove_partial{partial}, remove_csv_partial{layers_csv.empty() ? "" : layers_csv + ".partial"};
-  // The layers CSV likewise, into LAYERS_CSV.partial.
-  std::ofstream csv;
   if (!layers_csv.empty()) {
-    csv.open(layers_csv + ".partial");
-    if (!csv) {
-      return Fail(
-          absl::InvalidArgumentError(absl::StrCat("--layers_csv: cannot write ", layers_csv)));
-    }
+    if (auto s = csv.Open(layers_csv, "--layers_csv"); !s.ok()) return Fail(s);
   }
   SensitivityOptions options;
   auto flags_policy = PolicyFromFlags();
@@ -621,7 +629,7 @@ int CalibrateSensitivity(bool per_head) {
     // The same checks of the values as the profile's (finite, not negative).
     if (auto d = DemandFromSensitivity(result->kl); !d.ok()) return Fail(d.status());
     return WriteHeadSensitivity(loaded->model->config(), *result, options.policy,
-                                options.layer_group, out_path, partial, head_csv);
+                                options.layer_group, out_path, head_csv);
   }
   auto demand = DemandFromSensitivity(result->kl);
   if (!demand.ok()) return Fail(demand.status());
@@ -693,8 +701,7 @@ int CalibrateSensitivity(bool per_head) {
   }
   std::printf("layer  KL/token%s  demand\n", with_recall ? "  recall KL  kept" : "");
   if (csv.is_open()) {
-    csv << std::setprecision(std::numeric_limits<double>::max_digits10);
-    csv << "layer,kl_per_token,recall_kl_per_token,recall_kept,recall_positions,demand\n";
+    csv.out() << "layer,kl_per_token,recall_kl_per_token,recall_kept,recall_positions,demand\n";
   }
   for (int l = 0; l < c.layers; ++l) {
     const size_t i = static_cast<size_t>(l);
@@ -706,22 +713,19 @@ int CalibrateSensitivity(bool per_head) {
       std::printf("%5d  %8.5f  %6.3f  %s\n", l, result->kl[i], (*demand)[i], bar.c_str());
     }
     if (csv.is_open()) {
-      csv << l << "," << result->kl[i] << ",";
+      std::ofstream& row = csv.out();
+      row << l << "," << result->kl[i] << ",";
       if (with_recall) {
-        csv << recall_result.kl[i] << "," << recall_result.kept[i] << ","
+        row << recall_result.kl[i] << "," << recall_result.kept[i] << ","
             << recall_result.positions[i];
       } else {
-        csv << ",,";
+        row << ",,";
       }
-      csv << "," << (*demand)[i] << "\n";
+      row << "," << (*demand)[i] << "\n";
     }
   }
   if (csv.is_open()) {
-    csv.close();
-    std::error_code ec;
-    if (!csv || (std::filesystem::rename(layers_csv + ".partial", layers_csv, ec), ec)) {
-      return Fail(absl::InternalError(absl::StrCat("cannot write ", layers_csv)));
-    }
+    if (auto s = csv.Commit(); !s.ok()) return Fail(s);
   }
   return 0;
 }

@@ -4,6 +4,7 @@
 #include <cstddef>
 #include <fstream>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
@@ -34,15 +35,25 @@ bool Matches(const std::string& answer, const std::string& text, bool closed) {
 }  // namespace
 
 absl::StatusOr<std::vector<RecallTask>> ReadRecallTasks(const std::string& path,
-                                                        const std::string& flag) {
+                                                        const std::string& flag, int* seed) {
   std::ifstream f(path);
   if (!f) return absl::NotFoundError(absl::StrCat("cannot read ", flag, " file ", path));
+  if (seed != nullptr) *seed = -1;
   std::vector<RecallTask> out;
   std::string line;
   int n = 0;
   while (std::getline(f, line)) {
     ++n;
-    if (line.empty() || line[0] == '#') continue;
+    if (line.empty()) continue;
+    if (line[0] == '#') {
+      const size_t at = line.find("(seed ");
+      if (n == 1 && seed != nullptr && at != std::string::npos) {
+        const std::string rest = line.substr(at + 6);
+        int v;
+        if (absl::SimpleAtoi(rest.substr(0, rest.find(',')), &v)) *seed = v;
+      }
+      continue;
+    }
     std::vector<std::string> cols = absl::StrSplit(line, '\t');
     if (cols.size() != 5) {
       return absl::InvalidArgumentError(

@@ -19,8 +19,10 @@ struct RecallTask {
 
 // One task per line, tab-separated: id, kind, answer, head, tail (a backslash and n stand for a
 // newline); empty lines and lines starting with '#' are skipped. `flag` names the file in errors.
+// With `seed`: the seed tasks.py names in its header line ("... (seed N, ..."), else -1.
 absl::StatusOr<std::vector<RecallTask>> ReadRecallTasks(const std::string& path,
-                                                        const std::string& flag);
+                                                        const std::string& flag,
+                                                        int* seed = nullptr);
 
 // The answer as a whole word of the text, case-insensitive (tasks.py's answer_matches).
 bool AnswerMatches(const std::string& answer, const std::string& text);

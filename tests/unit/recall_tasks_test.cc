@@ -59,11 +59,16 @@ TEST(ReadRecallTasks, ReadsWhatTasksPyWritesAndNamesTheFlagInErrors) {
   const std::string good = (dir / "good.tsv").string(), bad = (dir / "bad.tsv").string();
   std::ofstream(good) << "# id\tkind\tanswer\thead\ttail (seed 2, 480 filler words)\n\n"
                       << "passkey-000\tpasskey\t12345\tThe passkey is 12345.\t\\n\\nWhat?\n";
-  auto tasks = ReadRecallTasks(good, "--recall_tasks");
+  int seed = 0;
+  auto tasks = ReadRecallTasks(good, "--recall_tasks", &seed);
   ASSERT_TRUE(tasks.ok()) << tasks.status();
+  EXPECT_EQ(seed, 2);
   ASSERT_EQ(tasks->size(), 1u);
   EXPECT_EQ((*tasks)[0].answer, "12345");
   EXPECT_EQ((*tasks)[0].tail, "\n\nWhat?");
+  std::ofstream(bad) << "t\tname\tx\thead\ttail\n";  // no header: no seed
+  ASSERT_TRUE(ReadRecallTasks(bad, "--tasks", &seed).ok());
+  EXPECT_EQ(seed, -1);
   std::ofstream(bad) << "a\tb\tc\n";
   EXPECT_THAT(ReadRecallTasks(bad, "--recall_tasks").status().message(),
               HasSubstr("--recall_tasks " + bad + " line 1: 3 columns, want 5"));
